@@ -1,0 +1,109 @@
+"""Two-compartment model with vascular crushing: parameters cbf, abv, abat, att.
+
+ΔM/M0t = tissue(t) + arterial(t) for volumes without crushing, tissue(t) alone
+for crushed volumes (DANTE or bipolar gradients). tissue is the one-compartment
+signal with cbf and att (the research's tissue transit time, TTT); arterial is
+2 α α_BS abv e^(-abat/T1b) / λ · W(t), with W the plug-flow window
+[abat, abat + τ) (Chappell 2010), optionally smoothed by a Gaussian of width
+``arterial_edge_s`` (ASL_MODELS.md).
+"""
+
+import math
+
+from numba import prange
+
+from .._numba import parallel, serial
+from .base import CRUSHED, EDGE_S, LABEL, T1B, TAU, TIME, KineticModel
+from .one_compartment import tissue_voxel
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+
+
+@serial
+def arterial_voxel(abv, abat, vol, const, sig, jac, j_abv, j_abat, with_jac):
+    """Add the arterial signal of one voxel to ``sig``; abv in mL/mL, abat in s.
+
+    Hard edges (``const[EDGE_S]`` = 0): W = 1 for abat <= t < abat + τ, else 0, and
+    d/d abat is only the decay term (the window's own derivative is zero almost
+    everywhere). Smooth edges (s > 0): W = Φ((t-abat)/s) - Φ((t-abat-τ)/s).
+    With ``with_jac``, writes d/d abv and d/d abat (zero for crushed volumes).
+    """
+    t1b = const[T1B]
+    s_edge = const[EDGE_S]
+    amp = const[LABEL] * math.exp(-abat / t1b)
+    for v in range(vol.shape[0]):
+        if vol[v, CRUSHED] != 0.0:
+            if with_jac:
+                jac[v, j_abv] = 0.0
+                jac[v, j_abat] = 0.0
+            continue
+        t = vol[v, TIME]
+        tau = vol[v, TAU]
+        if s_edge == 0.0:
+            window = 1.0 if (abat <= t and t < abat + tau) else 0.0
+            dwindow = 0.0
+        else:
+            a = (t - abat) / s_edge
+            b = (t - abat - tau) / s_edge
+            window = 0.5 * (math.erf(a * _INV_SQRT_2) - math.erf(b * _INV_SQRT_2))
+            dwindow = (math.exp(-0.5 * b * b) - math.exp(-0.5 * a * a)) * _INV_SQRT_2PI / s_edge
+        sig[v] += amp * abv * window
+        if with_jac:
+            jac[v, j_abv] = amp * window
+            jac[v, j_abat] = amp * abv * (dwindow - window / t1b)
+
+
+@serial
+def two_compartment_voxel(params, vol, const, sig, jac, with_jac):
+    """2C signal (and Jacobian) of one voxel; params = (cbf, abv, abat, att)."""
+    tissue_voxel(params[0], params[3], vol, const, sig, jac, 0, 3, with_jac)
+    arterial_voxel(params[1], params[2], vol, const, sig, jac, 1, 2, with_jac)
+
+
+@parallel
+def batch_two_compartment(params, vol, const, sig, jac, with_jac):
+    """2C over voxels: params (n, 4) -> sig (n, n_vol) [and jac (n, n_vol, 4)]."""
+    for i in prange(params.shape[0]):
+        two_compartment_voxel(params[i], vol, const, sig[i], jac[i], with_jac)
+
+
+class TwoCompartmentModel(KineticModel):
+    """Two-compartment (tissue + arterial) model with per-volume vascular crushing.
+
+    Parameters
+    ----------
+    protocol, constants : as for every :class:`KineticModel`.
+    arterial_edge_s : width (s) of the Gaussian smoothing of the arterial window;
+        0 (default) = hard edges.
+    """
+
+    name = "2c"
+    param_names = ("cbf", "abv", "abat", "att")
+    param_units = ("mL/100 g/min", "mL/mL", "s", "s")
+    param_descriptions = (
+        "cerebral blood flow (CBF)",
+        "arterial cerebral blood volume (aCBV), as a fraction of the voxel",
+        "arterial bolus arrival time: label reaches the voxel's arteries (the research's ATT)",
+        "tissue arrival time: label reaches the tissue (the research's tissue transit time, TTT)",
+    )
+    default_bounds = ((0.0, 0.0, 0.0, 0.0), (300.0, 0.1, 3.0, 5.0))
+    default_training_ranges = {"cbf": (0.0, 150.0), "abv": (0.0, 0.03), "abat": (0.3, 1.5), "att": (0.3, 3.0)}
+    ordered_times = (("abat", "att", (0.0, 1.5)),)
+    kernel_id = 1  # aslbatch.models.kernels.TWO_COMPARTMENT
+    _batch_kernel = staticmethod(batch_two_compartment)
+
+    def __init__(self, protocol, constants=None, *, arterial_edge_s: float = 0.0) -> None:
+        edge = float(arterial_edge_s)
+        if not math.isfinite(edge) or edge < 0:
+            raise ValueError(f"arterial_edge_s must be a finite number >= 0 s, got {arterial_edge_s!r}")
+        if edge > 1.0:
+            raise ValueError(f"arterial_edge_s must be in seconds; {edge} s looks like milliseconds")
+        self.arterial_edge_s = edge
+        super().__init__(protocol, constants)
+
+    def _edge_s(self) -> float:
+        return self.arterial_edge_s
+
+    def options(self):
+        return {"arterial_edge_s": self.arterial_edge_s}
