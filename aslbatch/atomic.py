@@ -1,0 +1,47 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never half of one.
+
+Write to a temporary name in the destination folder, flush and fsync, then
+``os.replace`` onto the final name (atomic on POSIX within one file system).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``.
+
+    ``suffix`` is appended to the temporary name for writers that insist on an
+    extension (e.g. ``numpy.savez`` adds ``.npz`` to names without it). On an
+    exception the temporary file is removed and ``path`` is left untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """``open`` for writing whose result appears at ``path`` only once complete."""
+    if not mode.startswith("w"):
+        raise ValueError("atomic_open is for writing ('w' or 'wb')")
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **kwargs) as fh:
+            yield fh
