@@ -9,9 +9,9 @@ invalid voxels.
 from numba import njit
 
 #: options for a serial kernel (one voxel, one unit of work)
-SERIAL = {"cache": True, "nogil": True, "fastmath": False}
+SERIAL = {"cache": True, "nogil": True, "fastmath": False, "error_model": "numpy"}
 #: options for a driver that spreads voxels over threads with ``prange``
-PARALLEL = {"cache": True, "nogil": True, "fastmath": False, "parallel": True}
+PARALLEL = {"cache": True, "nogil": True, "fastmath": False, "parallel": True, "error_model": "numpy"}
 
 
 def serial(func):
