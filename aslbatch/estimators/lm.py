@@ -1,0 +1,460 @@
+"""Levenberg–Marquardt in numba: one voxel per work item, analytic Jacobians, projected bounds.
+
+Algorithm (per voxel):
+- start: the best point of a coarse lookup-table grid over the arrival times with
+  closed-form non-negative amplitudes (:mod:`aslbatch.estimators.lookup`), so the start is
+  global, not one fixed guess;
+- step: solve (JᵀJ + μ D) h = Jᵀr by Cholesky, D = running max of diag(JᵀJ)
+  (Moré's scaling, so cbf and abv of very different magnitudes are treated alike);
+  μ updated with Nielsen's rule and floored at 1e-12 so it never underflows;
+- bounds by an active set and truncated steps: a parameter on a bound whose descent
+  direction points outward is held for the step; otherwise the step is followed only up
+  to the first bound it meets, landing exactly on it. For 2C, LM works internally with
+  gap = att − abat, so the order abat <= att is the plain bound gap >= 0. A trial is
+  accepted when it lowers the cost;
+- stop: relative step below ``xtol`` (|Δp_i| <= xtol (|p_i| + xtol) for every parameter),
+  relative cost decrease below ``ftol``, or an exact fit;
+- standard errors: sqrt(diag((JᵀJ)⁻¹) · RSS / (n_volumes − n_estimated)) at the solution,
+  NaN for a parameter the data do not inform (zero Jacobian column) or that is held fixed.
+
+Two-compartment with hard arterial edges: the signal depends on abat only through which
+non-crushed volumes fall inside [abat, abat + τ) and through abv·e^(−abat/T1b), so abat
+is only bracketed between readout times and abv is identified only together with abat.
+LM then holds abat at the midpoint of the bracket chosen by the grid (standard error NaN)
+and fits cbf, abv and att. With ``arterial_edge_s`` > 0 all four parameters are fitted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import prange
+
+from .._numba import parallel, serial
+from ..models import KineticModel
+from ..models.kernels import model_voxel
+from .base import Estimate, Estimator, Status, check_signals
+from .lookup import build_time_grid, grid_params, grid_search, n_chunks_for
+
+MU_START = 1e-3
+MU_FLOOR = 1e-12
+MU_CEILING = 1e20
+# status codes as plain ints, frozen into the compiled kernels
+_CONVERGED = int(Status.CONVERGED)
+_MAX_ITERATIONS = int(Status.MAX_ITERATIONS)
+_AT_BOUND = int(Status.AT_BOUND)
+_INVALID_INPUT = int(Status.INVALID_INPUT)
+
+
+@serial
+def cholesky_solve(m, b, x, n):
+    """Solve m x = b for symmetric positive-definite m (n x n; overwritten by its factor).
+
+    Returns False (x undefined) when m is not positive definite.
+    """
+    for j in range(n):
+        s = m[j, j]
+        for k in range(j):
+            s -= m[j, k] * m[j, k]
+        if not s > 0.0:
+            return False
+        d = math.sqrt(s)
+        m[j, j] = d
+        for i in range(j + 1, n):
+            s = m[i, j]
+            for k in range(j):
+                s -= m[i, k] * m[j, k]
+            m[i, j] = s / d
+    for i in range(n):
+        s = b[i]
+        for k in range(i):
+            s -= m[i, k] * x[k]
+        x[i] = s / m[i, i]
+    for i in range(n - 1, -1, -1):
+        s = x[i]
+        for k in range(i + 1, n):
+            s -= m[k, i] * x[k]
+        x[i] = s / m[i, i]
+    return True
+
+
+@serial
+def _normal_equations(y, sig, jac, free, a, g):
+    """a = JᵀJ and g = Jᵀ(y − sig) over the free parameters (zero rows for fixed ones); returns cost."""
+    n_vol, n_p = jac.shape
+    cost = 0.0
+    for i in range(n_p):
+        g[i] = 0.0
+        for j in range(n_p):
+            a[i, j] = 0.0
+    for v in range(n_vol):
+        r = y[v] - sig[v]
+        cost += r * r
+        for i in range(n_p):
+            if free[i]:
+                ji = jac[v, i]
+                g[i] += ji * r
+                for j in range(i + 1):
+                    if free[j]:
+                        a[i, j] += ji * jac[v, j]
+    for i in range(n_p):
+        for j in range(i):
+            a[j, i] = a[i, j]
+    return cost
+
+
+@serial
+def _to_model(q, order_lo, order_hi, p):
+    """Model parameters p from internal ones q (q[order_hi] is the gap att - abat)."""
+    for i in range(q.shape[0]):
+        p[i] = q[i]
+    if order_lo >= 0:
+        p[order_hi] = q[order_lo] + q[order_hi]
+
+
+@serial
+def _evaluate(kernel_id, q, order_lo, order_hi, vol, const, p, sig, jac):
+    """Signal and Jacobian with respect to the internal parameters q."""
+    _to_model(q, order_lo, order_hi, p)
+    model_voxel(kernel_id, p, vol, const, sig, jac, True)
+    if order_lo >= 0:
+        for v in range(sig.shape[0]):
+            jac[v, order_lo] += jac[v, order_hi]
+
+
+@serial
+def _standard_errors(a, free, cost, n_vol, order_lo, order_hi, m, e, x, cov, se):
+    """Standard errors of the model parameters from the internal normal matrix ``a``.
+
+    cov(q) = a⁻¹ · cost / dof over the informed free parameters; att = abat + gap then has
+    var = var(abat) + var(gap) + 2 cov(abat, gap). NaN where not estimable.
+    """
+    n_p = a.shape[0]
+    n_used = 0
+    for i in range(n_p):
+        if free[i] and a[i, i] > 0.0:
+            n_used += 1
+    dof = n_vol - n_used
+    for i in range(n_p):
+        se[i] = np.nan
+        for j in range(n_p):
+            cov[i, j] = np.nan
+    if dof <= 0:
+        return
+    s2 = cost / dof
+    for target in range(n_p):
+        if not (free[target] and a[target, target] > 0.0):
+            continue
+        for i in range(n_p):
+            used_i = free[i] and a[i, i] > 0.0
+            for j in range(n_p):
+                used_j = free[j] and a[j, j] > 0.0
+                if used_i and used_j:
+                    m[i, j] = a[i, j]
+                else:
+                    m[i, j] = 1.0 if i == j else 0.0
+            e[i] = 1.0 if i == target else 0.0
+        if not cholesky_solve(m, e, x, n_p):
+            return
+        for i in range(n_p):
+            if free[i] and a[i, i] > 0.0:
+                cov[i, target] = x[i] * s2
+    for i in range(n_p):
+        if cov[i, i] > 0.0:
+            se[i] = math.sqrt(cov[i, i])
+    if order_lo >= 0:
+        if not free[order_lo]:
+            return  # abat held: att = abat + gap has the gap's error
+        var = cov[order_lo, order_lo] + cov[order_hi, order_hi] + 2.0 * cov[order_lo, order_hi]
+        se[order_hi] = math.sqrt(var) if var > 0.0 else np.nan
+
+
+@serial
+def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, att_max, kernel_id, vol, const, max_iter, xtol, ftol,
+             p, sig, jac, sig_try, jac_try, q_try, a, g, d, m, h):
+    """Fit one voxel in place: ``q`` holds the start and receives the result.
+
+    ``q`` are the internal parameters: the model's, except that with an arrival order
+    (order_lo >= 0) q[order_hi] is the gap att - abat >= 0, so the order is a bound;
+    ``att_max`` caps abat + gap. ``lower``/``upper`` bound q. Returns (status code,
+    cost = RSS, number of model evaluations). The other arrays are scratch space:
+    p, q_try, g, d, h (n_p); sig, sig_try (n_vol); jac, jac_try (n_vol, n_p); a, m (n_p, n_p).
+    """
+    n_p = q.shape[0]
+    n_vol = y.shape[0]
+    _evaluate(kernel_id, q, order_lo, order_hi, vol, const, p, sig, jac)
+    cost = _normal_equations(y, sig, jac, free, a, g)
+    for i in range(n_p):
+        d[i] = a[i, i]
+    mu = MU_START
+    nu = 2.0
+    status = _MAX_ITERATIONS
+    n_eval = 1
+    for _ in range(max_iter):
+        if cost == 0.0:
+            status = _CONVERGED
+            break
+        for i in range(n_p):
+            for j in range(n_p):
+                m[i, j] = a[i, j]
+        for i in range(n_p):
+            # active set: a parameter on a bound whose descent direction points outward is held
+            held = (q[i] <= lower[i] and g[i] <= 0.0) or (q[i] >= upper[i] and g[i] >= 0.0)
+            if free[i] and d[i] > 0.0 and not held:
+                m[i, i] += mu * d[i]
+            else:
+                for j in range(n_p):
+                    m[i, j] = 0.0
+                    m[j, i] = 0.0
+                m[i, i] = 1.0
+                g[i] = 0.0
+        if not cholesky_solve(m, g, h, n_p):
+            mu *= nu
+            nu *= 2.0
+            if mu > MU_CEILING:
+                status = _CONVERGED
+                break
+            continue
+        # truncated step: follow h up to the first bound it meets, and land exactly on it
+        frac = 1.0
+        blocking = -1
+        for i in range(n_p):
+            if h[i] != 0.0:
+                target = q[i] + h[i]
+                if target < lower[i]:
+                    f_i = (lower[i] - q[i]) / h[i]
+                elif target > upper[i]:
+                    f_i = (upper[i] - q[i]) / h[i]
+                else:
+                    continue
+                if f_i < frac:
+                    frac = f_i
+                    blocking = i
+        for i in range(n_p):
+            q_try[i] = q[i] + frac * h[i]
+        if blocking >= 0:
+            q_try[blocking] = lower[blocking] if h[blocking] < 0.0 else upper[blocking]
+        if order_lo >= 0 and q_try[order_lo] + q_try[order_hi] > att_max:
+            q_try[order_hi] = max(att_max - q_try[order_lo], 0.0)
+        small = True
+        for i in range(n_p):
+            h[i] = q_try[i] - q[i]
+            if abs(h[i]) > xtol * (abs(q[i]) + xtol):
+                small = False
+        if small:
+            status = _CONVERGED
+            break
+        _evaluate(kernel_id, q_try, order_lo, order_hi, vol, const, p, sig_try, jac_try)
+        n_eval += 1
+        cost_try = 0.0
+        for v in range(n_vol):
+            r = y[v] - sig_try[v]
+            cost_try += r * r
+        if cost_try < cost:
+            # predicted decrease of the linearised model for the (truncated) step h
+            pred = 0.0
+            for i in range(n_p):
+                ah = 0.0
+                for j in range(n_p):
+                    ah += a[i, j] * h[j]
+                pred += 2.0 * h[i] * g[i] - h[i] * ah
+            rho = (cost - cost_try) / pred if pred > 0.0 else 1.0
+            done = cost - cost_try <= ftol * cost
+            for i in range(n_p):
+                q[i] = q_try[i]
+            for v in range(n_vol):
+                sig[v] = sig_try[v]
+                for i in range(n_p):
+                    jac[v, i] = jac_try[v, i]
+            cost = _normal_equations(y, sig, jac, free, a, g)
+            for i in range(n_p):
+                if a[i, i] > d[i]:
+                    d[i] = a[i, i]
+            mu *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+            if mu < MU_FLOOR:
+                mu = MU_FLOOR
+            nu = 2.0
+            if done:
+                status = _CONVERGED
+                break
+        else:
+            mu *= nu
+            nu *= 2.0
+            if mu > MU_CEILING:
+                status = _CONVERGED
+                break
+    if status == _CONVERGED:
+        for i in range(n_p):
+            span = 1e-9 * (upper[i] - lower[i])
+            if free[i] and (q[i] <= lower[i] + span or q[i] >= upper[i] - span):
+                status = _AT_BOUND
+    return status, cost, n_eval
+
+
+@parallel
+def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, att_max, kernel_id, vol, const,
+             max_iter, xtol, ftol, n_chunks, params, stderr, status, rss, n_eval):
+    """LM over voxels, a chunk of voxels per work item.
+
+    ``start``, ``alt_start`` and ``params`` hold internal parameters (see :func:`lm_voxel`).
+    Rows of ``start`` with NaN (invalid input) get NaN outputs and status INVALID_INPUT; a
+    row of ``alt_start`` without NaN is a second start, and the fit with the lower cost wins.
+    """
+    n, n_p = start.shape
+    n_vol = signals.shape[1]
+    for chunk in prange(n_chunks):
+        p = np.empty(n_p)
+        q2 = np.empty(n_p)
+        sig = np.empty(n_vol)
+        sig_try = np.empty(n_vol)
+        jac = np.empty((n_vol, n_p))
+        jac_try = np.empty((n_vol, n_p))
+        q_try = np.empty(n_p)
+        g = np.empty(n_p)
+        d = np.empty(n_p)
+        h = np.empty(n_p)
+        e = np.empty(n_p)
+        a = np.empty((n_p, n_p))
+        a2 = np.empty((n_p, n_p))
+        m = np.empty((n_p, n_p))
+        cov = np.empty((n_p, n_p))
+        for i in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
+            q = params[i]
+            if math.isnan(start[i, 0]):
+                for j in range(n_p):
+                    q[j] = np.nan
+                    stderr[i, j] = np.nan
+                status[i] = _INVALID_INPUT
+                rss[i] = np.nan
+                n_eval[i] = 0
+                continue
+            for j in range(n_p):
+                q[j] = start[i, j]
+            code, cost, evals = lm_voxel(signals[i], q, lower, upper, free, order_lo, order_hi, att_max, kernel_id,
+                                         vol, const, max_iter, xtol, ftol, p, sig, jac, sig_try, jac_try, q_try,
+                                         a, g, d, m, h)
+            if not math.isnan(alt_start[i, 0]):
+                for j in range(n_p):
+                    q2[j] = alt_start[i, j]
+                    for k in range(n_p):
+                        a2[j, k] = a[j, k]
+                code2, cost2, evals2 = lm_voxel(signals[i], q2, lower, upper, free, order_lo, order_hi, att_max,
+                                                kernel_id, vol, const, max_iter, xtol, ftol, p, sig, jac, sig_try,
+                                                jac_try, q_try, a, g, d, m, h)
+                evals += evals2
+                if cost2 < cost * (1.0 - 1e-12):
+                    code = code2
+                    cost = cost2
+                    for j in range(n_p):
+                        q[j] = q2[j]
+                else:
+                    for j in range(n_p):
+                        for k in range(n_p):
+                            a[j, k] = a2[j, k]
+            status[i] = code
+            rss[i] = cost
+            n_eval[i] = evals
+            _standard_errors(a, free, cost, n_vol, order_lo, order_hi, m, e, h, cov, stderr[i])
+            _to_model(q, order_lo, order_hi, p)
+            for j in range(n_p):
+                q[j] = p[j]
+
+
+def levenberg_marquardt(model: KineticModel, signals: np.ndarray, start: np.ndarray, *,
+                        alt_start: np.ndarray | None = None, free: np.ndarray | None = None,
+                        max_iter: int = 100, xtol: float = 1e-8, ftol: float = 1e-10) -> Estimate:
+    """Fit ``signals`` (n, n_volumes) ΔM/M0t from ``start`` (n, n_params), API units.
+
+    ``alt_start`` (rows of NaN for none) adds a second start per voxel; ``free`` (n_params
+    booleans) holds parameters fixed at their start where False. Bounds are the model's;
+    for 2C, abat <= att. Start values are clipped into the feasible set. Rows whose
+    signal has a NaN/Inf or is all zeros get status INVALID_INPUT and NaN outputs.
+    """
+    y = check_signals(signals, model)
+    names = model.param_names
+    n_p = model.n_params
+    lower, upper = model.bounds
+    free_arr = np.ones(n_p, dtype=np.bool_) if free is None else np.asarray(free, dtype=np.bool_)
+    order_lo, order_hi = (names.index("abat"), names.index("att")) if "abat" in names else (-1, -1)
+    att_max = float(upper[names.index("att")])
+
+    def internal(values: np.ndarray) -> np.ndarray:
+        q = np.clip(np.array(values, dtype=np.float64, ndmin=2), lower, upper)
+        if order_lo >= 0:
+            q[:, order_hi] = np.maximum(q[:, order_hi] - q[:, order_lo], 0.0)
+        return np.ascontiguousarray(q)
+
+    q_start = internal(start)
+    if q_start.shape != (y.shape[0], n_p):
+        raise ValueError(f"start must have shape ({y.shape[0]}, {n_p}), got {np.shape(start)}")
+    invalid = ~np.isfinite(y).all(axis=1) | ~(y != 0).any(axis=1)
+    q_start[invalid] = np.nan
+    q_alt = np.full_like(q_start, np.nan) if alt_start is None else internal(alt_start)
+    q_lower, q_upper = lower.copy(), upper.copy()
+    if order_lo >= 0:
+        # internal parameter: gap = att - abat >= 0
+        q_lower[order_hi], q_upper[order_hi] = 0.0, upper[order_hi] - lower[order_lo]
+    n = y.shape[0]
+    params = np.empty((n, n_p))
+    stderr = np.empty((n, n_p))
+    status = np.empty(n, dtype=np.int8)
+    rss = np.empty(n)
+    n_eval = np.empty(n, dtype=np.int64)
+    lm_batch(y, q_start, q_alt, q_lower, q_upper, free_arr, order_lo, order_hi, att_max, model.kernel_id,
+             model.vol, model.const, int(max_iter), float(xtol), float(ftol), n_chunks_for(n),
+             params, stderr, status, rss, n_eval)
+    return Estimate(params, status, stderr, rss, names, "lm", info={"n_eval": n_eval})
+
+
+class LevenbergMarquardtEstimator(Estimator):
+    """Bounded Levenberg–Marquardt least squares from a global grid start.
+
+    Parameters
+    ----------
+    model : the kinetic model (with its protocol).
+    grid_step_s : step (s) of the start grid over the arrival times (default 0.1 s).
+    max_iter : iteration limit per voxel (default 100).
+    xtol : relative step tolerance (default 1e-8).
+    ftol : relative cost-decrease tolerance (default 1e-10).
+    """
+
+    name = "lm"
+
+    def __init__(self, model: KineticModel, *, grid_step_s: float = 0.1, max_iter: int = 100,
+                 xtol: float = 1e-8, ftol: float = 1e-10) -> None:
+        super().__init__(model)
+        self.grid_step_s = grid_step_s
+        self.max_iter = max_iter
+        self.xtol = xtol
+        self.ftol = ftol
+
+    def options(self) -> dict[str, Any]:
+        return {"grid_step_s": self.grid_step_s, "max_iter": self.max_iter, "xtol": self.xtol, "ftol": self.ftol}
+
+    def fit(self, signals: np.ndarray | None = None) -> "LevenbergMarquardtEstimator":
+        """Validate the options and build the start grid (no training)."""
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        for name in ("xtol", "ftol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < 1):
+                raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+        self.grid_ = build_time_grid(self.model, float(self.grid_step_s))
+        names = self.model.param_names
+        self.free_ = np.ones(self.model.n_params, dtype=np.bool_)
+        if "abat" in names and self.model.options()["arterial_edge_s"] == 0.0:
+            self.free_[names.index("abat")] = False
+        return self
+
+    def predict(self, signals: np.ndarray) -> Estimate:
+        """Fit every voxel of ``signals`` (n_voxels, n_volumes) ΔM/M0t from the grid start."""
+        if not hasattr(self, "grid_"):
+            self.fit()
+        y = check_signals(signals, self.model)
+        best_pair, alt_pair, amp, _, _ = grid_search(self.grid_, y)
+        start = grid_params(self.model, self.grid_, best_pair, amp)
+        alt_start = grid_params(self.model, self.grid_, np.where(alt_pair >= 0, alt_pair, -1), amp)
+        return levenberg_marquardt(self.model, y, start, alt_start=alt_start, free=self.free_,
+                                   max_iter=self.max_iter, xtol=self.xtol, ftol=self.ftol)
