@@ -179,6 +179,8 @@ class SimulatedSet:
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in data.files}
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such file") from None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{path}: not a readable .npz file ({exc})") from exc
         fmt = str(arrays.get("format", ""))

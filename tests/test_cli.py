@@ -64,3 +64,31 @@ def test_usage_errors_name_the_problem_and_write_nothing(tmp_path):
         assert result.exit_code == EXIT_USAGE, (args, result.output)
         assert message in result.output
         assert not out.exists()
+
+
+def test_fit_runs_an_estimator_on_a_simulated_set(tmp_path):
+    sim = tmp_path / "sim.npz"
+    out = tmp_path / "fit.npz"
+    assert runner.invoke(app, ["simulate", "--n", "200", "--snr", "1000", "--noise", "gaussian", "--out", str(sim)]).exit_code == 0
+    result = runner.invoke(app, ["fit", "--model", "1c", "--method", "lm", "--in", str(sim), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with np.load(out, allow_pickle=False) as fitted:
+        params, truth, names = fitted["params"], fitted["truth"], fitted["param_names"].tolist()
+    data = SimulatedSet.load(sim)
+    np.testing.assert_array_equal(truth, data.params)
+    assert names == ["cbf", "att"]
+    # at SNR 1000 voxels with an identifiable arrival (att above the 1.0 s first PLD) fit closely
+    ok = truth[:, 1] > 1.1
+    np.testing.assert_allclose(params[ok, 0], truth[ok, 0], rtol=0.05, atol=1.0)
+    summary = json.loads(result.output)
+    assert summary["voxels"] == 200 and summary["method"] == "lm"
+
+
+def test_fit_refuses_a_model_mismatch_and_a_missing_file(tmp_path):
+    sim = tmp_path / "sim.npz"
+    runner.invoke(app, ["simulate", "--model", "2c", "--n", "10", "--out", str(sim)])
+    result = runner.invoke(app, ["fit", "--model", "1c", "--in", str(sim), "--out", str(tmp_path / "o.npz")])
+    assert result.exit_code == EXIT_USAGE and "simulated with model '2c'" in result.output
+    result = runner.invoke(app, ["fit", "--in", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "o.npz")])
+    assert result.exit_code == EXIT_USAGE and "nope.npz: no such file" in result.output
+    assert not (tmp_path / "o.npz").exists()
