@@ -21,16 +21,6 @@ from aslbatch.simulate import (
 from .reference import signal_1c
 
 
-@pytest.fixture(scope="module")
-def model_1c():
-    return get_model("1c", default_protocol("1c"))
-
-
-@pytest.fixture(scope="module")
-def model_2c():
-    return get_model("2c", default_protocol("2c"))
-
-
 def test_reference_level_is_peak_of_reference_voxel_from_equations(model_1c, model_2c):
     consts = Constants().to_dict()
     for model in (model_1c, model_2c):
