@@ -39,6 +39,8 @@ from .base import Estimate, Estimator, Status, check_signals
 
 #: cbf (mL/100 g/min) at which the tissue basis is evaluated when it is not exactly linear
 BASIS_CBF = 60.0
+#: grid residuals closer than this fraction of |y|² are ties (a flat direction, up to rounding)
+TIE_TOLERANCE = 1e-12
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,9 @@ def _pair_fit(k, yy, ty, tissue_norm, ay, arterial_norm, pair_abat, pair_att, cr
 def grid_search_voxel(y, tissue, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, ty, ay):
     """Best grid pair for signal ``y``: returns (pair index, alternative pair, c, a, rss).
 
-    ``ty`` and ``ay`` are scratch arrays of lengths n_att and n_abat. Exact ties over
-    consecutive pairs (flat directions) resolve to the middle of the run; the alternative
+    ``ty`` and ``ay`` are scratch arrays of lengths n_att and n_abat. Ties (within
+    TIE_TOLERANCE |y|²) over consecutive pairs (flat directions) resolve to the middle of
+    the run; the alternative
     is then the first pair past the run (else -1), for a second local start.
     """
     n_vol = y.shape[0]
@@ -184,17 +187,20 @@ def grid_search_voxel(y, tissue, tissue_norm, arterial, arterial_norm, pair_abat
         for v in range(n_vol):
             s += arterial[j, v] * y[v]
         ay[j] = s
+    # residuals within rounding of each other (relative to the signal energy) are ties
+    tie = TIE_TOLERANCE * yy
     best = np.inf
     first = 0
     last = 0
     for k in range(pair_att.shape[0]):
         c, a, rss = _pair_fit(k, yy, ty, tissue_norm, ay, arterial_norm, pair_abat, pair_att, cross, two)
-        if rss < best:
+        if rss < best - tie:
             best = rss
             first = k
             last = k
-        elif rss == best and last == k - 1:
+        elif rss <= best + tie and last == k - 1:
             last = k
+            best = min(best, rss)
     k = (first + last) // 2
     # the first pair past a flat run, on the same abat: a start from which LM can leave it
     alt = last + 1 if last > first and last + 1 < pair_att.shape[0] and pair_abat[last + 1] == pair_abat[last] else -1
