@@ -3,7 +3,11 @@
 Algorithm (per voxel):
 - start: the best point of a coarse lookup-table grid over the arrival times with
   closed-form non-negative amplitudes (:mod:`aslbatch.estimators.lookup`), so the start is
-  global, not one fixed guess;
+  global, not one fixed guess. Where the grid's best points form a flat run (a direction
+  the data do not inform), a second start just past the run lets LM leave it; a fit whose
+  tissue arrival ends on a kink of the model (att at a PLD or readout time, where the
+  Jacobian is one-sided) is re-fitted on each smooth side, with att bounded by the kink.
+  The lowest cost wins;
 - step: solve (JᵀJ + μ D) h = Jᵀr by Cholesky, D = running max of diag(JᵀJ)
   (Moré's scaling, so cbf and abv of very different magnitudes are treated alike);
   μ updated with Nielsen's rule and floored at 1e-12 so it never underflows;
@@ -34,6 +38,7 @@ from numba import prange
 
 from .._numba import parallel, serial
 from ..models import KineticModel
+from ..models.base import PLD, TIME
 from ..models.kernels import model_voxel
 from .base import Estimate, Estimator, Status, check_signals
 from .lookup import build_time_grid, grid_params, grid_search, n_chunks_for
@@ -41,6 +46,10 @@ from .lookup import build_time_grid, grid_params, grid_search, n_chunks_for
 MU_START = 1e-3
 MU_FLOOR = 1e-12
 MU_CEILING = 1e20
+#: att within this many seconds of a kink counts as on it (LM stalls up to ~1e-6 s away)
+KINK_S = 1e-4
+#: the fits of each side of a kink start this far (s) inside their side
+KINK_SIDE_S = 0.01
 # status codes as plain ints, frozen into the compiled kernels
 _CONVERGED = int(Status.CONVERGED)
 _MAX_ITERATIONS = int(Status.MAX_ITERATIONS)
@@ -162,25 +171,38 @@ def _standard_errors(a, free, cost, n_vol, order_lo, order_hi, m, e, x, cov, se)
             if free[i] and a[i, i] > 0.0:
                 cov[i, target] = x[i] * s2
     for i in range(n_p):
-        if cov[i, i] > 0.0:
+        if cov[i, i] >= 0.0:
             se[i] = math.sqrt(cov[i, i])
     if order_lo >= 0:
         if not free[order_lo]:
             return  # abat held: att = abat + gap has the gap's error
         var = cov[order_lo, order_lo] + cov[order_hi, order_hi] + 2.0 * cov[order_lo, order_hi]
-        se[order_hi] = math.sqrt(var) if var > 0.0 else np.nan
+        se[order_hi] = math.sqrt(var) if var >= 0.0 else np.nan
+
+
+@serial
+def kink_near(att, vol):
+    """The kink of the model that the tissue arrival ``att`` (s) sits on, else NaN: a readout
+    time t = τ + w (arrival) or a PLD w (end of the bolus), where the Jacobian is one-sided."""
+    for v in range(vol.shape[0]):
+        if abs(att - vol[v, TIME]) <= KINK_S:
+            return vol[v, TIME]
+        if abs(att - vol[v, PLD]) <= KINK_S:
+            return vol[v, PLD]
+    return np.nan
 
 
 @serial
 def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, att_max, kernel_id, vol, const, max_iter, xtol, ftol,
-             p, sig, jac, sig_try, jac_try, q_try, a, g, d, m, h):
+             p, sig, jac, sig_try, jac_try, q_try, a, g, d, m, h, rhs, held):
     """Fit one voxel in place: ``q`` holds the start and receives the result.
 
     ``q`` are the internal parameters: the model's, except that with an arrival order
     (order_lo >= 0) q[order_hi] is the gap att - abat >= 0, so the order is a bound;
     ``att_max`` caps abat + gap. ``lower``/``upper`` bound q. Returns (status code,
     cost = RSS, number of model evaluations). The other arrays are scratch space:
-    p, q_try, g, d, h (n_p); sig, sig_try (n_vol); jac, jac_try (n_vol, n_p); a, m (n_p, n_p).
+    p, q_try, g, d, h, rhs (n_p); held (n_p booleans); sig, sig_try (n_vol);
+    jac, jac_try (n_vol, n_p); a, m (n_p, n_p).
     """
     n_p = q.shape[0]
     n_vol = y.shape[0]
@@ -196,42 +218,48 @@ def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, att_max, kernel_id, v
         if cost == 0.0:
             status = _CONVERGED
             break
+        # active set: a parameter on a bound whose descent direction points outward is held
         for i in range(n_p):
-            for j in range(n_p):
-                m[i, j] = a[i, j]
-        for i in range(n_p):
-            # active set: a parameter on a bound whose descent direction points outward is held
-            held = (q[i] <= lower[i] and g[i] <= 0.0) or (q[i] >= upper[i] and g[i] >= 0.0)
-            if free[i] and d[i] > 0.0 and not held:
-                m[i, i] += mu * d[i]
-            else:
+            held[i] = not (free[i] and d[i] > 0.0) or (q[i] <= lower[i] and g[i] <= 0.0) or (
+                q[i] >= upper[i] and g[i] >= 0.0)
+        solved = False
+        frac = 1.0
+        blocking = -1
+        for _attempt in range(n_p + 1):
+            for i in range(n_p):
+                rhs[i] = 0.0 if held[i] else g[i]
                 for j in range(n_p):
-                    m[i, j] = 0.0
-                    m[j, i] = 0.0
-                m[i, i] = 1.0
-                g[i] = 0.0
-        if not cholesky_solve(m, g, h, n_p):
+                    m[i, j] = 0.0 if (held[i] or held[j]) else a[i, j]
+                m[i, i] = 1.0 if held[i] else m[i, i] + mu * d[i]
+            solved = cholesky_solve(m, rhs, h, n_p)
+            if not solved:
+                break
+            # truncated step: follow h up to the first bound it meets, and land exactly on it
+            frac = 1.0
+            blocking = -1
+            for i in range(n_p):
+                if h[i] != 0.0:
+                    target = q[i] + h[i]
+                    if target < lower[i]:
+                        f_i = (lower[i] - q[i]) / h[i]
+                    elif target > upper[i]:
+                        f_i = (upper[i] - q[i]) / h[i]
+                    else:
+                        continue
+                    if f_i < frac:
+                        frac = f_i
+                        blocking = i
+            if frac > 0.0:
+                break
+            # the step leaves through a bound the parameter already sits on: hold it, solve again
+            held[blocking] = True
+        if not solved:
             mu *= nu
             nu *= 2.0
             if mu > MU_CEILING:
                 status = _CONVERGED
                 break
             continue
-        # truncated step: follow h up to the first bound it meets, and land exactly on it
-        frac = 1.0
-        blocking = -1
-        for i in range(n_p):
-            if h[i] != 0.0:
-                target = q[i] + h[i]
-                if target < lower[i]:
-                    f_i = (lower[i] - q[i]) / h[i]
-                elif target > upper[i]:
-                    f_i = (upper[i] - q[i]) / h[i]
-                else:
-                    continue
-                if f_i < frac:
-                    frac = f_i
-                    blocking = i
         for i in range(n_p):
             q_try[i] = q[i] + frac * h[i]
         if blocking >= 0:
@@ -294,13 +322,15 @@ def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, att_max, kernel_id, v
 
 
 @parallel
-def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, att_max, kernel_id, vol, const,
-             max_iter, xtol, ftol, n_chunks, params, stderr, status, rss, n_eval):
+def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, j_att, att_max, kernel_id, vol,
+             const, max_iter, xtol, ftol, n_chunks, params, stderr, status, rss, n_eval):
     """LM over voxels, a chunk of voxels per work item.
 
     ``start``, ``alt_start`` and ``params`` hold internal parameters (see :func:`lm_voxel`).
     Rows of ``start`` with NaN (invalid input) get NaN outputs and status INVALID_INPUT; a
-    row of ``alt_start`` without NaN is a second start, and the fit with the lower cost wins.
+    row of ``alt_start`` without NaN is a second start, and a fit whose tissue arrival
+    (internal index ``j_att``) ends on a kink is restarted from either side of it; the fit
+    with the lowest cost wins.
     """
     n, n_p = start.shape
     n_vol = signals.shape[1]
@@ -316,6 +346,10 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
         d = np.empty(n_p)
         h = np.empty(n_p)
         e = np.empty(n_p)
+        rhs = np.empty(n_p)
+        held = np.empty(n_p, dtype=np.bool_)
+        lower2 = np.empty(n_p)
+        upper2 = np.empty(n_p)
         a = np.empty((n_p, n_p))
         a2 = np.empty((n_p, n_p))
         m = np.empty((n_p, n_p))
@@ -334,17 +368,51 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
                 q[j] = start[i, j]
             code, cost, evals = lm_voxel(signals[i], q, lower, upper, free, order_lo, order_hi, att_max, kernel_id,
                                          vol, const, max_iter, xtol, ftol, p, sig, jac, sig_try, jac_try, q_try,
-                                         a, g, d, m, h)
-            if not math.isnan(alt_start[i, 0]):
+                                         a, g, d, m, h, rhs, held)
+            # second starts: past a flat run of the grid; and where LM ended on a kink, a fit of
+            # each smooth side of it (att bounded by the kink), which converges without stalling
+            kink = np.nan
+            for attempt in range(3):
                 for j in range(n_p):
-                    q2[j] = alt_start[i, j]
+                    lower2[j] = lower[j]
+                    upper2[j] = upper[j]
+                if attempt == 0:
+                    if math.isnan(alt_start[i, 0]):
+                        continue
+                    for j in range(n_p):
+                        q2[j] = alt_start[i, j]
+                else:
+                    if attempt == 1:
+                        _to_model(q, order_lo, order_hi, p)
+                        kink = kink_near(p[j_att], vol)
+                        if math.isnan(kink):
+                            break
+                    # the kink in internal units (for 2C: a gap from the current abat)
+                    edge = kink - q[order_lo] if order_lo >= 0 else kink
+                    if attempt == 1:
+                        upper2[j_att] = min(max(edge, lower[j_att]), upper[j_att])
+                    else:
+                        lower2[j_att] = min(max(edge, lower[j_att]), upper[j_att])
+                    for j in range(n_p):
+                        q2[j] = q[j]
+                    # start inside the side: on the kink itself the Jacobian is the other side's
+                    inside = edge - KINK_SIDE_S if attempt == 1 else edge + KINK_SIDE_S
+                    q2[j_att] = min(max(inside, lower2[j_att]), upper2[j_att])
+                for j in range(n_p):
                     for k in range(n_p):
                         a2[j, k] = a[j, k]
-                code2, cost2, evals2 = lm_voxel(signals[i], q2, lower, upper, free, order_lo, order_hi, att_max,
+                code2, cost2, evals2 = lm_voxel(signals[i], q2, lower2, upper2, free, order_lo, order_hi, att_max,
                                                 kernel_id, vol, const, max_iter, xtol, ftol, p, sig, jac, sig_try,
-                                                jac_try, q_try, a, g, d, m, h)
+                                                jac_try, q_try, a, g, d, m, h, rhs, held)
                 evals += evals2
                 if cost2 < cost * (1.0 - 1e-12):
+                    # on a side bound that is not a bound of the model, the fit is still converged
+                    if code2 == _AT_BOUND and attempt > 0:
+                        code2 = _CONVERGED
+                        for j in range(n_p):
+                            span = 1e-9 * (upper[j] - lower[j])
+                            if free[j] and (q2[j] <= lower[j] + span or q2[j] >= upper[j] - span):
+                                code2 = _AT_BOUND
                     code = code2
                     cost = cost2
                     for j in range(n_p):
@@ -402,7 +470,8 @@ def levenberg_marquardt(model: KineticModel, signals: np.ndarray, start: np.ndar
     status = np.empty(n, dtype=np.int8)
     rss = np.empty(n)
     n_eval = np.empty(n, dtype=np.int64)
-    lm_batch(y, q_start, q_alt, q_lower, q_upper, free_arr, order_lo, order_hi, att_max, model.kernel_id,
+    lm_batch(y, q_start, q_alt, q_lower, q_upper, free_arr, order_lo, order_hi, names.index("att"), att_max,
+             model.kernel_id,
              model.vol, model.const, int(max_iter), float(xtol), float(ftol), n_chunks_for(n),
              params, stderr, status, rss, n_eval)
     return Estimate(params, status, stderr, rss, names, "lm", info={"n_eval": n_eval})
