@@ -27,70 +27,114 @@ from .base import (
 
 
 @serial
+def tissue_point_blood(cbf, att, e_att, tau, t, exp_t, delivered, amp, t1b):
+    """Tissue signal of one volume with T1' = T1b and its derivatives: (s, ds/dcbf, ds/datt).
+
+    cbf in mL/100 g/min, att in s, e_att = exp(-att/T1b); tau, t = tau + pld (s); the volume's
+    precomputed exp_t = exp(-t/T1b) and delivered = exp(-pld/T1b)(1 - exp(-tau/T1b));
+    amp = 2 α α_BS T1b / (λ 6000). Arriving: amp cbf (e^(-att/T1b) - e^(-t/T1b));
+    delivered: amp cbf e^(-w/T1b) (1 - e^(-τ/T1b)), independent of att.
+    Derivatives per mL/100 g/min and per s.
+    """
+    if t < att:
+        return 0.0, 0.0, 0.0
+    if t < att + tau:
+        shape = e_att - exp_t
+        return amp * cbf * shape, amp * shape, -amp * cbf * e_att / t1b
+    return amp * cbf * delivered, amp * delivered, 0.0
+
+
+@serial
+def tissue_point_buxton(cbf, att, e_att, tau, pld, t, label, t1b, t1t, lam):
+    """Tissue signal of one volume with Buxton's T1' (1/T1' = 1/T1t + f/λ): (s, ds/dcbf, ds/datt).
+
+    S = K e^(-att/T1b) f g(k), k = 1/T1', arriving g = (1 - e^(-k u))/k with u = t - att,
+    delivered g = e^(-k d)(1 - e^(-k τ))/k with d = pld - att; label = K = 2 α α_BS / λ.
+    Units as in :func:`tissue_point_blood`; t1t in s, lam in mL/g.
+    """
+    if t < att:
+        return 0.0, 0.0, 0.0
+    f = cbf / CBF_SCALE
+    k = 1.0 / t1t + f / lam
+    pre = label * e_att
+    if t < att + tau:
+        u = t - att
+        e_u = math.exp(-k * u)
+        g = -math.expm1(-k * u) / k
+        dg_dk = (u * e_u - g) / k
+        dg_datt = -e_u
+    else:
+        d = pld - att
+        e_d = math.exp(-k * d)
+        g = e_d * -math.expm1(-k * tau) / k
+        dg_dk = -d * g - g / k + e_d * tau * math.exp(-k * tau) / k
+        dg_datt = k * g
+    s = pre * f * g
+    return s, pre * (g + f * dg_dk / lam) / CBF_SCALE, -s / t1b + pre * f * dg_datt
+
+
+@serial
 def tissue_voxel(cbf, att, vol, const, sig, jac, j_cbf, j_att, with_jac):
     """Tissue signal of one voxel into ``sig``; cbf in mL/100 g/min, att in s.
 
     With ``with_jac``, d sig/d cbf (per mL/100 g/min) goes to ``jac[:, j_cbf]`` and
     d sig/d att (per s) to ``jac[:, j_att]``.
     """
-    n_vol = vol.shape[0]
-    t1b = const[T1B]
-    f = cbf / CBF_SCALE
+    label, t1b = const[LABEL], const[T1B]
     e_att = math.exp(-att / t1b)
     if const[T1_TISSUE] == 0.0:
-        # T1' = T1b: arriving  K f T1b (e^(-att/T1b) - e^(-t/T1b));
-        #            delivered K f T1b e^(-w/T1b) (1 - e^(-τ/T1b)), independent of att
-        amp = const[LABEL] * t1b / CBF_SCALE
-        for v in range(n_vol):
-            t = vol[v, TIME]
-            if t < att:
-                sig[v] = 0.0
-                if with_jac:
-                    jac[v, j_cbf] = 0.0
-                    jac[v, j_att] = 0.0
-            elif t < att + vol[v, TAU]:
-                shape = e_att - vol[v, EXP_TIME]
-                sig[v] = amp * cbf * shape
-                if with_jac:
-                    jac[v, j_cbf] = amp * shape
-                    jac[v, j_att] = -amp * cbf * e_att / t1b
-            else:
-                sig[v] = amp * cbf * vol[v, DELIVERED]
-                if with_jac:
-                    jac[v, j_cbf] = amp * vol[v, DELIVERED]
-                    jac[v, j_att] = 0.0
-        return
-    # Buxton's T1': k = 1/T1' = 1/T1t + f/λ depends on flow. S = K e^(-att/T1b) f g(k) with
-    # arriving g = (1 - e^(-k u))/k, u = t - att; delivered g = e^(-k d)(1 - e^(-k τ))/k, d = w - att.
-    lam = const[LAMBDA]
-    k = 1.0 / const[T1T] + f / lam
-    pre = const[LABEL] * e_att
-    for v in range(n_vol):
-        t = vol[v, TIME]
-        tau = vol[v, TAU]
-        if t < att:
-            sig[v] = 0.0
+        amp = label * t1b / CBF_SCALE
+        for v in range(vol.shape[0]):
+            s, d_cbf, d_att = tissue_point_blood(cbf, att, e_att, vol[v, TAU], vol[v, TIME], vol[v, EXP_TIME],
+                                                 vol[v, DELIVERED], amp, t1b)
+            sig[v] = s
             if with_jac:
-                jac[v, j_cbf] = 0.0
-                jac[v, j_att] = 0.0
-            continue
-        if t < att + tau:
-            u = t - att
-            e_u = math.exp(-k * u)
-            g = -math.expm1(-k * u) / k
-            dg_dk = (u * e_u - g) / k
-            dg_datt = -e_u
-        else:
-            d = vol[v, PLD] - att
-            e_d = math.exp(-k * d)
-            g = e_d * -math.expm1(-k * tau) / k
-            dg_dk = -d * g - g / k + e_d * tau * math.exp(-k * tau) / k
-            dg_datt = k * g
-        s = pre * f * g
+                jac[v, j_cbf] = d_cbf
+                jac[v, j_att] = d_att
+        return
+    t1t, lam = const[T1T], const[LAMBDA]
+    for v in range(vol.shape[0]):
+        s, d_cbf, d_att = tissue_point_buxton(cbf, att, e_att, vol[v, TAU], vol[v, PLD], vol[v, TIME], label, t1b,
+                                              t1t, lam)
         sig[v] = s
         if with_jac:
-            jac[v, j_cbf] = pre * (g + f * dg_dk / lam) / CBF_SCALE
-            jac[v, j_att] = -s / t1b + pre * f * dg_datt
+            jac[v, j_cbf] = d_cbf
+            jac[v, j_att] = d_att
+
+
+@serial
+def normal_equations_voxel(cbf, att, y, vol, const):
+    """Least-squares quantities of the 1C model at (cbf, att) for data ``y`` (ΔM/M0t), in one pass.
+
+    Returns (cost, a00, a01, a11, g0, g1): cost = |y - s|², A = JᵀJ and g = Jᵀ(y - s) with
+    J = (ds/dcbf, ds/datt) per mL/100 g/min and per s. For fitting without signal arrays.
+    """
+    label, t1b = const[LABEL], const[T1B]
+    e_att = math.exp(-att / t1b)
+    cost = 0.0
+    a00 = 0.0
+    a01 = 0.0
+    a11 = 0.0
+    g0 = 0.0
+    g1 = 0.0
+    blood = const[T1_TISSUE] == 0.0
+    amp = label * t1b / CBF_SCALE
+    t1t, lam = const[T1T], const[LAMBDA]
+    for v in range(vol.shape[0]):
+        if blood:
+            s, j0, j1 = tissue_point_blood(cbf, att, e_att, vol[v, TAU], vol[v, TIME], vol[v, EXP_TIME],
+                                           vol[v, DELIVERED], amp, t1b)
+        else:
+            s, j0, j1 = tissue_point_buxton(cbf, att, e_att, vol[v, TAU], vol[v, PLD], vol[v, TIME], label, t1b,
+                                            t1t, lam)
+        r = y[v] - s
+        cost += r * r
+        a00 += j0 * j0
+        a01 += j0 * j1
+        a11 += j1 * j1
+        g0 += j0 * r
+        g1 += j1 * r
+    return cost, a00, a01, a11, g0, g1
 
 
 @serial
