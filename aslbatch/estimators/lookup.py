@@ -49,6 +49,7 @@ class TimeGrid:
 
     att: np.ndarray  #: (n_att,) s
     tissue: np.ndarray  #: (n_att, n_volumes) per mL/100 g/min
+    tissue_by_volume: np.ndarray  #: (n_volumes, n_att): ``tissue`` transposed, contiguous per volume
     tissue_norm: np.ndarray  #: (n_att,) |T|²
     abat: np.ndarray  #: (n_abat,) s; empty for 1C
     arterial: np.ndarray  #: (n_abat, n_volumes) per unit abv (mL/mL)
@@ -120,6 +121,7 @@ def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
     return TimeGrid(
         att=att,
         tissue=np.ascontiguousarray(tissue),
+        tissue_by_volume=np.ascontiguousarray(tissue.T),
         tissue_norm=np.einsum("kv,kv->k", tissue, tissue),
         abat=abat,
         arterial=np.ascontiguousarray(arterial),
@@ -164,7 +166,8 @@ def _pair_fit(k, yy, ty, tissue_norm, ay, arterial_norm, pair_abat, pair_att, cr
 
 
 @serial
-def grid_search_voxel(y, tissue, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, ty, ay):
+def grid_search_voxel(y, tissue, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, ty,
+                      ay):
     """Best grid pair for signal ``y``: returns (pair index, alternative pair, c, a, rss).
 
     ``ty`` and ``ay`` are scratch arrays of lengths n_att and n_abat. Ties (within
@@ -177,6 +180,34 @@ def grid_search_voxel(y, tissue, tissue_norm, arterial, arterial_norm, pair_abat
     yy = 0.0
     for v in range(n_vol):
         yy += y[v] * y[v]
+    # residuals within rounding of each other (relative to the signal energy) are ties
+    tie = TIE_TOLERANCE * yy
+    if not two:
+        # one basis (1C): pair k is att index k. Projections over the grid, volume by volume
+        # (independent sums, vectorised), then amplitudes and ties in one pass.
+        n_att = tissue.shape[0]
+        for k in range(n_att):
+            ty[k] = 0.0
+        for v in range(n_vol):
+            yv = y[v]
+            for k in range(n_att):
+                ty[k] += tissue_by_volume[v, k] * yv
+        best = np.inf
+        first = 0
+        last = 0
+        for k in range(n_att):
+            _, _, rss = _amplitudes(yy, ty[k], tissue_norm[k], 0.0, 0.0, 0.0, False)
+            if rss < best - tie:
+                best = rss
+                first = k
+                last = k
+            elif rss <= best + tie and last == k - 1:
+                last = k
+                best = min(best, rss)
+        k = (first + last) // 2
+        alt = last + 1 if last > first and last + 1 < n_att else -1
+        c, _, rss = _amplitudes(yy, ty[k], tissue_norm[k], 0.0, 0.0, 0.0, False)
+        return k, alt, c, 0.0, max(rss, 0.0)
     for i in range(tissue.shape[0]):
         s = 0.0
         for v in range(n_vol):
@@ -187,8 +218,6 @@ def grid_search_voxel(y, tissue, tissue_norm, arterial, arterial_norm, pair_abat
         for v in range(n_vol):
             s += arterial[j, v] * y[v]
         ay[j] = s
-    # residuals within rounding of each other (relative to the signal energy) are ties
-    tie = TIE_TOLERANCE * yy
     best = np.inf
     first = 0
     last = 0
@@ -221,7 +250,7 @@ def is_invalid(y):
 
 
 @parallel
-def lookup_batch(signals, tissue, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, n_chunks,
+def lookup_batch(signals, tissue, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, n_chunks,
                  best_pair, alt_pair, amp, rss, invalid):
     """Grid search over voxels (chunks of voxels per thread): best and alternative pair, amplitudes (c, a), rss."""
     n = signals.shape[0]
@@ -235,7 +264,8 @@ def lookup_batch(signals, tissue, tissue_norm, arterial, arterial_norm, pair_aba
                 alt_pair[i] = -1
                 continue
             invalid[i] = False
-            k, alt, c, a, r = grid_search_voxel(signals[i], tissue, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, ty, ay)
+            k, alt, c, a, r = grid_search_voxel(signals[i], tissue, tissue_by_volume, tissue_norm, arterial, arterial_norm,
+                                                pair_abat, pair_att, cross, ty, ay)
             best_pair[i] = k
             alt_pair[i] = alt
             amp[i, 0] = c
@@ -261,7 +291,7 @@ def grid_search(grid: TimeGrid, signals: np.ndarray) -> tuple[np.ndarray, np.nda
     rss = np.full(n, np.nan)
     invalid = np.empty(n, dtype=np.bool_)
     lookup_batch(
-        signals, grid.tissue, grid.tissue_norm, grid.arterial, grid.arterial_norm,
+        signals, grid.tissue, grid.tissue_by_volume, grid.tissue_norm, grid.arterial, grid.arterial_norm,
         grid.pair_abat, grid.pair_att, grid.cross, n_chunks_for(n), best_pair, alt_pair, amp, rss, invalid,
     )
     return best_pair, alt_pair, amp, rss, invalid
