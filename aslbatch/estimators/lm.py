@@ -39,9 +39,10 @@ from numba import prange
 from .._numba import parallel, serial
 from ..models import KineticModel
 from ..models.base import PLD, TIME
-from ..models.kernels import model_voxel
+from ..models.kernels import ONE_COMPARTMENT, model_voxel
+from ..models.one_compartment import normal_equations_voxel
 from .base import Estimate, Estimator, Status, check_signals
-from .lookup import build_time_grid, grid_params, grid_search, n_chunks_for
+from .lookup import build_time_grid, grid_params, grid_search, grid_search_voxel, is_invalid, n_chunks_for
 
 MU_START = 1e-3
 MU_FLOOR = 1e-12
@@ -430,6 +431,235 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
                 q[j] = p[j]
 
 
+# --- fast path: the one-compartment model with scalar state ---------------------------------
+# The same algorithm as lm_voxel / lm_batch, for the two 1C parameters held in registers: the
+# normal equations come fused with the model (one pass over the volumes, no signal arrays),
+# 2x2 systems are solved in closed form, and grid search and fits run in one kernel per voxel.
+
+
+@serial
+def _solve_2x2(a00, a01, a11, g0, g1, mu, d0, d1, held0, held1):
+    """(solved, h0, h1): (A + μ D) h = g over the parameters not held (held ones get h = 0)."""
+    if held0 and held1:
+        return True, 0.0, 0.0
+    if held0:
+        m11 = a11 + mu * d1
+        if not m11 > 0.0:
+            return False, 0.0, 0.0
+        return True, 0.0, g1 / m11
+    m00 = a00 + mu * d0
+    if held1:
+        if not m00 > 0.0:
+            return False, 0.0, 0.0
+        return True, g0 / m00, 0.0
+    m11 = a11 + mu * d1
+    det = m00 * m11 - a01 * a01
+    if not (m00 > 0.0 and det > 0.0):
+        return False, 0.0, 0.0
+    return True, (m11 * g0 - a01 * g1) / det, (m00 * g1 - a01 * g0) / det
+
+
+@serial
+def _fraction_to_bound(x, h, lo, hi):
+    """Largest step fraction in [0, 1] keeping x + frac h inside [lo, hi] (1.0 if h stays inside)."""
+    if h == 0.0:
+        return 1.0
+    target = x + h
+    if target < lo:
+        return (lo - x) / h
+    if target > hi:
+        return (hi - x) / h
+    return 1.0
+
+
+@serial
+def lm_one_compartment_voxel(y, cbf, att, lo0, hi0, lo1, hi1, vol, const, max_iter, xtol, ftol):
+    """Fit (cbf, att) of one voxel from a start; :func:`lm_voxel` with scalar state.
+
+    Returns (cbf, att, status code, cost, number of evaluations, a00, a01, a11) with
+    A = JᵀJ at the result (for standard errors).
+    """
+    cost, a00, a01, a11, g0, g1 = normal_equations_voxel(cbf, att, y, vol, const)
+    d0 = a00
+    d1 = a11
+    mu = MU_START
+    nu = 2.0
+    status = _MAX_ITERATIONS
+    n_eval = 1
+    for _ in range(max_iter):
+        if cost == 0.0:
+            status = _CONVERGED
+            break
+        held0 = not d0 > 0.0 or (cbf <= lo0 and g0 <= 0.0) or (cbf >= hi0 and g0 >= 0.0)
+        held1 = not d1 > 0.0 or (att <= lo1 and g1 <= 0.0) or (att >= hi1 and g1 >= 0.0)
+        solved = False
+        h0 = 0.0
+        h1 = 0.0
+        frac = 1.0
+        blocking = -1
+        for _attempt in range(3):
+            solved, h0, h1 = _solve_2x2(a00, a01, a11, g0, g1, mu, d0, d1, held0, held1)
+            if not solved:
+                break
+            f0 = _fraction_to_bound(cbf, h0, lo0, hi0)
+            f1 = _fraction_to_bound(att, h1, lo1, hi1)
+            frac = 1.0
+            blocking = -1
+            if f0 < frac:
+                frac = f0
+                blocking = 0
+            if f1 < frac:
+                frac = f1
+                blocking = 1
+            if frac > 0.0:
+                break
+            if blocking == 0:
+                held0 = True
+            else:
+                held1 = True
+        if not solved:
+            mu *= nu
+            nu *= 2.0
+            if mu > MU_CEILING:
+                status = _CONVERGED
+                break
+            continue
+        cbf_try = cbf + frac * h0
+        att_try = att + frac * h1
+        if blocking == 0:
+            cbf_try = lo0 if h0 < 0.0 else hi0
+        elif blocking == 1:
+            att_try = lo1 if h1 < 0.0 else hi1
+        h0 = cbf_try - cbf
+        h1 = att_try - att
+        if abs(h0) <= xtol * (abs(cbf) + xtol) and abs(h1) <= xtol * (abs(att) + xtol):
+            status = _CONVERGED
+            break
+        cost_try, b00, b01, b11, f0, f1 = normal_equations_voxel(cbf_try, att_try, y, vol, const)
+        n_eval += 1
+        if cost_try < cost:
+            pred = 2.0 * (h0 * g0 + h1 * g1) - (h0 * (a00 * h0 + a01 * h1) + h1 * (a01 * h0 + a11 * h1))
+            rho = (cost - cost_try) / pred if pred > 0.0 else 1.0
+            done = cost - cost_try <= ftol * cost
+            cbf = cbf_try
+            att = att_try
+            cost = cost_try
+            a00 = b00
+            a01 = b01
+            a11 = b11
+            g0 = f0
+            g1 = f1
+            d0 = max(d0, a00)
+            d1 = max(d1, a11)
+            x = 2.0 * rho - 1.0
+            mu *= max(1.0 / 3.0, 1.0 - x * x * x)
+            if mu < MU_FLOOR:
+                mu = MU_FLOOR
+            nu = 2.0
+            if done:
+                status = _CONVERGED
+                break
+        else:
+            mu *= nu
+            nu *= 2.0
+            if mu > MU_CEILING:
+                status = _CONVERGED
+                break
+    if status == _CONVERGED:
+        if (cbf <= lo0 + 1e-9 * (hi0 - lo0) or cbf >= hi0 - 1e-9 * (hi0 - lo0)
+                or att <= lo1 + 1e-9 * (hi1 - lo1) or att >= hi1 - 1e-9 * (hi1 - lo1)):
+            status = _AT_BOUND
+    return cbf, att, status, cost, n_eval, a00, a01, a11
+
+
+@parallel
+def lm_one_compartment_batch(signals, tissue, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross,
+                             att_grid, lower, upper, vol, const, max_iter, xtol, ftol, n_chunks,
+                             params, stderr, status, rss, n_eval):
+    """Grid start and LM fit of every voxel for the 1C model (what :func:`lm_batch` does from
+    :func:`grid_search` starts), with the same second starts and standard errors."""
+    n = signals.shape[0]
+    n_vol = signals.shape[1]
+    lo0, hi0, lo1, hi1 = lower[0], upper[0], lower[1], upper[1]
+    for chunk in prange(n_chunks):
+        ty = np.empty(tissue.shape[0])
+        ay = np.empty(0)
+        for i in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
+            y = signals[i]
+            if is_invalid(y):
+                params[i, 0] = np.nan
+                params[i, 1] = np.nan
+                stderr[i, 0] = np.nan
+                stderr[i, 1] = np.nan
+                status[i] = _INVALID_INPUT
+                rss[i] = np.nan
+                n_eval[i] = 0
+                continue
+            k, alt, c, _, _ = grid_search_voxel(y, tissue, tissue_by_volume, tissue_norm, arterial, arterial_norm,
+                                                pair_abat, pair_att, cross, ty, ay)
+            cbf0 = min(max(c, lo0), hi0)
+            cbf, att, code, cost, evals, a00, a01, a11 = lm_one_compartment_voxel(
+                y, cbf0, min(max(att_grid[pair_att[k]], lo1), hi1), lo0, hi0, lo1, hi1, vol, const, max_iter, xtol,
+                ftol)
+            # second starts: past a flat run of the grid; each smooth side of a kink the fit ended on
+            kink = np.nan
+            for attempt in range(3):
+                side_lo = lo1
+                side_hi = hi1
+                if attempt == 0:
+                    if alt < 0:
+                        continue
+                    start_cbf = cbf0
+                    start_att = min(max(att_grid[pair_att[alt]], lo1), hi1)
+                else:
+                    if attempt == 1:
+                        kink = kink_near(att, vol)
+                        if math.isnan(kink):
+                            break
+                    edge = min(max(kink, lo1), hi1)
+                    if attempt == 1:
+                        side_hi = edge
+                        start_att = edge - KINK_SIDE_S
+                    else:
+                        side_lo = edge
+                        start_att = edge + KINK_SIDE_S
+                    start_att = min(max(start_att, side_lo), side_hi)
+                    start_cbf = cbf
+                cbf2, att2, code2, cost2, evals2, b00, b01, b11 = lm_one_compartment_voxel(
+                    y, start_cbf, start_att, lo0, hi0, side_lo, side_hi, vol, const, max_iter, xtol, ftol)
+                evals += evals2
+                if cost2 < cost * (1.0 - 1e-12):
+                    if code2 == _AT_BOUND and attempt > 0:
+                        code2 = _CONVERGED
+                        if (cbf2 <= lo0 + 1e-9 * (hi0 - lo0) or cbf2 >= hi0 - 1e-9 * (hi0 - lo0)
+                                or att2 <= lo1 + 1e-9 * (hi1 - lo1) or att2 >= hi1 - 1e-9 * (hi1 - lo1)):
+                            code2 = _AT_BOUND
+                    cbf, att, code, cost = cbf2, att2, code2, cost2
+                    a00, a01, a11 = b00, b01, b11
+            params[i, 0] = cbf
+            params[i, 1] = att
+            status[i] = code
+            rss[i] = cost
+            n_eval[i] = evals
+            # standard errors over the informed parameters (as _standard_errors)
+            stderr[i, 0] = np.nan
+            stderr[i, 1] = np.nan
+            used0 = a00 > 0.0
+            used1 = a11 > 0.0
+            dof = n_vol - (1 if used0 else 0) - (1 if used1 else 0)
+            if dof > 0:
+                s2 = cost / dof
+                if used0 and used1:
+                    det = a00 * a11 - a01 * a01
+                    if det > 0.0:
+                        stderr[i, 0] = math.sqrt(a11 / det * s2)
+                        stderr[i, 1] = math.sqrt(a00 / det * s2)
+                elif used0:
+                    stderr[i, 0] = math.sqrt(s2 / a00)
+                elif used1:
+                    stderr[i, 1] = math.sqrt(s2 / a11)
+
+
 def levenberg_marquardt(model: KineticModel, signals: np.ndarray, start: np.ndarray, *,
                         alt_start: np.ndarray | None = None, free: np.ndarray | None = None,
                         max_iter: int = 100, xtol: float = 1e-8, ftol: float = 1e-10) -> Estimate:
@@ -487,20 +717,24 @@ class LevenbergMarquardtEstimator(Estimator):
     max_iter : iteration limit per voxel (default 100).
     xtol : relative step tolerance (default 1e-8).
     ftol : relative cost-decrease tolerance (default 1e-10).
+    fast_path : use the scalar kernel for the 1C model (default True); False runs the generic
+        kernel, the same algorithm (kept as the reference the fast path is tested against).
     """
 
     name = "lm"
 
     def __init__(self, model: KineticModel, *, grid_step_s: float = 0.1, max_iter: int = 100,
-                 xtol: float = 1e-8, ftol: float = 1e-10) -> None:
+                 xtol: float = 1e-8, ftol: float = 1e-10, fast_path: bool = True) -> None:
         super().__init__(model)
         self.grid_step_s = grid_step_s
         self.max_iter = max_iter
         self.xtol = xtol
         self.ftol = ftol
+        self.fast_path = fast_path
 
     def options(self) -> dict[str, Any]:
-        return {"grid_step_s": self.grid_step_s, "max_iter": self.max_iter, "xtol": self.xtol, "ftol": self.ftol}
+        return {"grid_step_s": self.grid_step_s, "max_iter": self.max_iter, "xtol": self.xtol, "ftol": self.ftol,
+                "fast_path": self.fast_path}
 
     def fit(self, signals: np.ndarray | None = None) -> "LevenbergMarquardtEstimator":
         """Validate the options and build the start grid (no training)."""
@@ -522,8 +756,26 @@ class LevenbergMarquardtEstimator(Estimator):
         if not hasattr(self, "grid_"):
             self.fit()
         y = check_signals(signals, self.model)
+        if self.fast_path and self.model.kernel_id == ONE_COMPARTMENT:
+            return self._predict_one_compartment(y)
         best_pair, alt_pair, amp, _, _ = grid_search(self.grid_, y)
         start = grid_params(self.model, self.grid_, best_pair, amp)
         alt_start = grid_params(self.model, self.grid_, np.where(alt_pair >= 0, alt_pair, -1), amp)
         return levenberg_marquardt(self.model, y, start, alt_start=alt_start, free=self.free_,
                                    max_iter=self.max_iter, xtol=self.xtol, ftol=self.ftol)
+
+    def _predict_one_compartment(self, y: np.ndarray) -> Estimate:
+        """The 1C fast path: grid start and fit in one scalar kernel per voxel."""
+        n = y.shape[0]
+        lower, upper = self.model.bounds
+        params = np.empty((n, 2))
+        stderr = np.empty((n, 2))
+        status = np.empty(n, dtype=np.int8)
+        rss = np.empty(n)
+        n_eval = np.empty(n, dtype=np.int64)
+        g = self.grid_
+        lm_one_compartment_batch(y, g.tissue, g.tissue_by_volume, g.tissue_norm, g.arterial, g.arterial_norm, g.pair_abat, g.pair_att,
+                                 g.cross, g.att, lower, upper, self.model.vol, self.model.const, self.max_iter,
+                                 float(self.xtol), float(self.ftol), n_chunks_for(n), params, stderr, status, rss,
+                                 n_eval)
+        return Estimate(params, status, stderr, rss, self.model.param_names, self.name, info={"n_eval": n_eval})
