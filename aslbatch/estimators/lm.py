@@ -39,7 +39,7 @@ from numba import prange
 from .._numba import parallel, serial
 from ..models import KineticModel
 from ..models.base import PLD, TIME
-from ..models.kernels import ONE_COMPARTMENT, model_voxel
+from ..models.kernels import ONE_COMPARTMENT, model_normal_equations
 from ..models.one_compartment import normal_equations_voxel
 from .base import Estimate, Estimator, Status, check_signals
 from .lookup import build_time_grid, grid_params, grid_search, grid_search_voxel, is_invalid, n_chunks_for
@@ -91,31 +91,6 @@ def cholesky_solve(m, b, x, n):
 
 
 @serial
-def _normal_equations(y, sig, jac, free, a, g):
-    """a = JᵀJ and g = Jᵀ(y − sig) over the free parameters (zero rows for fixed ones); returns cost."""
-    n_vol, n_p = jac.shape
-    cost = 0.0
-    for i in range(n_p):
-        g[i] = 0.0
-        for j in range(n_p):
-            a[i, j] = 0.0
-    for v in range(n_vol):
-        r = y[v] - sig[v]
-        cost += r * r
-        for i in range(n_p):
-            if free[i]:
-                ji = jac[v, i]
-                g[i] += ji * r
-                for j in range(i + 1):
-                    if free[j]:
-                        a[i, j] += ji * jac[v, j]
-    for i in range(n_p):
-        for j in range(i):
-            a[j, i] = a[i, j]
-    return cost
-
-
-@serial
 def _to_model(q, order_lo, order_hi, p):
     """Model parameters p from internal ones q (q[order_hi] is the gap att - abat)."""
     for i in range(q.shape[0]):
@@ -125,13 +100,28 @@ def _to_model(q, order_lo, order_hi, p):
 
 
 @serial
-def _evaluate(kernel_id, q, order_lo, order_hi, vol, const, p, sig, jac):
-    """Signal and Jacobian with respect to the internal parameters q."""
+def _normal_equations(kernel_id, q, order_lo, order_hi, free, y, vol, const, p, a, g):
+    """Cost |y - s|² at internal parameters q, with A = JᵀJ and g = Jᵀ(y - s) with respect to q.
+
+    With an arrival order, q[order_hi] is the gap att - abat, so the Jacobian column of abat
+    becomes d/dabat + d/datt. Rows and columns of parameters that are not free are zero.
+    """
     _to_model(q, order_lo, order_hi, p)
-    model_voxel(kernel_id, p, vol, const, sig, jac, True)
+    cost = model_normal_equations(kernel_id, p, y, vol, const, a, g)
+    n_p = q.shape[0]
     if order_lo >= 0:
-        for v in range(sig.shape[0]):
-            jac[v, order_lo] += jac[v, order_hi]
+        g[order_lo] += g[order_hi]
+        for j in range(n_p):
+            a[order_lo, j] += a[order_hi, j]
+        for i in range(n_p):
+            a[i, order_lo] += a[i, order_hi]
+    for i in range(n_p):
+        if not free[i]:
+            g[i] = 0.0
+            for j in range(n_p):
+                a[i, j] = 0.0
+                a[j, i] = 0.0
+    return cost
 
 
 @serial
@@ -195,20 +185,17 @@ def kink_near(att, vol):
 
 @serial
 def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, att_max, kernel_id, vol, const, max_iter, xtol, ftol,
-             p, sig, jac, sig_try, jac_try, q_try, a, g, d, m, h, rhs, held):
+             p, q_try, a, g, a_try, g_try, d, m, h, rhs, held):
     """Fit one voxel in place: ``q`` holds the start and receives the result.
 
     ``q`` are the internal parameters: the model's, except that with an arrival order
     (order_lo >= 0) q[order_hi] is the gap att - abat >= 0, so the order is a bound;
     ``att_max`` caps abat + gap. ``lower``/``upper`` bound q. Returns (status code,
     cost = RSS, number of model evaluations). The other arrays are scratch space:
-    p, q_try, g, d, h, rhs (n_p); held (n_p booleans); sig, sig_try (n_vol);
-    jac, jac_try (n_vol, n_p); a, m (n_p, n_p).
+    p, q_try, g, g_try, d, h, rhs (n_p); held (n_p booleans); a, a_try, m (n_p, n_p).
     """
     n_p = q.shape[0]
-    n_vol = y.shape[0]
-    _evaluate(kernel_id, q, order_lo, order_hi, vol, const, p, sig, jac)
-    cost = _normal_equations(y, sig, jac, free, a, g)
+    cost = _normal_equations(kernel_id, q, order_lo, order_hi, free, y, vol, const, p, a, g)
     for i in range(n_p):
         d[i] = a[i, i]
     mu = MU_START
@@ -275,12 +262,8 @@ def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, att_max, kernel_id, v
         if small:
             status = _CONVERGED
             break
-        _evaluate(kernel_id, q_try, order_lo, order_hi, vol, const, p, sig_try, jac_try)
+        cost_try = _normal_equations(kernel_id, q_try, order_lo, order_hi, free, y, vol, const, p, a_try, g_try)
         n_eval += 1
-        cost_try = 0.0
-        for v in range(n_vol):
-            r = y[v] - sig_try[v]
-            cost_try += r * r
         if cost_try < cost:
             # predicted decrease of the linearised model for the (truncated) step h
             pred = 0.0
@@ -291,13 +274,12 @@ def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, att_max, kernel_id, v
                 pred += 2.0 * h[i] * g[i] - h[i] * ah
             rho = (cost - cost_try) / pred if pred > 0.0 else 1.0
             done = cost - cost_try <= ftol * cost
+            cost = cost_try
             for i in range(n_p):
                 q[i] = q_try[i]
-            for v in range(n_vol):
-                sig[v] = sig_try[v]
-                for i in range(n_p):
-                    jac[v, i] = jac_try[v, i]
-            cost = _normal_equations(y, sig, jac, free, a, g)
+                g[i] = g_try[i]
+                for j in range(n_p):
+                    a[i, j] = a_try[i, j]
             for i in range(n_p):
                 if a[i, i] > d[i]:
                     d[i] = a[i, i]
@@ -338,10 +320,8 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
     for chunk in prange(n_chunks):
         p = np.empty(n_p)
         q2 = np.empty(n_p)
-        sig = np.empty(n_vol)
-        sig_try = np.empty(n_vol)
-        jac = np.empty((n_vol, n_p))
-        jac_try = np.empty((n_vol, n_p))
+        a_try = np.empty((n_p, n_p))
+        g_try = np.empty(n_p)
         q_try = np.empty(n_p)
         g = np.empty(n_p)
         d = np.empty(n_p)
@@ -368,8 +348,8 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
             for j in range(n_p):
                 q[j] = start[i, j]
             code, cost, evals = lm_voxel(signals[i], q, lower, upper, free, order_lo, order_hi, att_max, kernel_id,
-                                         vol, const, max_iter, xtol, ftol, p, sig, jac, sig_try, jac_try, q_try,
-                                         a, g, d, m, h, rhs, held)
+                                         vol, const, max_iter, xtol, ftol, p, q_try, a, g, a_try, g_try, d, m, h,
+                                         rhs, held)
             # second starts: past a flat run of the grid; and where LM ended on a kink, a fit of
             # each smooth side of it (att bounded by the kink), which converges without stalling
             kink = np.nan
@@ -403,8 +383,8 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
                     for k in range(n_p):
                         a2[j, k] = a[j, k]
                 code2, cost2, evals2 = lm_voxel(signals[i], q2, lower2, upper2, free, order_lo, order_hi, att_max,
-                                                kernel_id, vol, const, max_iter, xtol, ftol, p, sig, jac, sig_try,
-                                                jac_try, q_try, a, g, d, m, h, rhs, held)
+                                                kernel_id, vol, const, max_iter, xtol, ftol, p, q_try, a, g, a_try,
+                                                g_try, d, m, h, rhs, held)
                 evals += evals2
                 if cost2 < cost * (1.0 - 1e-12):
                     # on a side bound that is not a bound of the model, the fit is still converged

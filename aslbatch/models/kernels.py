@@ -5,7 +5,9 @@ estimator kernel (LM, networks) is compiled once and cached for all models.
 """
 
 from .._numba import serial
+from .one_compartment import normal_equations_into as one_compartment_normal_equations
 from .one_compartment import one_compartment_voxel
+from .two_compartment import normal_equations_voxel as two_compartment_normal_equations
 from .two_compartment import two_compartment_voxel
 
 ONE_COMPARTMENT = 0
@@ -19,3 +21,11 @@ def model_voxel(kernel_id, params, vol, const, sig, jac, with_jac):
         one_compartment_voxel(params, vol, const, sig, jac, with_jac)
     else:
         two_compartment_voxel(params, vol, const, sig, jac, with_jac)
+
+
+@serial
+def model_normal_equations(kernel_id, params, y, vol, const, a, g):
+    """cost = |y - s|², A = JᵀJ into ``a`` and Jᵀ(y - s) into ``g`` for the model ``kernel_id``."""
+    if kernel_id == ONE_COMPARTMENT:
+        return one_compartment_normal_equations(params, y, vol, const, a, g)
+    return two_compartment_normal_equations(params, y, vol, const, a, g)

@@ -138,6 +138,19 @@ def normal_equations_voxel(cbf, att, y, vol, const):
 
 
 @serial
+def normal_equations_into(params, y, vol, const, a, g):
+    """:func:`normal_equations_voxel` at params = (cbf, att), written into ``a`` (2 x 2) and ``g``."""
+    cost, a00, a01, a11, g0, g1 = normal_equations_voxel(params[0], params[1], y, vol, const)
+    a[0, 0] = a00
+    a[0, 1] = a01
+    a[1, 0] = a01
+    a[1, 1] = a11
+    g[0] = g0
+    g[1] = g1
+    return cost
+
+
+@serial
 def one_compartment_voxel(params, vol, const, sig, jac, with_jac):
     """1C signal (and Jacobian) of one voxel; params = (cbf, att)."""
     tissue_voxel(params[0], params[1], vol, const, sig, jac, 0, 1, with_jac)

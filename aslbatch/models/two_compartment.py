@@ -13,20 +13,52 @@ import math
 from numba import prange
 
 from .._numba import parallel, serial
-from .base import CRUSHED, EDGE_S, LABEL, T1B, TAU, TIME, KineticModel
-from .one_compartment import tissue_voxel
+from .base import (
+    CBF_SCALE,
+    CRUSHED,
+    DELIVERED,
+    EDGE_S,
+    EXP_TIME,
+    LABEL,
+    LAMBDA,
+    PLD,
+    T1B,
+    T1_TISSUE,
+    T1T,
+    TAU,
+    TIME,
+    KineticModel,
+)
+from .one_compartment import tissue_point_blood, tissue_point_buxton, tissue_voxel
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 
 
 @serial
-def arterial_voxel(abv, abat, vol, const, sig, jac, j_abv, j_abat, with_jac):
-    """Add the arterial signal of one voxel to ``sig``; abv in mL/mL, abat in s.
+def arterial_point(abv, abat, tau, t, amp, t1b, s_edge):
+    """Arterial signal of one non-crushed volume and its derivatives: (s, ds/dabv, ds/dabat).
 
-    Hard edges (``const[EDGE_S]`` = 0): W = 1 for abat <= t < abat + τ, else 0, and
-    d/d abat is only the decay term (the window's own derivative is zero almost
-    everywhere). Smooth edges (s > 0): W = Φ((t-abat)/s) - Φ((t-abat-τ)/s).
+    abv in mL/mL, abat in s; tau, t = tau + pld (s); amp = 2 α α_BS e^(-abat/T1b) / λ.
+    Hard edges (s_edge = 0): W = 1 for abat <= t < abat + τ, else 0, and d/d abat is only
+    the decay term (the window's own derivative is zero almost everywhere). Smooth edges
+    (s_edge > 0, s): W = Φ((t-abat)/s) - Φ((t-abat-τ)/s).
+    """
+    if s_edge == 0.0:
+        window = 1.0 if (abat <= t and t < abat + tau) else 0.0
+        dwindow = 0.0
+    else:
+        a = (t - abat) / s_edge
+        b = (t - abat - tau) / s_edge
+        window = 0.5 * (math.erf(a * _INV_SQRT_2) - math.erf(b * _INV_SQRT_2))
+        dwindow = (math.exp(-0.5 * b * b) - math.exp(-0.5 * a * a)) * _INV_SQRT_2PI / s_edge
+    return amp * abv * window, amp * window, amp * abv * (dwindow - window / t1b)
+
+
+@serial
+def arterial_voxel(abv, abat, vol, const, sig, jac, j_abv, j_abat, with_jac):
+    """Add the arterial signal of one voxel to ``sig`` (see :func:`arterial_point`).
+
     With ``with_jac``, writes d/d abv and d/d abat (zero for crushed volumes).
     """
     t1b = const[T1B]
@@ -38,20 +70,66 @@ def arterial_voxel(abv, abat, vol, const, sig, jac, j_abv, j_abat, with_jac):
                 jac[v, j_abv] = 0.0
                 jac[v, j_abat] = 0.0
             continue
-        t = vol[v, TIME]
-        tau = vol[v, TAU]
-        if s_edge == 0.0:
-            window = 1.0 if (abat <= t and t < abat + tau) else 0.0
-            dwindow = 0.0
-        else:
-            a = (t - abat) / s_edge
-            b = (t - abat - tau) / s_edge
-            window = 0.5 * (math.erf(a * _INV_SQRT_2) - math.erf(b * _INV_SQRT_2))
-            dwindow = (math.exp(-0.5 * b * b) - math.exp(-0.5 * a * a)) * _INV_SQRT_2PI / s_edge
-        sig[v] += amp * abv * window
+        s, d_abv, d_abat = arterial_point(abv, abat, vol[v, TAU], vol[v, TIME], amp, t1b, s_edge)
+        sig[v] += s
         if with_jac:
-            jac[v, j_abv] = amp * window
-            jac[v, j_abat] = amp * abv * (dwindow - window / t1b)
+            jac[v, j_abv] = d_abv
+            jac[v, j_abat] = d_abat
+
+
+@serial
+def normal_equations_voxel(params, y, vol, const, a, g):
+    """Least-squares quantities of the 2C model at params = (cbf, abv, abat, att), in one pass.
+
+    Writes A = JᵀJ (4 x 4) into ``a`` and g = Jᵀ(y - s) into ``g`` (per API unit of each
+    parameter) and returns the cost |y - s|², for data ``y`` (ΔM/M0t). For fitting without
+    signal arrays.
+    """
+    cbf, abv, abat, att = params[0], params[1], params[2], params[3]
+    label, t1b = const[LABEL], const[T1B]
+    s_edge = const[EDGE_S]
+    e_att = math.exp(-att / t1b)
+    amp_art = label * math.exp(-abat / t1b)
+    blood = const[T1_TISSUE] == 0.0
+    amp = label * t1b / CBF_SCALE
+    t1t, lam = const[T1T], const[LAMBDA]
+    for i in range(4):
+        g[i] = 0.0
+        for j in range(4):
+            a[i, j] = 0.0
+    cost = 0.0
+    for v in range(vol.shape[0]):
+        tau = vol[v, TAU]
+        t = vol[v, TIME]
+        if blood:
+            s, j0, j3 = tissue_point_blood(cbf, att, e_att, tau, t, vol[v, EXP_TIME], vol[v, DELIVERED], amp, t1b)
+        else:
+            s, j0, j3 = tissue_point_buxton(cbf, att, e_att, tau, vol[v, PLD], t, label, t1b, t1t, lam)
+        j1 = 0.0
+        j2 = 0.0
+        if vol[v, CRUSHED] == 0.0:
+            s_a, j1, j2 = arterial_point(abv, abat, tau, t, amp_art, t1b, s_edge)
+            s += s_a
+        r = y[v] - s
+        cost += r * r
+        g[0] += j0 * r
+        g[1] += j1 * r
+        g[2] += j2 * r
+        g[3] += j3 * r
+        a[0, 0] += j0 * j0
+        a[0, 1] += j0 * j1
+        a[0, 2] += j0 * j2
+        a[0, 3] += j0 * j3
+        a[1, 1] += j1 * j1
+        a[1, 2] += j1 * j2
+        a[1, 3] += j1 * j3
+        a[2, 2] += j2 * j2
+        a[2, 3] += j2 * j3
+        a[3, 3] += j3 * j3
+    for i in range(4):
+        for j in range(i):
+            a[i, j] = a[j, i]
+    return cost
 
 
 @serial
