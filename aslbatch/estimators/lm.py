@@ -553,7 +553,7 @@ def lm_one_compartment_voxel(y, cbf, att, lo0, hi0, lo1, hi1, vol, const, max_it
 
 
 @parallel
-def lm_one_compartment_batch(signals, tissue, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross,
+def lm_one_compartment_batch(signals, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross,
                              att_grid, lower, upper, vol, const, max_iter, xtol, ftol, n_chunks,
                              params, stderr, status, rss, n_eval):
     """Grid start and LM fit of every voxel for the 1C model (what :func:`lm_batch` does from
@@ -562,7 +562,7 @@ def lm_one_compartment_batch(signals, tissue, tissue_by_volume, tissue_norm, art
     n_vol = signals.shape[1]
     lo0, hi0, lo1, hi1 = lower[0], upper[0], lower[1], upper[1]
     for chunk in prange(n_chunks):
-        ty = np.empty(tissue.shape[0])
+        ty = np.empty(tissue_by_volume.shape[1])
         ay = np.empty(0)
         for i in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
             y = signals[i]
@@ -575,7 +575,7 @@ def lm_one_compartment_batch(signals, tissue, tissue_by_volume, tissue_norm, art
                 rss[i] = np.nan
                 n_eval[i] = 0
                 continue
-            k, alt, c, _, _ = grid_search_voxel(y, tissue, tissue_by_volume, tissue_norm, arterial, arterial_norm,
+            k, alt, c, _, _ = grid_search_voxel(y, tissue_by_volume, tissue_norm, arterial, arterial_norm,
                                                 pair_abat, pair_att, cross, ty, ay)
             cbf0 = min(max(c, lo0), hi0)
             cbf, att, code, cost, evals, a00, a01, a11 = lm_one_compartment_voxel(
@@ -754,7 +754,7 @@ class LevenbergMarquardtEstimator(Estimator):
         rss = np.empty(n)
         n_eval = np.empty(n, dtype=np.int64)
         g = self.grid_
-        lm_one_compartment_batch(y, g.tissue, g.tissue_by_volume, g.tissue_norm, g.arterial, g.arterial_norm, g.pair_abat, g.pair_att,
+        lm_one_compartment_batch(y, g.tissue_by_volume, g.tissue_norm, g.arterial, g.arterial_norm, g.pair_abat, g.pair_att,
                                  g.cross, g.att, lower, upper, self.model.vol, self.model.const, self.max_iter,
                                  float(self.xtol), float(self.ftol), n_chunks_for(n), params, stderr, status, rss,
                                  n_eval)

@@ -166,14 +166,13 @@ def _pair_fit(k, yy, ty, tissue_norm, ay, arterial_norm, pair_abat, pair_att, cr
 
 
 @serial
-def grid_search_voxel(y, tissue, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, ty,
-                      ay):
+def grid_search_voxel(y, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, ty, ay):
     """Best grid pair for signal ``y``: returns (pair index, alternative pair, c, a, rss).
 
     ``ty`` and ``ay`` are scratch arrays of lengths n_att and n_abat. Ties (within
     TIE_TOLERANCE |y|²) over consecutive pairs (flat directions) resolve to the middle of
-    the run; the alternative
-    is then the first pair past the run (else -1), for a second local start.
+    the run; the alternative is then the first pair past the run (else -1), for a second
+    local start.
     """
     n_vol = y.shape[0]
     two = arterial.shape[0] > 0
@@ -182,37 +181,14 @@ def grid_search_voxel(y, tissue, tissue_by_volume, tissue_norm, arterial, arteri
         yy += y[v] * y[v]
     # residuals within rounding of each other (relative to the signal energy) are ties
     tie = TIE_TOLERANCE * yy
-    if not two:
-        # one basis (1C): pair k is att index k. Projections over the grid, volume by volume
-        # (independent sums, vectorised), then amplitudes and ties in one pass.
-        n_att = tissue.shape[0]
-        for k in range(n_att):
-            ty[k] = 0.0
-        for v in range(n_vol):
-            yv = y[v]
-            for k in range(n_att):
-                ty[k] += tissue_by_volume[v, k] * yv
-        best = np.inf
-        first = 0
-        last = 0
-        for k in range(n_att):
-            _, _, rss = _amplitudes(yy, ty[k], tissue_norm[k], 0.0, 0.0, 0.0, False)
-            if rss < best - tie:
-                best = rss
-                first = k
-                last = k
-            elif rss <= best + tie and last == k - 1:
-                last = k
-                best = min(best, rss)
-        k = (first + last) // 2
-        alt = last + 1 if last > first and last + 1 < n_att else -1
-        c, _, rss = _amplitudes(yy, ty[k], tissue_norm[k], 0.0, 0.0, 0.0, False)
-        return k, alt, c, 0.0, max(rss, 0.0)
-    for i in range(tissue.shape[0]):
-        s = 0.0
-        for v in range(n_vol):
-            s += tissue[i, v] * y[v]
-        ty[i] = s
+    # tissue projections over the att grid volume by volume: independent sums, vectorised
+    n_att = tissue_by_volume.shape[1]
+    for i in range(n_att):
+        ty[i] = 0.0
+    for v in range(n_vol):
+        yv = y[v]
+        for i in range(n_att):
+            ty[i] += tissue_by_volume[v, i] * yv
     for j in range(arterial.shape[0]):
         s = 0.0
         for v in range(n_vol):
@@ -250,12 +226,12 @@ def is_invalid(y):
 
 
 @parallel
-def lookup_batch(signals, tissue, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, n_chunks,
+def lookup_batch(signals, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, n_chunks,
                  best_pair, alt_pair, amp, rss, invalid):
     """Grid search over voxels (chunks of voxels per thread): best and alternative pair, amplitudes (c, a), rss."""
     n = signals.shape[0]
     for chunk in prange(n_chunks):
-        ty = np.empty(tissue.shape[0])
+        ty = np.empty(tissue_by_volume.shape[1])
         ay = np.empty(arterial.shape[0])
         for i in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
             if is_invalid(signals[i]):
@@ -264,7 +240,7 @@ def lookup_batch(signals, tissue, tissue_by_volume, tissue_norm, arterial, arter
                 alt_pair[i] = -1
                 continue
             invalid[i] = False
-            k, alt, c, a, r = grid_search_voxel(signals[i], tissue, tissue_by_volume, tissue_norm, arterial, arterial_norm,
+            k, alt, c, a, r = grid_search_voxel(signals[i], tissue_by_volume, tissue_norm, arterial, arterial_norm,
                                                 pair_abat, pair_att, cross, ty, ay)
             best_pair[i] = k
             alt_pair[i] = alt
@@ -291,7 +267,7 @@ def grid_search(grid: TimeGrid, signals: np.ndarray) -> tuple[np.ndarray, np.nda
     rss = np.full(n, np.nan)
     invalid = np.empty(n, dtype=np.bool_)
     lookup_batch(
-        signals, grid.tissue, grid.tissue_by_volume, grid.tissue_norm, grid.arterial, grid.arterial_norm,
+        signals, grid.tissue_by_volume, grid.tissue_norm, grid.arterial, grid.arterial_norm,
         grid.pair_abat, grid.pair_att, grid.cross, n_chunks_for(n), best_pair, alt_pair, amp, rss, invalid,
     )
     return best_pair, alt_pair, amp, rss, invalid
