@@ -553,9 +553,8 @@ def lm_one_compartment_voxel(y, cbf, att, lo0, hi0, lo1, hi1, vol, const, max_it
 
 
 @parallel
-def lm_one_compartment_batch(signals, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross,
-                             att_grid, lower, upper, vol, const, max_iter, xtol, ftol, n_chunks,
-                             params, stderr, status, rss, n_eval):
+def lm_one_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att, pairs, att_grid, lower,
+                             upper, vol, const, max_iter, xtol, ftol, n_chunks, params, stderr, status, rss, n_eval):
     """Grid start and LM fit of every voxel for the 1C model (what :func:`lm_batch` does from
     :func:`grid_search` starts), with the same second starts and standard errors."""
     n = signals.shape[0]
@@ -575,8 +574,8 @@ def lm_one_compartment_batch(signals, tissue_by_volume, tissue_norm, arterial, a
                 rss[i] = np.nan
                 n_eval[i] = 0
                 continue
-            k, alt, c, _, _ = grid_search_voxel(y, tissue_by_volume, tissue_norm, arterial, arterial_norm,
-                                                pair_abat, pair_att, cross, ty, ay)
+            k, alt, c, _, _ = grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att, pairs,
+                                                ty, ay)
             cbf0 = min(max(c, lo0), hi0)
             cbf, att, code, cost, evals, a00, a01, a11 = lm_one_compartment_voxel(
                 y, cbf0, min(max(att_grid[pair_att[k]], lo1), hi1), lo0, hi0, lo1, hi1, vol, const, max_iter, xtol,
@@ -754,8 +753,7 @@ class LevenbergMarquardtEstimator(Estimator):
         rss = np.empty(n)
         n_eval = np.empty(n, dtype=np.int64)
         g = self.grid_
-        lm_one_compartment_batch(y, g.tissue_by_volume, g.tissue_norm, g.arterial, g.arterial_norm, g.pair_abat, g.pair_att,
-                                 g.cross, g.att, lower, upper, self.model.vol, self.model.const, self.max_iter,
-                                 float(self.xtol), float(self.ftol), n_chunks_for(n), params, stderr, status, rss,
-                                 n_eval)
+        lm_one_compartment_batch(y, g.tissue_by_volume, g.arterial, g.norms, g.pair_abat, g.pair_att, g.pairs, g.att,
+                                 lower, upper, self.model.vol, self.model.const, self.max_iter, float(self.xtol),
+                                 float(self.ftol), n_chunks_for(n), params, stderr, status, rss, n_eval)
         return Estimate(params, status, stderr, rss, self.model.param_names, self.name, info={"n_eval": n_eval})

@@ -45,18 +45,21 @@ TIE_TOLERANCE = 1e-12
 
 @dataclass(frozen=True)
 class TimeGrid:
-    """Precomputed grid and basis signals (ΔM/M0t per unit amplitude) for a model."""
+    """Precomputed grid and basis signals (ΔM/M0t per unit amplitude) for a model.
+
+    ``norms`` and ``pairs`` pack the data-independent parts of every grid pair's 2 x 2
+    least-squares solve, so the kernels multiply instead of divide.
+    """
 
     att: np.ndarray  #: (n_att,) s
     tissue: np.ndarray  #: (n_att, n_volumes) per mL/100 g/min
     tissue_by_volume: np.ndarray  #: (n_volumes, n_att): ``tissue`` transposed, contiguous per volume
-    tissue_norm: np.ndarray  #: (n_att,) |T|²
     abat: np.ndarray  #: (n_abat,) s; empty for 1C
     arterial: np.ndarray  #: (n_abat, n_volumes) per unit abv (mL/mL)
-    arterial_norm: np.ndarray  #: (n_abat,) |A|²
+    norms: np.ndarray  #: (4, max(n_att, n_abat)): |T|², 1/|T|² over att; |A|², 1/|A|² over abat (0 if undefined)
     pair_abat: np.ndarray  #: (n_pairs,) index into abat, -1 for 1C
     pair_att: np.ndarray  #: (n_pairs,) index into att
-    cross: np.ndarray  #: (n_pairs,) T·A
+    pairs: np.ndarray  #: (2, n_pairs): T·A and 1/(|T|²|A|² - (T·A)²) (0 where near-singular)
 
     @property
     def n_pairs(self) -> int:
@@ -113,60 +116,70 @@ def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
         keep = abat[ii] <= att[jj] + 1e-12
         pair_abat = ii[keep].astype(np.int64)
         pair_att = jj[keep].astype(np.int64)
-    cross = (
-        np.einsum("kv,kv->k", tissue[pair_att], arterial[pair_abat])
-        if abat.size
-        else np.zeros(pair_att.size)
-    )
+    tissue_norm = np.einsum("kv,kv->k", tissue, tissue)
+    arterial_norm = np.einsum("kv,kv->k", arterial, arterial)
+    norms = np.zeros((4, max(att.size, abat.size)))
+    norms[0, : att.size] = tissue_norm
+    norms[1, : att.size] = np.divide(1.0, tissue_norm, out=np.zeros_like(tissue_norm), where=tissue_norm > 0)
+    norms[2, : abat.size] = arterial_norm
+    norms[3, : abat.size] = np.divide(1.0, arterial_norm, out=np.zeros_like(arterial_norm), where=arterial_norm > 0)
+    pairs = np.zeros((2, pair_att.size))
+    if abat.size:
+        tn, an = tissue_norm[pair_att], arterial_norm[pair_abat]
+        cross = np.einsum("kv,kv->k", tissue[pair_att], arterial[pair_abat])
+        det = tn * an - cross * cross
+        pairs[0] = cross
+        pairs[1] = np.divide(1.0, det, out=np.zeros_like(det), where=det > 1e-12 * tn * an)
     return TimeGrid(
         att=att,
         tissue=np.ascontiguousarray(tissue),
         tissue_by_volume=np.ascontiguousarray(tissue.T),
-        tissue_norm=np.einsum("kv,kv->k", tissue, tissue),
         abat=abat,
         arterial=np.ascontiguousarray(arterial),
-        arterial_norm=np.einsum("kv,kv->k", arterial, arterial),
+        norms=norms,
         pair_abat=pair_abat,
         pair_att=pair_att,
-        cross=cross,
+        pairs=pairs,
     )
 
 
 @serial
-def _amplitudes(yy, ty, tn, ay, an, tx, two):
+def _amplitudes(yy, ty, tn, inv_tn, ay, an, inv_an, tx, inv_det, two):
     """Non-negative least-squares amplitudes (c, a) and residual for one grid pair.
 
-    yy = y·y, ty = T·y, tn = T·T, ay = A·y, an = A·A, tx = T·A; ``two`` False for 1C.
+    yy = y·y, ty = T·y, tn = T·T, ay = A·y, an = A·A, tx = T·A, with the precomputed
+    inv_tn = 1/tn, inv_an = 1/an and inv_det = 1/(tn an - tx²) (each 0 where undefined);
+    ``two`` False for 1C. The joint solve comes first; single bases only when it is negative.
     """
-    c_only = ty / tn if tn > 0.0 and ty > 0.0 else 0.0
+    if two and inv_det > 0.0:
+        c = (an * ty - tx * ay) * inv_det
+        a = (tn * ay - tx * ty) * inv_det
+        if c >= 0.0 and a >= 0.0:
+            return c, a, yy - c * ty - a * ay
+    c_only = ty * inv_tn if ty > 0.0 else 0.0
     rss_c = yy - c_only * ty
     if not two:
         return c_only, 0.0, rss_c
-    a_only = ay / an if an > 0.0 and ay > 0.0 else 0.0
+    a_only = ay * inv_an if ay > 0.0 else 0.0
     rss_a = yy - a_only * ay
-    det = tn * an - tx * tx
-    if det > 1e-12 * tn * an:
-        c = (an * ty - tx * ay) / det
-        a = (tn * ay - tx * ty) / det
-        if c >= 0.0 and a >= 0.0:
-            return c, a, yy - c * ty - a * ay
     if rss_c <= rss_a:
         return c_only, 0.0, rss_c
     return 0.0, a_only, rss_a
 
 
 @serial
-def _pair_fit(k, yy, ty, tissue_norm, ay, arterial_norm, pair_abat, pair_att, cross, two):
-    """Amplitudes and residual at grid pair ``k`` from the precomputed projections ty, ay."""
+def _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two):
+    """Amplitudes and residual at grid pair ``k`` from the projections ty, ay (see TimeGrid)."""
     i = pair_att[k]
     if two:
         j = pair_abat[k]
-        return _amplitudes(yy, ty[i], tissue_norm[i], ay[j], arterial_norm[j], cross[k], True)
-    return _amplitudes(yy, ty[i], tissue_norm[i], 0.0, 0.0, 0.0, False)
+        return _amplitudes(yy, ty[i], norms[0, i], norms[1, i], ay[j], norms[2, j], norms[3, j], pairs[0, k],
+                           pairs[1, k], True)
+    return _amplitudes(yy, ty[i], norms[0, i], norms[1, i], 0.0, 0.0, 0.0, 0.0, 0.0, False)
 
 
 @serial
-def grid_search_voxel(y, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, ty, ay):
+def grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att, pairs, ty, ay):
     """Best grid pair for signal ``y``: returns (pair index, alternative pair, c, a, rss).
 
     ``ty`` and ``ay`` are scratch arrays of lengths n_att and n_abat. Ties (within
@@ -198,7 +211,7 @@ def grid_search_voxel(y, tissue_by_volume, tissue_norm, arterial, arterial_norm,
     first = 0
     last = 0
     for k in range(pair_att.shape[0]):
-        c, a, rss = _pair_fit(k, yy, ty, tissue_norm, ay, arterial_norm, pair_abat, pair_att, cross, two)
+        c, a, rss = _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two)
         if rss < best - tie:
             best = rss
             first = k
@@ -209,7 +222,7 @@ def grid_search_voxel(y, tissue_by_volume, tissue_norm, arterial, arterial_norm,
     k = (first + last) // 2
     # the first pair past a flat run, on the same abat: a start from which LM can leave it
     alt = last + 1 if last > first and last + 1 < pair_att.shape[0] and pair_abat[last + 1] == pair_abat[last] else -1
-    c, a, rss = _pair_fit(k, yy, ty, tissue_norm, ay, arterial_norm, pair_abat, pair_att, cross, two)
+    c, a, rss = _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two)
     return k, alt, c, a, max(rss, 0.0)
 
 
@@ -226,8 +239,8 @@ def is_invalid(y):
 
 
 @parallel
-def lookup_batch(signals, tissue_by_volume, tissue_norm, arterial, arterial_norm, pair_abat, pair_att, cross, n_chunks,
-                 best_pair, alt_pair, amp, rss, invalid):
+def lookup_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att, pairs, n_chunks, best_pair, alt_pair,
+                 amp, rss, invalid):
     """Grid search over voxels (chunks of voxels per thread): best and alternative pair, amplitudes (c, a), rss."""
     n = signals.shape[0]
     for chunk in prange(n_chunks):
@@ -240,8 +253,8 @@ def lookup_batch(signals, tissue_by_volume, tissue_norm, arterial, arterial_norm
                 alt_pair[i] = -1
                 continue
             invalid[i] = False
-            k, alt, c, a, r = grid_search_voxel(signals[i], tissue_by_volume, tissue_norm, arterial, arterial_norm,
-                                                pair_abat, pair_att, cross, ty, ay)
+            k, alt, c, a, r = grid_search_voxel(signals[i], tissue_by_volume, arterial, norms, pair_abat, pair_att,
+                                                pairs, ty, ay)
             best_pair[i] = k
             alt_pair[i] = alt
             amp[i, 0] = c
@@ -266,10 +279,8 @@ def grid_search(grid: TimeGrid, signals: np.ndarray) -> tuple[np.ndarray, np.nda
     amp = np.zeros((n, 2))
     rss = np.full(n, np.nan)
     invalid = np.empty(n, dtype=np.bool_)
-    lookup_batch(
-        signals, grid.tissue_by_volume, grid.tissue_norm, grid.arterial, grid.arterial_norm,
-        grid.pair_abat, grid.pair_att, grid.cross, n_chunks_for(n), best_pair, alt_pair, amp, rss, invalid,
-    )
+    lookup_batch(signals, grid.tissue_by_volume, grid.arterial, grid.norms, grid.pair_abat, grid.pair_att, grid.pairs,
+                 n_chunks_for(n), best_pair, alt_pair, amp, rss, invalid)
     return best_pair, alt_pair, amp, rss, invalid
 
 
