@@ -1,0 +1,720 @@
+"""From one BIDS acquisition to what the estimators fit: ΔM/M0t per voxel and volume.
+
+:func:`prepare_acquisition` takes a :class:`~aslbatch.bids.Acquisition` (one series
+for the one-compartment model, a non-crushed + crushed pair for the two-compartment
+model) and returns a :class:`PreparedData`: the signals ``(n_voxels, n_volumes)`` as
+ΔM/M0t inside a brain mask, the :class:`~aslbatch.protocol.Protocol` of those
+volumes, the mask, the source grid (affine, shape), per-voxel slice-timing offsets,
+the M0 map, the model :class:`~aslbatch.protocol.Constants` and notes on what was
+done. The steps, each a small pure function that can be tested alone:
+
+1. **ΔM** (:func:`pair_difference`). ΔM = control − label. Control and label
+   volumes (in acquisition order, other volume types skipped) are taken two by two:
+   each pair must be one control and one label, in either order (control first or
+   label first, even mixed within a series), with the same label duration and PLD.
+   ``deltam`` volumes are used as they are; ``cbf``, ``noRF`` and ``n/a`` volumes are
+   ignored (with a note); ``m0scan`` volumes are the M0 when M0Type is Included and
+   ignored otherwise.
+2. **Repeats** (:func:`average_repeats`). Volumes with the same (τ, PLD, crushed),
+   times compared to :data:`TIME_DECIMALS` decimals of a second, are averaged. The
+   output volumes are ordered by (crushed, PLD, τ), each ascending: for a 2C pair the
+   non-crushed series' conditions come first, then the crushed ones (the order of
+   the default 2C protocol), each in ascending PLD, ties in ascending τ.
+3. **M0** (:func:`m0_from_series`), by the series' M0Type:
+
+   - ``Separate``: the m0scan image, averaged over its volumes;
+   - ``Included``: the series' m0scan volumes, averaged;
+   - ``Estimate``: the sidecar's M0Estimate, one value for every voxel. BIDS defines
+     M0Estimate as the M0 of *blood*, so the tissue M0t the models divide by is
+     λ · M0Estimate (ASL_MODELS.md: M0b = M0t/λ).
+
+   An M0 image acquired with a short recovery time, RepetitionTimePreparation TR
+   below :data:`M0_SHORT_TR_S` (5 s, as ASLPrep after Alsop 2015), has not fully
+   recovered: it is divided by the saturation-recovery factor 1 − e^(−TR/T1t), with
+   the tissue T1 of the Constants (:func:`saturation_recovery_factor`). Included
+   M0 volumes use the series' TR at those volumes. Background suppression is *not*
+   corrected in the data: with ``background_suppression_correction`` the Constants
+   carry α_BS (:func:`aslbatch.bids.constants_from_metadata`), and it enters the
+   kinetic model through ``Constants.alpha_bs``.
+4. **Brain mask** (:func:`brain_mask`), from the M0 image when no mask is given
+   (for M0Type Estimate, which has no image, from the mean control image, or the
+   mean ΔM without control volumes): Otsu's threshold on the histogram of the image
+   (:func:`otsu_threshold`), then the largest 6-connected component
+   (:func:`largest_component`), then holes filled slice by slice
+   (:func:`fill_holes`). A given mask (NIfTI, non-zero = inside) must have the ASL
+   spatial shape. Voxels whose M0 is ≤ 0 or not finite (in any series of the
+   acquisition) are removed from either mask, with a note of how many.
+5. **Signals**: each series' ΔM divided by its own M0 (a pair may have two M0
+   scans), voxels in the mask in C order (``mask.nonzero()``), averaged repeats,
+   float64. Per-voxel slice offsets (s, to add to the PLD) come from
+   :func:`aslbatch.bids.slice_offsets` along the slice axis (zeros for 3D
+   readouts); the two series of a pair must share them.
+
+Every input problem raises :class:`~aslbatch.bids.BidsError` naming the file.
+numpy and nibabel only (no scipy at run time).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from . import bids
+from .bids import Acquisition, AslSeries, BidsError
+from .protocol import Constants, Protocol, ProtocolError
+
+__all__ = [
+    "M0_SHORT_TR_S",
+    "PreparedData",
+    "TIME_DECIMALS",
+    "average_repeats",
+    "brain_mask",
+    "fill_holes",
+    "label_components",
+    "largest_component",
+    "load_mask",
+    "m0_from_series",
+    "m0_from_volumes",
+    "otsu_threshold",
+    "pair_difference",
+    "prepare_acquisition",
+    "saturation_recovery_factor",
+]
+
+#: an M0 with RepetitionTimePreparation below this (s) gets the saturation-recovery
+#: correction (ASLPrep's rule, after Alsop et al. 2015, p. 113)
+M0_SHORT_TR_S = 5.0
+#: label durations and PLDs equal to this many decimals of a second are the same condition
+TIME_DECIMALS = 6
+#: histogram bins of Otsu's threshold
+OTSU_BINS = 256
+#: volume types that are neither ΔM nor M0: skipped with a note
+IGNORED_VOLUME_TYPES = ("cbf", "noRF", "n/a")
+#: affines further apart than this (mm, any element) count as different grids
+AFFINE_TOLERANCE = 1e-3
+
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+
+
+# --- the result ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedData:
+    """One acquisition ready to fit.
+
+    Attributes
+    ----------
+    signals : ΔM/M0t, float64 ``(n_voxels, n_volumes)``; voxels are ``mask.nonzero()``
+        (C order), volumes follow ``protocol``.
+    protocol : τ, PLD and crushed flag of every output volume.
+    mask : 3-D bool, the voxels in ``signals``.
+    affine : 4×4 voxel-to-world affine of the ASL series.
+    shape : spatial shape (3 ints) of the ASL series.
+    slice_offsets : per voxel (n_voxels,), s: the time after the PLD at which the
+        voxel's slice was read (0 for 3D readouts); the voxel's effective PLD of
+        volume v is ``protocol.pld[v] + slice_offsets[voxel]``.
+    m0 : 3-D M0t map (float64) of the first series (the non-crushed one of a pair),
+        after any saturation-recovery correction, over the whole grid.
+    constants : model constants, from the metadata with the user's overrides.
+    notes : what was done and what was skipped, one sentence each.
+    source_files : the files read (dataset-relative for BIDS files).
+    model : ``"1c"`` or ``"2c"`` (the acquisition's).
+    source_name : the base of output names (the acquisition's).
+    """
+
+    signals: np.ndarray
+    protocol: Protocol
+    mask: np.ndarray
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    slice_offsets: np.ndarray
+    m0: np.ndarray
+    constants: Constants
+    notes: tuple[str, ...]
+    source_files: tuple[str, ...]
+    model: str = "1c"
+    source_name: str = ""
+
+    @property
+    def n_voxels(self) -> int:
+        """Number of voxels in the mask."""
+        return int(self.signals.shape[0])
+
+    def unmask(self, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
+        """Scatter per-voxel ``values`` ``(n_voxels, ...)`` back to the grid ``(*shape, ...)``."""
+        values = np.asarray(values)
+        if values.shape[:1] != (self.n_voxels,):
+            raise ValueError(f"values must have {self.n_voxels} rows (one per voxel), got shape {values.shape}")
+        out = np.full(self.shape + values.shape[1:], fill, dtype=np.result_type(values.dtype, np.asarray(fill)))
+        out[self.mask] = values
+        return out
+
+
+# --- small pure helpers -----------------------------------------------------------------------
+
+
+def pair_difference(
+    data: np.ndarray, volume_types: Sequence[str], *, source: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """ΔM = control − label of every control/label pair, along the last axis of ``data``.
+
+    The control and label volumes, in acquisition order (other volume types are
+    skipped), are taken two by two; each two must be one control and one label, in
+    either order. Returns ``(deltam (..., n_pairs), pairs (n_pairs, 2))`` with the
+    (control, label) volume indices of each pair. ``source`` names the file in
+    errors (BidsError: unequal counts, or two controls or two labels side by side).
+    """
+    data = np.asarray(data)
+    types = list(volume_types)
+    if data.shape[-1:] != (len(types),):
+        raise BidsError(
+            f"volume_type has {len(types)} rows but the data has {data.shape[-1] if data.ndim else 0} volumes",
+            path=source, field="volume_type",
+        )
+    index = [i for i, kind in enumerate(types) if kind in ("control", "label")]
+    n_control = sum(types[i] == "control" for i in index)
+    n_label = len(index) - n_control
+    if n_control != n_label:
+        raise BidsError(
+            f"volume_type has {n_control} control but {n_label} label volumes; control and label volumes "
+            "come in pairs",
+            path=source, field="volume_type",
+        )
+    pairs = np.empty((len(index) // 2, 2), dtype=np.int64)
+    for k in range(len(index) // 2):
+        first, second = index[2 * k], index[2 * k + 1]
+        if types[first] == types[second]:
+            raise BidsError(
+                f"volumes {first} and {second} (counting from 0) are both {types[first]}: control/label pair "
+                f"{k} cannot be formed; each label must be next to its control (control first or label first)",
+                path=source, field="volume_type",
+            )
+        pairs[k] = (first, second) if types[first] == "control" else (second, first)
+    deltam = data[..., pairs[:, 0]] - data[..., pairs[:, 1]]
+    return deltam, pairs
+
+
+def average_repeats(
+    volumes: np.ndarray,
+    label_duration: Sequence[float] | np.ndarray,
+    pld: Sequence[float] | np.ndarray,
+    crushed: Sequence[bool] | np.ndarray | bool = False,
+    *,
+    decimals: int = TIME_DECIMALS,
+) -> tuple[np.ndarray, Protocol, np.ndarray]:
+    """Mean of the volumes (last axis) that share (τ, PLD, crushed).
+
+    Times are compared rounded to ``decimals`` decimals of a second. Returns
+    ``(averaged (..., n_conditions), protocol, counts (n_conditions,))``, conditions
+    ordered by (crushed, PLD, τ), each ascending: non-crushed before crushed, then
+    ascending PLD, ties by ascending τ. The protocol holds each condition's τ and
+    PLD as first met. Raises ProtocolError for τ ≤ 0.
+    """
+    volumes = np.asarray(volumes, dtype=np.float64)
+    n = volumes.shape[-1]
+    tau = np.broadcast_to(np.asarray(label_duration, dtype=np.float64), (n,))
+    delay = np.broadcast_to(np.asarray(pld, dtype=np.float64), (n,))
+    flags = np.broadcast_to(np.asarray(crushed, dtype=bool), (n,))
+    if n == 0:
+        raise ProtocolError("no volume to average: a protocol needs at least one volume")
+    keys = np.stack([flags.astype(np.float64), np.round(delay, decimals), np.round(tau, decimals)])
+    unique, first, inverse, counts = np.unique(keys.T, axis=0, return_index=True, return_inverse=True,
+                                               return_counts=True)
+    inverse = inverse.reshape(-1)
+    # np.unique sorts rows lexicographically: (crushed, PLD, τ) ascending
+    averaged = np.stack([volumes[..., inverse == k].mean(axis=-1) for k in range(unique.shape[0])], axis=-1)
+    protocol = Protocol(tau[first], delay[first], flags[first])
+    return averaged, protocol, counts
+
+
+def saturation_recovery_factor(repetition_time: float | None, t1t: float, *, short_tr: float = M0_SHORT_TR_S) -> float:
+    """The factor M0 images are divided by: 1 − e^(−TR/T1t) when TR < ``short_tr``, else 1.
+
+    A saturation-recovery M0 read TR after its preparation holds
+    M0t (1 − e^(−TR/T1t)); TR None (no M0 image) gives 1.
+    """
+    if repetition_time is None or repetition_time >= short_tr:
+        return 1.0
+    return -math.expm1(-repetition_time / t1t)
+
+
+def m0_from_volumes(volumes: np.ndarray, repetition_time: float | None, t1t: float) -> np.ndarray:
+    """M0t map: the mean over the last axis of ``volumes`` (x, y, z[, n]) divided by
+    :func:`saturation_recovery_factor` (a 3-D image is one volume)."""
+    volumes = np.asarray(volumes, dtype=np.float64)
+    mean = volumes.mean(axis=-1) if volumes.ndim == 4 else volumes
+    return mean / saturation_recovery_factor(repetition_time, t1t)
+
+
+def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
+    """Otsu's threshold of the finite ``values``: the histogram split that maximises the
+    between-class variance (the middle of the empty gap when several splits tie). Values
+    above the 99.9th percentile are clipped to it (so a few bright outliers do not squash
+    the histogram). A constant input returns its value."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError("otsu_threshold needs at least one finite value")
+    low, high = float(values.min()), float(np.percentile(values, 99.9))
+    if not high > low:
+        return low
+    hist, edges = np.histogram(np.clip(values, low, high), bins=bins, range=(low, high))
+    hist = hist.astype(np.float64)
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    weight_low = np.cumsum(hist)[:-1]
+    weight_high = hist.sum() - weight_low
+    sum_low = np.cumsum(hist * centers)[:-1]
+    sum_high = (hist * centers).sum() - sum_low
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = weight_low * weight_high * (sum_low / weight_low - sum_high / weight_high) ** 2
+    between[(weight_low == 0) | (weight_high == 0)] = -1.0
+    # empty bins between the classes give the same split: take the middle of that gap
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-12))
+    return float(0.5 * (edges[best[0] + 1] + edges[best[-1] + 1]))
+
+
+def label_components(mask: np.ndarray, axes: Sequence[int] | None = None) -> np.ndarray:
+    """Connected components of a boolean array, face-connected along ``axes`` (default all:
+    6-connectivity in 3-D; in-plane axes only give 2-D components per slice).
+
+    Returns int64 labels of the array's shape: for each voxel of ``mask``, the flat
+    index of a voxel of its component (same label = same component); ``mask.size``
+    outside the mask. Min-label propagation to face neighbours with pointer jumping,
+    vectorised in numpy: a few dozen passes for brain-sized volumes.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    axes = tuple(range(mask.ndim)) if axes is None else tuple(axes)
+    n = mask.size
+    outside = n
+    labels = np.where(mask, np.arange(n).reshape(mask.shape), outside)
+    while True:
+        new = labels.copy()
+        for axis in axes:
+            if mask.shape[axis] < 2:
+                continue
+            later = [slice(None)] * mask.ndim
+            earlier = [slice(None)] * mask.ndim
+            later[axis], earlier[axis] = slice(1, None), slice(None, -1)
+            later, earlier = tuple(later), tuple(earlier)
+            np.minimum(new[later], labels[earlier], out=new[later])
+            np.minimum(new[earlier], labels[later], out=new[earlier])
+        new[~mask] = outside
+        # pointer jumping: a voxel takes the label of the voxel its label names
+        pointer = np.append(new.ravel(), outside)
+        while True:
+            jumped = pointer[pointer]
+            if np.array_equal(jumped, pointer):
+                break
+            pointer = jumped
+        new = pointer[:-1].reshape(mask.shape)
+        if np.array_equal(new, labels):
+            return labels
+        labels = new
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a boolean 3-D array (empty in, empty out)."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask.copy()
+    labels = label_components(mask)
+    inside = labels[mask]
+    counts = np.bincount(inside, minlength=mask.size)
+    return labels == int(np.argmax(counts))
+
+
+def fill_holes(mask: np.ndarray, slice_axis: int = 2) -> np.ndarray:
+    """Fill holes slice by slice: background regions of a slice (4-connected in-plane)
+    that do not reach the slice's edge become mask."""
+    mask = np.asarray(mask, dtype=bool)
+    in_plane = [axis for axis in range(mask.ndim) if axis != slice_axis]
+    background = ~mask
+    labels = label_components(background, in_plane)
+    edge = np.zeros(mask.shape, dtype=bool)
+    for axis in in_plane:
+        first = [slice(None)] * mask.ndim
+        last = [slice(None)] * mask.ndim
+        first[axis], last[axis] = 0, -1
+        edge[tuple(first)] = True
+        edge[tuple(last)] = True
+    reaching = np.unique(labels[edge & background])
+    holes = background & ~np.isin(labels, reaching)
+    return mask | holes
+
+
+def brain_mask(image: np.ndarray, *, slice_axis: int = 2) -> np.ndarray:
+    """Brain mask of an M0 (or other proton-density weighted) 3-D image.
+
+    1. voxels above Otsu's threshold (:func:`otsu_threshold`) of the finite values
+       (and > 0): background noise sits in the low class, the brain in the high one;
+    2. the largest 6-connected component (:func:`largest_component`): drops noise
+       specks and disconnected bright structures;
+    3. holes filled slice by slice along ``slice_axis`` (:func:`fill_holes`): dark
+       regions enclosed by brain in a slice stay in.
+
+    A constant image (no contrast to split) gives an empty mask.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 3:
+        raise ValueError(f"brain_mask needs a 3-D image, got shape {image.shape}")
+    finite = np.isfinite(image)
+    if not finite.any():
+        return np.zeros(image.shape, dtype=bool)
+    threshold = otsu_threshold(image[finite])
+    with np.errstate(invalid="ignore"):
+        foreground = finite & (image > threshold) & (image > 0)
+    return fill_holes(largest_component(foreground), slice_axis)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def _relpath(path: Path, root: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def _load_image(path: Path, display: str) -> tuple[np.ndarray, np.ndarray]:
+    """Image data as float64 (scaling applied) and the affine; BidsError naming ``display``."""
+    try:
+        image = nib.load(str(path))
+        data = np.asarray(image.get_fdata(dtype=np.float64, caching="unchanged"))
+        affine = np.asarray(image.affine, dtype=np.float64)
+    except _READ_ERRORS as exc:
+        raise BidsError(f"cannot read the NIfTI data: {exc}", path=display, field="NIfTI data") from exc
+    if data.ndim > 4:
+        if any(n != 1 for n in data.shape[4:]):
+            raise BidsError(
+                f"image has shape {data.shape}: expected 3 spatial dimensions and volumes along the 4th",
+                path=display, field="NIfTI data",
+            )
+        data = data.reshape(data.shape[:4])
+    if data.ndim < 3:
+        raise BidsError(f"image has shape {data.shape}: expected 3 spatial dimensions", path=display,
+                        field="NIfTI data")
+    return data, affine
+
+
+def load_mask(path: str | Path, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A user's mask (NIfTI, non-zero and finite = inside; 3-D or one volume) as a bool
+    array of spatial ``shape``, and its affine. BidsError naming the file otherwise."""
+    display = str(path)
+    if not Path(path).is_file():
+        raise BidsError("mask file does not exist", path=display, field="mask")
+    data, affine = _load_image(Path(path), display)
+    if data.ndim == 4:
+        if data.shape[3] != 1:
+            raise BidsError(f"mask has {data.shape[3]} volumes; give a 3-D mask", path=display, field="mask")
+        data = data[..., 0]
+    if tuple(data.shape) != tuple(shape):
+        raise BidsError(
+            f"mask has shape {tuple(data.shape)} but the ASL series has spatial shape {tuple(shape)}",
+            path=display, field="mask",
+        )
+    return np.isfinite(data) & (data != 0), affine
+
+
+def _aslcontext_name(series: AslSeries) -> str:
+    return _relpath(series.aslcontext, series.bids_dir) if series.aslcontext is not None else series.relpath
+
+
+def m0_from_series(
+    series: AslSeries, constants: Constants, *, asl_data: np.ndarray | None = None
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """M0t map of a series by its M0Type, and the notes and files behind it.
+
+    Separate: the m0scan image averaged over its volumes; Included: the series'
+    m0scan volumes (``asl_data`` (x, y, z, n), loaded when not given) averaged;
+    both divided by :func:`saturation_recovery_factor` of their
+    RepetitionTimePreparation and ``constants.t1t``. Estimate: λ · M0Estimate in
+    every voxel (M0Estimate is the M0 of blood). The map has the series' spatial
+    shape (BidsError naming the m0scan otherwise).
+    """
+    meta = series.metadata
+    kind = bids.m0_type(meta)
+    shape = tuple(series.shape)
+    notes: list[str] = []
+    files: list[str] = []
+    if kind == "Estimate":
+        value = bids.m0_estimate(meta)
+        notes.append(
+            f"{series.relpath}: M0Type Estimate: M0t = λ · M0Estimate = {constants.lam:g} × {value:g} in every "
+            "voxel (BIDS M0Estimate is the M0 of blood)"
+        )
+        return np.full(shape, constants.lam * value), notes, files
+    repetition_time = bids.m0_repetition_time(series)
+    if kind == "Separate":
+        m0scan = series.m0scan
+        data, _ = _load_image(m0scan.path, m0scan.relpath)
+        if tuple(data.shape[:3]) != shape:
+            raise BidsError(
+                f"m0scan has spatial shape {tuple(data.shape[:3])} but {series.relpath} has {shape}",
+                path=m0scan.relpath, field="NIfTI data",
+            )
+        n_volumes = data.shape[3] if data.ndim == 4 else 1
+        files.append(m0scan.relpath)
+        origin = f"M0 from {m0scan.relpath} (mean of {n_volumes} volume(s))"
+    else:  # Included
+        if asl_data is None:
+            asl_data, _ = _load_image(series.path, series.relpath)
+        index = [i for i, kind_ in enumerate(series.volume_types) if kind_ == "m0scan"]
+        data = asl_data[..., index] if asl_data.ndim == 4 else asl_data[..., None]
+        origin = f"M0 from the {len(index)} m0scan volume(s) of the series (M0Type Included)"
+    factor = saturation_recovery_factor(repetition_time, constants.t1t)
+    m0 = m0_from_volumes(data, repetition_time, constants.t1t)
+    if factor != 1.0:
+        origin += (
+            f"; RepetitionTimePreparation {repetition_time:g} s < {M0_SHORT_TR_S:g} s: divided by the "
+            f"saturation-recovery factor 1 − exp(−TR/T1t) = {factor:.4f} (T1t {constants.t1t:g} s)"
+        )
+    notes.append(f"{series.relpath}: {origin}")
+    return m0, notes, files
+
+
+# --- one series -------------------------------------------------------------------------------
+
+
+@dataclass
+class _SeriesDeltaM:
+    series: AslSeries
+    deltam: np.ndarray  # (x, y, z, k)
+    tau: np.ndarray
+    pld: np.ndarray
+    crushed: bool
+    m0: np.ndarray
+    mask_reference: np.ndarray  # image the computed mask is drawn from
+    mask_reference_name: str
+    affine: np.ndarray
+    offsets: np.ndarray  # per slice
+    axis: int
+    m0_source: str  # the file the M0 comes from (m0scan or the series itself)
+    notes: list[str]
+    files: list[str]
+
+
+def _series_deltam(series: AslSeries, constants: Constants) -> _SeriesDeltaM:
+    meta = series.metadata
+    context = _aslcontext_name(series)
+    if series.shape is None or series.n_volumes is None:
+        raise BidsError("cannot read the NIfTI header", path=series.relpath, field="NIfTI header")
+    types = list(series.volume_types)
+    data, affine = _load_image(series.path, series.relpath)
+    if data.ndim == 3:
+        data = data[..., None]
+    n = data.shape[3]
+    if len(types) != n:
+        raise BidsError(f"volume_type has {len(types)} rows but {series.relpath} has {n} volumes",
+                        path=context, field="volume_type")
+    pld = bids.post_labeling_delays(meta, n)
+    tau = bids.labeling_durations(meta, n)
+    crushed = bids.vascular_crushing(meta)
+    notes: list[str] = []
+
+    parts, taus, plds = [], [], []
+    if "control" in types or "label" in types:
+        difference, pairs = pair_difference(data, types, source=context)
+        for control, label in pairs:
+            if not np.array_equal(np.round([tau[control], pld[control]], TIME_DECIMALS),
+                                  np.round([tau[label], pld[label]], TIME_DECIMALS)):
+                raise BidsError(
+                    f"control volume {control} and label volume {label} form a pair but have different "
+                    f"LabelingDuration ({tau[control]:g} s, {tau[label]:g} s) or PostLabelingDelay "
+                    f"({pld[control]:g} s, {pld[label]:g} s)",
+                    path=context, field="volume_type",
+                )
+        order = "control first" if (pairs[:, 0] < pairs[:, 1]).all() else (
+            "label first" if (pairs[:, 0] > pairs[:, 1]).all() else "mixed order")
+        notes.append(f"{series.relpath}: ΔM = control − label from {len(pairs)} pair(s) ({order})")
+        parts.append(difference)
+        taus.append(tau[pairs[:, 0]])
+        plds.append(pld[pairs[:, 0]])
+    deltam_index = [i for i, kind in enumerate(types) if kind == "deltam"]
+    if deltam_index:
+        parts.append(data[..., deltam_index])
+        taus.append(tau[deltam_index])
+        plds.append(pld[deltam_index])
+        notes.append(f"{series.relpath}: {len(deltam_index)} deltam volume(s) used as they are")
+    for kind in IGNORED_VOLUME_TYPES:
+        count = types.count(kind)
+        if count:
+            notes.append(f"{series.relpath}: {count} {kind} volume(s) ignored (aslbatch fits ΔM)")
+    if not parts:
+        raise BidsError("volume_type lists no control/label pair and no deltam volume: nothing to fit",
+                        path=context, field="volume_type")
+    deltam = np.concatenate(parts, axis=3)
+    tau_out = np.concatenate(taus)
+    pld_out = np.concatenate(plds)
+    if (tau_out <= 0).any():
+        raise BidsError(
+            f"LabelingDuration must be > 0 s for control, label and deltam volumes; it is "
+            f"{sorted(set(tau_out[tau_out <= 0].tolist()))} for some",
+            path=meta.source("LabelingDuration"), field="LabelingDuration",
+        )
+
+    kind = bids.m0_type(meta)
+    if kind != "Included" and "m0scan" in types:
+        notes.append(f"{series.relpath}: {types.count('m0scan')} m0scan volume(s) ignored (M0Type is {kind})")
+    m0, m0_notes, files = m0_from_series(series, constants, asl_data=data)
+    notes.extend(m0_notes)
+    if kind == "Estimate":
+        control_index = [i for i, t in enumerate(types) if t == "control"]
+        if control_index:
+            reference, reference_name = data[..., control_index].mean(axis=3), "mean control"
+        else:
+            reference, reference_name = deltam.mean(axis=3), "mean ΔM"
+    else:
+        reference, reference_name = m0, "M0"
+
+    axis = bids.slice_axis(meta)
+    offsets = bids.slice_offsets(meta, data.shape[axis])
+    files = [series.relpath, context, *files]
+    m0_source = series.m0scan.relpath if kind == "Separate" else series.relpath
+    return _SeriesDeltaM(
+        series, deltam, tau_out, pld_out, crushed, m0, reference, reference_name, affine, offsets, axis, m0_source,
+        notes, files,
+    )
+
+
+def _check_pair(first: _SeriesDeltaM, other: _SeriesDeltaM) -> None:
+    """The series of a pair must share the grid and the slice timing."""
+    a, b = first.series, other.series
+    if first.deltam.shape[:3] != other.deltam.shape[:3]:
+        raise BidsError(f"spatial shape {other.deltam.shape[:3]} differs from {first.deltam.shape[:3]} of {a.relpath}",
+                        path=b.relpath, field="NIfTI data")
+    if not np.allclose(first.affine, other.affine, rtol=0, atol=AFFINE_TOLERANCE):
+        raise BidsError(f"the image affine differs from that of {a.relpath}: the two series are not on one grid",
+                        path=b.relpath, field="affine")
+    both_zero = not first.offsets.any() and not other.offsets.any()  # 3D readouts: the axis does not matter
+    same = first.axis == other.axis and np.allclose(first.offsets, other.offsets, rtol=0, atol=1e-6)
+    if not (both_zero or same):
+        field = "SliceTiming" if "SliceTiming" in b.metadata else "MRAcquisitionType"
+        raise BidsError(
+            f"slice timing (axis {other.axis}, offsets {np.round(other.offsets, 4).tolist()} s) differs from that "
+            f"of {a.relpath} (axis {first.axis}, offsets {np.round(first.offsets, 4).tolist()} s); the two series "
+            "of a pair must share it",
+            path=b.metadata.source(field), field=field,
+        )
+
+
+# --- the acquisition --------------------------------------------------------------------------
+
+
+def prepare_acquisition(
+    acquisition: Acquisition,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    mask_path: str | Path | None = None,
+    background_suppression_correction: bool = False,
+) -> PreparedData:
+    """Signals (ΔM/M0t), protocol, mask and constants of one acquisition (see the module doc).
+
+    ``overrides``: Constants fields that win over the metadata
+    (:func:`aslbatch.bids.constants_from_metadata`; invalid ones raise ProtocolError).
+    ``mask_path``: a NIfTI brain mask on the ASL grid; None computes one from M0
+    (:func:`brain_mask`). ``background_suppression_correction``: α_BS from the
+    metadata into ``constants.alpha_bs`` (the data are not rescaled).
+    """
+    series_list = list(acquisition.series)
+    if not series_list:
+        raise ValueError("the acquisition has no series")
+    constants = None
+    for series in series_list:
+        if series.problems:
+            raise series.problems[0]
+        these = bids.constants_from_metadata(
+            series.metadata, overrides, background_suppression_correction=background_suppression_correction
+        )
+        if constants is None:
+            constants = these
+        elif these != constants:
+            raise BidsError(
+                f"its metadata give the model constants {these.to_dict()} but {series_list[0].relpath} gives "
+                f"{constants.to_dict()}; the series of a pair are fitted with one set of constants",
+                path=series.relpath, field="constants",
+            )
+    parts = [_series_deltam(series, constants) for series in series_list]
+    first = parts[0]
+    for other in parts[1:]:
+        _check_pair(first, other)
+    shape = tuple(int(n) for n in first.deltam.shape[:3])
+    notes: list[str] = [note for part in parts for note in part.notes]
+    files: list[str] = [path for part in parts for path in part.files]
+    if background_suppression_correction:
+        notes.append(
+            f"background-suppression correction: α_BS = {constants.alpha_bs:.4g} enters the model through "
+            "Constants.alpha_bs; the data are not rescaled"
+        )
+
+    # mask
+    if mask_path is not None:
+        mask, mask_affine = load_mask(mask_path, shape)
+        files.append(str(mask_path))
+        if not np.allclose(mask_affine, first.affine, rtol=0, atol=AFFINE_TOLERANCE):
+            notes.append(f"{mask_path}: the mask's affine differs from the ASL series'; used voxel by voxel")
+        notes.append(f"mask from {mask_path}: {int(mask.sum())} voxel(s)")
+    else:
+        mask = brain_mask(first.mask_reference, slice_axis=first.axis)
+        notes.append(
+            f"brain mask computed from the {first.mask_reference_name} image of {first.series.relpath} (Otsu "
+            f"threshold, largest 6-connected component, holes filled per slice): {int(mask.sum())} voxel(s)"
+        )
+        if first.mask_reference_name == "mean ΔM":
+            notes.append("no M0 image and no control volume: the mask comes from the mean ΔM; consider giving one")
+    valid = np.ones(shape, dtype=bool)
+    for part in parts:
+        with np.errstate(invalid="ignore"):
+            valid &= np.isfinite(part.m0) & (part.m0 > 0)
+    excluded = int((mask & ~valid).sum())
+    if excluded:
+        notes.append(f"{excluded} voxel(s) of the mask excluded: M0 <= 0 or not finite")
+    mask = mask & valid
+    if not mask.any():
+        where = str(mask_path) if mask_path is not None else first.m0_source
+        raise BidsError("no voxel left in the brain mask (M0 > 0 and finite)", path=where, field="mask")
+
+    # signals
+    ratios = [part.deltam[mask] / part.m0[mask][:, None] for part in parts]
+    volumes = np.concatenate(ratios, axis=1)
+    tau = np.concatenate([part.tau for part in parts])
+    pld = np.concatenate([part.pld for part in parts])
+    crushed = np.concatenate([np.full(part.tau.size, part.crushed) for part in parts])
+    try:
+        signals, protocol, counts = average_repeats(volumes, tau, pld, crushed)
+    except ProtocolError as exc:  # not expected after the checks above
+        raise BidsError(str(exc), path=first.series.relpath, field="protocol") from exc
+    signals = np.ascontiguousarray(signals, dtype=np.float64)
+    notes.append(
+        f"{volumes.shape[1]} ΔM volume(s) averaged into {protocol.n_volumes} condition(s) (τ, PLD, crushed), "
+        f"ordered non-crushed first then by ascending PLD; repeats per condition {counts.tolist()}"
+    )
+    bad = int((~np.isfinite(signals)).any(axis=1).sum())
+    if bad:
+        notes.append(f"{bad} voxel(s) have non-finite ΔM in some volume")
+
+    offsets_grid = np.broadcast_to(
+        np.expand_dims(first.offsets, [axis for axis in range(3) if axis != first.axis]), shape
+    )
+    return PreparedData(
+        signals=signals,
+        protocol=protocol,
+        mask=mask,
+        affine=first.affine,
+        shape=shape,
+        slice_offsets=np.ascontiguousarray(offsets_grid[mask], dtype=np.float64),
+        m0=first.m0,
+        constants=constants,
+        notes=tuple(notes),
+        source_files=tuple(dict.fromkeys(files)),
+        model=acquisition.model,
+        source_name=acquisition.source_name,
+    )
