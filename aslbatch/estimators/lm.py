@@ -6,8 +6,9 @@ Algorithm (per voxel):
   global, not one fixed guess. Where the grid's best points form a flat run (a direction
   the data do not inform), a second start just past the run lets LM leave it; a fit whose
   tissue arrival ends on a kink of the model (att at a PLD or readout time, where the
-  Jacobian is one-sided) is re-fitted on each smooth side, with att bounded by the kink.
-  The lowest cost wins;
+  Jacobian is one-sided) is re-fitted with att held on the kink, then on each smooth side
+  whose one-sided gradient offers descent, with att bounded by the kink. The lowest cost
+  wins;
 - step: solve (JᵀJ + μ D) h = Jᵀr by Cholesky, D = running max of diag(JᵀJ)
   (Moré's scaling, so cbf and abv of very different magnitudes are treated alike);
   μ updated with Nielsen's rule and floored at 1e-12 so it never underflows;
@@ -51,6 +52,8 @@ MU_CEILING = 1e20
 KINK_S = 1e-4
 #: the fits of each side of a kink start this far (s) inside their side
 KINK_SIDE_S = 0.01
+#: one-sided gradients at a kink are taken this far (s) from it
+KINK_PROBE_S = 1e-6
 # status codes as plain ints, frozen into the compiled kernels
 _CONVERGED = int(Status.CONVERGED)
 _MAX_ITERATIONS = int(Status.MAX_ITERATIONS)
@@ -331,6 +334,8 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
         held = np.empty(n_p, dtype=np.bool_)
         lower2 = np.empty(n_p)
         upper2 = np.empty(n_p)
+        a_probe = np.empty((n_p, n_p))
+        g_probe = np.empty(n_p)
         a = np.empty((n_p, n_p))
         a2 = np.empty((n_p, n_p))
         m = np.empty((n_p, n_p))
@@ -350,13 +355,14 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
             code, cost, evals = lm_voxel(signals[i], q, lower, upper, free, order_lo, order_hi, att_max, kernel_id,
                                          vol, const, max_iter, xtol, ftol, p, q_try, a, g, a_try, g_try, d, m, h,
                                          rhs, held)
-            # second starts: past a flat run of the grid; and where LM ended on a kink, a fit of
-            # each smooth side of it (att bounded by the kink), which converges without stalling
+            # second starts: past a flat run of the grid; and where the fit ended on a kink, the
+            # other parameters re-fitted with att held on it, then each side that offers descent
             kink = np.nan
-            for attempt in range(3):
+            for attempt in range(4):
                 for j in range(n_p):
                     lower2[j] = lower[j]
                     upper2[j] = upper[j]
+                    q2[j] = q[j]
                 if attempt == 0:
                     if math.isnan(alt_start[i, 0]):
                         continue
@@ -369,16 +375,25 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
                         if math.isnan(kink):
                             break
                     # the kink in internal units (for 2C: a gap from the current abat)
-                    edge = kink - q[order_lo] if order_lo >= 0 else kink
+                    edge = min(max(kink - q[order_lo] if order_lo >= 0 else kink, lower[j_att]), upper[j_att])
                     if attempt == 1:
-                        upper2[j_att] = min(max(edge, lower[j_att]), upper[j_att])
+                        lower2[j_att] = edge
+                        upper2[j_att] = edge
+                        q2[j_att] = edge
                     else:
-                        lower2[j_att] = min(max(edge, lower[j_att]), upper[j_att])
-                    for j in range(n_p):
-                        q2[j] = q[j]
-                    # start inside the side: on the kink itself the Jacobian is the other side's
-                    inside = edge - KINK_SIDE_S if attempt == 1 else edge + KINK_SIDE_S
-                    q2[j_att] = min(max(inside, lower2[j_att]), upper2[j_att])
+                        # one-sided att gradient (g = Jᵀr: positive means cost falls as att grows)
+                        q2[j_att] = edge - KINK_PROBE_S if attempt == 2 else edge + KINK_PROBE_S
+                        _normal_equations(kernel_id, q2, order_lo, order_hi, free, signals[i], vol, const, p,
+                                          a_probe, g_probe)
+                        evals += 1
+                        if (attempt == 2 and not g_probe[j_att] < 0.0) or (attempt == 3 and not g_probe[j_att] > 0.0):
+                            continue
+                        if attempt == 2:
+                            upper2[j_att] = edge
+                            q2[j_att] = max(edge - KINK_SIDE_S, lower[j_att])
+                        else:
+                            lower2[j_att] = edge
+                            q2[j_att] = min(edge + KINK_SIDE_S, upper[j_att])
                 for j in range(n_p):
                     for k in range(n_p):
                         a2[j, k] = a[j, k]
@@ -553,8 +568,8 @@ def lm_one_compartment_voxel(y, cbf, att, lo0, hi0, lo1, hi1, vol, const, max_it
 
 
 @parallel
-def lm_one_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att, pairs, att_grid, lower,
-                             upper, vol, const, max_iter, xtol, ftol, n_chunks, params, stderr, status, rss, n_eval):
+def lm_one_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, att_grid,
+                             lower, upper, vol, const, max_iter, xtol, ftol, n_chunks, params, stderr, status, rss, n_eval):
     """Grid start and LM fit of every voxel for the 1C model (what :func:`lm_batch` does from
     :func:`grid_search` starts), with the same second starts and standard errors."""
     n = signals.shape[0]
@@ -574,15 +589,16 @@ def lm_one_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_ab
                 rss[i] = np.nan
                 n_eval[i] = 0
                 continue
-            k, alt, c, _, _ = grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att, pairs,
-                                                ty, ay)
+            k, alt, c, _, _ = grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att,
+                                                pair_alt, pairs, ty, ay)
             cbf0 = min(max(c, lo0), hi0)
             cbf, att, code, cost, evals, a00, a01, a11 = lm_one_compartment_voxel(
                 y, cbf0, min(max(att_grid[pair_att[k]], lo1), hi1), lo0, hi0, lo1, hi1, vol, const, max_iter, xtol,
                 ftol)
-            # second starts: past a flat run of the grid; each smooth side of a kink the fit ended on
+            # second starts: past a flat run of the grid; and where the fit ended on a kink, the
+            # other parameters re-fitted with att held on it, then each side that offers descent
             kink = np.nan
-            for attempt in range(3):
+            for attempt in range(4):
                 side_lo = lo1
                 side_hi = hi1
                 if attempt == 0:
@@ -590,19 +606,28 @@ def lm_one_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_ab
                         continue
                     start_cbf = cbf0
                     start_att = min(max(att_grid[pair_att[alt]], lo1), hi1)
-                else:
-                    if attempt == 1:
-                        kink = kink_near(att, vol)
-                        if math.isnan(kink):
-                            break
+                elif attempt == 1:
+                    kink = kink_near(att, vol)
+                    if math.isnan(kink):
+                        break
                     edge = min(max(kink, lo1), hi1)
-                    if attempt == 1:
+                    side_lo = edge
+                    side_hi = edge
+                    start_cbf = cbf
+                    start_att = edge
+                else:
+                    # one-sided att gradients at the kink (g = Jᵀr: positive means cost falls as att grows)
+                    probe = edge - KINK_PROBE_S if attempt == 2 else edge + KINK_PROBE_S
+                    g_att = normal_equations_voxel(cbf, probe, y, vol, const)[5]
+                    evals += 1
+                    if (attempt == 2 and not g_att < 0.0) or (attempt == 3 and not g_att > 0.0):
+                        continue
+                    if attempt == 2:
                         side_hi = edge
-                        start_att = edge - KINK_SIDE_S
+                        start_att = max(edge - KINK_SIDE_S, lo1)
                     else:
                         side_lo = edge
-                        start_att = edge + KINK_SIDE_S
-                    start_att = min(max(start_att, side_lo), side_hi)
+                        start_att = min(edge + KINK_SIDE_S, hi1)
                     start_cbf = cbf
                 cbf2, att2, code2, cost2, evals2, b00, b01, b11 = lm_one_compartment_voxel(
                     y, start_cbf, start_att, lo0, hi0, side_lo, side_hi, vol, const, max_iter, xtol, ftol)
@@ -753,7 +778,7 @@ class LevenbergMarquardtEstimator(Estimator):
         rss = np.empty(n)
         n_eval = np.empty(n, dtype=np.int64)
         g = self.grid_
-        lm_one_compartment_batch(y, g.tissue_by_volume, g.arterial, g.norms, g.pair_abat, g.pair_att, g.pairs, g.att,
-                                 lower, upper, self.model.vol, self.model.const, self.max_iter, float(self.xtol),
+        lm_one_compartment_batch(y, g.tissue_by_volume, g.arterial, g.norms, g.pair_abat, g.pair_att, g.pair_alt, g.pairs,
+                                 g.att, lower, upper, self.model.vol, self.model.const, self.max_iter, float(self.xtol),
                                  float(self.ftol), n_chunks_for(n), params, stderr, status, rss, n_eval)
         return Estimate(params, status, stderr, rss, self.model.param_names, self.name, info={"n_eval": n_eval})

@@ -18,6 +18,8 @@ Grids (all in s, inside the model's bounds):
 Flat directions: where several consecutive grid points fit exactly equally well (e.g. 1C
 with T1' = T1b and att below the shortest PLD, where every volume sees the fully
 delivered bolus and the signal does not depend on att), the middle of that run is chosen.
+For 1C, runs of bit-identical basis signals are merged into that middle point when the
+grid is built, so the search does not revisit them.
 
 With Buxton's T1' (``t1_prime="tissue"``) the tissue signal is not exactly linear in cbf;
 the basis is then evaluated at cbf = 60 mL/100 g/min, an approximation that LM refines.
@@ -59,6 +61,7 @@ class TimeGrid:
     norms: np.ndarray  #: (4, max(n_att, n_abat)): |T|², 1/|T|² over att; |A|², 1/|A|² over abat (0 if undefined)
     pair_abat: np.ndarray  #: (n_pairs,) index into abat, -1 for 1C
     pair_att: np.ndarray  #: (n_pairs,) index into att
+    pair_alt: np.ndarray  #: (n_pairs,) for a point standing for a collapsed flat run, the next pair; else -1
     pairs: np.ndarray  #: (2, n_pairs): T·A and 1/(|T|²|A|² - (T·A)²) (0 where near-singular)
 
     @property
@@ -85,6 +88,21 @@ def _arterial_pieces(model: KineticModel, lo: float, hi: float) -> np.ndarray:
     return 0.5 * (breaks[:-1] + breaks[1:])
 
 
+def _collapse_identical(att: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge runs of consecutive grid points with bit-identical basis rows (a flat direction).
+
+    Each run becomes one point at the middle of its att range, which is what a search over
+    the run would return; its alternative (the LM's second start) is the next point.
+    Returns (att, basis, alternative index or -1).
+    """
+    new_run = np.r_[True, ~(basis[1:] == basis[:-1]).all(axis=1)]
+    first = np.flatnonzero(new_run)
+    last = np.r_[first[1:] - 1, att.size - 1]
+    merged_att = 0.5 * (att[first] + att[last])
+    alt = np.where((last > first) & (np.arange(first.size) + 1 < first.size), np.arange(first.size) + 1, -1)
+    return merged_att, basis[first], alt.astype(np.int64)
+
+
 def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
     """The grid and basis signals for ``model`` at ``resolution_s`` (s) between its bounds."""
     if not (math.isfinite(resolution_s) and resolution_s > 0):
@@ -98,6 +116,7 @@ def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
     tissue = tissue_model.signal(np.column_stack([np.full(att.size, ref_cbf), att])) / ref_cbf
     n_vol = model.n_volumes
     if model.name == "1c":
+        att, tissue, pair_alt = _collapse_identical(att, tissue)
         abat = np.empty(0)
         arterial = np.empty((0, n_vol))
         pair_abat = np.full(att.size, -1, dtype=np.int64)
@@ -116,6 +135,7 @@ def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
         keep = abat[ii] <= att[jj] + 1e-12
         pair_abat = ii[keep].astype(np.int64)
         pair_att = jj[keep].astype(np.int64)
+        pair_alt = np.full(pair_att.size, -1, dtype=np.int64)
     tissue_norm = np.einsum("kv,kv->k", tissue, tissue)
     arterial_norm = np.einsum("kv,kv->k", arterial, arterial)
     norms = np.zeros((4, max(att.size, abat.size)))
@@ -139,6 +159,7 @@ def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
         norms=norms,
         pair_abat=pair_abat,
         pair_att=pair_att,
+        pair_alt=pair_alt,
         pairs=pairs,
     )
 
@@ -179,7 +200,7 @@ def _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two):
 
 
 @serial
-def grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att, pairs, ty, ay):
+def grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, ty, ay):
     """Best grid pair for signal ``y``: returns (pair index, alternative pair, c, a, rss).
 
     ``ty`` and ``ay`` are scratch arrays of lengths n_att and n_abat. Ties (within
@@ -222,6 +243,8 @@ def grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att,
     k = (first + last) // 2
     # the first pair past a flat run, on the same abat: a start from which LM can leave it
     alt = last + 1 if last > first and last + 1 < pair_att.shape[0] and pair_abat[last + 1] == pair_abat[last] else -1
+    if alt < 0:
+        alt = pair_alt[k]
     c, a, rss = _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two)
     return k, alt, c, a, max(rss, 0.0)
 
@@ -239,8 +262,8 @@ def is_invalid(y):
 
 
 @parallel
-def lookup_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att, pairs, n_chunks, best_pair, alt_pair,
-                 amp, rss, invalid):
+def lookup_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, n_chunks, best_pair,
+                 alt_pair, amp, rss, invalid):
     """Grid search over voxels (chunks of voxels per thread): best and alternative pair, amplitudes (c, a), rss."""
     n = signals.shape[0]
     for chunk in prange(n_chunks):
@@ -254,7 +277,7 @@ def lookup_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att
                 continue
             invalid[i] = False
             k, alt, c, a, r = grid_search_voxel(signals[i], tissue_by_volume, arterial, norms, pair_abat, pair_att,
-                                                pairs, ty, ay)
+                                                pair_alt, pairs, ty, ay)
             best_pair[i] = k
             alt_pair[i] = alt
             amp[i, 0] = c
@@ -279,8 +302,8 @@ def grid_search(grid: TimeGrid, signals: np.ndarray) -> tuple[np.ndarray, np.nda
     amp = np.zeros((n, 2))
     rss = np.full(n, np.nan)
     invalid = np.empty(n, dtype=np.bool_)
-    lookup_batch(signals, grid.tissue_by_volume, grid.arterial, grid.norms, grid.pair_abat, grid.pair_att, grid.pairs,
-                 n_chunks_for(n), best_pair, alt_pair, amp, rss, invalid)
+    lookup_batch(signals, grid.tissue_by_volume, grid.arterial, grid.norms, grid.pair_abat, grid.pair_att, grid.pair_alt,
+                 grid.pairs, n_chunks_for(n), best_pair, alt_pair, amp, rss, invalid)
     return best_pair, alt_pair, amp, rss, invalid
 
 
