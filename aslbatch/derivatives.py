@@ -1,0 +1,783 @@
+"""BIDS-derivative outputs of one acquisition: maps, sidecars, mask and provenance, written atomically.
+
+What is written, and where
+--------------------------
+For an acquisition whose source name is ``<src>`` (the ASL file name without
+``_asl.nii[.gz]``; for a non-crushed + crushed pair, the entities both series
+share, e.g. ``sub-01_ses-1``), under the output folder ``OUT``::
+
+    OUT/dataset_description.json                 DatasetType "derivative", GeneratedBy aslbatch
+    OUT/.bidsignore                              patterns of the non-standard files below
+    OUT/sub-<l>[/ses-<l>]/perf/
+        <src>_desc-brain_mask.nii.gz (+ .json)   uint8, 1 = fitted voxel, 0 = outside
+        <src>_desc-<method>_<param>.nii.gz       float32 parameter map, NaN outside the mask
+        <src>_desc-<method>_<param>se.nii.gz     float32 standard error (methods that give one)
+        <src>_desc-<method>_status.nii.gz        uint8 fit status (Status codes), 255 outside
+        <src>_provenance.json                    written last: the commit marker
+
+``<param>`` is a model parameter (``cbf``, ``att``, ``abat``, ``abv``: the names of
+ASL_MODELS.md and ASLPrep), ``<method>`` the estimator's registry name (``lm``,
+``lut``, ...). Every map has a JSON sidecar (same name, ``.json``) with ``Units``,
+a one-sentence ``Description`` that names the research's term for the quantity,
+``Sources``, ``Model`` (the model's :meth:`~aslbatch.models.KineticModel.to_dict`:
+name, protocol, constants, options), ``Method`` and ``EstimatorOptions``. Maps are
+on the source grid, with the source affine (qform and sform, code 1).
+
+Everything a writer needs is in one table, :data:`OUTPUTS` (one :class:`OutputKind`
+per kind of file: name pattern, extension, dtype, units, description template,
+value outside the mask, .bidsignore pattern), with the quantities in
+:data:`PARAMETERS` and the status codes in :data:`STATUS_LEVELS`. Writers and
+:func:`output_paths` read these tables; nothing else spells a file name.
+
+Naming choices
+--------------
+- **Standard errors** are ``_desc-<method>_<param>se``: the suffix names the quantity
+  the map holds (``cbfse`` = standard error of cbf) and ``desc`` stays the method
+  alone. Keeping the suffix ``cbf`` and moving "se" into ``desc`` (``desc-lmse_cbf``)
+  would make every glob or BIDS query for ``*_cbf.nii.gz`` return uncertainty maps
+  as if they were CBF maps; a new suffix cannot be mistaken for the parameter. The
+  suffix is not in BIDS and is listed in ``.bidsignore``.
+- **Status** is ``_desc-<method>_status`` (uint8; codes of
+  :class:`aslbatch.estimators.Status`, 255 outside the mask), non-standard, in
+  ``.bidsignore``.
+- **The mask** is the BIDS common-derivative ``_desc-brain_mask`` (standard), one per
+  acquisition: every method fits the same voxels.
+- **Provenance** is one ``<src>_provenance.json`` per acquisition covering every
+  method written by one :func:`write_session_outputs` call (one settings digest for
+  the run, as the batch's up-to-date check reads it). It is removed before the
+  first file of a call is written and written after the last, so an interrupted
+  call leaves no provenance: nothing that looks finished. It lists every file it
+  vouches for with its sha256; files of methods from earlier calls are not covered.
+- The parameter suffixes ``cbf``, ``att``, ``abat``, ``abv`` are ASLPrep's de-facto
+  names but not (yet) BIDS suffixes, so they are listed in ``.bidsignore`` too. The
+  ``.bidsignore`` content is fixed by the tables (every parameter of every model),
+  so it is the same whichever session writes it first; lines already in an
+  existing ``.bidsignore`` are kept.
+
+Sources
+-------
+``Sources`` are BIDS URIs: ``bids:raw:<path>`` for a file of the raw dataset
+(``PreparedData.source_files`` holds dataset-relative paths), resolved through
+``DatasetLinks["raw"]`` of ``dataset_description.json`` (written when
+``bids_dir`` is given), ``bids::<path>`` for a file of this derivative dataset
+(the mask, in the parameter maps' sources), and a ``file://`` URI for a file
+outside the dataset (a user's mask).
+
+Atomicity
+---------
+Every file goes to a temporary name in its own folder and is renamed onto its
+final name once complete (:mod:`aslbatch.atomic`; NIfTI temporaries end in
+``.nii.gz`` because nibabel picks the format from the extension). A file under a
+final name is therefore always complete; ``dataset_description.json`` and
+``.bidsignore`` are rewritten only when their content changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata as _metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from ._version import __version__
+from .atomic import atomic_open, atomic_path
+from .bids import parse_filename
+from .estimators.base import Estimate, Status
+from .models import MODELS, KineticModel
+from .preprocess import PreparedData
+from .protocol import _canonical_json
+
+__all__ = [
+    "BIDS_VERSION",
+    "OUTPUTS",
+    "OUTSIDE_STATUS",
+    "OutputKind",
+    "PARAMETERS",
+    "PROVENANCE_FORMAT",
+    "STATUS_LEVELS",
+    "bidsignore_patterns",
+    "inputs_digest",
+    "output_paths",
+    "read_provenance",
+    "session_folder",
+    "settings_digest",
+    "sha256_file",
+    "sidecar_path",
+    "write_session_outputs",
+]
+
+#: the BIDS version the outputs follow
+BIDS_VERSION = "1.9.0"
+#: value of the status map outside the brain mask (uint8)
+OUTSIDE_STATUS = 255
+#: ``format`` field of every provenance file (read_provenance refuses others)
+PROVENANCE_FORMAT = "aslbatch-provenance-1"
+#: the BIDS data type folder of every output
+DATATYPE = "perf"
+#: dataset-relative paths of the raw dataset become ``bids:<RAW_LINK>:<path>``
+RAW_LINK = "raw"
+
+
+# --- the tables -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A model parameter as it appears in the outputs.
+
+    ``units`` (as in ASL_MODELS.md); ``names[model]``: what the parameter is in
+    that model, in words and in the research's terms; ``definitions[model]``:
+    the sentence's continuation (may be empty).
+    """
+
+    units: str
+    names: Mapping[str, str]
+    definitions: Mapping[str, str]
+
+
+#: every parameter of every model: units and, per model, which of the research's terms it is
+PARAMETERS: dict[str, Parameter] = {
+    "cbf": Parameter(
+        units="mL/100 g/min",
+        names={"1c": "cerebral blood flow (CBF)", "2c": "cerebral blood flow (CBF)"},
+        definitions={"1c": "", "2c": ""},
+    ),
+    "att": Parameter(
+        units="s",
+        names={
+            "1c": "arterial transit time (ATT)",
+            "2c": "tissue transit time (the research's TTT)",
+        },
+        definitions={
+            "1c": ", the time from the start of labeling until the labeled blood reaches the tissue",
+            "2c": ", the time from the start of labeling until the labeled blood reaches the tissue "
+            "(in this model the research's ATT is abat)",
+        },
+    ),
+    "abat": Parameter(
+        units="s",
+        names={"2c": "arterial bolus arrival time (the research's ATT in the two-compartment model)"},
+        definitions={"2c": ", the time from the start of labeling until the labeled blood reaches the "
+                           "arteries of the voxel"},
+    ),
+    "abv": Parameter(
+        units="mL/mL",
+        names={"2c": "arterial cerebral blood volume (aCBV)"},
+        definitions={"2c": " as a fraction of the voxel (0.01 = 1 %)"},
+    ),
+}
+
+#: the estimators in words (unknown methods are named by their registry name)
+METHOD_TEXT = {
+    "lm": "Levenberg–Marquardt least-squares fitting (lm)",
+    "lut": "a lookup-table grid search (lut)",
+    "supervised": "a supervised neural network trained on simulated signals (supervised)",
+    "unsupervised": "a physics-informed neural network trained through the kinetic model (unsupervised)",
+}
+#: the models in words
+MODEL_TEXT = {
+    "1c": "the one-compartment (1C) kinetic model",
+    "2c": "the two-compartment (2C) kinetic model with vascular crushing",
+}
+#: how each method's standard errors are computed (sidecar field StandardErrorMethod)
+STDERR_TEXT = {
+    "lm": "sqrt(diag((J^T J)^-1) * RSS / (n_volumes - n_estimated)) at the solution, with J the model "
+    "Jacobian and RSS the residual sum of squares; NaN where a parameter is held fixed or the data do not "
+    "inform it (e.g. 2C abat with hard arterial edges, 1C att below the shortest PLD)",
+}
+#: what every :class:`~aslbatch.estimators.Status` code means, and the value outside the mask
+STATUS_LEVELS: dict[int, str] = {
+    int(Status.CONVERGED): "converged: the fit converged inside the bounds",
+    int(Status.MAX_ITERATIONS): "max_iterations: the iteration limit was reached; the parameters are the best found",
+    int(Status.AT_BOUND): "at_bound: converged (or chosen) with a parameter on a bound (or clipped to it, "
+    "or abat = att)",
+    int(Status.INVALID_INPUT): "invalid_input: NaN, Inf or all-zero signal; the parameters are NaN",
+    OUTSIDE_STATUS: "outside the brain mask: not fitted",
+}
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """One kind of output file.
+
+    Attributes
+    ----------
+    kind : ``"map"``, ``"stderr"``, ``"status"``, ``"mask"`` or ``"provenance"``.
+    name : the file name after ``<src>_`` without extension; may use ``{method}``
+        and ``{param}``. It is also the key of :func:`output_paths`.
+    extension : ``".nii.gz"`` or ``".json"``.
+    dtype : NIfTI data type (None for JSON).
+    units : ``Units`` of the sidecar (``{units}``: the parameter's).
+    description : template of the sidecar's one-sentence ``Description``.
+    outside : value of voxels outside the brain mask (None for JSON).
+    bidsignore : ``.bidsignore`` pattern (``{param}`` over every parameter), or None
+        for files BIDS defines.
+    """
+
+    kind: str
+    name: str
+    extension: str
+    dtype: str | None
+    units: str | None
+    description: str
+    outside: float | int | None
+    bidsignore: str | None
+
+    @property
+    def per_method(self) -> bool:
+        """One file per method."""
+        return "{method}" in self.name
+
+    @property
+    def per_param(self) -> bool:
+        """One file per parameter."""
+        return "{param}" in self.name
+
+
+#: every kind of output, in the order a session writes them (provenance last)
+OUTPUTS: tuple[OutputKind, ...] = (
+    OutputKind(
+        "mask", "desc-brain_mask", ".nii.gz", "uint8", "n/a",
+        "Brain mask of the ASL acquisition (1 = voxel fitted, 0 = outside), on the ASL grid.",
+        0, None,
+    ),
+    OutputKind(
+        "map", "desc-{method}_{param}", ".nii.gz", "float32", "{units}",
+        "{Name}{definition}, in {units}, estimated by {method_text} with {model_text}.",
+        math.nan, "*_{param}.*",
+    ),
+    OutputKind(
+        "stderr", "desc-{method}_{param}se", ".nii.gz", "float32", "{units}",
+        "Standard error of the {name}, in {units}, as estimated by {method_text} with {model_text}.",
+        math.nan, "*_{param}se.*",
+    ),
+    OutputKind(
+        "status", "desc-{method}_status", ".nii.gz", "uint8", "n/a",
+        "Fit status code of each voxel for {method_text} with {model_text} (meanings in Levels; "
+        f"{OUTSIDE_STATUS} outside the brain mask).",
+        OUTSIDE_STATUS, "*_status.*",
+    ),
+    OutputKind(
+        "provenance", "provenance", ".json", None, None,
+        "Provenance of the outputs of one acquisition, written last.",
+        None, "*_provenance.json",
+    ),
+)
+_KINDS = {item.kind: item for item in OUTPUTS}
+
+
+def _model_params(model_name: str) -> tuple[str, ...]:
+    try:
+        return MODELS[model_name].param_names
+    except KeyError:
+        raise ValueError(f"unknown model {model_name!r}; choose one of {sorted(MODELS)}") from None
+
+
+def bidsignore_patterns() -> list[str]:
+    """The ``.bidsignore`` lines: every non-standard kind of :data:`OUTPUTS`, each parameter."""
+    params = list(PARAMETERS)
+    lines: list[str] = []
+    for item in OUTPUTS:
+        if item.bidsignore is None:
+            continue
+        for param in params if "{param}" in item.bidsignore else [None]:
+            line = item.bidsignore.format(param=param)
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
+def _description(item: OutputKind, model_name: str, method: str | None = None, param: str | None = None) -> str:
+    fields: dict[str, str] = {
+        "method_text": METHOD_TEXT.get(method or "", f"the method {method}"),
+        "model_text": MODEL_TEXT.get(model_name, f"the {model_name} model"),
+    }
+    if param is not None:
+        spec = PARAMETERS[param]
+        name = spec.names[model_name]
+        fields.update(name=name, Name=name[:1].upper() + name[1:], definition=spec.definitions[model_name],
+                      units=spec.units)
+    return item.description.format(**fields)
+
+
+def _units(item: OutputKind, param: str | None) -> str | None:
+    if item.units is None:
+        return None
+    return item.units.format(units=PARAMETERS[param].units if param else "")
+
+
+# --- names -------------------------------------------------------------------------------------
+
+
+def _source_entities(source_name: str) -> dict[str, str]:
+    if not source_name:
+        raise ValueError("the source name is empty: PreparedData.source_name names every output")
+    entities, _, _ = parse_filename(f"{source_name}_asl.nii.gz")
+    if "sub" not in entities:
+        raise ValueError(f"source name {source_name!r} has no sub- entity")
+    return entities
+
+
+def session_folder(out_dir: str | os.PathLike, source_name: str) -> Path:
+    """``OUT/sub-<l>[/ses-<l>]/perf`` for the source name's subject and session."""
+    entities = _source_entities(source_name)
+    folder = Path(out_dir) / f"sub-{entities['sub']}"
+    if "ses" in entities:
+        folder = folder / f"ses-{entities['ses']}"
+    return folder / DATATYPE
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar of a NIfTI output (``.nii.gz`` → ``.json``)."""
+    path = Path(path)
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    raise ValueError(f"{path} is not a NIfTI file name")
+
+
+def _check_label(value: str, what: str) -> str:
+    if not (isinstance(value, str) and value.isalnum() and value.isascii()):
+        raise ValueError(f"{what} {value!r} must be an alphanumeric BIDS label")
+    return value
+
+
+def output_paths(
+    out_dir: str | os.PathLike,
+    source: str | PreparedData,
+    model_name: str,
+    methods: Sequence[str],
+    *,
+    stderr_methods: Collection[str] = (),
+) -> dict[str, Path]:
+    """Every output path of one acquisition, keyed by the name after ``<src>_``.
+
+    ``source``: the source name (or a PreparedData, whose ``source_name`` is used);
+    ``model_name``: ``"1c"`` or ``"2c"`` (its parameters name the maps); ``methods``:
+    estimator names; ``stderr_methods``: those that give standard errors. Keys, e.g.
+    for 1C and ``lm``: ``desc-brain_mask``, ``desc-lm_cbf``, ``desc-lm_att``,
+    ``desc-lm_cbfse``, ``desc-lm_attse``, ``desc-lm_status``, ``provenance``. NIfTI
+    sidecars are at :func:`sidecar_path`.
+    """
+    source_name = source.source_name if isinstance(source, PreparedData) else source
+    folder = session_folder(out_dir, source_name)
+    params = _model_params(model_name)
+    for method in methods:
+        _check_label(method, "method")
+    unknown = set(stderr_methods) - set(methods)
+    if unknown:
+        raise ValueError(f"stderr_methods {sorted(unknown)} are not among the methods {list(methods)}")
+    paths: dict[str, Path] = {}
+    for item in OUTPUTS:
+        for method in methods if item.per_method else [None]:
+            if item.kind == "stderr" and method not in stderr_methods:
+                continue
+            for param in params if item.per_param else [None]:
+                key = item.name.format(method=method, param=param)
+                paths[key] = folder / f"{source_name}_{key}{item.extension}"
+    return paths
+
+
+def _uri(path: str) -> str:
+    """BIDS URI of an input file (see the module doc)."""
+    pure = PurePosixPath(path)
+    if Path(path).is_absolute():
+        return Path(path).as_uri()
+    if pure.parts and pure.parts[0].startswith("sub-"):
+        return f"bids:{RAW_LINK}:{pure.as_posix()}"
+    return Path(path).resolve().as_uri()
+
+
+# --- digests ---------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with numpy types, tuples and paths turned into JSON types; NaN/Inf as strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _settings(model: KineticModel, estimator_options: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    return _jsonable({
+        "model": model.to_dict(),
+        "estimators": {method: dict(estimator_options[method]) for method in sorted(estimator_options)},
+    })
+
+
+def settings_digest(model: KineticModel, estimator_options: Mapping[str, Mapping[str, Any]]) -> str:
+    """sha256 of the canonical JSON of the settings: the model (name, protocol, constants,
+    options) and each method's estimator options. Equal settings give equal digests."""
+    return hashlib.sha256(_canonical_json(_settings(model, estimator_options)).encode()).hexdigest()
+
+
+def inputs_digest(input_digests: Mapping[str, str | None]) -> str | None:
+    """sha256 of the canonical JSON of ``{input path: sha256}``; None if any digest is unknown."""
+    if not input_digests or any(value is None for value in input_digests.values()):
+        return None
+    return hashlib.sha256(_canonical_json(dict(input_digests)).encode()).hexdigest()
+
+
+def _versions() -> dict[str, str | None]:
+    def version(package: str) -> str | None:
+        try:
+            return _metadata.version(package)
+        except _metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "aslbatch": __version__,
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "numba": version("numba"),
+        "nibabel": nib.__version__,
+    }
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- writers ---------------------------------------------------------------------------------
+
+
+def _json_text(data: Any) -> str:
+    return json.dumps(_jsonable(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(_json_text(data))
+
+
+def _write_text_if_changed(path: Path, text: str) -> bool:
+    """Write ``text`` atomically unless ``path`` already holds exactly it; True if written."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return True
+
+
+def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """A 3-D NIfTI-1 image with the source affine as qform and sform (code 1), atomically."""
+    image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    image.header.set_data_dtype(data.dtype)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(image, str(tmp))
+
+
+def _dataset_description(bids_dir: str | os.PathLike | None) -> dict[str, Any]:
+    description: dict[str, Any] = {
+        "Name": "aslbatch perfusion maps",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [{
+            "Name": "aslbatch",
+            "Version": __version__,
+            "Description": "Multi-delay ASL perfusion quantification (CBF, arrival times, aCBV) with the one- "
+            "and two-compartment kinetic models",
+        }],
+    }
+    if bids_dir is not None:
+        uri = Path(bids_dir).resolve().as_uri()
+        description["SourceDatasets"] = [{"URL": uri}]
+        description["DatasetLinks"] = {RAW_LINK: uri}
+    return description
+
+
+def _bidsignore_text(path: Path) -> str:
+    """The standard lines, after any lines an existing ``.bidsignore`` already has."""
+    try:
+        existing = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (FileNotFoundError, UnicodeDecodeError):
+        existing = []
+    lines = existing + [line for line in bidsignore_patterns() if line not in existing]
+    return "\n".join(lines) + "\n"
+
+
+def _check_inputs(
+    prepared: PreparedData,
+    estimates: Mapping[str, Estimate],
+    model: KineticModel,
+    estimator_options: Mapping[str, Mapping[str, Any]],
+) -> None:
+    if not estimates:
+        raise ValueError("no estimate to write")
+    for name in model.param_names:
+        if name not in PARAMETERS or model.name not in PARAMETERS[name].names:
+            raise ValueError(f"no output description for parameter {name!r} of model {model.name!r}")
+    valid_codes = {int(code) for code in Status}
+    for method, estimate in estimates.items():
+        _check_label(method, "method")
+        where = f"estimate {method!r}"
+        if estimate.method != method:
+            raise ValueError(f"{where} was made by method {estimate.method!r}")
+        if method not in estimator_options:
+            raise ValueError(f"no estimator options for method {method!r} (give {{}} for none)")
+        if tuple(estimate.param_names) != tuple(model.param_names):
+            raise ValueError(f"{where} has parameters {estimate.param_names}, the model {model.param_names}")
+        n, n_params = prepared.n_voxels, model.n_params
+        if np.shape(estimate.params) != (n, n_params):
+            raise ValueError(f"{where}: params have shape {np.shape(estimate.params)}, expected {(n, n_params)}")
+        if np.shape(estimate.status) != (n,):
+            raise ValueError(f"{where}: status has shape {np.shape(estimate.status)}, expected {(n,)}")
+        if estimate.stderr is not None and np.shape(estimate.stderr) != (n, n_params):
+            raise ValueError(f"{where}: stderr has shape {np.shape(estimate.stderr)}, expected {(n, n_params)}")
+        codes = set(np.unique(np.asarray(estimate.status)).tolist())
+        if not codes <= valid_codes:
+            raise ValueError(f"{where}: unknown status code(s) {sorted(codes - valid_codes)}")
+    unused = set(estimator_options) - set(estimates)
+    if unused:
+        raise ValueError(f"estimator options given for method(s) {sorted(unused)} without an estimate")
+
+
+def _input_digests(
+    prepared: PreparedData, input_digests: Mapping[str, str | None] | None, bids_dir: str | os.PathLike | None
+) -> dict[str, str | None]:
+    if input_digests is not None:
+        return {str(k): v for k, v in input_digests.items()}
+    digests: dict[str, str | None] = {}
+    for name in prepared.source_files:
+        path = Path(name)
+        if not path.is_absolute() and bids_dir is not None and PurePosixPath(name).parts[0].startswith("sub-"):
+            path = Path(bids_dir) / name
+        digests[name] = sha256_file(path) if path.is_file() else None
+    return digests
+
+
+def write_session_outputs(
+    out_dir: str | os.PathLike,
+    prepared: PreparedData,
+    estimates: Mapping[str, Estimate],
+    model: KineticModel,
+    estimator_options: Mapping[str, Mapping[str, Any]],
+    input_digests: Mapping[str, str | None] | None = None,
+    *,
+    bids_dir: str | os.PathLike | None = None,
+    started_at: datetime | None = None,
+) -> list[Path]:
+    """Write every output of one acquisition; returns the files written, provenance last.
+
+    Parameters
+    ----------
+    out_dir : the derivative dataset folder ``OUT``.
+    prepared : the acquisition (grid, mask, source name, source files, notes).
+    estimates : ``{method: Estimate}`` over ``prepared``'s voxels, each made with ``model``.
+    model : the kinetic model fitted (its ``to_dict`` goes into every sidecar).
+    estimator_options : ``{method: options}`` (``Estimator.options()``) for every method.
+    input_digests : ``{input path: sha256}`` of the files the acquisition depends on
+        (the batch should include the JSON sidecars, which ``source_files`` does not
+        list); None computes them for ``prepared.source_files`` (dataset-relative
+        paths need ``bids_dir``; a file not found gets None, and then the
+        provenance's ``input_digest`` is None).
+    bids_dir : the raw dataset, for ``DatasetLinks`` / ``SourceDatasets`` of
+        ``dataset_description.json`` and for computing input digests.
+    started_at : when processing of the acquisition began (default: now).
+
+    The provenance (see :func:`read_provenance`) records: format, aslbatch version and
+    the versions of python, numpy, numba and nibabel; source name, subject, session;
+    the model (``to_dict``), methods, estimator options and :func:`settings_digest`;
+    the inputs with their sha256 and :func:`inputs_digest`; the preprocessing
+    (protocol, constants, shape, voxel count, notes); start and end time; status
+    counts per method; and every file of the acquisition written by this call
+    (maps, sidecars, mask; not the dataset-level files) with its sha256. NIfTI files
+    are byte-reproducible (nibabel writes gzip without a time stamp), so the same
+    inputs and settings give the same output digests.
+
+    Order: ``dataset_description.json`` and ``.bidsignore`` (only when their content
+    changes), then the mask, then per method its maps, standard errors and status
+    map (each NIfTI then its sidecar), and last the provenance. The acquisition's
+    provenance is removed before the first write, so if anything fails no
+    provenance exists; atomic writes mean no final-name file is partial.
+    Inconsistent inputs raise ValueError before anything is written.
+    """
+    started_at = _now() if started_at is None else started_at
+    if started_at.tzinfo is None:
+        started_at = started_at.astimezone()  # naive: local time
+    _check_inputs(prepared, estimates, model, estimator_options)
+    methods = list(estimates)
+    stderr_methods = [m for m in methods if estimates[m].stderr is not None]
+    paths = output_paths(out_dir, prepared, model.name, methods, stderr_methods=stderr_methods)
+    folder = session_folder(out_dir, prepared.source_name)
+    out = Path(out_dir)
+    digests = _input_digests(prepared, input_digests, bids_dir)
+    sources = [_uri(name) for name in prepared.source_files]
+    model_dict = _jsonable(model.to_dict())
+
+    provenance_path = paths["provenance"]
+    provenance_path.unlink(missing_ok=True)  # the old commit marker goes first
+
+    written: list[Path] = []
+    out.mkdir(parents=True, exist_ok=True)
+    if _write_text_if_changed(out / "dataset_description.json", _json_text(_dataset_description(bids_dir))):
+        written.append(out / "dataset_description.json")
+    if _write_text_if_changed(out / ".bidsignore", _bidsignore_text(out / ".bidsignore")):
+        written.append(out / ".bidsignore")
+
+    session_files: list[tuple[str, str | None, str | None, Path]] = []  # (kind, method, param, path)
+
+    def emit(item: OutputKind, key: str, data: np.ndarray, sidecar: dict[str, Any],
+             method: str | None = None, param: str | None = None) -> None:
+        path = paths[key]
+        _write_nifti(path, data.astype(item.dtype, copy=False), prepared.affine)
+        _write_json(sidecar_path(path), sidecar)
+        written.extend([path, sidecar_path(path)])
+        session_files.append((item.kind, method, param, path))
+        session_files.append((item.kind + "_sidecar", method, param, sidecar_path(path)))
+
+    # the brain mask
+    mask_kind = _KINDS["mask"]
+    mask_key = mask_kind.name
+    emit(mask_kind, mask_key, prepared.mask.astype(np.uint8), {
+        "Type": "Brain",
+        "Units": mask_kind.units,
+        "Description": _description(mask_kind, model.name),
+        "Sources": sources,
+        "Levels": {"0": "outside the brain mask", "1": "inside the brain mask (fitted)"},
+    })
+    mask_uri = f"bids::{paths[mask_key].relative_to(out).as_posix()}"
+
+    for method in methods:
+        estimate = estimates[method]
+        options = _jsonable(dict(estimator_options[method]))
+        common = {"Sources": sources + [mask_uri], "Method": method, "EstimatorOptions": options,
+                  "Model": model_dict}
+        for kind in ("map", "stderr"):
+            item = _KINDS[kind]
+            values = estimate.params if kind == "map" else estimate.stderr
+            if values is None:
+                continue
+            for j, param in enumerate(model.param_names):
+                column = np.asarray(values[:, j], dtype=np.float64)
+                grid = prepared.unmask(column, fill=item.outside).astype(np.float32)
+                sidecar = {
+                    "Units": _units(item, param),
+                    "Description": _description(item, model.name, method, param),
+                    **common,
+                    "OutsideMask": "NaN",
+                }
+                if kind == "stderr":
+                    sidecar["StandardErrorMethod"] = STDERR_TEXT.get(
+                        method, "as reported by the estimator (Estimate.stderr); NaN where not estimable")
+                emit(item, item.name.format(method=method, param=param), grid, sidecar, method, param)
+        item = _KINDS["status"]
+        status = np.asarray(estimate.status).astype(np.uint8)
+        grid = prepared.unmask(status, fill=item.outside).astype(np.uint8)
+        emit(item, item.name.format(method=method), grid, {
+            "Units": item.units,
+            "Description": _description(item, model.name, method),
+            **common,
+            "Levels": {str(code): text for code, text in STATUS_LEVELS.items()},
+            "OutsideMask": item.outside,
+        }, method)
+
+    # the commit marker, last
+    finished_at = _now()
+    provenance = {
+        "format": PROVENANCE_FORMAT,
+        "aslbatch_version": __version__,
+        "versions": _versions(),
+        "source_name": prepared.source_name,
+        "subject": _source_entities(prepared.source_name)["sub"],
+        "session": _source_entities(prepared.source_name).get("ses"),
+        "model": model_dict,
+        "methods": methods,
+        "estimator_options": {m: _jsonable(dict(estimator_options[m])) for m in methods},
+        "settings_digest": settings_digest(model, {m: estimator_options[m] for m in methods}),
+        "inputs": [{"path": name, "uri": _uri(name), "sha256": digest} for name, digest in digests.items()],
+        "input_digest": inputs_digest(digests),
+        "preprocessing": {
+            "protocol": prepared.protocol.to_dict(),
+            "constants": prepared.constants.to_dict(),
+            "shape": list(prepared.shape),
+            "n_voxels": prepared.n_voxels,
+            "notes": list(prepared.notes),
+        },
+        "started": _iso(started_at),
+        "finished": _iso(finished_at),
+        "duration_s": round((finished_at - started_at).total_seconds(), 3),
+        "status_counts": {m: estimates[m].status_counts() for m in methods},
+        "outputs": [
+            {"path": path.relative_to(out).as_posix(), "kind": kind, "method": method, "param": param,
+             "sha256": sha256_file(path)}
+            for kind, method, param, path in session_files
+        ],
+    }
+    _write_json(provenance_path, provenance)
+    written.append(provenance_path)
+    return written
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+_PROVENANCE_KEYS = ("format", "aslbatch_version", "versions", "source_name", "settings_digest", "input_digest",
+                    "inputs", "outputs", "started", "finished", "status_counts")
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
+    """The provenance written by :func:`write_session_outputs`.
+
+    FileNotFoundError if absent; ValueError if the file is not JSON, not an
+    aslbatch provenance (``format``) or lacks a required field.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON provenance file: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != PROVENANCE_FORMAT:
+        raise ValueError(f"{path}: not an aslbatch provenance file (format must be {PROVENANCE_FORMAT!r})")
+    missing = [key for key in _PROVENANCE_KEYS if key not in data]
+    if missing:
+        raise ValueError(f"{path}: provenance lacks {missing}")
+    return data
