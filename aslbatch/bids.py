@@ -152,6 +152,11 @@ class Sidecar(Mapping):
         """The dataset-relative path of the file that set ``field`` (or ``default_source``)."""
         return self._sources.get(field, self.default_source)
 
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Dataset-relative paths of every JSON file that supplied a field, sorted."""
+        return tuple(sorted(set(self._sources.values())))
+
     def __repr__(self) -> str:
         return f"Sidecar({self._data!r}, data_file={self.data_file!r})"
 

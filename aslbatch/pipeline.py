@@ -1,0 +1,201 @@
+"""One acquisition end to end: validate, prepare, fit every requested method, write derivatives.
+
+:func:`process_session` runs every acquisition of a BIDS session (see
+:func:`aslbatch.bids.group_acquisitions`) with the :class:`Settings`; the batch layer
+calls it once per session. Per-slice timing of 2D readouts is honoured exactly: voxels
+are grouped by their slice's time offset and each group is fitted with the protocol's
+PLDs shifted by that offset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import bids
+from .derivatives import sha256_file, write_session_outputs
+from .estimators import Estimate, get_estimator
+from .models import KineticModel, get_model
+from .preprocess import PreparedData, prepare_acquisition
+from .protocol import Protocol
+
+__all__ = ["AcquisitionResult", "Settings", "estimate_maps", "input_digests", "process_acquisition", "process_session"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to compute, shared by every session of a run.
+
+    methods : estimator names, each written as ``desc-<method>`` maps.
+    model : ``"auto"`` (2C for a crushed + non-crushed pair, else 1C), ``"1c"`` or ``"2c"``.
+    constants : overrides of :class:`~aslbatch.protocol.Constants` fields (their units).
+    background_suppression_correction : apply α_BS = 0.95 per pulse (ASL_MODELS.md: off).
+    arterial_edge_s : the 2C model's smoothed arterial window (s); 0 = hard edges.
+    method_options : ``{method: {option: value}}`` passed to the estimators.
+    """
+
+    methods: tuple[str, ...] = ("lm",)
+    model: str = "auto"
+    constants: Mapping[str, Any] = field(default_factory=dict)
+    background_suppression_correction: bool = False
+    arterial_edge_s: float = 0.0
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("at least one method is needed")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods repeat: {list(self.methods)}")
+        if self.model not in ("auto", "1c", "2c"):
+            raise ValueError(f"model must be auto, 1c or 2c, got {self.model!r}")
+        unknown = set(self.method_options) - set(self.methods)
+        if unknown:
+            raise ValueError(f"options given for methods not requested: {sorted(unknown)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (for logs and the batch's settings digest)."""
+        return {
+            "methods": list(self.methods),
+            "model": self.model,
+            "constants": dict(self.constants),
+            "background_suppression_correction": self.background_suppression_correction,
+            "arterial_edge_s": self.arterial_edge_s,
+            "method_options": {k: dict(v) for k, v in self.method_options.items()},
+        }
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of :meth:`to_dict`."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AcquisitionResult:
+    """Outcome of one acquisition: ``status`` "done" or "failed" (with ``error``)."""
+
+    source_name: str
+    subject: str
+    session: str | None
+    model: str
+    status: str
+    duration_s: float
+    outputs: tuple[str, ...] = ()
+    error: str | None = None
+    status_counts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+
+def input_digests(acquisition: bids.Acquisition) -> dict[str, str]:
+    """sha256 of every file the acquisition depends on, keyed by dataset-relative path:
+    the NIfTI series, their aslcontext, every JSON sidecar that supplied metadata, and
+    separate M0 scans with theirs."""
+    files: dict[str, Path] = {}
+    for series in acquisition.series:
+        root = series.bids_dir
+        files[series.relpath] = series.path
+        if series.aslcontext is not None:
+            files[series.aslcontext.relative_to(root).as_posix()] = series.aslcontext
+        metas = [series.metadata]
+        if series.m0scan is not None:
+            files[series.m0scan.relpath] = series.m0scan.path
+            metas.append(series.m0scan.metadata)
+        for meta in metas:
+            for rel in meta.files:
+                path = root / rel
+                if path.is_file():
+                    files[rel] = path
+    return {rel: sha256_file(path) for rel, path in sorted(files.items())}
+
+
+def _merge(parts: list[tuple[np.ndarray, Estimate]], n: int, names: tuple[str, ...], method: str) -> Estimate:
+    params = np.full((n, len(names)), np.nan)
+    status = np.empty(n, dtype=np.int8)
+    rss = np.empty(n)
+    has_stderr = all(est.stderr is not None for _, est in parts)
+    stderr = np.full((n, len(names)), np.nan) if has_stderr else None
+    for rows, est in parts:
+        params[rows] = est.params
+        status[rows] = est.status
+        rss[rows] = est.rss
+        if stderr is not None:
+            stderr[rows] = est.stderr
+    return Estimate(params, status, stderr, rss, names, method)
+
+
+def estimate_maps(model: KineticModel, prepared: PreparedData, method: str, options: Mapping[str, Any]) -> Estimate:
+    """Fit ``method`` to every voxel of ``prepared``, with each slice's own timing.
+
+    Voxels whose slice was read ``offset`` s after the nominal PLD are fitted with a
+    model whose PLDs are shifted by ``offset`` (exact per-slice timing, 2D readouts).
+    """
+    offsets = prepared.slice_offsets
+    groups = np.unique(offsets)
+    if groups.size == 1 and groups[0] == 0.0:
+        return get_estimator(method, model, **options).fit().predict(prepared.signals)
+    parts = []
+    base = model.protocol
+    for offset in groups:
+        rows = np.flatnonzero(offsets == offset)
+        shifted = Protocol(base.label_duration, base.pld + offset, base.crushed)
+        slice_model = get_model(model.name, shifted, model.constants, **model.options())
+        parts.append((rows, get_estimator(method, slice_model, **options).fit().predict(prepared.signals[rows])))
+    return _merge(parts, prepared.n_voxels, model.param_names, method)
+
+
+def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, settings: Settings) -> AcquisitionResult:
+    """Validate, prepare, fit and write one acquisition; raises on any problem (nothing
+    under final output names is left half-written, and the provenance is written last)."""
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    problems = [p for series in acquisition.series for p in bids.validate_series(
+        series, overrides=settings.constants,
+        background_suppression_correction=settings.background_suppression_correction)]
+    if problems:
+        raise bids.BidsError("; ".join(str(p) for p in problems))
+    digests = input_digests(acquisition)
+    prepared = prepare_acquisition(acquisition, overrides=settings.constants,
+                                   background_suppression_correction=settings.background_suppression_correction)
+    options = {"arterial_edge_s": settings.arterial_edge_s} if acquisition.model == "2c" else {}
+    model = get_model(acquisition.model, prepared.protocol, prepared.constants, **options)
+    estimates: dict[str, Estimate] = {}
+    estimator_options: dict[str, dict[str, Any]] = {}
+    for method in settings.methods:
+        method_options = dict(settings.method_options.get(method, {}))
+        estimates[method] = estimate_maps(model, prepared, method, method_options)
+        estimator_options[method] = get_estimator(method, model, **method_options).options()
+    outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
+                                    bids_dir=acquisition.series[0].bids_dir, started_at=started)
+    return AcquisitionResult(
+        source_name=acquisition.source_name,
+        subject=acquisition.subject,
+        session=acquisition.session,
+        model=acquisition.model,
+        status="done",
+        duration_s=time.perf_counter() - t0,
+        outputs=tuple(str(p) for p in outputs),
+        status_counts={m: e.status_counts() for m, e in estimates.items()},
+    )
+
+
+def process_session(session: bids.Session, out_dir: str | Path, settings: Settings) -> list[AcquisitionResult]:
+    """Every acquisition of ``session``; a failing acquisition is recorded and the rest go on."""
+    results = []
+    try:
+        acquisitions = bids.group_acquisitions(session, settings.model)
+    except bids.BidsError as exc:
+        return [AcquisitionResult(session.name, session.subject, session.session, settings.model, "failed", 0.0,
+                                  error=str(exc))]
+    for acquisition in acquisitions:
+        t0 = time.perf_counter()
+        try:
+            results.append(process_acquisition(acquisition, out_dir, settings))
+        except (bids.BidsError, ValueError, OSError, MemoryError) as exc:
+            results.append(AcquisitionResult(acquisition.source_name, acquisition.subject, acquisition.session,
+                                             acquisition.model, "failed", time.perf_counter() - t0,
+                                             error=f"{type(exc).__name__}: {exc}"))
+    return results
