@@ -55,7 +55,7 @@ import numpy as np
 from ._version import __version__
 from .atomic import atomic_open, atomic_path
 from .models import KineticModel, get_model
-from .protocol import Constants, Protocol, default_protocol
+from .protocol import MAX_TIME_S, Constants, Protocol, default_protocol
 from .simulate import NOISE_MODELS, add_noise, noise_sigma, reference_signal_level
 
 __all__ = [
@@ -187,10 +187,24 @@ class Phantom:
             raise ValueError(f"a {self.model} phantom has no map for {missing}")
         return np.stack([getattr(self, name)[self.mask] for name in names], axis=-1).astype(np.float64)
 
-    def clean_signal(self, model: KineticModel) -> np.ndarray:
-        """Noise-free ΔM/M0t for ``model``, float64 (*shape, n_volumes); 0 outside the mask."""
+    def clean_signal(self, model: KineticModel, slice_timing: Sequence[float] | None = None) -> np.ndarray:
+        """Noise-free ΔM/M0t for ``model``, float64 (*shape, n_volumes); 0 outside the mask.
+
+        ``slice_timing`` (s, one per slice along the last axis): a 2D readout, where slice k
+        is read ``slice_timing[k]`` after each PLD.
+        """
         out = np.zeros((*self.shape, model.n_volumes), dtype=np.float64)
-        out[self.mask] = model.signal(self.params(model.param_names))
+        if slice_timing is None:
+            out[self.mask] = model.signal(self.params(model.param_names))
+            return out
+        params = np.zeros((*self.shape, model.n_params))
+        params[self.mask] = self.params(model.param_names)
+        base = model.protocol
+        for k, offset in enumerate(slice_timing):
+            shifted = Protocol(base.label_duration, base.pld + offset, base.crushed)
+            slice_model = get_model(model.name, shifted, model.constants, **model.options())
+            inside = self.mask[..., k]
+            out[..., k, :][inside] = slice_model.signal(params[..., k, :][inside])
         return out
 
 
@@ -413,6 +427,7 @@ def write_bids_dataset(
     dtype: str = "float32",
     prolonged_transit: bool = True,
     exist_ok: bool = False,
+    slice_timing: Sequence[float] | None = None,
 ) -> Path:
     """Write a raw BIDS ASL dataset of digital phantoms; returns the dataset folder.
 
@@ -446,6 +461,8 @@ def write_bids_dataset(
     prolonged_transit : give every phantom its delayed (moyamoya-like) territory.
     exist_ok : write into non-empty folders (files of the same name are replaced;
         other files are left alone).
+    slice_timing : a 2D readout: one time (s) per slice along the last axis, the delay
+        after each PLD at which that slice is read (``SliceTiming``); None: 3D.
 
     Ground truth layout: ``<groundtruth_dir>/groundtruth.json`` (model, protocol,
     constants, snr, σ, S_ref, noise model, seeds, per subject the phantom seed and
@@ -467,6 +484,11 @@ def write_bids_dataset(
         if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     seed, subjects, repeats, m0_volumes = int(seed), int(subjects), int(repeats), int(m0_volumes)
+    if slice_timing is not None:
+        slice_timing = [float(v) for v in slice_timing]
+        if len(slice_timing) != int(shape[2]) or not all(0.0 <= v < MAX_TIME_S for v in slice_timing):
+            raise ValueError(f"slice_timing must give one time in [0, {MAX_TIME_S:g}) s per slice "
+                             f"({int(shape[2])}), got {slice_timing!r}")
     snr = float(snr)
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
@@ -521,12 +543,13 @@ def write_bids_dataset(
         phantom = make_phantom(shape, model, seed=(seed, k), prolonged_transit=prolonged_transit)
         subject_info[f"sub-{label}"] = {"phantom_seed": [seed, k], "prolonged_transit_side": phantom.side}
         _write_groundtruth(truth_root / f"sub-{label}", f"sub-{label}", phantom)
-        delta = phantom.clean_signal(kinetic)  # ΔM/M0t (*shape, n_volumes)
+        delta = phantom.clean_signal(kinetic, slice_timing)  # ΔM/M0t (*shape, n_volumes)
         for s_index, session in enumerate(session_labels):
             _write_session(
                 root, label, session, phantom, delta, protocol, plan,
                 sigma=sigma, noise=noise, m0_type=m0_type, repeats=repeats, m0_volumes=m0_volumes,
                 dtype=np.dtype(dtype), seed_key=(seed, k, s_index), constants=constants,
+                slice_timing=slice_timing,
             )
 
     _write_json(truth_root / "groundtruth.json", {
@@ -584,6 +607,14 @@ def _write_groundtruth(folder: Path, prefix: str, phantom: Phantom) -> None:
     })
 
 
+def _readout(slice_timing: Sequence[float] | None) -> dict[str, Any]:
+    """Sidecar fields of the readout: 3D GRASE, or 2D EPI with its SliceTiming (s)."""
+    if slice_timing is None:
+        return {"MRAcquisitionType": "3D", "PulseSequenceType": "3D_GRASE"}
+    return {"MRAcquisitionType": "2D", "PulseSequenceType": "2D_EPI", "SliceTiming": list(slice_timing),
+            "SliceEncodingDirection": "k"}
+
+
 def _write_session(
     root: Path,
     label: str,
@@ -601,6 +632,7 @@ def _write_session(
     dtype: np.dtype,
     seed_key: tuple[int, int, int],
     constants: Constants,
+    slice_timing: Sequence[float] | None = None,
 ) -> None:
     """The ASL series (and m0scan) of one subject and session."""
     subject_dir = root / f"sub-{label}"
@@ -641,8 +673,7 @@ def _write_session(
         _write_json(folder / f"{name}_asl.json", {
             "ArterialSpinLabelingType": "PCASL",
             "PCASLType": "balanced",
-            "MRAcquisitionType": "3D",
-            "PulseSequenceType": "3D_GRASE",
+            **_readout(slice_timing),
             "PulseSequenceDetails": PULSE_SEQUENCE_DETAILS,
             "Manufacturer": MANUFACTURER,
             "MagneticFieldStrength": FIELD_STRENGTH_T,
@@ -668,8 +699,7 @@ def _write_session(
                 m0_data = m0_data[..., 0]
             _write_nifti(folder / f"{name}_m0scan.nii.gz", m0_data, phantom.affine, tr_s=M0_TR_S)
             _write_json(folder / f"{name}_m0scan.json", {
-                "MRAcquisitionType": "3D",
-                "PulseSequenceType": "3D_GRASE",
+                **_readout(slice_timing),
                 "PulseSequenceDetails": PULSE_SEQUENCE_DETAILS,
                 "Manufacturer": MANUFACTURER,
                 "MagneticFieldStrength": FIELD_STRENGTH_T,
