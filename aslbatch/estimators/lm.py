@@ -40,8 +40,9 @@ from numba import prange
 from .._numba import parallel, serial
 from ..models import KineticModel
 from ..models.base import PLD, TIME
-from ..models.kernels import ONE_COMPARTMENT, model_normal_equations
+from ..models.kernels import ONE_COMPARTMENT, TWO_COMPARTMENT, model_normal_equations
 from ..models.one_compartment import normal_equations_voxel
+from ..models.two_compartment import normal_equations_scalars
 from .base import Estimate, Estimator, Status, check_signals
 from .lookup import build_time_grid, grid_params, grid_search, grid_search_voxel, is_invalid, n_chunks_for
 
@@ -664,6 +665,420 @@ def lm_one_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_ab
                     stderr[i, 1] = math.sqrt(s2 / a11)
 
 
+# --- fast path: the two-compartment model with scalar state ---------------------------------
+# The same algorithm as lm_voxel / lm_batch for 2C, on the internal parameters
+# q = (cbf, abv, abat, gap = att − abat) held in registers: A = JᵀJ as its 10 unique entries,
+# the normal equations fused with the model, the 4 x 4 Cholesky unrolled on scalars with held
+# rows and columns set to the identity as the generic kernel sets them. Each operation is the
+# generic kernel's, in its order, so both paths round alike.
+
+
+@serial
+def _normal_equations_2c(cbf, abv, abat, gap, free_abat, y, vol, const):
+    """:func:`_normal_equations` for 2C on scalars, at q = (cbf, abv, abat, gap = att − abat).
+
+    Returns (cost, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3): the
+    upper triangle of A = JᵀJ and g = Jᵀ(y - s) with respect to q (abat's column is
+    d/dabat + d/datt at a fixed gap), abat's row and column zero unless ``free_abat``.
+    """
+    cost, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3 = normal_equations_scalars(
+        cbf, abv, abat, abat + gap, y, vol, const)
+    # abat's row and column gain att's, summed in the order of _normal_equations
+    g2 += g3
+    a22 = (a22 + a23) + (a23 + a33)
+    a02 += a03
+    a12 += a13
+    a23 += a33
+    if not free_abat:
+        g2 = 0.0
+        a02 = 0.0
+        a12 = 0.0
+        a22 = 0.0
+        a23 = 0.0
+    return cost, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3
+
+
+@serial
+def _cholesky_4x4(m00, m10, m11, m20, m21, m22, m30, m31, m32, m33):
+    """Cholesky factor L (m = L Lᵀ) of a symmetric 4 x 4 matrix given by its lower triangle.
+
+    Returns (positive definite, l00, l10, l11, l20, l21, l22, l30, l31, l32, l33), computed
+    as :func:`cholesky_solve` does (L undefined when not positive definite).
+    """
+    s = m00
+    if not s > 0.0:
+        return False, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    l00 = math.sqrt(s)
+    l10 = m10 / l00
+    l20 = m20 / l00
+    l30 = m30 / l00
+    s = m11 - l10 * l10
+    if not s > 0.0:
+        return False, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    l11 = math.sqrt(s)
+    l21 = (m21 - l20 * l10) / l11
+    l31 = (m31 - l30 * l10) / l11
+    s = m22 - l20 * l20 - l21 * l21
+    if not s > 0.0:
+        return False, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    l22 = math.sqrt(s)
+    l32 = (m32 - l30 * l20 - l31 * l21) / l22
+    s = m33 - l30 * l30 - l31 * l31 - l32 * l32
+    if not s > 0.0:
+        return False, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    return True, l00, l10, l11, l20, l21, l22, l30, l31, l32, math.sqrt(s)
+
+
+@serial
+def _cholesky_solve_4(l00, l10, l11, l20, l21, l22, l30, l31, l32, l33, b0, b1, b2, b3):
+    """x with L Lᵀ x = b for the factor of :func:`_cholesky_4x4`: (x0, x1, x2, x3)."""
+    x0 = b0 / l00
+    x1 = (b1 - l10 * x0) / l11
+    x2 = (b2 - l20 * x0 - l21 * x1) / l22
+    x3 = (b3 - l30 * x0 - l31 * x1 - l32 * x2) / l33
+    x3 = x3 / l33
+    x2 = (x2 - l32 * x3) / l22
+    x1 = (x1 - l21 * x2 - l31 * x3) / l11
+    x0 = (x0 - l10 * x1 - l20 * x2 - l30 * x3) / l00
+    return x0, x1, x2, x3
+
+
+@serial
+def _solve_4x4(a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3, mu, d0, d1, d2, d3, held0, held1,
+               held2, held3):
+    """(solved, h0, h1, h2, h3): (A + μ D) h = g over the parameters not held (held ones get h = 0).
+
+    A held parameter's row and column are those of the identity, with a zero right-hand side.
+    """
+    ok, l00, l10, l11, l20, l21, l22, l30, l31, l32, l33 = _cholesky_4x4(
+        1.0 if held0 else a00 + mu * d0,
+        0.0 if (held1 or held0) else a01,
+        1.0 if held1 else a11 + mu * d1,
+        0.0 if (held2 or held0) else a02,
+        0.0 if (held2 or held1) else a12,
+        1.0 if held2 else a22 + mu * d2,
+        0.0 if (held3 or held0) else a03,
+        0.0 if (held3 or held1) else a13,
+        0.0 if (held3 or held2) else a23,
+        1.0 if held3 else a33 + mu * d3)
+    if not ok:
+        return False, 0.0, 0.0, 0.0, 0.0
+    h0, h1, h2, h3 = _cholesky_solve_4(l00, l10, l11, l20, l21, l22, l30, l31, l32, l33, 0.0 if held0 else g0,
+                                       0.0 if held1 else g1, 0.0 if held2 else g2, 0.0 if held3 else g3)
+    return True, h0, h1, h2, h3
+
+
+@serial
+def _on_bound(x, lo, hi):
+    """True when x lies within 1e-9 of the range [lo, hi] from one of its ends."""
+    span = 1e-9 * (hi - lo)
+    return x <= lo + span or x >= hi - span
+
+
+@serial
+def lm_two_compartment_voxel(y, cbf, abv, abat, gap, free_abat, lo0, hi0, lo1, hi1, lo2, hi2, lo3, hi3, att_max, vol,
+                             const, max_iter, xtol, ftol):
+    """Fit q = (cbf, abv, abat, gap = att − abat) of one voxel from a start; :func:`lm_voxel` with scalar state.
+
+    cbf in mL/100 g/min, abv in mL/mL, abat and gap in s, bounded by lo_i <= q_i <= hi_i;
+    att = abat + gap is capped at ``att_max`` (s); abat stays at its start unless
+    ``free_abat``. Returns (cbf, abv, abat, gap, status code, cost, number of evaluations,
+    a00, a01, a02, a03, a11, a12, a13, a22, a23, a33) with A = JᵀJ with respect to q at the
+    result (for standard errors).
+    """
+    cost, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3 = _normal_equations_2c(
+        cbf, abv, abat, gap, free_abat, y, vol, const)
+    d0 = a00
+    d1 = a11
+    d2 = a22
+    d3 = a33
+    mu = MU_START
+    nu = 2.0
+    status = _MAX_ITERATIONS
+    n_eval = 1
+    for _ in range(max_iter):
+        if cost == 0.0:
+            status = _CONVERGED
+            break
+        held0 = not d0 > 0.0 or (cbf <= lo0 and g0 <= 0.0) or (cbf >= hi0 and g0 >= 0.0)
+        held1 = not d1 > 0.0 or (abv <= lo1 and g1 <= 0.0) or (abv >= hi1 and g1 >= 0.0)
+        held2 = not (free_abat and d2 > 0.0) or (abat <= lo2 and g2 <= 0.0) or (abat >= hi2 and g2 >= 0.0)
+        held3 = not d3 > 0.0 or (gap <= lo3 and g3 <= 0.0) or (gap >= hi3 and g3 >= 0.0)
+        solved = False
+        h0 = 0.0
+        h1 = 0.0
+        h2 = 0.0
+        h3 = 0.0
+        frac = 1.0
+        blocking = -1
+        for _attempt in range(5):
+            solved, h0, h1, h2, h3 = _solve_4x4(a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3,
+                                                mu, d0, d1, d2, d3, held0, held1, held2, held3)
+            if not solved:
+                break
+            f0 = _fraction_to_bound(cbf, h0, lo0, hi0)
+            f1 = _fraction_to_bound(abv, h1, lo1, hi1)
+            f2 = _fraction_to_bound(abat, h2, lo2, hi2)
+            f3 = _fraction_to_bound(gap, h3, lo3, hi3)
+            frac = 1.0
+            blocking = -1
+            if f0 < frac:
+                frac = f0
+                blocking = 0
+            if f1 < frac:
+                frac = f1
+                blocking = 1
+            if f2 < frac:
+                frac = f2
+                blocking = 2
+            if f3 < frac:
+                frac = f3
+                blocking = 3
+            if frac > 0.0:
+                break
+            if blocking == 0:
+                held0 = True
+            elif blocking == 1:
+                held1 = True
+            elif blocking == 2:
+                held2 = True
+            else:
+                held3 = True
+        if not solved:
+            mu *= nu
+            nu *= 2.0
+            if mu > MU_CEILING:
+                status = _CONVERGED
+                break
+            continue
+        cbf_try = cbf + frac * h0
+        abv_try = abv + frac * h1
+        abat_try = abat + frac * h2
+        gap_try = gap + frac * h3
+        if blocking == 0:
+            cbf_try = lo0 if h0 < 0.0 else hi0
+        elif blocking == 1:
+            abv_try = lo1 if h1 < 0.0 else hi1
+        elif blocking == 2:
+            abat_try = lo2 if h2 < 0.0 else hi2
+        elif blocking == 3:
+            gap_try = lo3 if h3 < 0.0 else hi3
+        if abat_try + gap_try > att_max:
+            gap_try = max(att_max - abat_try, 0.0)
+        h0 = cbf_try - cbf
+        h1 = abv_try - abv
+        h2 = abat_try - abat
+        h3 = gap_try - gap
+        if (abs(h0) <= xtol * (abs(cbf) + xtol) and abs(h1) <= xtol * (abs(abv) + xtol)
+                and abs(h2) <= xtol * (abs(abat) + xtol) and abs(h3) <= xtol * (abs(gap) + xtol)):
+            status = _CONVERGED
+            break
+        cost_try, b00, b01, b02, b03, b11, b12, b13, b22, b23, b33, f0, f1, f2, f3 = _normal_equations_2c(
+            cbf_try, abv_try, abat_try, gap_try, free_abat, y, vol, const)
+        n_eval += 1
+        if cost_try < cost:
+            # predicted decrease of the linearised model for the (truncated) step h
+            ah0 = a00 * h0 + a01 * h1 + a02 * h2 + a03 * h3
+            ah1 = a01 * h0 + a11 * h1 + a12 * h2 + a13 * h3
+            ah2 = a02 * h0 + a12 * h1 + a22 * h2 + a23 * h3
+            ah3 = a03 * h0 + a13 * h1 + a23 * h2 + a33 * h3
+            pred = (2.0 * h0 * g0 - h0 * ah0) + (2.0 * h1 * g1 - h1 * ah1) + (2.0 * h2 * g2 - h2 * ah2) + (
+                2.0 * h3 * g3 - h3 * ah3)
+            rho = (cost - cost_try) / pred if pred > 0.0 else 1.0
+            done = cost - cost_try <= ftol * cost
+            cbf = cbf_try
+            abv = abv_try
+            abat = abat_try
+            gap = gap_try
+            cost = cost_try
+            a00, a01, a02, a03, a11, a12, a13, a22, a23, a33 = b00, b01, b02, b03, b11, b12, b13, b22, b23, b33
+            g0, g1, g2, g3 = f0, f1, f2, f3
+            if a00 > d0:
+                d0 = a00
+            if a11 > d1:
+                d1 = a11
+            if a22 > d2:
+                d2 = a22
+            if a33 > d3:
+                d3 = a33
+            mu *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+            if mu < MU_FLOOR:
+                mu = MU_FLOOR
+            nu = 2.0
+            if done:
+                status = _CONVERGED
+                break
+        else:
+            mu *= nu
+            nu *= 2.0
+            if mu > MU_CEILING:
+                status = _CONVERGED
+                break
+    if status == _CONVERGED:
+        if (_on_bound(cbf, lo0, hi0) or _on_bound(abv, lo1, hi1) or (free_abat and _on_bound(abat, lo2, hi2))
+                or _on_bound(gap, lo3, hi3)):
+            status = _AT_BOUND
+    return cbf, abv, abat, gap, status, cost, n_eval, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33
+
+
+@serial
+def _standard_errors_2c(a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, free_abat, cost, n_vol):
+    """:func:`_standard_errors` on scalars: (se cbf, se abv, se abat, se att) in API units from
+    A = JᵀJ with respect to q = (cbf, abv, abat, gap); NaN where not estimable."""
+    used0 = a00 > 0.0
+    used1 = a11 > 0.0
+    used2 = free_abat and a22 > 0.0
+    used3 = a33 > 0.0
+    dof = n_vol - (1 if used0 else 0) - (1 if used1 else 0) - (1 if used2 else 0) - (1 if used3 else 0)
+    if dof <= 0:
+        return np.nan, np.nan, np.nan, np.nan
+    s2 = cost / dof
+    ok, l00, l10, l11, l20, l21, l22, l30, l31, l32, l33 = _cholesky_4x4(
+        a00 if used0 else 1.0,
+        a01 if (used1 and used0) else 0.0,
+        a11 if used1 else 1.0,
+        a02 if (used2 and used0) else 0.0,
+        a12 if (used2 and used1) else 0.0,
+        a22 if used2 else 1.0,
+        a03 if (used3 and used0) else 0.0,
+        a13 if (used3 and used1) else 0.0,
+        a23 if (used3 and used2) else 0.0,
+        a33 if used3 else 1.0)
+    if not ok:
+        return np.nan, np.nan, np.nan, np.nan
+    # the diagonal of cov(q) = A⁻¹ s² column by column, and cov(abat, gap) for att = abat + gap
+    var0 = np.nan
+    var1 = np.nan
+    var2 = np.nan
+    var3 = np.nan
+    cov23 = np.nan
+    if used0:
+        var0 = _cholesky_solve_4(l00, l10, l11, l20, l21, l22, l30, l31, l32, l33, 1.0, 0.0, 0.0, 0.0)[0] * s2
+    if used1:
+        var1 = _cholesky_solve_4(l00, l10, l11, l20, l21, l22, l30, l31, l32, l33, 0.0, 1.0, 0.0, 0.0)[1] * s2
+    if used2:
+        var2 = _cholesky_solve_4(l00, l10, l11, l20, l21, l22, l30, l31, l32, l33, 0.0, 0.0, 1.0, 0.0)[2] * s2
+    if used3:
+        _, _, x2, x3 = _cholesky_solve_4(l00, l10, l11, l20, l21, l22, l30, l31, l32, l33, 0.0, 0.0, 0.0, 1.0)
+        var3 = x3 * s2
+        if used2:
+            cov23 = x2 * s2
+    se0 = math.sqrt(var0) if var0 >= 0.0 else np.nan
+    se1 = math.sqrt(var1) if var1 >= 0.0 else np.nan
+    se2 = math.sqrt(var2) if var2 >= 0.0 else np.nan
+    se3 = math.sqrt(var3) if var3 >= 0.0 else np.nan
+    if free_abat:
+        var = var2 + var3 + 2.0 * cov23
+        se3 = math.sqrt(var) if var >= 0.0 else np.nan
+    return se0, se1, se2, se3
+
+
+@parallel
+def lm_two_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, att_grid,
+                             abat_grid, lower, upper, free_abat, vol, const, max_iter, xtol, ftol, n_chunks, params,
+                             stderr, status, rss, n_eval):
+    """Grid start and LM fit of every voxel for the 2C model (what :func:`lm_batch` does from
+    :func:`grid_search` starts), with the same second starts and standard errors.
+
+    ``lower``/``upper`` are the model's bounds (cbf, abv, abat, att); abat is held at the grid's
+    value unless ``free_abat``.
+    """
+    n = signals.shape[0]
+    n_vol = signals.shape[1]
+    lo0, hi0, lo1, hi1, lo2, hi2 = lower[0], upper[0], lower[1], upper[1], lower[2], upper[2]
+    lo_att, att_max = lower[3], upper[3]
+    # internal: gap = att - abat in [0, upper att - lower abat]
+    lo3 = 0.0
+    hi3 = att_max - lo2
+    for chunk in prange(n_chunks):
+        ty = np.empty(tissue_by_volume.shape[1])
+        ay = np.empty(arterial.shape[0])
+        for i in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
+            y = signals[i]
+            if is_invalid(y):
+                for j in range(4):
+                    params[i, j] = np.nan
+                    stderr[i, j] = np.nan
+                status[i] = _INVALID_INPUT
+                rss[i] = np.nan
+                n_eval[i] = 0
+                continue
+            k, alt, c, a, _ = grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att,
+                                                pair_alt, pairs, ty, ay)
+            cbf0 = min(max(c, lo0), hi0)
+            abv0 = min(max(a, lo1), hi1)
+            abat0 = min(max(abat_grid[pair_abat[k]], lo2), hi2)
+            gap0 = max(min(max(att_grid[pair_att[k]], lo_att), att_max) - abat0, 0.0)
+            (cbf, abv, abat, gap, code, cost, evals, a00, a01, a02, a03, a11, a12, a13, a22, a23,
+             a33) = lm_two_compartment_voxel(y, cbf0, abv0, abat0, gap0, free_abat, lo0, hi0, lo1, hi1, lo2, hi2, lo3,
+                                             hi3, att_max, vol, const, max_iter, xtol, ftol)
+            # second starts: past a flat run of the grid; and where the fit ended on a kink, the
+            # other parameters re-fitted with att held on it, then each side that offers descent
+            kink = np.nan
+            for attempt in range(4):
+                side_lo = lo3
+                side_hi = hi3
+                start_cbf = cbf
+                start_abv = abv
+                start_abat = abat
+                start_gap = gap
+                if attempt == 0:
+                    if alt < 0:
+                        continue
+                    # the alternative pair's times with the best pair's amplitudes
+                    start_cbf = cbf0
+                    start_abv = abv0
+                    start_abat = min(max(abat_grid[pair_abat[alt]], lo2), hi2)
+                    start_gap = max(min(max(att_grid[pair_att[alt]], lo_att), att_max) - start_abat, 0.0)
+                else:
+                    if attempt == 1:
+                        kink = kink_near(abat + gap, vol)
+                        if math.isnan(kink):
+                            break
+                    # the kink as a gap from the current abat
+                    edge = min(max(kink - abat, lo3), hi3)
+                    if attempt == 1:
+                        side_lo = edge
+                        side_hi = edge
+                        start_gap = edge
+                    else:
+                        # one-sided att gradient (g = Jᵀr: positive means cost falls as att grows)
+                        probe = edge - KINK_PROBE_S if attempt == 2 else edge + KINK_PROBE_S
+                        g_att = _normal_equations_2c(cbf, abv, abat, probe, free_abat, y, vol, const)[14]
+                        evals += 1
+                        if (attempt == 2 and not g_att < 0.0) or (attempt == 3 and not g_att > 0.0):
+                            continue
+                        if attempt == 2:
+                            side_hi = edge
+                            start_gap = max(edge - KINK_SIDE_S, lo3)
+                        else:
+                            side_lo = edge
+                            start_gap = min(edge + KINK_SIDE_S, hi3)
+                (cbf2, abv2, abat2, gap2, code2, cost2, evals2, b00, b01, b02, b03, b11, b12, b13, b22, b23,
+                 b33) = lm_two_compartment_voxel(y, start_cbf, start_abv, start_abat, start_gap, free_abat, lo0, hi0,
+                                                 lo1, hi1, lo2, hi2, side_lo, side_hi, att_max, vol, const, max_iter,
+                                                 xtol, ftol)
+                evals += evals2
+                if cost2 < cost * (1.0 - 1e-12):
+                    # on a side bound that is not a bound of the model, the fit is still converged
+                    if code2 == _AT_BOUND and attempt > 0:
+                        code2 = _CONVERGED
+                        if (_on_bound(cbf2, lo0, hi0) or _on_bound(abv2, lo1, hi1)
+                                or (free_abat and _on_bound(abat2, lo2, hi2)) or _on_bound(gap2, lo3, hi3)):
+                            code2 = _AT_BOUND
+                    cbf, abv, abat, gap, code, cost = cbf2, abv2, abat2, gap2, code2, cost2
+                    a00, a01, a02, a03, a11, a12, a13, a22, a23, a33 = b00, b01, b02, b03, b11, b12, b13, b22, b23, b33
+            params[i, 0] = cbf
+            params[i, 1] = abv
+            params[i, 2] = abat
+            params[i, 3] = abat + gap
+            status[i] = code
+            rss[i] = cost
+            n_eval[i] = evals
+            stderr[i, 0], stderr[i, 1], stderr[i, 2], stderr[i, 3] = _standard_errors_2c(
+                a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, free_abat, cost, n_vol)
+
+
 def levenberg_marquardt(model: KineticModel, signals: np.ndarray, start: np.ndarray, *,
                         alt_start: np.ndarray | None = None, free: np.ndarray | None = None,
                         max_iter: int = 100, xtol: float = 1e-8, ftol: float = 1e-10) -> Estimate:
@@ -721,8 +1136,8 @@ class LevenbergMarquardtEstimator(Estimator):
     max_iter : iteration limit per voxel (default 100).
     xtol : relative step tolerance (default 1e-8).
     ftol : relative cost-decrease tolerance (default 1e-10).
-    fast_path : use the scalar kernel for the 1C model (default True); False runs the generic
-        kernel, the same algorithm (kept as the reference the fast path is tested against).
+    fast_path : use the scalar kernels of the 1C and 2C models (default True); False runs the
+        generic kernel, the same algorithm (kept as the reference the fast paths are tested against).
     """
 
     name = "lm"
@@ -762,6 +1177,8 @@ class LevenbergMarquardtEstimator(Estimator):
         y = check_signals(signals, self.model)
         if self.fast_path and self.model.kernel_id == ONE_COMPARTMENT:
             return self._predict_one_compartment(y)
+        if self.fast_path and self.model.kernel_id == TWO_COMPARTMENT:
+            return self._predict_two_compartment(y)
         best_pair, alt_pair, amp, _, _ = grid_search(self.grid_, y)
         start = grid_params(self.model, self.grid_, best_pair, amp)
         alt_start = grid_params(self.model, self.grid_, np.where(alt_pair >= 0, alt_pair, -1), amp)
@@ -781,4 +1198,21 @@ class LevenbergMarquardtEstimator(Estimator):
         lm_one_compartment_batch(y, g.tissue_by_volume, g.arterial, g.norms, g.pair_abat, g.pair_att, g.pair_alt, g.pairs,
                                  g.att, lower, upper, self.model.vol, self.model.const, self.max_iter, float(self.xtol),
                                  float(self.ftol), n_chunks_for(n), params, stderr, status, rss, n_eval)
+        return Estimate(params, status, stderr, rss, self.model.param_names, self.name, info={"n_eval": n_eval})
+
+    def _predict_two_compartment(self, y: np.ndarray) -> Estimate:
+        """The 2C fast path: grid start and fit in one scalar kernel per voxel."""
+        n = y.shape[0]
+        lower, upper = self.model.bounds
+        params = np.empty((n, 4))
+        stderr = np.empty((n, 4))
+        status = np.empty(n, dtype=np.int8)
+        rss = np.empty(n)
+        n_eval = np.empty(n, dtype=np.int64)
+        g = self.grid_
+        free_abat = bool(self.free_[self.model.param_names.index("abat")])
+        lm_two_compartment_batch(y, g.tissue_by_volume, g.arterial, g.norms, g.pair_abat, g.pair_att, g.pair_alt,
+                                 g.pairs, g.att, g.abat, lower, upper, free_abat, self.model.vol, self.model.const,
+                                 self.max_iter, float(self.xtol), float(self.ftol), n_chunks_for(n), params, stderr,
+                                 status, rss, n_eval)
         return Estimate(params, status, stderr, rss, self.model.param_names, self.name, info={"n_eval": n_eval})

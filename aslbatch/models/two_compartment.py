@@ -78,14 +78,14 @@ def arterial_voxel(abv, abat, vol, const, sig, jac, j_abv, j_abat, with_jac):
 
 
 @serial
-def normal_equations_voxel(params, y, vol, const, a, g):
-    """Least-squares quantities of the 2C model at params = (cbf, abv, abat, att), in one pass.
+def normal_equations_scalars(cbf, abv, abat, att, y, vol, const):
+    """Least-squares quantities of the 2C model at (cbf, abv, abat, att) for data ``y`` (ΔM/M0t), in one pass.
 
-    Writes A = JᵀJ (4 x 4) into ``a`` and g = Jᵀ(y - s) into ``g`` (per API unit of each
-    parameter) and returns the cost |y - s|², for data ``y`` (ΔM/M0t). For fitting without
+    Returns (cost, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3):
+    cost = |y - s|², the upper triangle of A = JᵀJ and g = Jᵀ(y - s), with J = ds/d(cbf,
+    abv, abat, att) per mL/100 g/min, per mL/mL, per s and per s. For fitting without
     signal arrays.
     """
-    cbf, abv, abat, att = params[0], params[1], params[2], params[3]
     label, t1b = const[LABEL], const[T1B]
     s_edge = const[EDGE_S]
     e_att = math.exp(-att / t1b)
@@ -93,11 +93,21 @@ def normal_equations_voxel(params, y, vol, const, a, g):
     blood = const[T1_TISSUE] == 0.0
     amp = label * t1b / CBF_SCALE
     t1t, lam = const[T1T], const[LAMBDA]
-    for i in range(4):
-        g[i] = 0.0
-        for j in range(4):
-            a[i, j] = 0.0
     cost = 0.0
+    a00 = 0.0
+    a01 = 0.0
+    a02 = 0.0
+    a03 = 0.0
+    a11 = 0.0
+    a12 = 0.0
+    a13 = 0.0
+    a22 = 0.0
+    a23 = 0.0
+    a33 = 0.0
+    g0 = 0.0
+    g1 = 0.0
+    g2 = 0.0
+    g3 = 0.0
     for v in range(vol.shape[0]):
         tau = vol[v, TAU]
         t = vol[v, TIME]
@@ -112,23 +122,48 @@ def normal_equations_voxel(params, y, vol, const, a, g):
             s += s_a
         r = y[v] - s
         cost += r * r
-        g[0] += j0 * r
-        g[1] += j1 * r
-        g[2] += j2 * r
-        g[3] += j3 * r
-        a[0, 0] += j0 * j0
-        a[0, 1] += j0 * j1
-        a[0, 2] += j0 * j2
-        a[0, 3] += j0 * j3
-        a[1, 1] += j1 * j1
-        a[1, 2] += j1 * j2
-        a[1, 3] += j1 * j3
-        a[2, 2] += j2 * j2
-        a[2, 3] += j2 * j3
-        a[3, 3] += j3 * j3
+        g0 += j0 * r
+        g1 += j1 * r
+        g2 += j2 * r
+        g3 += j3 * r
+        a00 += j0 * j0
+        a01 += j0 * j1
+        a02 += j0 * j2
+        a03 += j0 * j3
+        a11 += j1 * j1
+        a12 += j1 * j2
+        a13 += j1 * j3
+        a22 += j2 * j2
+        a23 += j2 * j3
+        a33 += j3 * j3
+    return cost, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3
+
+
+@serial
+def normal_equations_voxel(params, y, vol, const, a, g):
+    """:func:`normal_equations_scalars` at params = (cbf, abv, abat, att), written into ``a`` (4 x 4) and ``g``.
+
+    A = JᵀJ goes to ``a`` (both triangles), g = Jᵀ(y - s) to ``g``; returns the cost |y - s|².
+    """
+    cost, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3 = normal_equations_scalars(
+        params[0], params[1], params[2], params[3], y, vol, const)
+    a[0, 0] = a00
+    a[0, 1] = a01
+    a[0, 2] = a02
+    a[0, 3] = a03
+    a[1, 1] = a11
+    a[1, 2] = a12
+    a[1, 3] = a13
+    a[2, 2] = a22
+    a[2, 3] = a23
+    a[3, 3] = a33
     for i in range(4):
         for j in range(i):
             a[i, j] = a[j, i]
+    g[0] = g0
+    g[1] = g1
+    g[2] = g2
+    g[3] = g3
     return cost
 
 
