@@ -578,7 +578,7 @@ def lm_one_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_ab
     lo0, hi0, lo1, hi1 = lower[0], upper[0], lower[1], upper[1]
     for chunk in prange(n_chunks):
         ty = np.empty(tissue_by_volume.shape[1])
-        ay = np.empty(0)
+        ay = np.empty(max(tissue_by_volume.shape[1], arterial.shape[0]))
         for i in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
             y = signals[i]
             if is_invalid(y):
@@ -992,7 +992,7 @@ def lm_two_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_ab
     hi3 = att_max - lo2
     for chunk in prange(n_chunks):
         ty = np.empty(tissue_by_volume.shape[1])
-        ay = np.empty(arterial.shape[0])
+        ay = np.empty(max(tissue_by_volume.shape[1], arterial.shape[0]))
         for i in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
             y = signals[i]
             if is_invalid(y):

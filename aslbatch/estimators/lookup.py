@@ -203,7 +203,7 @@ def _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two):
 def grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, ty, ay):
     """Best grid pair for signal ``y``: returns (pair index, alternative pair, c, a, rss).
 
-    ``ty`` and ``ay`` are scratch arrays of lengths n_att and n_abat. Ties (within
+    ``ty`` and ``ay`` are scratch arrays of lengths n_att and max(n_att, n_abat). Ties (within
     TIE_TOLERANCE |y|²) over consecutive pairs (flat directions) resolve to the middle of
     the run; the alternative is then the first pair past the run (else -1), for a second
     local start.
@@ -228,6 +228,25 @@ def grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att,
         for v in range(n_vol):
             s += arterial[j, v] * y[v]
         ay[j] = s
+    if not two:
+        # one basis (pair k = att k): every residual in a branch-free loop, then the minimum
+        # and the run of ties around it (scratch ``ay`` holds the residuals)
+        for k in range(n_att):
+            ay[k] = yy - max(ty[k], 0.0) * norms[1, k] * ty[k]
+        k = 0
+        for i in range(1, n_att):
+            if ay[i] < ay[k]:
+                k = i
+        first = k
+        while first > 0 and ay[first - 1] <= ay[k] + tie:
+            first -= 1
+        last = k
+        while last + 1 < n_att and ay[last + 1] <= ay[k] + tie:
+            last += 1
+        k = (first + last) // 2
+        alt = last + 1 if last > first and last + 1 < n_att else pair_alt[k]
+        c, a, rss = _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, False)
+        return k, alt, c, a, max(rss, 0.0)
     best = np.inf
     first = 0
     last = 0
@@ -268,7 +287,7 @@ def lookup_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att
     n = signals.shape[0]
     for chunk in prange(n_chunks):
         ty = np.empty(tissue_by_volume.shape[1])
-        ay = np.empty(arterial.shape[0])
+        ay = np.empty(max(tissue_by_volume.shape[1], arterial.shape[0]))
         for i in range(chunk * n // n_chunks, (chunk + 1) * n // n_chunks):
             if is_invalid(signals[i]):
                 invalid[i] = True
