@@ -18,7 +18,8 @@ Algorithm (per voxel):
   gap = att − abat, so the order abat <= att is the plain bound gap >= 0. A trial is
   accepted when it lowers the cost;
 - stop: relative step below ``xtol`` (|Δp_i| <= xtol (|p_i| + xtol) for every parameter),
-  relative cost decrease below ``ftol``, or an exact fit;
+  relative cost decrease below ``ftol`` (achieved, or predicted by the linearised model for
+  the next step, which then is not evaluated), or an exact fit;
 - standard errors: sqrt(diag((JᵀJ)⁻¹) · RSS / (n_volumes − n_estimated)) at the solution,
   NaN for a parameter the data do not inform (zero Jacobian column) or that is held fixed.
 
@@ -55,6 +56,8 @@ KINK_S = 1e-4
 KINK_SIDE_S = 0.01
 #: one-sided gradients at a kink are taken this far (s) from it
 KINK_PROBE_S = 1e-6
+#: a side fit may end on another kink: kinks are handled this many times per voxel at most
+KINK_ROUNDS = 3
 # status codes as plain ints, frozen into the compiled kernels
 _CONVERGED = int(Status.CONVERGED)
 _MAX_ITERATIONS = int(Status.MAX_ITERATIONS)
@@ -188,8 +191,8 @@ def kink_near(att, vol):
 
 
 @serial
-def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, att_max, kernel_id, vol, const, max_iter, xtol, ftol,
-             p, q_try, a, g, a_try, g_try, d, m, h, rhs, held):
+def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, j_att, att_max, kernel_id, vol, const, max_iter, xtol,
+             ftol, p, q_try, a, g, a_try, g_try, d, m, h, rhs, held):
     """Fit one voxel in place: ``q`` holds the start and receives the result.
 
     ``q`` are the internal parameters: the model's, except that with an arrival order
@@ -266,16 +269,20 @@ def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, att_max, kernel_id, v
         if small:
             status = _CONVERGED
             break
+        # predicted decrease of the linearised model for the (truncated) step h: if even that
+        # is below ftol, the fit has converged without evaluating the step
+        pred = 0.0
+        for i in range(n_p):
+            ah = 0.0
+            for j in range(n_p):
+                ah += a[i, j] * h[j]
+            pred += 2.0 * h[i] * g[i] - h[i] * ah
+        if 0.0 <= pred <= ftol * cost:
+            status = _CONVERGED
+            break
         cost_try = _normal_equations(kernel_id, q_try, order_lo, order_hi, free, y, vol, const, p, a_try, g_try)
         n_eval += 1
         if cost_try < cost:
-            # predicted decrease of the linearised model for the (truncated) step h
-            pred = 0.0
-            for i in range(n_p):
-                ah = 0.0
-                for j in range(n_p):
-                    ah += a[i, j] * h[j]
-                pred += 2.0 * h[i] * g[i] - h[i] * ah
             rho = (cost - cost_try) / pred if pred > 0.0 else 1.0
             done = cost - cost_try <= ftol * cost
             cost = cost_try
@@ -295,6 +302,16 @@ def lm_voxel(y, q, lower, upper, free, order_lo, order_hi, att_max, kernel_id, v
                 status = _CONVERGED
                 break
         else:
+            # a rejected step with att on a kink: its one-sided Jacobian cannot see past the
+            # kink, so stop; the caller's kink handling (att held, one-sided probes, side fits) decides
+            # (not when that kink bounds this fit: a side fit cannot see past its own bound anyway)
+            if j_att >= 0:
+                shift = q[order_lo] if order_lo >= 0 else 0.0
+                kink = kink_near(q[j_att] + shift, vol)
+                if (not math.isnan(kink) and abs(kink - lower[j_att] - shift) > KINK_S
+                        and abs(kink - upper[j_att] - shift) > KINK_S):
+                    status = _CONVERGED
+                    break
             mu *= nu
             nu *= 2.0
             if mu > MU_CEILING:
@@ -353,13 +370,14 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
                 continue
             for j in range(n_p):
                 q[j] = start[i, j]
-            code, cost, evals = lm_voxel(signals[i], q, lower, upper, free, order_lo, order_hi, att_max, kernel_id,
+            code, cost, evals = lm_voxel(signals[i], q, lower, upper, free, order_lo, order_hi, j_att, att_max, kernel_id,
                                          vol, const, max_iter, xtol, ftol, p, q_try, a, g, a_try, g_try, d, m, h,
                                          rhs, held)
             # second starts: past a flat run of the grid; and where the fit ended on a kink, the
             # other parameters re-fitted with att held on it, then each side that offers descent
             kink = np.nan
-            for attempt in range(4):
+            for attempt in range(1 + 3 * KINK_ROUNDS):
+                stage = 0 if attempt == 0 else (attempt - 1) % 3 + 1  # 1 att held, 2 left side, 3 right side
                 for j in range(n_p):
                     lower2[j] = lower[j]
                     upper2[j] = upper[j]
@@ -370,26 +388,27 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
                     for j in range(n_p):
                         q2[j] = alt_start[i, j]
                 else:
-                    if attempt == 1:
+                    if stage == 1:
                         _to_model(q, order_lo, order_hi, p)
-                        kink = kink_near(p[j_att], vol)
-                        if math.isnan(kink):
+                        new_kink = kink_near(p[j_att], vol)
+                        if math.isnan(new_kink) or new_kink == kink:
                             break
+                        kink = new_kink
                     # the kink in internal units (for 2C: a gap from the current abat)
                     edge = min(max(kink - q[order_lo] if order_lo >= 0 else kink, lower[j_att]), upper[j_att])
-                    if attempt == 1:
+                    if stage == 1:
                         lower2[j_att] = edge
                         upper2[j_att] = edge
                         q2[j_att] = edge
                     else:
                         # one-sided att gradient (g = Jᵀr: positive means cost falls as att grows)
-                        q2[j_att] = edge - KINK_PROBE_S if attempt == 2 else edge + KINK_PROBE_S
+                        q2[j_att] = edge - KINK_PROBE_S if stage == 2 else edge + KINK_PROBE_S
                         _normal_equations(kernel_id, q2, order_lo, order_hi, free, signals[i], vol, const, p,
                                           a_probe, g_probe)
                         evals += 1
-                        if (attempt == 2 and not g_probe[j_att] < 0.0) or (attempt == 3 and not g_probe[j_att] > 0.0):
+                        if (stage == 2 and not g_probe[j_att] < 0.0) or (stage == 3 and not g_probe[j_att] > 0.0):
                             continue
-                        if attempt == 2:
+                        if stage == 2:
                             upper2[j_att] = edge
                             q2[j_att] = max(edge - KINK_SIDE_S, lower[j_att])
                         else:
@@ -398,7 +417,7 @@ def lm_batch(signals, start, alt_start, lower, upper, free, order_lo, order_hi, 
                 for j in range(n_p):
                     for k in range(n_p):
                         a2[j, k] = a[j, k]
-                code2, cost2, evals2 = lm_voxel(signals[i], q2, lower2, upper2, free, order_lo, order_hi, att_max,
+                code2, cost2, evals2 = lm_voxel(signals[i], q2, lower2, upper2, free, order_lo, order_hi, j_att, att_max,
                                                 kernel_id, vol, const, max_iter, xtol, ftol, p, q_try, a, g, a_try,
                                                 g_try, d, m, h, rhs, held)
                 evals += evals2
@@ -531,10 +550,13 @@ def lm_one_compartment_voxel(y, cbf, att, lo0, hi0, lo1, hi1, vol, const, max_it
         if abs(h0) <= xtol * (abs(cbf) + xtol) and abs(h1) <= xtol * (abs(att) + xtol):
             status = _CONVERGED
             break
+        pred = 2.0 * (h0 * g0 + h1 * g1) - (h0 * (a00 * h0 + a01 * h1) + h1 * (a01 * h0 + a11 * h1))
+        if 0.0 <= pred <= ftol * cost:
+            status = _CONVERGED
+            break
         cost_try, b00, b01, b11, f0, f1 = normal_equations_voxel(cbf_try, att_try, y, vol, const)
         n_eval += 1
         if cost_try < cost:
-            pred = 2.0 * (h0 * g0 + h1 * g1) - (h0 * (a00 * h0 + a01 * h1) + h1 * (a01 * h0 + a11 * h1))
             rho = (cost - cost_try) / pred if pred > 0.0 else 1.0
             done = cost - cost_try <= ftol * cost
             cbf = cbf_try
@@ -556,6 +578,11 @@ def lm_one_compartment_voxel(y, cbf, att, lo0, hi0, lo1, hi1, vol, const, max_it
                 status = _CONVERGED
                 break
         else:
+            # a rejected step with att on a kink that does not bound this fit: stop, as in lm_voxel
+            kink = kink_near(att, vol)
+            if not math.isnan(kink) and abs(kink - lo1) > KINK_S and abs(kink - hi1) > KINK_S:
+                status = _CONVERGED
+                break
             mu *= nu
             nu *= 2.0
             if mu > MU_CEILING:
@@ -599,7 +626,8 @@ def lm_one_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_ab
             # second starts: past a flat run of the grid; and where the fit ended on a kink, the
             # other parameters re-fitted with att held on it, then each side that offers descent
             kink = np.nan
-            for attempt in range(4):
+            for attempt in range(1 + 3 * KINK_ROUNDS):
+                stage = 0 if attempt == 0 else (attempt - 1) % 3 + 1  # 1 att held, 2 left side, 3 right side
                 side_lo = lo1
                 side_hi = hi1
                 if attempt == 0:
@@ -607,10 +635,11 @@ def lm_one_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_ab
                         continue
                     start_cbf = cbf0
                     start_att = min(max(att_grid[pair_att[alt]], lo1), hi1)
-                elif attempt == 1:
-                    kink = kink_near(att, vol)
-                    if math.isnan(kink):
+                elif stage == 1:
+                    new_kink = kink_near(att, vol)
+                    if math.isnan(new_kink) or new_kink == kink:
                         break
+                    kink = new_kink
                     edge = min(max(kink, lo1), hi1)
                     side_lo = edge
                     side_hi = edge
@@ -618,12 +647,12 @@ def lm_one_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_ab
                     start_att = edge
                 else:
                     # one-sided att gradients at the kink (g = Jᵀr: positive means cost falls as att grows)
-                    probe = edge - KINK_PROBE_S if attempt == 2 else edge + KINK_PROBE_S
+                    probe = edge - KINK_PROBE_S if stage == 2 else edge + KINK_PROBE_S
                     g_att = normal_equations_voxel(cbf, probe, y, vol, const)[5]
                     evals += 1
-                    if (attempt == 2 and not g_att < 0.0) or (attempt == 3 and not g_att > 0.0):
+                    if (stage == 2 and not g_att < 0.0) or (stage == 3 and not g_att > 0.0):
                         continue
-                    if attempt == 2:
+                    if stage == 2:
                         side_hi = edge
                         start_att = max(edge - KINK_SIDE_S, lo1)
                     else:
@@ -873,17 +902,20 @@ def lm_two_compartment_voxel(y, cbf, abv, abat, gap, free_abat, lo0, hi0, lo1, h
                 and abs(h2) <= xtol * (abs(abat) + xtol) and abs(h3) <= xtol * (abs(gap) + xtol)):
             status = _CONVERGED
             break
+        # predicted decrease of the linearised model for the (truncated) step h
+        ah0 = a00 * h0 + a01 * h1 + a02 * h2 + a03 * h3
+        ah1 = a01 * h0 + a11 * h1 + a12 * h2 + a13 * h3
+        ah2 = a02 * h0 + a12 * h1 + a22 * h2 + a23 * h3
+        ah3 = a03 * h0 + a13 * h1 + a23 * h2 + a33 * h3
+        pred = (2.0 * h0 * g0 - h0 * ah0) + (2.0 * h1 * g1 - h1 * ah1) + (2.0 * h2 * g2 - h2 * ah2) + (
+            2.0 * h3 * g3 - h3 * ah3)
+        if 0.0 <= pred <= ftol * cost:
+            status = _CONVERGED
+            break
         cost_try, b00, b01, b02, b03, b11, b12, b13, b22, b23, b33, f0, f1, f2, f3 = _normal_equations_2c(
             cbf_try, abv_try, abat_try, gap_try, free_abat, y, vol, const)
         n_eval += 1
         if cost_try < cost:
-            # predicted decrease of the linearised model for the (truncated) step h
-            ah0 = a00 * h0 + a01 * h1 + a02 * h2 + a03 * h3
-            ah1 = a01 * h0 + a11 * h1 + a12 * h2 + a13 * h3
-            ah2 = a02 * h0 + a12 * h1 + a22 * h2 + a23 * h3
-            ah3 = a03 * h0 + a13 * h1 + a23 * h2 + a33 * h3
-            pred = (2.0 * h0 * g0 - h0 * ah0) + (2.0 * h1 * g1 - h1 * ah1) + (2.0 * h2 * g2 - h2 * ah2) + (
-                2.0 * h3 * g3 - h3 * ah3)
             rho = (cost - cost_try) / pred if pred > 0.0 else 1.0
             done = cost - cost_try <= ftol * cost
             cbf = cbf_try
@@ -909,6 +941,11 @@ def lm_two_compartment_voxel(y, cbf, abv, abat, gap, free_abat, lo0, hi0, lo1, h
                 status = _CONVERGED
                 break
         else:
+            # a rejected step with att on a kink that does not bound this fit: stop, as in lm_voxel
+            kink = kink_near(abat + gap, vol)
+            if not math.isnan(kink) and abs(kink - lo3 - abat) > KINK_S and abs(kink - hi3 - abat) > KINK_S:
+                status = _CONVERGED
+                break
             mu *= nu
             nu *= 2.0
             if mu > MU_CEILING:
@@ -1015,7 +1052,8 @@ def lm_two_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_ab
             # second starts: past a flat run of the grid; and where the fit ended on a kink, the
             # other parameters re-fitted with att held on it, then each side that offers descent
             kink = np.nan
-            for attempt in range(4):
+            for attempt in range(1 + 3 * KINK_ROUNDS):
+                stage = 0 if attempt == 0 else (attempt - 1) % 3 + 1  # 1 att held, 2 left side, 3 right side
                 side_lo = lo3
                 side_hi = hi3
                 start_cbf = cbf
@@ -1031,24 +1069,25 @@ def lm_two_compartment_batch(signals, tissue_by_volume, arterial, norms, pair_ab
                     start_abat = min(max(abat_grid[pair_abat[alt]], lo2), hi2)
                     start_gap = max(min(max(att_grid[pair_att[alt]], lo_att), att_max) - start_abat, 0.0)
                 else:
-                    if attempt == 1:
-                        kink = kink_near(abat + gap, vol)
-                        if math.isnan(kink):
+                    if stage == 1:
+                        new_kink = kink_near(abat + gap, vol)
+                        if math.isnan(new_kink) or new_kink == kink:
                             break
+                        kink = new_kink
                     # the kink as a gap from the current abat
                     edge = min(max(kink - abat, lo3), hi3)
-                    if attempt == 1:
+                    if stage == 1:
                         side_lo = edge
                         side_hi = edge
                         start_gap = edge
                     else:
                         # one-sided att gradient (g = Jᵀr: positive means cost falls as att grows)
-                        probe = edge - KINK_PROBE_S if attempt == 2 else edge + KINK_PROBE_S
+                        probe = edge - KINK_PROBE_S if stage == 2 else edge + KINK_PROBE_S
                         g_att = _normal_equations_2c(cbf, abv, abat, probe, free_abat, y, vol, const)[14]
                         evals += 1
-                        if (attempt == 2 and not g_att < 0.0) or (attempt == 3 and not g_att > 0.0):
+                        if (stage == 2 and not g_att < 0.0) or (stage == 3 and not g_att > 0.0):
                             continue
-                        if attempt == 2:
+                        if stage == 2:
                             side_hi = edge
                             start_gap = max(edge - KINK_SIDE_S, lo3)
                         else:
