@@ -6,9 +6,10 @@ Algorithm (per voxel):
   global, not one fixed guess. Where the grid's best points form a flat run (a direction
   the data do not inform), a second start just past the run lets LM leave it; a fit whose
   tissue arrival ends on a kink of the model (att at a PLD or readout time, where the
-  Jacobian is one-sided) is re-fitted with att held on the kink, then on each smooth side
-  whose one-sided gradient offers descent, with att bounded by the kink. The lowest cost
-  wins;
+  Jacobian is one-sided; a fit stops as soon as a step is rejected there) is re-fitted with
+  att held on the kink, then on each smooth side whose one-sided gradient offers descent,
+  with att bounded by the kink; repeated if that ends on another kink (at most
+  KINK_ROUNDS times). The lowest cost wins;
 - step: solve (JᵀJ + μ D) h = Jᵀr by Cholesky, D = running max of diag(JᵀJ)
   (Moré's scaling, so cbf and abv of very different magnitudes are treated alike);
   μ updated with Nielsen's rule and floored at 1e-12 so it never underflows;
