@@ -216,7 +216,7 @@ def _read_config(path: Path) -> dict:
     except tomllib.TOMLDecodeError as exc:
         fail(f"{path}: not valid TOML ({exc})")
     known = {"methods", "model", "participant_label", "constants", "background_suppression_correction",
-             "arterial_edge_s", "method_options"}
+             "arterial_edge_s", "method_options", "mask"}
     unknown = set(data) - known
     if unknown:
         fail(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -237,6 +237,7 @@ def run(
     partition_coefficient: Annotated[Optional[float], typer.Option(help="λ (mL/g); default 0.9.")] = None,
     background_suppression_correction: Annotated[Optional[bool], typer.Option(help="α_BS = 0.95 per pulse (default off).")] = None,
     arterial_edge_s: Annotated[Optional[float], typer.Option(help="2c: smoothed arterial window (s); 0 = hard edges.")] = None,
+    mask: Annotated[Optional[str], typer.Option(help="Brain mask NIfTI instead of the one from M0; {subject} and {session} are filled in.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with the same settings (options given here win).")] = None,
 ) -> None:
     """Process every session of a BIDS ASL dataset into BIDS-derivative perfusion maps.
@@ -264,6 +265,7 @@ def run(
                                                else bool(cfg.get("background_suppression_correction", False))),
             arterial_edge_s=arterial_edge_s if arterial_edge_s is not None else float(cfg.get("arterial_edge_s", 0.0)),
             method_options=cfg.get("method_options", {}),
+            mask=mask if mask is not None else cfg.get("mask"),
         )
         from .protocol import Constants
 

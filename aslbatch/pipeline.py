@@ -39,6 +39,9 @@ class Settings:
     background_suppression_correction : apply α_BS = 0.95 per pulse (ASL_MODELS.md: off).
     arterial_edge_s : the 2C model's smoothed arterial window (s); 0 = hard edges.
     method_options : ``{method: {option: value}}`` passed to the estimators.
+    mask : a brain mask NIfTI for every acquisition instead of the one computed from M0; a
+        path template where ``{subject}`` and ``{session}`` (empty without sessions) are
+        replaced by the acquisition's labels.
     """
 
     methods: tuple[str, ...] = ("lm",)
@@ -47,6 +50,7 @@ class Settings:
     background_suppression_correction: bool = False
     arterial_edge_s: float = 0.0
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    mask: str | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -68,7 +72,17 @@ class Settings:
             "background_suppression_correction": self.background_suppression_correction,
             "arterial_edge_s": self.arterial_edge_s,
             "method_options": {k: dict(v) for k, v in self.method_options.items()},
+            "mask": self.mask,
         }
+
+    def mask_path(self, subject: str, session: str | None) -> Path | None:
+        """The user's mask for one acquisition (None: compute it from M0)."""
+        if self.mask is None:
+            return None
+        try:
+            return Path(self.mask.format(subject=subject, session=session or ""))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"mask template {self.mask!r}: only {{subject}} and {{session}} can be filled ({exc})")
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of :meth:`to_dict`."""
@@ -159,6 +173,7 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         raise bids.BidsError("; ".join(str(p) for p in problems))
     digests = input_digests(acquisition)
     prepared = prepare_acquisition(acquisition, overrides=settings.constants,
+                                   mask_path=settings.mask_path(acquisition.subject, acquisition.session),
                                    background_suppression_correction=settings.background_suppression_correction)
     options = {"arterial_edge_s": settings.arterial_edge_s} if acquisition.model == "2c" else {}
     model = get_model(acquisition.model, prepared.protocol, prepared.constants, **options)

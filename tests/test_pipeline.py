@@ -199,3 +199,24 @@ def test_2d_dataset_with_slice_timing_and_sessions_end_to_end(tmp_path):
         cbf = _load(perf / f"sub-01_ses-{session}_desc-lm_cbf.nii.gz")
         np.testing.assert_allclose(att[ok], true_att[ok], rtol=1e-4)
         np.testing.assert_allclose(cbf[ok], true_cbf[ok], rtol=1e-4)
+
+
+def test_user_mask_template_replaces_the_computed_mask(tmp_path):
+    raw = write_bids_dataset(tmp_path / "raw", subjects=2, model="1c", snr=10, seed=6, shape=SHAPE)
+    # a user mask per subject: the phantom's true mask minus its first slice
+    for subject in ("01", "02"):
+        truth = nib.load(default_groundtruth_dir(raw) / f"sub-{subject}" / f"sub-{subject}_mask.nii.gz")
+        data = np.asarray(truth.dataobj).copy()
+        data[..., 0] = 0
+        nib.save(nib.Nifti1Image(data, truth.affine), tmp_path / f"mask-{subject}.nii.gz")
+    template = str(tmp_path / "mask-{subject}.nii.gz")
+    result = runner.invoke(app, ["run", str(raw), str(tmp_path / "out"), "--mask", template])
+    assert result.exit_code == 0, result.output
+    for subject in ("01", "02"):
+        written = _load(tmp_path / "out" / f"sub-{subject}" / "perf" / f"sub-{subject}_desc-brain_mask.nii.gz") > 0
+        given = _load(tmp_path / f"mask-{subject}.nii.gz") > 0
+        np.testing.assert_array_equal(written, given)
+        cbf = _load(tmp_path / "out" / f"sub-{subject}" / "perf" / f"sub-{subject}_desc-lm_cbf.nii.gz")
+        assert np.isnan(cbf[..., 0]).all() and np.isfinite(cbf[given]).all()
+    bad = runner.invoke(app, ["run", str(raw), str(tmp_path / "out2"), "--mask", str(tmp_path / "missing.nii.gz")])
+    assert bad.exit_code == EXIT_FAILED and "missing.nii.gz" in bad.output
