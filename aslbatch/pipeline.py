@@ -21,10 +21,10 @@ import numpy as np
 
 from . import bids
 from .derivatives import sha256_file, write_session_outputs
-from .estimators import Estimate, get_estimator
+from .estimators import ESTIMATORS, Estimate, get_estimator
 from .models import KineticModel, get_model
 from .preprocess import PreparedData, prepare_acquisition
-from .protocol import Protocol
+from .protocol import Constants, Protocol
 
 __all__ = ["AcquisitionResult", "Settings", "estimate_maps", "input_digests", "process_acquisition", "process_session"]
 
@@ -57,6 +57,14 @@ class Settings:
             raise ValueError("at least one method is needed")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods repeat: {list(self.methods)}")
+        unknown_methods = [m for m in self.methods if m not in ESTIMATORS]
+        if unknown_methods:
+            raise ValueError(f"unknown method(s) {unknown_methods}; choose from {sorted(ESTIMATORS)}")
+        unknown_constants = set(self.constants) - set(Constants.__dataclass_fields__)
+        if unknown_constants:
+            raise ValueError(f"unknown constant(s) {sorted(unknown_constants)}; "
+                             f"known: {sorted(Constants.__dataclass_fields__)}")
+        Constants(**self.constants)  # each value checked, with a message naming the field
         if self.model not in ("auto", "1c", "2c"):
             raise ValueError(f"model must be auto, 1c or 2c, got {self.model!r}")
         unknown = set(self.method_options) - set(self.methods)

@@ -220,3 +220,20 @@ def test_user_mask_template_replaces_the_computed_mask(tmp_path):
         assert np.isnan(cbf[..., 0]).all() and np.isfinite(cbf[given]).all()
     bad = runner.invoke(app, ["run", str(raw), str(tmp_path / "out2"), "--mask", str(tmp_path / "missing.nii.gz")])
     assert bad.exit_code == EXIT_FAILED and "missing.nii.gz" in bad.output
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"methods": ()}, "at least one method"),
+        ({"methods": ("lm", "lm")}, "methods repeat"),
+        ({"methods": ("nope",)}, "unknown method"),
+        ({"model": "3c"}, "model must be"),
+        ({"constants": {"t1_blood": 1.6}}, "unknown constant"),
+        ({"constants": {"alpha": 2.0}}, "alpha must be in"),
+        ({"method_options": {"lut": {}}}, "not requested"),
+    ],
+)
+def test_settings_validation_names_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Settings(**kwargs)
