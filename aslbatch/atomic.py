@@ -12,6 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+#: part of every temporary file name: ``.<final name>.<random>.aslbatch-tmp[<suffix>]``
+TEMP_MARK = ".aslbatch-tmp"
+
+
+def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Temporary files left under ``folder`` by writes that were killed before finishing."""
+    return [p for p in Path(folder).rglob(f".*{TEMP_MARK}*") if p.is_file()]
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -23,7 +31,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp" + suffix, dir=final.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TEMP_MARK + suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -450,6 +450,11 @@ def settings_digest(model: KineticModel, estimator_options: Mapping[str, Mapping
     return hashlib.sha256(_canonical_json(_settings(model, estimator_options)).encode()).hexdigest()
 
 
+def run_settings_digest(run_settings: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of a run's settings (see ``Settings.to_dict``)."""
+    return hashlib.sha256(_canonical_json(_jsonable(dict(run_settings))).encode()).hexdigest()
+
+
 def inputs_digest(input_digests: Mapping[str, str | None]) -> str | None:
     """sha256 of the canonical JSON of ``{input path: sha256}``; None if any digest is unknown."""
     if not input_digests or any(value is None for value in input_digests.values()):
@@ -605,6 +610,7 @@ def write_session_outputs(
     *,
     bids_dir: str | os.PathLike | None = None,
     started_at: datetime | None = None,
+    run_settings: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write every output of one acquisition; returns the files written, provenance last.
 
@@ -623,6 +629,8 @@ def write_session_outputs(
     bids_dir : the raw dataset, for ``DatasetLinks`` / ``SourceDatasets`` of
         ``dataset_description.json`` and for computing input digests.
     started_at : when processing of the acquisition began (default: now).
+    run_settings : the user's settings of the run (JSON-ready), recorded with their sha256
+        as ``run_settings`` / ``run_settings_digest`` for the batch's up-to-date check.
 
     The provenance (see :func:`read_provenance`) records: format, aslbatch version and
     the versions of python, numpy, numba and nibabel; source name, subject, session;
@@ -736,6 +744,8 @@ def write_session_outputs(
         "settings_digest": settings_digest(model, {m: estimator_options[m] for m in methods}),
         "inputs": [{"path": name, "uri": _uri(name), "sha256": digest} for name, digest in digests.items()],
         "input_digest": inputs_digest(digests),
+        "run_settings": _jsonable(dict(run_settings)) if run_settings is not None else None,
+        "run_settings_digest": run_settings_digest(run_settings) if run_settings is not None else None,
         "preprocessing": {
             "protocol": prepared.protocol.to_dict(),
             "constants": prepared.constants.to_dict(),

@@ -9,8 +9,6 @@ PLDs shifted by that offset.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -20,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import bids
-from .derivatives import sha256_file, write_session_outputs
+from .derivatives import run_settings_digest, sha256_file, write_session_outputs
 from .estimators import ESTIMATORS, Estimate, get_estimator
 from .models import KineticModel, get_model
 from .preprocess import PreparedData, prepare_acquisition
@@ -93,8 +91,8 @@ class Settings:
             raise ValueError(f"mask template {self.mask!r}: only {{subject}} and {{session}} can be filled ({exc})")
 
     def digest(self) -> str:
-        """sha256 of the canonical JSON of :meth:`to_dict`."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        """sha256 of :meth:`to_dict` (as recorded in every provenance: ``run_settings_digest``)."""
+        return run_settings_digest(self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -192,7 +190,8 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         estimates[method] = estimate_maps(model, prepared, method, method_options)
         estimator_options[method] = get_estimator(method, model, **method_options).options()
     outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
-                                    bids_dir=acquisition.series[0].bids_dir, started_at=started)
+                                    bids_dir=acquisition.series[0].bids_dir, started_at=started,
+                                    run_settings=settings.to_dict())
     return AcquisitionResult(
         source_name=acquisition.source_name,
         subject=acquisition.subject,

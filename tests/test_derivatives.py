@@ -19,6 +19,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from aslbatch.atomic import stale_temporaries
 import pytest
 
 from aslbatch import __version__
@@ -91,8 +93,8 @@ def sidecar(path: Path) -> dict:
 
 
 def leftovers(folder: Path) -> list[Path]:
-    """Temporary files of aslbatch.atomic (``.<name>.<random>.tmp[suffix]``)."""
-    return [p for p in folder.rglob(".*") if ".tmp" in p.name]
+    """Temporary files of aslbatch.atomic left under ``folder``."""
+    return stale_temporaries(folder)
 
 
 # --- names ---------------------------------------------------------------------------------------
