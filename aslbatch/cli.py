@@ -5,8 +5,9 @@ Commands: ``run`` (a BIDS dataset to BIDS derivatives), ``validate`` (check inpu
 ``simulate-dataset`` (a phantom BIDS dataset), ``simulate`` and ``fit`` (voxel sets
 without images).
 
-Exit codes: 0 success; 1 some sessions failed (run) or problems found (validate);
-2 usage or configuration error; 3 nothing found to process.
+Exit codes (:mod:`aslbatch.exitcodes`): 0 success; 1 some sessions failed (run) or
+problems found (validate); 2 usage or configuration error; 3 nothing found to process;
+4 another run holds the output folder's lock.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from ._version import __version__
+from .exitcodes import EXIT_FAILED, EXIT_LOCKED, EXIT_NOTHING, EXIT_USAGE
 
 app = typer.Typer(
     name="aslbatch",
@@ -28,13 +30,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-#: exit code when some acquisitions failed (run) or input problems were found (validate)
-EXIT_FAILED = 1
-#: exit code for usage or configuration errors
-EXIT_USAGE = 2
-#: exit code when the dataset holds nothing to process
-EXIT_NOTHING = 3
 
 
 class ModelName(str, Enum):
@@ -238,15 +233,24 @@ def run(
     background_suppression_correction: Annotated[Optional[bool], typer.Option(help="α_BS = 0.95 per pulse (default off).")] = None,
     arterial_edge_s: Annotated[Optional[float], typer.Option(help="2c: smoothed arterial window (s); 0 = hard edges.")] = None,
     mask: Annotated[Optional[str], typer.Option(help="Brain mask NIfTI instead of the one from M0; {subject} and {session} are filled in.")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Sessions processed at once, in worker processes.")] = 1,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Numba threads per job (default: cores / jobs).")] = None,
+    force: Annotated[bool, typer.Option(help="Reprocess sessions that are up to date.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print which sessions would be processed, and why, then exit.")] = False,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with the same settings (options given here win).")] = None,
 ) -> None:
     """Process every session of a BIDS ASL dataset into BIDS-derivative perfusion maps.
 
-    Exit codes: 0 every acquisition done; 1 some failed (the others are written);
-    2 usage or configuration error; 3 nothing found to process.
+    Sessions whose outputs are up to date (same inputs, settings and aslbatch version in
+    their provenance) are skipped. Logs and a summary of every run go to OUT_DIR/logs.
+
+    Exit codes: 0 every session done or up to date; 1 some failed (the others are done);
+    2 usage or configuration error; 3 nothing found to process; 4 another run holds the
+    output folder's lock.
     """
     from . import bids
-    from .pipeline import Settings, process_session
+    from .batch import LockHeld, run_batch
+    from .pipeline import Settings
 
     cfg = _read_config(config) if config is not None else {}
     constants = dict(cfg.get("constants", {}))
@@ -269,26 +273,26 @@ def run(
     except (ValueError, TypeError) as exc:
         fail(str(exc))
     labels = participant_label or cfg.get("participant_label")
+    out = out_dir if out_dir is not None else bids_dir / "derivatives" / "aslbatch"
     try:
-        sessions = bids.find_sessions(bids_dir, labels)
+        report = run_batch(bids_dir, out, settings, participant_labels=labels, jobs=jobs, threads=threads,
+                           force=force, dry_run=dry_run)
     except bids.BidsError as exc:
         fail(str(exc))
-    if not sessions:
+    except LockHeld as exc:
+        fail(str(exc), EXIT_LOCKED)
+    except OSError as exc:
+        fail(f"{out}: cannot write outputs ({exc.strerror or exc})")
+    if report.exit_code == EXIT_NOTHING:
         typer.echo(f"aslbatch: nothing to process: no ASL series found in {bids_dir}", err=True)
         raise typer.Exit(EXIT_NOTHING)
-    out = out_dir if out_dir is not None else bids_dir / "derivatives" / "aslbatch"
-    done = failed = 0
-    for session in sessions:
-        for result in process_session(session, out, settings):
-            if result.status == "done":
-                done += 1
-                typer.echo(f"{result.source_name}: done ({result.model}, {result.duration_s:.1f} s)", err=True)
-            else:
-                failed += 1
-                typer.echo(f"{result.source_name}: FAILED: {result.error}", err=True)
-    typer.echo(f"aslbatch run: {done} done, {failed} failed; outputs in {out}", err=True)
-    if failed:
-        raise typer.Exit(EXIT_FAILED)
+    if dry_run:
+        for name, reason in report.planned:
+            typer.echo(f"{name}: {reason}")
+        return
+    typer.echo(report.one_line(), err=True)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
 
 
 @app.command()

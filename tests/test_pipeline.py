@@ -132,7 +132,7 @@ def test_a_broken_subject_does_not_stop_the_others(tmp_path):
     (raw / "sub-02" / "perf" / "sub-02_asl.json").write_text("{ not json")
     result = runner.invoke(app, ["run", str(raw), str(tmp_path / "out")])
     assert result.exit_code == EXIT_FAILED
-    assert "sub-02" in result.output and "FAILED" in result.output
+    assert "sub-02: failed" in result.output and "cannot read JSON" in result.output
     assert (tmp_path / "out" / "sub-01" / "perf" / "sub-01_provenance.json").exists()
     assert not (tmp_path / "out" / "sub-02" / "perf" / "sub-02_provenance.json").exists()
 

@@ -1,0 +1,279 @@
+"""Many sessions unattended: plan, lock, isolate, run (in-process or worker processes), report.
+
+- **Plan**: a session is skipped only when, for every one of its acquisitions, the
+  provenance file records the same aslbatch version, the same run-settings digest and the
+  same input digest (sha256 of every NIfTI, JSON and TSV input), and every output it lists
+  still exists. ``force`` reprocesses everything.
+- **Lock**: one run per output folder (``fcntl.flock`` on ``OUT/.aslbatch.lock``,
+  non-blocking). The kernel drops the lock when its process dies, so a killed run never
+  blocks the next.
+- **Isolation**: every session runs inside its own ``try``; a failure is recorded with its
+  reason and the batch goes on. Outputs are written atomically with the provenance last
+  (:mod:`aslbatch.derivatives`), so an interrupted session is simply redone next time; the
+  temporary files a killed run leaves behind are removed by the next run, under the lock.
+- **Parallelism**: ``jobs`` worker processes (spawned, so no numba threads are forked),
+  each with ``threads`` numba threads (default: the cores divided among the workers).
+- **Reporting**: a log per run ``OUT/logs/run-<id>.log``, a summary
+  ``OUT/logs/run-<id>_summary.json`` and ``.tsv`` with stable ``latest_summary`` copies,
+  progress over sessions (tqdm on a terminal, plain lines otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from tqdm import tqdm
+
+from . import bids
+from ._version import __version__
+from .atomic import atomic_open, stale_temporaries
+from .derivatives import inputs_digest, output_paths, read_provenance
+from .exitcodes import EXIT_FAILED, EXIT_NOTHING, EXIT_OK
+from .pipeline import Settings, input_digests, process_session
+
+__all__ = [
+    "BatchReport", "LockHeld", "SessionOutcome", "output_lock", "plan_sessions", "run_batch",
+]
+
+LOCK_NAME = ".aslbatch.lock"
+log = logging.getLogger("aslbatch.batch")
+
+
+class LockHeld(RuntimeError):
+    """Another aslbatch run holds the output folder's lock."""
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[Path]:
+    """Hold the non-blocking exclusive lock of ``out_dir`` for the duration of the block."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_NAME
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise LockHeld(f"{out_dir}: another aslbatch run holds the lock ({holder})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        handle.flush()
+        yield path
+    finally:
+        handle.close()  # closing drops the lock
+
+
+@dataclass(frozen=True)
+class SessionOutcome:
+    """One session of a run: ``status`` done, skipped or failed, with the reason."""
+
+    session: str
+    status: str
+    reason: str
+    duration_s: float = 0.0
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass
+class BatchReport:
+    """What a run did; ``exit_code`` as in :mod:`aslbatch.exitcodes`."""
+
+    run_id: str
+    out_dir: str
+    outcomes: list[SessionOutcome] = field(default_factory=list)
+    planned: list[tuple[str, str]] = field(default_factory=list)
+    exit_code: int = EXIT_OK
+
+    def counts(self) -> dict[str, int]:
+        """Number of sessions per status."""
+        counts = {"done": 0, "skipped": 0, "failed": 0}
+        for outcome in self.outcomes:
+            counts[outcome.status] += 1
+        return counts
+
+    def one_line(self) -> str:
+        """The final summary line."""
+        c = self.counts()
+        return (f"aslbatch run {self.run_id}: {c['done']} done, {c['skipped']} up to date, {c['failed']} failed; "
+                f"outputs in {self.out_dir}")
+
+
+def _why_stale(acquisition: bids.Acquisition, out_dir: Path, settings: Settings) -> str | None:
+    """Why ``acquisition`` needs processing, or None when its outputs are up to date."""
+    path = output_paths(out_dir, acquisition.source_name, acquisition.model, settings.methods)["provenance"]
+    try:
+        provenance = read_provenance(path)
+    except FileNotFoundError:
+        return "not processed yet"
+    except ValueError as exc:
+        return f"unreadable provenance ({exc})"
+    if provenance.get("aslbatch_version") != __version__:
+        return f"made by aslbatch {provenance.get('aslbatch_version')}"
+    if provenance.get("run_settings_digest") != settings.digest():
+        return "settings changed"
+    if provenance.get("input_digest") != inputs_digest(input_digests(acquisition)):
+        return "inputs changed"
+    missing = [o["path"] for o in provenance.get("outputs", []) if not (out_dir / o["path"]).is_file()]
+    if missing:
+        return f"{len(missing)} output(s) missing"
+    return None
+
+
+def plan_sessions(sessions: Sequence[bids.Session], out_dir: Path, settings: Settings,
+                  force: bool = False) -> list[tuple[bids.Session, str | None]]:
+    """Each session with the reason it needs processing, or None when it is up to date."""
+    planned = []
+    for session in sessions:
+        if force:
+            planned.append((session, "forced"))
+            continue
+        try:
+            acquisitions = bids.group_acquisitions(session, settings.model)
+            reasons = [r for r in (_why_stale(a, out_dir, settings) for a in acquisitions) if r]
+        except (bids.BidsError, OSError) as exc:
+            reasons = [f"cannot be checked ({exc})"]
+        planned.append((session, "; ".join(reasons) if reasons else None))
+    return planned
+
+
+def _run_session(session: bids.Session, out_dir: Path, settings: Settings) -> SessionOutcome:
+    """One session, isolated: every exception becomes a failed outcome with its reason."""
+    t0 = time.perf_counter()
+    try:
+        results = process_session(session, out_dir, settings)
+    except Exception as exc:  # isolation: one bad session never stops the batch
+        return SessionOutcome(session.name, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+    failed = [r for r in results if r.status != "done"]
+    outputs = tuple(o for r in results for o in r.outputs)
+    if failed:
+        reason = "; ".join(f"{r.source_name}: {r.error}" for r in failed)
+        return SessionOutcome(session.name, "failed", reason, time.perf_counter() - t0, outputs)
+    return SessionOutcome(session.name, "done", "", time.perf_counter() - t0, outputs)
+
+
+def _init_worker(threads: int) -> None:
+    import numba
+
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _write_reports(report: BatchReport, logs: Path) -> None:
+    summary = {
+        "run_id": report.run_id,
+        "aslbatch_version": __version__,
+        "out_dir": report.out_dir,
+        "exit_code": report.exit_code,
+        "counts": report.counts(),
+        "sessions": [asdict(o) for o in report.outcomes],
+    }
+    text = json.dumps(summary, indent=2)
+    rows = io.StringIO()
+    writer = csv.writer(rows, delimiter="\t", lineterminator="\n")
+    writer.writerow(["session", "status", "reason", "duration_s", "n_outputs"])
+    for o in report.outcomes:
+        writer.writerow([o.session, o.status, o.reason, f"{o.duration_s:.2f}", len(o.outputs)])
+    for name, content in ((f"run-{report.run_id}_summary.json", text), (f"run-{report.run_id}_summary.tsv", rows.getvalue()),
+                          ("latest_summary.json", text), ("latest_summary.tsv", rows.getvalue())):
+        with atomic_open(logs / name, "w", encoding="utf-8") as fh:
+            fh.write(content)
+
+
+def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_labels: Sequence[str] | None = None,
+              jobs: int = 1, threads: int | None = None, force: bool = False, dry_run: bool = False) -> BatchReport:
+    """Process every session of ``bids_dir`` that is not up to date into ``out_dir``.
+
+    Raises :class:`aslbatch.bids.BidsError` for a missing dataset or unknown participant and
+    :class:`LockHeld` when another run holds ``out_dir``; everything else is in the report.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    cores = os.cpu_count() or 1
+    threads = threads if threads is not None else max(1, cores // jobs)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
+    report = BatchReport(run_id, str(out_dir))
+    sessions = bids.find_sessions(bids_dir, participant_labels)
+    if not sessions:
+        report.exit_code = EXIT_NOTHING
+        return report
+    with output_lock(out_dir):
+        logs = out_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(logs / f"run-{run_id}.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        try:
+            log.info("aslbatch %s run %s: %s -> %s, settings %s, jobs %d x %d threads", __version__, run_id,
+                     bids_dir, out_dir, json.dumps(settings.to_dict()), jobs, threads)
+            # under the lock nobody else writes here: temporaries are leftovers of killed runs
+            for stale in stale_temporaries(out_dir):
+                stale.unlink()
+                log.info("removed %s, left by an interrupted run", stale.relative_to(out_dir))
+            planned = plan_sessions(sessions, out_dir, settings, force)
+            report.planned = [(s.name, reason or "up to date") for s, reason in planned]
+            for name, reason in report.planned:
+                log.info("plan %s: %s", name, reason)
+            if dry_run:
+                return report
+            todo = [s for s, reason in planned if reason is not None]
+            report.outcomes = [SessionOutcome(s.name, "skipped", "up to date") for s, reason in planned if reason is None]
+            _execute(todo, out_dir, settings, jobs, threads, report)
+            report.exit_code = EXIT_FAILED if report.counts()["failed"] else EXIT_OK
+            log.info("%s", report.one_line())
+            _write_reports(report, logs)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+    return report
+
+
+def _record(report: BatchReport, outcome: SessionOutcome, bar: tqdm) -> None:
+    report.outcomes.append(outcome)
+    line = f"{outcome.session}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "") + \
+        f" in {outcome.duration_s:.1f} s"
+    (log.error if outcome.status == "failed" else log.info)("%s", line)
+    if bar.disable:
+        print(line, file=sys.stderr, flush=True)
+    bar.update(1)
+
+
+def _execute(todo: list[bids.Session], out_dir: Path, settings: Settings, jobs: int, threads: int,
+             report: BatchReport) -> None:
+    bar = tqdm(total=len(todo), desc="sessions", unit="session", disable=not sys.stderr.isatty(), file=sys.stderr)
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            _init_worker(threads)
+            for session in todo:
+                _record(report, _run_session(session, out_dir, settings), bar)
+            return
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_session, s, out_dir, settings): s for s in todo}
+            for future in as_completed(futures):
+                session = futures[future]
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool as exc:  # a worker died (killed, out of memory)
+                    outcome = SessionOutcome(session.name, "failed", f"worker process died: {exc}")
+                _record(report, outcome, bar)
+    finally:
+        bar.close()

@@ -1,0 +1,130 @@
+"""The batch layer: up-to-date plan, lock, isolation, parallel workers, logs and summaries."""
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from aslbatch.batch import LockHeld, output_lock, run_batch
+from aslbatch.cli import app
+from aslbatch.exitcodes import EXIT_FAILED, EXIT_LOCKED, EXIT_OK
+from aslbatch.phantom import write_bids_dataset
+from aslbatch.pipeline import Settings
+
+runner = CliRunner()
+SHAPE = (10, 12, 4)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    return write_bids_dataset(tmp_path / "raw", subjects=3, model="1c", snr=10, seed=11, shape=SHAPE)
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "logs" / "latest_summary.json").read_text())
+
+
+def test_rerun_skips_up_to_date_sessions_and_redoes_exactly_what_changed(dataset, tmp_path):
+    out = tmp_path / "out"
+    first = run_batch(dataset, out, Settings())
+    assert first.counts() == {"done": 3, "skipped": 0, "failed": 0} and first.exit_code == EXIT_OK
+    again = run_batch(dataset, out, Settings())
+    assert again.counts() == {"done": 0, "skipped": 3, "failed": 0}
+    # changed input bytes: only that session
+    sidecar = dataset / "sub-02" / "perf" / "sub-02_asl.json"
+    meta = json.loads(sidecar.read_text())
+    meta["LabelingEfficiency"] = 0.8
+    sidecar.write_text(json.dumps(meta))
+    changed = run_batch(dataset, out, Settings())
+    assert {o.session: o.status for o in changed.outcomes} == {"sub-01": "skipped", "sub-02": "done", "sub-03": "skipped"}
+    # changed settings: everything; --force: everything; a deleted output: that session
+    assert run_batch(dataset, out, Settings(methods=("lut",))).counts()["done"] == 3
+    assert run_batch(dataset, out, Settings(methods=("lut",)), force=True).counts()["done"] == 3
+    (out / "sub-03" / "perf" / "sub-03_desc-lut_cbf.nii.gz").unlink()
+    redo = run_batch(dataset, out, Settings(methods=("lut",)))
+    assert {o.session for o in redo.outcomes if o.status == "done"} == {"sub-03"}
+
+
+def test_dry_run_plans_without_writing(dataset, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(dataset), str(out), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "sub-01: not processed yet" in result.output
+    assert not list(out.glob("sub-*"))
+
+
+def test_a_failing_session_is_recorded_and_the_others_finish(dataset, tmp_path):
+    out = tmp_path / "out"
+    (dataset / "sub-01" / "perf" / "sub-01_asl.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    report = run_batch(dataset, out, Settings())
+    status = {o.session: o for o in report.outcomes}
+    assert status["sub-01"].status == "failed" and "sub-01_asl.nii.gz" in status["sub-01"].reason
+    assert status["sub-02"].status == status["sub-03"].status == "done"
+    assert report.exit_code == EXIT_FAILED
+    summary = _summary(out)
+    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 1}
+    rows = (out / "logs" / "latest_summary.tsv").read_text().splitlines()
+    assert rows[0].split("\t")[:3] == ["session", "status", "reason"] and len(rows) == 4
+    log = (out / "logs" / f"run-{report.run_id}.log").read_text()
+    assert "sub-01: failed" in log and "sub-02: done" in log
+
+
+def test_lock_blocks_a_second_run_and_dies_with_its_holder(dataset, tmp_path):
+    out = tmp_path / "out"
+    with output_lock(out):
+        with pytest.raises(LockHeld, match="another aslbatch run holds the lock"):
+            run_batch(dataset, out, Settings())
+        result = runner.invoke(app, ["run", str(dataset), str(out)])
+        assert result.exit_code == EXIT_LOCKED and "holds the lock" in result.output
+    # a holder killed with SIGKILL leaves the lock file but not the lock
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"), str(out / ".aslbatch.lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(LockHeld):
+        run_batch(dataset, out, Settings())
+    holder.kill()
+    holder.wait()
+    assert run_batch(dataset, out, Settings()).counts()["done"] == 3
+
+
+def test_parallel_workers_give_the_same_maps_as_one_process(dataset, tmp_path):
+    one = run_batch(dataset, tmp_path / "one", Settings())
+    two = run_batch(dataset, tmp_path / "two", Settings(), jobs=2, threads=1)
+    assert one.counts()["done"] == two.counts()["done"] == 3
+    import nibabel as nib
+
+    for subject in ("01", "02", "03"):
+        name = f"sub-{subject}/perf/sub-{subject}_desc-lm_cbf.nii.gz"
+        a = np.asarray(nib.load(tmp_path / "one" / name).dataobj)
+        b = np.asarray(nib.load(tmp_path / "two" / name).dataobj)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_run_killed_mid_session_is_completed_by_the_rerun(dataset, tmp_path):
+    """SIGKILL while sessions are being written, then a rerun: every session done, none lost."""
+    out = tmp_path / "out"
+    stray = out / "sub-01" / "perf" / ".sub-01_desc-lm_cbf.nii.gz.x1y2.aslbatch-tmp.nii.gz"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"half a file")  # what kill -9 leaves mid-write
+    code = ("import sys; from pathlib import Path; from aslbatch.batch import run_batch; "
+            "from aslbatch.pipeline import Settings; run_batch(Path(sys.argv[1]), Path(sys.argv[2]), Settings())")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(dataset), str(out)])
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob("sub-*/perf/*.nii.gz")):
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    report = run_batch(dataset, out, Settings())
+    assert report.exit_code == EXIT_OK
+    assert report.counts()["done"] + report.counts()["skipped"] == 3
+    assert not list(out.rglob("*aslbatch-tmp*")), "temporaries of the killed run were not cleaned up"
+    for subject in ("01", "02", "03"):
+        assert (out / f"sub-{subject}" / "perf" / f"sub-{subject}_provenance.json").exists()
