@@ -128,3 +128,10 @@ def test_run_killed_mid_session_is_completed_by_the_rerun(dataset, tmp_path):
     assert not list(out.rglob("*aslbatch-tmp*")), "temporaries of the killed run were not cleaned up"
     for subject in ("01", "02", "03"):
         assert (out / f"sub-{subject}" / "perf" / f"sub-{subject}_provenance.json").exists()
+
+
+@pytest.mark.parametrize("label", ["../raw", "/etc", "01/../../x", ".."])
+def test_participant_labels_with_path_tricks_are_refused(dataset, tmp_path, label):
+    result = runner.invoke(app, ["run", str(dataset), str(tmp_path / "out"), "--participant-label", label])
+    assert result.exit_code == 2 and "not found" in result.output
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("sub-*"))
