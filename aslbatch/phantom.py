@@ -413,7 +413,7 @@ def write_bids_dataset(
     out_dir: str | os.PathLike,
     *,
     subjects: int = 2,
-    model: str = "1c",
+    model: str | Sequence[str] = "1c",
     snr: float = 10.0,
     seed: int = 0,
     noise: str = "rician",
@@ -472,8 +472,12 @@ def write_bids_dataset(
     (uint8), ``dseg`` (uint8 tissue classes, labels in its JSON) and ``territory``
     (float32 weight of the delayed territory). Sessions share their subject's truth.
     """
-    if model not in ("1c", "2c"):
-        raise ValueError(f"model must be '1c' or '2c', got {model!r}")
+    models = [model] * int(subjects) if isinstance(model, str) else [str(m) for m in model]
+    if len(models) != subjects or not all(m in ("1c", "2c") for m in models):
+        raise ValueError(f"model must be '1c' or '2c', or one of them per subject ({subjects}), got {model!r}")
+    if protocol is not None and len(set(models)) > 1:
+        raise ValueError("a protocol can only be given when every subject has the same model")
+    model = models[0]  # the dataset-level description names the first subject's model
     if noise not in NOISE_MODELS:
         raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
     if m0_type not in ("Separate", "Included"):
@@ -498,12 +502,17 @@ def write_bids_dataset(
     if len(set(session_labels)) != len(session_labels):
         raise ValueError(f"sessions must be distinct, got {sessions!r}")
 
-    protocol = default_protocol(model) if protocol is None else protocol
     constants = Constants()  # what aslbatch.bids derives from the sidecars written below
-    kinetic = get_model(model, protocol, constants)
-    plan = _series_plan(model, protocol)
-    sigma = 0.0 if snr == math.inf else float(noise_sigma(kinetic, snr))
-    s_ref = reference_signal_level(kinetic)
+    given_protocol = protocol
+
+    def acquisition(name: str) -> tuple[Protocol, KineticModel, list, float, float]:
+        """Protocol, model, series plan, σ and S_ref of a subject with model ``name``."""
+        prot = given_protocol if given_protocol is not None else default_protocol(name)
+        kin = get_model(name, prot, constants)
+        return prot, kin, _series_plan(name, prot), (0.0 if snr == math.inf else float(noise_sigma(kin, snr))), \
+            reference_signal_level(kin)
+
+    protocol, kinetic, plan, sigma, s_ref = acquisition(model)
 
     root = Path(out_dir).resolve()
     truth_root = default_groundtruth_dir(root) if groundtruth_dir is None else Path(groundtruth_dir).resolve()
@@ -540,14 +549,17 @@ def write_bids_dataset(
 
     subject_info = {}
     for k, label in enumerate(labels):
-        phantom = make_phantom(shape, model, seed=(seed, k), prolonged_transit=prolonged_transit)
-        subject_info[f"sub-{label}"] = {"phantom_seed": [seed, k], "prolonged_transit_side": phantom.side}
+        sub_protocol, sub_kinetic, sub_plan, sub_sigma, sub_s_ref = acquisition(models[k])
+        phantom = make_phantom(shape, models[k], seed=(seed, k), prolonged_transit=prolonged_transit)
+        subject_info[f"sub-{label}"] = {"phantom_seed": [seed, k], "prolonged_transit_side": phantom.side,
+                                        "model": models[k], "protocol": sub_protocol.to_dict(), "sigma": sub_sigma,
+                                        "reference_signal": sub_s_ref}
         _write_groundtruth(truth_root / f"sub-{label}", f"sub-{label}", phantom)
-        delta = phantom.clean_signal(kinetic, slice_timing)  # ΔM/M0t (*shape, n_volumes)
+        delta = phantom.clean_signal(sub_kinetic, slice_timing)  # ΔM/M0t (*shape, n_volumes)
         for s_index, session in enumerate(session_labels):
             _write_session(
-                root, label, session, phantom, delta, protocol, plan,
-                sigma=sigma, noise=noise, m0_type=m0_type, repeats=repeats, m0_volumes=m0_volumes,
+                root, label, session, phantom, delta, sub_protocol, sub_plan,
+                sigma=sub_sigma, noise=noise, m0_type=m0_type, repeats=repeats, m0_volumes=m0_volumes,
                 dtype=np.dtype(dtype), seed_key=(seed, k, s_index), constants=constants,
                 slice_timing=slice_timing,
             )

@@ -273,7 +273,11 @@ def test_layout_sidecars_and_ground_truth(tmp_path):
     assert labels["1"] == "grey matter" and labels["2"] == "white matter"
     truth = json.loads((truth_dir / "groundtruth.json").read_text())
     assert truth["model"] == "2c" and truth["protocol"] == default_protocol("2c").to_dict()
-    assert truth["subjects"]["sub-01"] == {"phantom_seed": [0, 0], "prolonged_transit_side": phantom.side}
+    entry = truth["subjects"]["sub-01"]
+    assert {k: entry[k] for k in ("phantom_seed", "prolonged_transit_side")} == {
+        "phantom_seed": [0, 0], "prolonged_transit_side": phantom.side}
+    assert entry["model"] == truth["model"] and entry["sigma"] == truth["sigma"]
+    assert entry["protocol"] == truth["protocol"]
 
 
 def test_refuses_bad_arguments_and_occupied_folders(tmp_path):
@@ -295,3 +299,19 @@ def test_refuses_bad_arguments_and_occupied_folders(tmp_path):
     assert (occupied / "file.txt").read_text() == "keep me"
     root = write_bids_dataset(occupied, subjects=1, shape=SHAPE, exist_ok=True)
     assert validate_dataset(root) == []
+
+
+
+def test_mixed_models_per_subject(tmp_path):
+    """One dataset with 1C subjects and a 2C (non-crushed + DANTE) subject."""
+    from aslbatch import bids
+
+    root = write_bids_dataset(tmp_path / "mix", subjects=3, model=["1c", "1c", "2c"], snr=5, seed=1, shape=(12, 14, 5))
+    assert bids.validate_dataset(root) == []
+    found = {s.name: [a.model for a in bids.group_acquisitions(s)] for s in bids.find_sessions(root)}
+    assert found == {"sub-01": ["1c"], "sub-02": ["1c"], "sub-03": ["2c"]}
+    truth = json.loads((default_groundtruth_dir(root) / "groundtruth.json").read_text())
+    assert [truth["subjects"][f"sub-0{k}"]["model"] for k in (1, 2, 3)] == ["1c", "1c", "2c"]
+    assert (default_groundtruth_dir(root) / "sub-03" / "sub-03_abv.nii.gz").exists()
+    with pytest.raises(ValueError, match="one of them per subject"):
+        write_bids_dataset(tmp_path / "bad", subjects=2, model=["1c"], snr=5)
