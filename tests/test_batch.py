@@ -135,3 +135,99 @@ def test_participant_labels_with_path_tricks_are_refused(dataset, tmp_path, labe
     result = runner.invoke(app, ["run", str(dataset), str(tmp_path / "out"), "--participant-label", label])
     assert result.exit_code == 2 and "not found" in result.output
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("sub-*"))
+
+
+def _break(dataset: Path, how: str) -> str:
+    """Break sub-02 of ``dataset`` in one way; returns text the failure reason must contain."""
+    import nibabel as nib
+
+    perf = dataset / "sub-02" / "perf"
+    asl = perf / "sub-02_asl.nii.gz"
+    sidecar = perf / "sub-02_asl.json"
+    meta = json.loads(sidecar.read_text())
+    image = nib.load(asl)
+    if how == "truncated":
+        asl.write_bytes(asl.read_bytes()[:200])
+        return "sub-02_asl.nii.gz"
+    if how == "3d":
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., 0], image.affine), asl)
+        return "sub-02_asl.nii.gz"
+    if how == "nan_voxels":  # valid input: those voxels get status 3, the session is done
+        data = np.asarray(image.dataobj).copy()
+        data[0, 0, 0, :] = np.nan
+        nib.save(nib.Nifti1Image(data, image.affine), asl)
+        return ""
+    if how == "zero_m0":
+        m0 = perf / "sub-02_m0scan.nii.gz"
+        m0_image = nib.load(m0)
+        nib.save(nib.Nifti1Image(np.zeros(m0_image.shape, np.float32), m0_image.affine), m0)
+        return "M0"
+    if how == "missing_sidecar":
+        sidecar.unlink()
+        return "sub-02"
+    if how == "missing_m0scan":
+        (perf / "sub-02_m0scan.nii.gz").unlink()
+        return "M0"
+    if how == "aslcontext_rows":
+        (perf / "sub-02_aslcontext.tsv").write_text("volume_type\ncontrol\nlabel\n")
+        return "aslcontext"
+    if how == "pld_ms":
+        meta["PostLabelingDelay"] = [v * 1000 for v in meta["PostLabelingDelay"]]
+    elif how == "pasl":
+        meta["ArterialSpinLabelingType"] = "PASL"
+    sidecar.write_text(json.dumps(meta))
+    return {"pld_ms": "milliseconds", "pasl": "PASL"}[how]
+
+
+@pytest.mark.parametrize("how", ["truncated", "3d", "zero_m0", "missing_sidecar", "missing_m0scan",
+                                 "aslcontext_rows", "pld_ms", "pasl", "nan_voxels"])
+def test_bad_input_fails_its_session_only_with_a_clear_reason(dataset, tmp_path, how):
+    expected = _break(dataset, how)
+    out = tmp_path / "out"
+    report = run_batch(dataset, out, Settings())
+    status = {o.session: o for o in report.outcomes}
+    assert status["sub-01"].status == status["sub-03"].status == "done"
+    if not expected:
+        assert status["sub-02"].status == "done" and report.exit_code == EXIT_OK
+        return
+    assert status["sub-02"].status == "failed" and expected in status["sub-02"].reason, status["sub-02"].reason
+    assert report.exit_code == EXIT_FAILED
+    assert "Traceback" not in status["sub-02"].reason
+    assert expected in (out / "logs" / f"run-{report.run_id}.log").read_text()
+    assert _summary(out)["sessions"][[o["session"] for o in _summary(out)["sessions"]].index("sub-02")]["status"] == "failed"
+
+
+def test_disk_full_while_writing_fails_the_session_and_leaves_nothing_half_written(dataset, tmp_path, monkeypatch):
+    import errno
+
+    import aslbatch.derivatives as derivatives
+
+    real_save = derivatives.nib.save
+    calls = {"n": 0}
+
+    def save(image, path):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(image, path)
+
+    monkeypatch.setattr(derivatives.nib, "save", save)
+    out = tmp_path / "out"
+    report = run_batch(dataset, out, Settings())
+    failed = [o for o in report.outcomes if o.status == "failed"]
+    assert len(failed) == 1 and "No space left on device" in failed[0].reason
+    assert not list(out.rglob("*aslbatch-tmp*"))
+    name = failed[0].session
+    assert not (out / name / "perf" / f"{name}_provenance.json").exists()
+    monkeypatch.setattr(derivatives.nib, "save", real_save)
+    assert run_batch(dataset, out, Settings()).counts() == {"done": 1, "skipped": 2, "failed": 0}
+
+
+def test_unwritable_output_folder_is_a_clear_usage_error(dataset, tmp_path):
+    """An output folder that cannot be created or written (here: below a regular file, which
+    fails even for root) is reported in one line, before any session runs."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    result = runner.invoke(app, ["run", str(dataset), str(blocker / "out")])
+    assert result.exit_code == 2 and "cannot write outputs" in result.output
+    assert "Traceback" not in result.output
