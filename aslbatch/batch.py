@@ -12,7 +12,8 @@
   (:mod:`aslbatch.derivatives`), so an interrupted session is simply redone next time; the
   temporary files a killed run leaves behind are removed by the next run, under the lock.
 - **Parallelism**: ``jobs`` worker processes (spawned, so no numba threads are forked),
-  each with ``threads`` numba threads (default: the cores divided among the workers).
+  each with ``threads`` numba threads (default: the cores divided among the workers); or the
+  workers of a Dask distributed cluster (``scheduler``), with the same outputs and reports.
 - **Reporting**: a log per run ``OUT/logs/run-<id>.log``, a summary
   ``OUT/logs/run-<id>_summary.json`` and ``.tsv`` with stable ``latest_summary`` copies,
   progress over sessions (tqdm on a terminal, plain lines otherwise).
@@ -51,6 +52,8 @@ __all__ = [
 ]
 
 LOCK_NAME = ".aslbatch.lock"
+#: how long to try to reach a Dask scheduler before giving up (s)
+SCHEDULER_TIMEOUT_S = 20
 log = logging.getLogger("aslbatch.batch")
 
 
@@ -196,8 +199,13 @@ def _write_reports(report: BatchReport, logs: Path) -> None:
 
 
 def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_labels: Sequence[str] | None = None,
-              jobs: int = 1, threads: int | None = None, force: bool = False, dry_run: bool = False) -> BatchReport:
+              jobs: int = 1, threads: int | None = None, force: bool = False, dry_run: bool = False,
+              scheduler: str | None = None) -> BatchReport:
     """Process every session of ``bids_dir`` that is not up to date into ``out_dir``.
+
+    ``scheduler``: the address of a Dask distributed scheduler; sessions then run on its
+    workers (which must see ``bids_dir`` and ``out_dir`` at the same paths) instead of
+    local processes. Planning, locking and reports stay on this machine.
 
     Raises :class:`aslbatch.bids.BidsError` for a missing dataset or unknown participant and
     :class:`LockHeld` when another run holds ``out_dir``; everything else is in the report.
@@ -236,7 +244,7 @@ def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_
                 return report
             todo = [s for s, reason in planned if reason is not None]
             report.outcomes = [SessionOutcome(s.name, "skipped", "up to date") for s, reason in planned if reason is None]
-            _execute(todo, out_dir, settings, jobs, threads, report)
+            _execute(todo, out_dir, settings, jobs, threads, report, scheduler)
             report.exit_code = EXIT_FAILED if report.counts()["failed"] else EXIT_OK
             log.info("%s", report.one_line())
             _write_reports(report, logs)
@@ -256,10 +264,36 @@ def _record(report: BatchReport, outcome: SessionOutcome, bar: tqdm) -> None:
     bar.update(1)
 
 
+def _execute_distributed(todo: list[bids.Session], out_dir: Path, settings: Settings, scheduler: str,
+                         report: BatchReport, bar: tqdm) -> None:
+    """Submit every session to the Dask cluster at ``scheduler``; collect outcomes as they finish."""
+    try:
+        from distributed import Client, as_completed as dask_completed
+    except ImportError:
+        raise ValueError("--scheduler needs the 'distributed' extra: pip install 'aslbatch[distributed]'") from None
+    try:
+        client = Client(scheduler, timeout=f"{SCHEDULER_TIMEOUT_S}s")
+    except (OSError, TimeoutError) as exc:
+        raise ValueError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
+    with client:
+        futures = {client.submit(_run_session, s, out_dir, settings, key=f"aslbatch-{report.run_id}-{s.name}",
+                                 pure=False): s for s in todo}
+        for future in dask_completed(futures):
+            session = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as exc:  # a worker died or the task was lost
+                outcome = SessionOutcome(session.name, "failed", f"Dask task failed: {type(exc).__name__}: {exc}")
+            _record(report, outcome, bar)
+
+
 def _execute(todo: list[bids.Session], out_dir: Path, settings: Settings, jobs: int, threads: int,
-             report: BatchReport) -> None:
+             report: BatchReport, scheduler: str | None = None) -> None:
     bar = tqdm(total=len(todo), desc="sessions", unit="session", disable=not sys.stderr.isatty(), file=sys.stderr)
     try:
+        if scheduler is not None:
+            _execute_distributed(todo, out_dir, settings, scheduler, report, bar)
+            return
         if jobs == 1 or len(todo) <= 1:
             _init_worker(threads)
             for session in todo:

@@ -237,6 +237,7 @@ def run(
     threads: Annotated[Optional[int], typer.Option(min=1, help="Numba threads per job (default: cores / jobs).")] = None,
     force: Annotated[bool, typer.Option(help="Reprocess sessions that are up to date.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print which sessions would be processed, and why, then exit.")] = False,
+    scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address (e.g. tcp://10.0.0.5:8786): run sessions on its workers.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with the same settings (options given here win).")] = None,
 ) -> None:
     """Process every session of a BIDS ASL dataset into BIDS-derivative perfusion maps.
@@ -276,8 +277,8 @@ def run(
     out = out_dir if out_dir is not None else bids_dir / "derivatives" / "aslbatch"
     try:
         report = run_batch(bids_dir, out, settings, participant_labels=labels, jobs=jobs, threads=threads,
-                           force=force, dry_run=dry_run)
-    except bids.BidsError as exc:
+                           force=force, dry_run=dry_run, scheduler=scheduler)
+    except (bids.BidsError, ValueError) as exc:
         fail(str(exc))
     except LockHeld as exc:
         fail(str(exc), EXIT_LOCKED)

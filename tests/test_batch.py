@@ -231,3 +231,31 @@ def test_unwritable_output_folder_is_a_clear_usage_error(dataset, tmp_path):
     result = runner.invoke(app, ["run", str(dataset), str(blocker / "out")])
     assert result.exit_code == 2 and "cannot write outputs" in result.output
     assert "Traceback" not in result.output
+
+
+def test_dask_local_cluster_gives_the_same_outputs_and_summary(dataset, tmp_path):
+    distributed = pytest.importorskip("distributed", reason="the test extra installs dask[distributed]")
+    import nibabel as nib
+
+    local = run_batch(dataset, tmp_path / "local", Settings())
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        result = runner.invoke(app, ["run", str(dataset), str(tmp_path / "dask"), "--scheduler", cluster.scheduler_address])
+        assert result.exit_code == 0, result.output
+        again = run_batch(dataset, tmp_path / "dask", Settings(), scheduler=cluster.scheduler_address)
+        assert again.counts() == {"done": 0, "skipped": 3, "failed": 0}
+    assert _summary(tmp_path / "dask")["counts"] == {"done": 0, "skipped": 3, "failed": 0}
+    for subject in ("01", "02", "03"):
+        name = f"sub-{subject}/perf/sub-{subject}_desc-lm_cbf.nii.gz"
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "local" / name).dataobj),
+                                      np.asarray(nib.load(tmp_path / "dask" / name).dataobj))
+    assert local.counts()["done"] == 3
+
+
+def test_unreachable_scheduler_is_a_clear_error(dataset, tmp_path, monkeypatch):
+    pytest.importorskip("distributed", reason="the test extra installs dask[distributed]")
+    import aslbatch.batch
+
+    monkeypatch.setattr(aslbatch.batch, "SCHEDULER_TIMEOUT_S", 1)
+    result = runner.invoke(app, ["run", str(dataset), str(tmp_path / "out"), "--scheduler", "tcp://127.0.0.1:9"])
+    assert result.exit_code == 2 and "cannot reach the Dask scheduler" in result.output
