@@ -92,6 +92,8 @@ class SessionOutcome:
     reason: str
     duration_s: float = 0.0
     outputs: tuple[str, ...] = ()
+    #: seconds per stage, summed over the session's acquisitions (see AcquisitionResult.timings)
+    timings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -165,10 +167,14 @@ def _run_session(session: bids.Session, out_dir: Path, settings: Settings) -> Se
         return SessionOutcome(session.name, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
     failed = [r for r in results if r.status != "done"]
     outputs = tuple(o for r in results for o in r.outputs)
+    timings: dict[str, float] = {}
+    for r in results:
+        for stage, seconds in r.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
     if failed:
         reason = "; ".join(f"{r.source_name}: {r.error}" for r in failed)
-        return SessionOutcome(session.name, "failed", reason, time.perf_counter() - t0, outputs)
-    return SessionOutcome(session.name, "done", "", time.perf_counter() - t0, outputs)
+        return SessionOutcome(session.name, "failed", reason, time.perf_counter() - t0, outputs, timings)
+    return SessionOutcome(session.name, "done", "", time.perf_counter() - t0, outputs, timings)
 
 
 def _init_worker(threads: int) -> None:

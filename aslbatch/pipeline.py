@@ -108,6 +108,9 @@ class AcquisitionResult:
     outputs: tuple[str, ...] = ()
     error: str | None = None
     status_counts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    #: seconds spent per stage: "inputs" (reading and hashing the input files), "prepare"
+    #: (loading images and preprocessing), "fit" (every method) and "write" (outputs)
+    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 def input_digests(acquisition: bids.Acquisition) -> dict[str, str]:
@@ -177,10 +180,14 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         background_suppression_correction=settings.background_suppression_correction)]
     if problems:
         raise bids.BidsError("; ".join(str(p) for p in problems))
+    timings = {}
+    mark = time.perf_counter()
     digests = input_digests(acquisition)
+    timings["inputs"], mark = time.perf_counter() - mark, time.perf_counter()
     prepared = prepare_acquisition(acquisition, overrides=settings.constants,
                                    mask_path=settings.mask_path(acquisition.subject, acquisition.session),
                                    background_suppression_correction=settings.background_suppression_correction)
+    timings["prepare"], mark = time.perf_counter() - mark, time.perf_counter()
     options = {"arterial_edge_s": settings.arterial_edge_s} if acquisition.model == "2c" else {}
     model = get_model(acquisition.model, prepared.protocol, prepared.constants, **options)
     estimates: dict[str, Estimate] = {}
@@ -189,9 +196,11 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         method_options = dict(settings.method_options.get(method, {}))
         estimates[method] = estimate_maps(model, prepared, method, method_options)
         estimator_options[method] = get_estimator(method, model, **method_options).options()
+    timings["fit"], mark = time.perf_counter() - mark, time.perf_counter()
     outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
                                     bids_dir=acquisition.series[0].bids_dir, started_at=started,
                                     run_settings=settings.to_dict())
+    timings["write"] = time.perf_counter() - mark
     return AcquisitionResult(
         source_name=acquisition.source_name,
         subject=acquisition.subject,
@@ -201,6 +210,7 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         duration_s=time.perf_counter() - t0,
         outputs=tuple(str(p) for p in outputs),
         status_counts={m: e.status_counts() for m, e in estimates.items()},
+        timings=timings,
     )
 
 

@@ -259,3 +259,17 @@ def test_unreachable_scheduler_is_a_clear_error(dataset, tmp_path, monkeypatch):
     monkeypatch.setattr(aslbatch.batch, "SCHEDULER_TIMEOUT_S", 1)
     result = runner.invoke(app, ["run", str(dataset), str(tmp_path / "out"), "--scheduler", "tcp://127.0.0.1:9"])
     assert result.exit_code == 2 and "cannot reach the Dask scheduler" in result.output
+
+
+def test_fifty_sessions_with_two_jobs_then_a_rerun_skips_all_and_a_touch_redoes_one(tmp_path):
+    raw = write_bids_dataset(tmp_path / "raw", subjects=50, model="1c", snr=10, seed=21, shape=(8, 8, 3))
+    out = tmp_path / "out"
+    first = run_batch(raw, out, Settings(), jobs=2, threads=1)
+    assert first.counts() == {"done": 50, "skipped": 0, "failed": 0}
+    assert all(set(o.timings) == {"inputs", "prepare", "fit", "write"} for o in first.outcomes)
+    again = run_batch(raw, out, Settings(), jobs=2, threads=1)
+    assert again.counts() == {"done": 0, "skipped": 50, "failed": 0}
+    context = raw / "sub-37" / "perf" / "sub-37_aslcontext.tsv"
+    context.write_text(context.read_text() + "\n")  # new bytes, same meaning
+    touched = run_batch(raw, out, Settings(), jobs=2, threads=1)
+    assert [o.session for o in touched.outcomes if o.status == "done"] == ["sub-37"]
