@@ -16,7 +16,8 @@
   workers of a Dask distributed cluster (``scheduler``), with the same outputs and reports.
 - **Reporting**: a log per run ``OUT/logs/run-<id>.log``, a summary
   ``OUT/logs/run-<id>_summary.json`` and ``.tsv`` with stable ``latest_summary`` copies,
-  progress over sessions (tqdm on a terminal, plain lines otherwise).
+  progress over sessions (tqdm on a terminal, plain lines otherwise) and, in-process on a
+  terminal, over the voxels of each fit.
 """
 
 from __future__ import annotations
@@ -158,11 +159,11 @@ def plan_sessions(sessions: Sequence[bids.Session], out_dir: Path, settings: Set
     return planned
 
 
-def _run_session(session: bids.Session, out_dir: Path, settings: Settings) -> SessionOutcome:
+def _run_session(session: bids.Session, out_dir: Path, settings: Settings, progress: bool = False) -> SessionOutcome:
     """One session, isolated: every exception becomes a failed outcome with its reason."""
     t0 = time.perf_counter()
     try:
-        results = process_session(session, out_dir, settings)
+        results = process_session(session, out_dir, settings, progress)
     except Exception as exc:  # isolation: one bad session never stops the batch
         return SessionOutcome(session.name, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
     failed = [r for r in results if r.status != "done"]
@@ -303,7 +304,7 @@ def _execute(todo: list[bids.Session], out_dir: Path, settings: Settings, jobs: 
         if jobs == 1 or len(todo) <= 1:
             _init_worker(threads)
             for session in todo:
-                _record(report, _run_session(session, out_dir, settings), bar)
+                _record(report, _run_session(session, out_dir, settings, progress=not bar.disable), bar)
             return
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=(threads,)) as pool:

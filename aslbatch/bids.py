@@ -11,6 +11,9 @@ first problem (:func:`validate_dataset`) and decides which series are fitted
 together (:func:`group_acquisitions`). Nothing here reads image data: the NIfTI
 header gives the number of volumes and the spatial shape.
 
+Symlinked subject or session folders are followed: a file belongs to the dataset when its
+path, as found (not resolved), lies inside the dataset folder.
+
 Units: every time is in seconds (BIDS convention); values above
 :data:`aslbatch.protocol.MAX_TIME_S` (10 s) in a PLD, label duration or slice
 time are taken for milliseconds and refused. Field strength is in tesla.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import posixpath
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -778,8 +782,10 @@ def read_series(bids_dir: str | Path, path: str | Path, *, cache: dict[Path, Any
     (:func:`validate_series` adds the metadata checks). ``cache`` shares parsed
     JSON files between calls.
     """
-    root = Path(bids_dir).resolve()
-    path = Path(path).resolve()
+    # absolute but not resolved: a subject folder may be a symlink (followed for reading);
+    # membership of the dataset is judged on the path as found in it
+    root = Path(os.path.abspath(bids_dir))
+    path = Path(os.path.abspath(path))
     cache = {} if cache is None else cache
     if not path.is_relative_to(root):
         raise BidsError(f"{path} is not inside the dataset {root}", field="path")
@@ -860,7 +866,7 @@ def find_sessions(bids_dir: str | Path, participant_labels: Sequence[str] | None
     subjects; a label not in the dataset raises BidsError. Input problems of a
     series do not raise: they are in ``AslSeries.problems``.
     """
-    root = Path(bids_dir).resolve()
+    root = Path(os.path.abspath(bids_dir))
     if not root.is_dir():
         raise BidsError(f"BIDS dataset folder {bids_dir} does not exist", field="bids_dir")
     subjects = sorted(path for path in root.glob("sub-*") if path.is_dir())

@@ -9,6 +9,7 @@ PLDs shifted by that offset.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from tqdm import tqdm
 
 from . import bids
 from .derivatives import run_settings_digest, sha256_file, write_session_outputs
@@ -150,29 +152,46 @@ def _merge(parts: list[tuple[np.ndarray, Estimate]], n: int, names: tuple[str, .
     return Estimate(params, status, stderr, rss, names, method)
 
 
-def estimate_maps(model: KineticModel, prepared: PreparedData, method: str, options: Mapping[str, Any]) -> Estimate:
+#: voxels per call of an estimator when a progress bar is shown
+PROGRESS_CHUNK = 50_000
+
+
+def estimate_maps(model: KineticModel, prepared: PreparedData, method: str, options: Mapping[str, Any],
+                  progress: bool = False) -> Estimate:
     """Fit ``method`` to every voxel of ``prepared``, with each slice's own timing.
 
     Voxels whose slice was read ``offset`` s after the nominal PLD are fitted with a
     model whose PLDs are shifted by ``offset`` (exact per-slice timing, 2D readouts).
+    ``progress`` shows a bar over voxels (fitted in chunks of PROGRESS_CHUNK).
     """
     offsets = prepared.slice_offsets
     groups = np.unique(offsets)
-    if groups.size == 1 and groups[0] == 0.0:
-        return get_estimator(method, model, **options).fit().predict(prepared.signals)
-    parts = []
     base = model.protocol
-    for offset in groups:
-        rows = np.flatnonzero(offsets == offset)
-        shifted = Protocol(base.label_duration, base.pld + offset, base.crushed)
-        slice_model = get_model(model.name, shifted, model.constants, **model.options())
-        parts.append((rows, get_estimator(method, slice_model, **options).fit().predict(prepared.signals[rows])))
+    bar = tqdm(total=prepared.n_voxels, desc=f"{prepared.source_name} {method}", unit="voxel", leave=False,
+               disable=not progress, file=sys.stderr)
+    parts = []
+    with bar:
+        for offset in groups:
+            rows = np.flatnonzero(offsets == offset)
+            group_model = model if offset == 0.0 else get_model(
+                model.name, Protocol(base.label_duration, base.pld + offset, base.crushed), model.constants,
+                **model.options())
+            estimator = get_estimator(method, group_model, **options).fit()
+            step = PROGRESS_CHUNK if progress else max(rows.size, 1)
+            for start in range(0, rows.size, step):
+                chunk = rows[start:start + step]
+                parts.append((chunk, estimator.predict(prepared.signals[chunk])))
+                bar.update(chunk.size)
+    if len(parts) == 1 and parts[0][0].size == prepared.n_voxels:
+        return parts[0][1]
     return _merge(parts, prepared.n_voxels, model.param_names, method)
 
 
-def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, settings: Settings) -> AcquisitionResult:
+def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, settings: Settings,
+                        progress: bool = False) -> AcquisitionResult:
     """Validate, prepare, fit and write one acquisition; raises on any problem (nothing
-    under final output names is left half-written, and the provenance is written last)."""
+    under final output names is left half-written, and the provenance is written last).
+    ``progress``: a bar over voxels while fitting (for a terminal)."""
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     problems = [p for series in acquisition.series for p in bids.validate_series(
@@ -194,7 +213,7 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     estimator_options: dict[str, dict[str, Any]] = {}
     for method in settings.methods:
         method_options = dict(settings.method_options.get(method, {}))
-        estimates[method] = estimate_maps(model, prepared, method, method_options)
+        estimates[method] = estimate_maps(model, prepared, method, method_options, progress)
         estimator_options[method] = get_estimator(method, model, **method_options).options()
     timings["fit"], mark = time.perf_counter() - mark, time.perf_counter()
     outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
@@ -214,7 +233,8 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     )
 
 
-def process_session(session: bids.Session, out_dir: str | Path, settings: Settings) -> list[AcquisitionResult]:
+def process_session(session: bids.Session, out_dir: str | Path, settings: Settings,
+                    progress: bool = False) -> list[AcquisitionResult]:
     """Every acquisition of ``session``; a failing acquisition is recorded and the rest go on."""
     results = []
     try:
@@ -225,7 +245,7 @@ def process_session(session: bids.Session, out_dir: str | Path, settings: Settin
     for acquisition in acquisitions:
         t0 = time.perf_counter()
         try:
-            results.append(process_acquisition(acquisition, out_dir, settings))
+            results.append(process_acquisition(acquisition, out_dir, settings, progress))
         except (bids.BidsError, ValueError, OSError, MemoryError) as exc:
             results.append(AcquisitionResult(acquisition.source_name, acquisition.subject, acquisition.session,
                                              acquisition.model, "failed", time.perf_counter() - t0,

@@ -108,8 +108,10 @@ def test_parallel_workers_give_the_same_maps_as_one_process(dataset, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_run_killed_mid_session_is_completed_by_the_rerun(dataset, tmp_path):
-    """SIGKILL while sessions are being written, then a rerun: every session done, none lost."""
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_run_killed_mid_session_is_completed_by_the_rerun(dataset, tmp_path, signal_name):
+    """A signal while sessions are being written, then a rerun: every session done, none lost."""
+    import signal
     out = tmp_path / "out"
     stray = out / "sub-01" / "perf" / ".sub-01_desc-lm_cbf.nii.gz.x1y2.aslbatch-tmp.nii.gz"
     stray.parent.mkdir(parents=True)
@@ -120,8 +122,8 @@ def test_run_killed_mid_session_is_completed_by_the_rerun(dataset, tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not list(out.glob("sub-*/perf/*.nii.gz")):
         time.sleep(0.01)
-    proc.kill()
-    proc.wait()
+    proc.send_signal(getattr(signal, signal_name))
+    proc.wait(timeout=60)
     report = run_batch(dataset, out, Settings())
     assert report.exit_code == EXIT_OK
     assert report.counts()["done"] + report.counts()["skipped"] == 3
@@ -273,3 +275,20 @@ def test_fifty_sessions_with_two_jobs_then_a_rerun_skips_all_and_a_touch_redoes_
     context.write_text(context.read_text() + "\n")  # new bytes, same meaning
     touched = run_batch(raw, out, Settings(), jobs=2, threads=1)
     assert [o.session for o in touched.outcomes if o.status == "done"] == ["sub-37"]
+
+
+
+def test_symlinked_subject_folder_is_read_and_outputs_stay_inside_out(tmp_path):
+    """Subjects symlinked to storage elsewhere are followed for reading (documented); every
+    output lands under OUT and nothing is written next to the link's target."""
+    raw = write_bids_dataset(tmp_path / "raw", subjects=2, model="1c", snr=10, seed=13, shape=SHAPE)
+    elsewhere = tmp_path / "archive"
+    elsewhere.mkdir()
+    (raw / "sub-02").rename(elsewhere / "sub-02")
+    (raw / "sub-02").symlink_to(elsewhere / "sub-02", target_is_directory=True)
+    before = sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*"))
+    out = tmp_path / "out"
+    report = run_batch(raw, out, Settings())
+    assert report.counts()["done"] == 2
+    assert (out / "sub-02" / "perf" / "sub-02_provenance.json").exists()
+    assert sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*")) == before

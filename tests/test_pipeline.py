@@ -243,3 +243,22 @@ def test_user_mask_template_replaces_the_computed_mask(tmp_path):
 def test_settings_validation_names_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Settings(**kwargs)
+
+
+def test_chunked_fitting_behind_the_progress_bar_gives_the_same_maps(monkeypatch):
+    import aslbatch.pipeline as pipeline
+
+    model = get_model("1c", default_protocol("1c"))
+    rng = np.random.default_rng(3)
+    n = 1000
+    truth = np.column_stack([rng.uniform(20, 100, n), rng.uniform(1.2, 2.5, n)])
+    signals = model.signal(truth) + rng.normal(0, 1e-3, (n, 5))
+    mask = np.ones((n, 1, 1), bool)
+    prepared = PreparedData(signals=signals, protocol=model.protocol, mask=mask, affine=np.eye(4), shape=(n, 1, 1),
+                            slice_offsets=np.zeros(n), m0=np.ones((n, 1, 1)), constants=Constants(), notes=(),
+                            source_files=(), model="1c", source_name="sub-x")
+    whole = estimate_maps(model, prepared, "lm", {})
+    monkeypatch.setattr(pipeline, "PROGRESS_CHUNK", 128)
+    chunked = estimate_maps(model, prepared, "lm", {}, progress=True)
+    np.testing.assert_array_equal(chunked.params, whole.params)
+    np.testing.assert_array_equal(chunked.status, whole.status)
