@@ -216,6 +216,9 @@ def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_
 
     Raises :class:`aslbatch.bids.BidsError` for a missing dataset or unknown participant and
     :class:`LockHeld` when another run holds ``out_dir``; everything else is in the report.
+    With ``jobs`` > 1 the workers are spawned and import the caller's main module, so a
+    script calling this must guard its entry point with ``if __name__ == "__main__":``
+    (the ``aslbatch`` command does).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
