@@ -16,3 +16,24 @@ def model_1c():
 def model_2c():
     """The two-compartment model (hard arterial edges) on the default 2C protocol."""
     return get_model("2c", default_protocol("2c"))
+
+
+#: a small network that trains in seconds and is accurate at high SNR (tests only)
+SMALL_NETWORK = {"n_samples": 20_000, "hidden_layers": (32, 32), "snr_range": (50.0, 100.0), "max_epochs": 60,
+                 "batch_size": 256, "learning_rate": 3e-3, "seed": 1}
+
+
+@pytest.fixture(scope="session")
+def supervised_1c(model_1c):
+    """A small supervised network trained on the default 1C protocol at high SNR."""
+    from aslbatch.estimators import get_estimator
+
+    return get_estimator("supervised", model_1c, **SMALL_NETWORK).fit()
+
+
+@pytest.fixture(scope="session")
+def supervised_2c(model_2c):
+    """A small supervised network trained on the default 2C protocol at high SNR."""
+    from aslbatch.estimators import get_estimator
+
+    return get_estimator("supervised", model_2c, **SMALL_NETWORK).fit()

@@ -1,0 +1,148 @@
+"""A trained fully connected network as plain arrays, and its forward pass for inference.
+
+Every network estimator (supervised, unsupervised) ends as a :class:`Network`: the
+input standardisation, the layers (ReLU between them, linear output) and the map
+from the last layer's output to parameters in API units:
+
+- ``"affine"``: params = output · ``out_scale`` + ``out_shift`` (targets scaled per
+  parameter for training);
+- ``"sigmoid"``: params = ``out_shift`` + ``out_scale`` · sigmoid(output), i.e. lower +
+  (upper − lower) · sigmoid (outputs squashed into bounds).
+
+Inference runs in float32 in row chunks through BLAS matrix products
+(``benchmarks/bench_networks.py`` measures the speed, and ``tests/test_supervised.py``
+bounds the difference to a float64 pass far below the network's own error). The arrays
+round-trip exactly through :meth:`Network.to_arrays` / :meth:`Network.from_arrays`,
+which is what :mod:`aslbatch.estimators.store` saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["OUTPUT_TRANSFORMS", "Network"]
+
+OUTPUT_TRANSFORMS = ("affine", "sigmoid")
+#: rows per matrix product at inference: keeps the activations in cache
+INFERENCE_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class Network:
+    """Weights and scalings of a trained network.
+
+    Attributes
+    ----------
+    weights : per layer, (n_in, n_out) float64 so that next = previous @ W + b.
+    biases : per layer, (n_out,) float64.
+    in_shift, in_scale : input standardisation, x' = (x − in_shift) / in_scale.
+    out_shift, out_scale : see the module docstring (API units of each parameter).
+    output_transform : "affine" or "sigmoid".
+    """
+
+    weights: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+    in_shift: np.ndarray
+    in_scale: np.ndarray
+    out_shift: np.ndarray
+    out_scale: np.ndarray
+    output_transform: str = "affine"
+
+    def __post_init__(self) -> None:
+        if self.output_transform not in OUTPUT_TRANSFORMS:
+            raise ValueError(f"output_transform must be one of {OUTPUT_TRANSFORMS}, got {self.output_transform!r}")
+        if not self.weights or len(self.weights) != len(self.biases):
+            raise ValueError("a network needs at least one layer and one bias vector per layer")
+        width = self.in_shift.shape[0]
+        if self.in_scale.shape != (width,) or np.any(~(self.in_scale > 0)):
+            raise ValueError("input scale must be positive, one value per input")
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if w.ndim != 2 or w.shape[0] != width or b.shape != (w.shape[1],):
+                raise ValueError(f"layer {k}: weights {w.shape} and bias {b.shape} do not chain from width {width}")
+            width = w.shape[1]
+        if self.out_shift.shape != (width,) or self.out_scale.shape != (width,):
+            raise ValueError(f"output scalings must have the {width} outputs of the last layer")
+        arrays = (*self.weights, *self.biases, self.in_shift, self.in_scale, self.out_shift, self.out_scale)
+        if not all(np.all(np.isfinite(a)) for a in arrays):
+            raise ValueError("network arrays contain NaN or Inf")
+        # float32 copies for inference, made once
+        object.__setattr__(self, "_weights32", tuple(np.ascontiguousarray(w, dtype=np.float32) for w in self.weights))
+        object.__setattr__(self, "_biases32", tuple(np.ascontiguousarray(b, dtype=np.float32) for b in self.biases))
+
+    @property
+    def n_inputs(self) -> int:
+        """Width of the input (volumes, plus one for a slice-offset input)."""
+        return int(self.in_shift.shape[0])
+
+    @property
+    def n_outputs(self) -> int:
+        """Number of parameters predicted."""
+        return int(self.out_shift.shape[0])
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Widths of the hidden layers."""
+        return tuple(int(w.shape[1]) for w in self.weights[:-1])
+
+    def output_to_params(self, out: np.ndarray) -> np.ndarray:
+        """Map last-layer outputs (n, n_outputs) to parameters in API units, in place."""
+        if self.output_transform == "sigmoid":
+            out = 0.5 * (1.0 + np.tanh(0.5 * out))  # sigmoid without overflow
+        out *= self.out_scale.astype(out.dtype)
+        out += self.out_shift.astype(out.dtype)
+        return out
+
+    def predict(self, inputs: np.ndarray) -> np.ndarray:
+        """Parameters (n, n_outputs) float64 in API units for finite ``inputs`` (n, n_inputs)."""
+        x = np.asarray(inputs)
+        if x.ndim != 2 or x.shape[1] != self.n_inputs:
+            raise ValueError(f"network inputs must have shape (n, {self.n_inputs}), got {x.shape}")
+        n = x.shape[0]
+        out = np.empty((n, self.n_outputs), dtype=np.float64)
+        shift = self.in_shift.astype(np.float32)
+        inv_scale = (1.0 / self.in_scale).astype(np.float32)
+        last = len(self._weights32) - 1
+        for start in range(0, n, INFERENCE_CHUNK):
+            h = x[start:start + INFERENCE_CHUNK].astype(np.float32)
+            h -= shift
+            h *= inv_scale
+            for k, (w, b) in enumerate(zip(self._weights32, self._biases32)):
+                h = h @ w
+                h += b
+                if k < last:
+                    np.maximum(h, 0.0, out=h)
+            out[start:start + INFERENCE_CHUNK] = h
+        return self.output_to_params(out)
+
+    def predict_float64(self, inputs: np.ndarray) -> np.ndarray:
+        """The same as :meth:`predict` in float64 throughout (reference for the float32 pass)."""
+        h = (np.asarray(inputs, dtype=np.float64) - self.in_shift) / self.in_scale
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = h @ w + b
+            if k < len(self.weights) - 1:
+                h = np.maximum(h, 0.0)
+        return self.output_to_params(h)
+
+    # --- plain arrays (for storage) ------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every array by name: ``weight_<k>``, ``bias_<k>``, ``in_shift``, ``in_scale``,
+        ``out_shift``, ``out_scale`` (float64)."""
+        arrays = {}
+        for k, (w, b) in enumerate(zip(self.weights, self.biases)):
+            arrays[f"weight_{k}"] = np.ascontiguousarray(w, dtype=np.float64)
+            arrays[f"bias_{k}"] = np.ascontiguousarray(b, dtype=np.float64)
+        for name in ("in_shift", "in_scale", "out_shift", "out_scale"):
+            arrays[name] = np.ascontiguousarray(getattr(self, name), dtype=np.float64)
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], output_transform: str) -> "Network":
+        """Rebuild from :meth:`to_arrays`; a KeyError/ValueError names what is missing or wrong."""
+        n_layers = sum(1 for key in arrays if key.startswith("weight_"))
+        weights = tuple(np.asarray(arrays[f"weight_{k}"], dtype=np.float64) for k in range(n_layers))
+        biases = tuple(np.asarray(arrays[f"bias_{k}"], dtype=np.float64) for k in range(n_layers))
+        return cls(weights, biases, *(np.asarray(arrays[name], dtype=np.float64)
+                                      for name in ("in_shift", "in_scale", "out_shift", "out_scale")),
+                   output_transform=output_transform)

@@ -1,0 +1,290 @@
+"""What every network estimator shares: simulated training data, inputs, and turning outputs into an Estimate.
+
+A network estimator maps one voxel's ΔM/M0t signals (plus, for 2D readouts, the
+slice's time offset in s) to parameters in API units. Subclasses (``supervised``,
+``unsupervised``) implement :meth:`NeuralEstimator._train`; everything else is here:
+
+- **Training data** (:func:`training_set`): parameters uniform over the model's training
+  ranges, Rician (or Gaussian) noise with σ = S_ref / SNR and the SNR of each sample drawn
+  log-uniformly over ``snr_range``; with ``slice_offsets``, each sample is simulated at one
+  of those offsets (its PLDs shifted by it) and the offset is an extra input.
+- **Prediction**: voxels with NaN/Inf or all-zero signals get status INVALID_INPUT and NaN
+  parameters; predictions outside the model's bounds (or, 2C, abat > att) are clipped and
+  flagged AT_BOUND; the others are CONVERGED. ``rss`` is the residual of the model signal at
+  the predicted parameters (each voxel at its own slice timing).
+
+The trained network is a :class:`~aslbatch.estimators.network.Network` (plain arrays);
+:mod:`aslbatch.estimators.store` saves and loads it with its card.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from ..models import KineticModel, get_model
+from ..protocol import Protocol
+from ..simulate import NOISE_MODELS, add_noise, noise_sigma, sample_parameters
+from .base import Estimate, Estimator, Status, check_signals
+from .network import Network
+
+__all__ = ["NeuralEstimator", "TrainingSet", "shifted_model", "training_set"]
+
+#: slice offsets (s) closer than this are the same offset
+OFFSET_TOLERANCE_S = 1e-3
+
+
+def shifted_model(model: KineticModel, offset_s: float) -> KineticModel:
+    """``model`` with every PLD shifted by ``offset_s`` (s): the timing of one slice of a 2D readout."""
+    if offset_s == 0.0:
+        return model
+    p = model.protocol
+    return get_model(model.name, Protocol(p.label_duration, p.pld + offset_s, p.crushed), model.constants,
+                     **model.options())
+
+
+def model_signal(model: KineticModel, params: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
+    """Noise-free ΔM/M0t (n, n_volumes) of ``params``, each row at its slice offset (s) if given."""
+    if offsets is None or not np.any(offsets):
+        return model.signal(params)
+    out = np.empty((params.shape[0], model.n_volumes))
+    for offset in np.unique(offsets):
+        rows = offsets == offset
+        out[rows] = shifted_model(model, float(offset)).signal(params[rows])
+    return out
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Simulated training data: ``inputs`` (n, n_inputs) = noisy ΔM/M0t [+ slice offset s],
+    ``params`` (n, n_params) true parameters (API units), ``snr`` (n,)."""
+
+    inputs: np.ndarray
+    params: np.ndarray
+    snr: np.ndarray
+
+
+def training_set(model: KineticModel, n: int, snr_range: tuple[float, float], noise: str,
+                 slice_offsets: Sequence[float], rng: np.random.Generator) -> TrainingSet:
+    """``n`` simulated samples (see the module docstring); σ is the unshifted protocol's, as on a scanner."""
+    params = sample_parameters(model, n, rng)
+    lo, hi = snr_range
+    snr = np.exp(rng.uniform(np.log(lo), np.log(hi), n))
+    sigma = np.asarray(noise_sigma(model, snr), dtype=np.float64)
+    if slice_offsets:
+        offsets = np.asarray(slice_offsets, dtype=np.float64)[rng.integers(0, len(slice_offsets), n)]
+        clean = model_signal(model, params, offsets)
+        noisy = add_noise(clean, sigma, noise, rng)
+        inputs = np.column_stack([noisy, offsets])
+    else:
+        inputs = add_noise(model.signal(params), sigma, noise, rng)
+    return TrainingSet(inputs, params, snr)
+
+
+class NeuralEstimator(Estimator):
+    """Base of the network estimators: options shared by all, training data, prediction.
+
+    Parameters (every option is recorded in the network's card and the provenance)
+    ----------
+    model : the kinetic model (protocol and constants) the network is trained for.
+    hidden_layers : widths of the hidden layers (ReLU).
+    n_samples : simulated training samples (a further 10 % is simulated for validation).
+    snr_range : (low, high) SNR (S_ref / σ) of the training samples, drawn log-uniformly.
+    noise : "rician" or "gaussian" training noise.
+    loss : "mse" or "mae".
+    batch_size : samples per optimiser step.
+    learning_rate : Adam's step size.
+    max_epochs : passes over the training set at most.
+    patience : stop after this many epochs without a validation improvement (the best
+        epoch's weights are kept).
+    seed : seed of the simulation and of the training.
+    slice_offsets : time offsets (s) of the slices of a 2D readout to train over, each
+        an extra input; empty for 3D readouts (or data without SliceTiming).
+    """
+
+    #: the method trains a network (the pipeline resolves it from a file or the cache)
+    trains: ClassVar[bool] = True
+    #: losses this estimator can minimise
+    losses: ClassVar[tuple[str, ...]] = ("mse", "mae")
+    #: output transform of the networks this estimator builds
+    output_transform: ClassVar[str] = "affine"
+    #: default hidden layers per model
+    default_hidden_layers: ClassVar[dict[str, tuple[int, ...]]] = {"1c": (64, 64), "2c": (128, 128)}
+
+    def __init__(self, model: KineticModel, hidden_layers: Sequence[int] | None = None, n_samples: int = 500_000,
+                 snr_range: Sequence[float] = (2.0, 50.0), noise: str = "rician", loss: str = "mse",
+                 batch_size: int = 1024, learning_rate: float = 1e-3, max_epochs: int = 100, patience: int = 8,
+                 seed: int = 0, slice_offsets: Sequence[float] = ()) -> None:
+        super().__init__(model)
+        self.hidden_layers = hidden_layers
+        self.n_samples = n_samples
+        self.snr_range = snr_range
+        self.noise = noise
+        self.loss = loss
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.seed = seed
+        self.slice_offsets = slice_offsets
+        self.network_: Network | None = None
+        self.training_: dict[str, Any] = {}
+        #: the file the network was loaded from, and its sha256 (set by the store)
+        self.network_file_: str | None = None
+        self.network_sha256_: str | None = None
+
+    # --- options ---------------------------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        """Validated options, JSON-ready (hidden layers resolved to the model's default)."""
+        hidden = self.hidden_layers if self.hidden_layers is not None else self.default_hidden_layers[self.model.name]
+        try:
+            hidden = [int(h) for h in hidden]
+            snr = [float(v) for v in self.snr_range]
+            offsets = sorted({round(float(v), 4) for v in self.slice_offsets})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{self.name}: hidden_layers, snr_range and slice_offsets must be numbers ({exc})") from None
+        if not hidden or min(hidden) < 1:
+            raise ValueError(f"{self.name}: hidden_layers must be positive widths, got {hidden}")
+        if len(snr) != 2 or not 0 < snr[0] <= snr[1] < np.inf:
+            raise ValueError(f"{self.name}: snr_range must be (low, high) with 0 < low <= high, got {snr}")
+        if self.noise not in NOISE_MODELS:
+            raise ValueError(f"{self.name}: noise must be one of {NOISE_MODELS}, got {self.noise!r}")
+        if self.loss not in ("mse", "mae"):
+            raise ValueError(f"{self.name}: loss must be 'mse' or 'mae', got {self.loss!r}")
+        if not all(np.isfinite(offsets)) or (offsets and min(offsets) < 0.0):
+            raise ValueError(f"{self.name}: slice_offsets must be finite times >= 0 s, got {offsets}")
+        for name, value, low in (("n_samples", self.n_samples, 100), ("batch_size", self.batch_size, 1),
+                                 ("max_epochs", self.max_epochs, 1), ("patience", self.patience, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{self.name}: {name} must be an integer >= {low}, got {value!r}")
+        if not float(self.learning_rate) > 0:
+            raise ValueError(f"{self.name}: learning_rate must be > 0, got {self.learning_rate!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"{self.name}: seed must be an integer, got {self.seed!r}")
+        return {
+            "hidden_layers": hidden,
+            "n_samples": int(self.n_samples),
+            "snr_range": snr,
+            "noise": self.noise,
+            "loss": self.loss,
+            "batch_size": int(self.batch_size),
+            "learning_rate": float(self.learning_rate),
+            "max_epochs": int(self.max_epochs),
+            "patience": int(self.patience),
+            "seed": int(self.seed),
+            "slice_offsets": [] if offsets == [0.0] else offsets,  # all slices at once: no offset input
+        }
+
+    @property
+    def offset_input(self) -> bool:
+        """Whether the network takes the slice offset (s) as an extra input."""
+        return bool(self.options()["slice_offsets"])
+
+    # --- training ----------------------------------------------------------------------
+    def fit(self, signals: np.ndarray | None = None, progress: bool = False) -> "NeuralEstimator":
+        """Train on simulated signals (``progress``: a bar over epochs on stderr)."""
+        if signals is not None:
+            raise ValueError(f"{self.name} networks train on simulated signals; fit() takes no data")
+        opts = self.options()
+        if opts["loss"] not in self.losses:
+            raise ValueError(f"{self.name}: loss {opts['loss']!r} is not available; choose one of {self.losses}")
+        rng = np.random.default_rng(opts["seed"])
+        n_val = max(opts["n_samples"] // 10, 1000)
+        train = training_set(self.model, opts["n_samples"], opts["snr_range"], opts["noise"],
+                             opts["slice_offsets"], rng)
+        val = training_set(self.model, n_val, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng)
+        network, history = self._train(train, val, opts, rng, progress)
+        self.network_ = network
+        predicted = self._raw_predict(val.inputs)
+        self.training_ = {**history, "validation": validation_metrics(self.model, predicted, val.params)}
+        return self
+
+    def _train(self, train: TrainingSet, val: TrainingSet, opts: dict[str, Any], rng: np.random.Generator,
+               progress: bool) -> tuple[Network, dict[str, Any]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- prediction --------------------------------------------------------------------
+    def set_network(self, network: Network, training: dict[str, Any]) -> None:
+        """Install a trained network (from :mod:`~aslbatch.estimators.store`), checking its shape."""
+        n_in = self.model.n_volumes + (1 if self.offset_input else 0)
+        if network.n_inputs != n_in or network.n_outputs != self.model.n_params:
+            raise ValueError(f"network has {network.n_inputs} inputs and {network.n_outputs} outputs; this "
+                             f"{self.model.name} protocol needs {n_in} and {self.model.n_params}")
+        if network.output_transform != self.output_transform:
+            raise ValueError(f"{self.name} networks use a {self.output_transform} output, got {network.output_transform}")
+        self.network_ = network
+        self.training_ = dict(training)
+
+    def _raw_predict(self, inputs: np.ndarray) -> np.ndarray:
+        if self.network_ is None:
+            raise ValueError(f"this {self.name} estimator has no network yet: fit() it or load a trained one")
+        return self.network_.predict(inputs)
+
+    def _check_offsets(self, slice_offsets: Any, n: int) -> np.ndarray | None:
+        trained = self.options()["slice_offsets"]
+        if slice_offsets is None:
+            offsets = np.zeros(n)
+        else:
+            offsets = np.broadcast_to(np.asarray(slice_offsets, dtype=np.float64), (n,))
+        if not trained:
+            if np.any(offsets != 0.0):
+                raise ValueError(f"this {self.name} network was trained without slice timing, but the data have "
+                                 f"slice offsets up to {offsets.max():.3f} s (2D readout); train one with "
+                                 f"slice_offsets")
+            return None
+        lo, hi = min(trained), max(trained)
+        outside = (offsets < lo - OFFSET_TOLERANCE_S) | (offsets > hi + OFFSET_TOLERANCE_S) | ~np.isfinite(offsets)
+        if np.any(outside):
+            raise ValueError(f"slice offsets {np.unique(offsets[outside])[:5]} s lie outside the {lo:.3f}-{hi:.3f} s "
+                             f"this {self.name} network was trained over")
+        return offsets
+
+    def predict(self, signals: np.ndarray, slice_offsets: np.ndarray | float | None = None) -> Estimate:
+        """Parameters from ``signals`` (n, n_volumes) ΔM/M0t; ``slice_offsets`` (n,) or scalar, s,
+        for networks trained with slice timing."""
+        y = check_signals(signals, self.model)
+        n = y.shape[0]
+        offsets = self._check_offsets(slice_offsets, n)
+        valid = np.isfinite(y).all(axis=1) & (y != 0.0).any(axis=1)
+        params = np.full((n, self.model.n_params), np.nan)
+        status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
+        rss = np.full(n, np.nan)
+        if np.any(valid):
+            inputs = y[valid] if offsets is None else np.column_stack([y[valid], offsets[valid]])
+            raw = self._raw_predict(inputs)
+            clipped = constrain(self.model, raw)
+            params[valid] = raw
+            status[valid] = np.where(clipped, Status.AT_BOUND, Status.CONVERGED)
+            fitted = model_signal(self.model, raw, None if offsets is None else offsets[valid])
+            rss[valid] = np.sum((fitted - y[valid]) ** 2, axis=1)
+        return Estimate(params, status, None, rss, self.model.param_names, self.name,
+                        info={"network": self.network_.hidden_layers})
+
+
+def constrain(model: KineticModel, params: np.ndarray) -> np.ndarray:
+    """Clip ``params`` (n, n_params) into the model's bounds in place (2C: abat <= att);
+    returns which rows were changed."""
+    lower, upper = model.bounds
+    changed = np.any((params < lower) | (params > upper), axis=1)
+    np.clip(params, lower, upper, out=params)
+    for earlier, later, _ in model.ordered_times:
+        i, j = model.param_names.index(earlier), model.param_names.index(later)
+        wrong = params[:, i] > params[:, j]
+        params[wrong, i] = params[wrong, j]
+        changed |= wrong
+    return changed
+
+
+def validation_metrics(model: KineticModel, predicted: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, float]]:
+    """NRMSE and NMAE (over the mean truth) and bias per parameter on held-out simulated data."""
+    predicted = predicted.copy()
+    constrain(model, predicted)
+    out = {}
+    for j, name in enumerate(model.param_names):
+        err = predicted[:, j] - truth[:, j]
+        mean = float(np.mean(truth[:, j]))
+        out[name] = {"nrmse": float(np.sqrt(np.mean(err**2)) / mean), "nmae": float(np.mean(np.abs(err)) / mean),
+                     "bias": float(np.mean(err))}
+    return out

@@ -1,0 +1,166 @@
+"""Network files: bit-identical round trip, no pickle, tamper and mismatch refusal, and the cache."""
+
+import json
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+
+from aslbatch.estimators import get_estimator
+from aslbatch.estimators.store import (NetworkCache, NetworkFileError, NetworkMismatch, default_cache_dir,
+                                       load_network, read_card, save_network)
+from aslbatch.models import get_model
+from aslbatch.protocol import Constants, Protocol, default_protocol
+from aslbatch.simulate import simulate
+
+from .conftest import SMALL_NETWORK
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, supervised_1c):
+    path = tmp_path_factory.mktemp("net") / "net.npz"
+    save_network(supervised_1c, path)
+    return path
+
+
+def test_round_trip_bit_identical(saved, supervised_1c, model_1c):
+    signals = simulate(model_1c, 3000, 5.0, seed=2).signals
+    loaded = load_network(saved, model_1c)
+    before, after = supervised_1c.predict(signals), loaded.predict(signals)
+    np.testing.assert_array_equal(before.params, after.params)
+    np.testing.assert_array_equal(before.status, after.status)
+    assert loaded.options() == supervised_1c.options()
+    # without a model, the card rebuilds it
+    np.testing.assert_array_equal(load_network(saved).predict(signals).params, before.params)
+
+
+def test_file_holds_plain_arrays_only(saved):
+    with np.load(saved, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    assert all(a.dtype.kind in "fU" for a in arrays.values())
+    card = json.loads(str(arrays["card"]))
+    for key in ("model", "options", "training_ranges", "versions", "created", "arrays_sha256", "training"):
+        assert key in card
+    assert card["model"]["protocol"]["pld"] == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert card["options"]["snr_range"] == list(SMALL_NETWORK["snr_range"])
+    assert card["options"]["noise"] == "rician" and card["options"]["seed"] == SMALL_NETWORK["seed"]
+    assert set(card["training"]["validation"]) == {"cbf", "att"}
+    assert card["versions"]["scikit-learn"]
+    assert read_card(saved) == card
+
+
+def _member_data_offset(path, name):
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name)
+    raw = path.read_bytes()
+    name_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+@pytest.mark.parametrize("member", ["weight_1.npy", "bias_0.npy", "in_scale.npy", "card.npy"])
+@pytest.mark.parametrize("where", [0.5, 0.95])
+def test_one_changed_byte_is_refused(saved, tmp_path, member, where):
+    start, size = _member_data_offset(saved, member)
+    raw = bytearray(saved.read_bytes())
+    position = start + int(size * where)
+    raw[position] ^= 0x01
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(NetworkFileError, match="bad.npz"):
+        load_network(bad)
+
+
+def test_altered_card_with_valid_zip_is_refused(saved, tmp_path):
+    """Rewriting the card (e.g. another PLD list) without the checksum is caught."""
+    with np.load(saved, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    card = json.loads(str(arrays["card"]))
+    card["model"]["protocol"]["pld"][0] = 1.1
+    arrays["card"] = np.array(json.dumps(card))
+    bad = tmp_path / "edited.npz"
+    np.savez(bad, **arrays)
+    with pytest.raises(NetworkFileError, match="checksum mismatch"):
+        load_network(bad)
+
+
+def test_truncated_and_foreign_files_refused(saved, tmp_path):
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(saved.read_bytes()[:1000])
+    with pytest.raises(NetworkFileError, match="cut.npz"):
+        load_network(cut)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, card=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(NetworkFileError, match="pickle"):
+        load_network(pickled)
+    with pytest.raises(NetworkFileError, match="no such"):
+        load_network(tmp_path / "missing.npz")
+
+
+def test_protocol_and_constants_mismatch_refused(saved):
+    other_pld = get_model("1c", Protocol(1.8, [1.0, 1.5, 2.0, 2.5, 3.5]))
+    with pytest.raises(NetworkMismatch, match=r"pld \[1.0, 1.5, 2.0, 2.5, 3.0\] s \(data: \[1.0, 1.5, 2.0, 2.5, 3.5\]"):
+        load_network(saved, other_pld)
+    other_t1 = get_model("1c", default_protocol("1c"), Constants(t1b=1.35))
+    with pytest.raises(NetworkMismatch, match="constant t1b 1.65 .data: 1.35"):
+        load_network(saved, other_t1)
+    with pytest.raises(NetworkMismatch, match="model 1c"):
+        load_network(saved, get_model("2c", default_protocol("2c")))
+
+
+class CountingCache(NetworkCache):
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.trained = 0
+
+    def get(self, estimator, progress=False):
+        original = estimator.fit
+
+        def counting_fit(*args, **kwargs):
+            self.trained += 1
+            return original(*args, **kwargs)
+
+        estimator.fit = counting_fit
+        return super().get(estimator, progress)
+
+
+def test_cache_trains_once_per_key_even_concurrently(tmp_path, model_1c):
+    cache = CountingCache(tmp_path / "cache")
+    opts = {**SMALL_NETWORK, "n_samples": 2000, "max_epochs": 2}
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        cache.get(get_estimator("supervised", model_1c, **opts)))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert cache.trained == 1 and len(results) == 2
+    assert results[0].network_sha256_ == results[1].network_sha256_
+    again = cache.get(get_estimator("supervised", model_1c, **opts))
+    assert cache.trained == 1 and again.network_sha256_ == results[0].network_sha256_
+    other_protocol = get_model("1c", Protocol(1.8, [1.0, 1.5, 2.0, 2.5]))
+    other = cache.get(get_estimator("supervised", other_protocol, **opts))
+    assert cache.trained == 2 and other.network_sha256_ != results[0].network_sha256_
+    other_options = cache.get(get_estimator("supervised", model_1c, **{**opts, "seed": 5}))
+    assert cache.trained == 3
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
+
+
+def test_damaged_cache_entry_is_retrained(tmp_path, model_1c):
+    cache = CountingCache(tmp_path)
+    opts = {**SMALL_NETWORK, "n_samples": 2000, "max_epochs": 2}
+    first = cache.get(get_estimator("supervised", model_1c, **opts))
+    path = cache.path(first)
+    path.write_bytes(path.read_bytes()[:-50])
+    cache.get(get_estimator("supervised", model_1c, **opts))
+    assert cache.trained == 2
+    load_network(path, model_1c)
+
+
+def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("ASLBATCH_CACHE_DIR", str(tmp_path / "x"))
+    assert default_cache_dir() == tmp_path / "x"
+    monkeypatch.delenv("ASLBATCH_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "aslbatch"
