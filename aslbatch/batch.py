@@ -53,6 +53,9 @@ __all__ = [
 ]
 
 LOCK_NAME = ".aslbatch.lock"
+PACKAGE_LOGGER = "aslbatch"
+#: logger of network training (a line on stderr too: it can take minutes)
+NETWORK_LOGGER = "aslbatch.networks"
 #: how long to try to reach a Dask scheduler before giving up (s)
 SCHEDULER_TIMEOUT_S = 20
 log = logging.getLogger("aslbatch.batch")
@@ -178,10 +181,27 @@ def _run_session(session: bids.Session, out_dir: Path, settings: Settings, progr
     return SessionOutcome(session.name, "done", "", time.perf_counter() - t0, outputs, timings)
 
 
-def _init_worker(threads: int) -> None:
+def _log_handlers(log_file: Path) -> list[logging.Handler]:
+    """The run log (every aslbatch logger) and, for network training, a line on stderr."""
+    to_file = logging.FileHandler(log_file, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setFormatter(logging.Formatter("aslbatch: %(message)s"))
+    to_stderr.addFilter(lambda record: record.name == NETWORK_LOGGER)
+    return [to_file, to_stderr]
+
+
+def _init_worker(threads: int, log_file: Path | None = None) -> None:
     import numba
+    from threadpoolctl import threadpool_limits
 
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    threadpool_limits(threads)  # BLAS of network inference and training: the same share of cores
+    if log_file is not None:  # worker processes: their network log lines join the run's log
+        package = logging.getLogger(PACKAGE_LOGGER)
+        for handler in _log_handlers(log_file):
+            package.addHandler(handler)
+        package.setLevel(logging.INFO)
 
 
 def _write_reports(report: BatchReport, logs: Path) -> None:
@@ -235,10 +255,13 @@ def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_
     with output_lock(out_dir):
         logs = out_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(logs / f"run-{run_id}.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+        log_file = logs / f"run-{run_id}.log"
+        package = logging.getLogger(PACKAGE_LOGGER)
+        handlers = _log_handlers(log_file)
+        for handler in handlers:
+            package.addHandler(handler)
+        level = package.level
+        package.setLevel(logging.INFO)
         try:
             log.info("aslbatch %s run %s: %s -> %s, settings %s, jobs %d x %d threads", __version__, run_id,
                      bids_dir, out_dir, json.dumps(settings.to_dict()), jobs, threads)
@@ -254,13 +277,15 @@ def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_
                 return report
             todo = [s for s, reason in planned if reason is not None]
             report.outcomes = [SessionOutcome(s.name, "skipped", "up to date") for s, reason in planned if reason is None]
-            _execute(todo, out_dir, settings, jobs, threads, report, scheduler)
+            _execute(todo, out_dir, settings, jobs, threads, report, scheduler, log_file)
             report.exit_code = EXIT_FAILED if report.counts()["failed"] else EXIT_OK
             log.info("%s", report.one_line())
             _write_reports(report, logs)
         finally:
-            log.removeHandler(handler)
-            handler.close()
+            for handler in handlers:
+                package.removeHandler(handler)
+                handler.close()
+            package.setLevel(level)
     return report
 
 
@@ -298,7 +323,7 @@ def _execute_distributed(todo: list[bids.Session], out_dir: Path, settings: Sett
 
 
 def _execute(todo: list[bids.Session], out_dir: Path, settings: Settings, jobs: int, threads: int,
-             report: BatchReport, scheduler: str | None = None) -> None:
+             report: BatchReport, scheduler: str | None = None, log_file: Path | None = None) -> None:
     bar = tqdm(total=len(todo), desc="sessions", unit="session", disable=not sys.stderr.isatty(), file=sys.stderr)
     try:
         if scheduler is not None:
@@ -310,7 +335,7 @@ def _execute(todo: list[bids.Session], out_dir: Path, settings: Settings, jobs: 
                 _record(report, _run_session(session, out_dir, settings, progress=not bar.disable), bar)
             return
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
+                                 initargs=(threads, log_file)) as pool:
             futures = {pool.submit(_run_session, s, out_dir, settings): s for s in todo}
             for future in as_completed(futures):
                 session = futures[future]

@@ -3,7 +3,7 @@
 Commands: ``run`` (a BIDS dataset to BIDS derivatives), ``validate`` (check inputs),
 ``demo`` (a phantom dataset, processed and scored against its ground truth),
 ``simulate-dataset`` (a phantom BIDS dataset), ``simulate`` and ``fit`` (voxel sets
-without images).
+without images), ``train`` (a network for a protocol, saved as a file).
 
 Exit codes (:mod:`aslbatch.exitcodes`): 0 success; 1 some sessions failed (run) or
 problems found (validate); 2 usage or configuration error; 3 nothing found to process;
@@ -45,6 +45,11 @@ class T1PrimeName(str, Enum):
 class MethodName(str, Enum):
     lm = "lm"
     lut = "lut"
+    supervised = "supervised"
+
+
+class NetworkMethod(str, Enum):
+    supervised = "supervised"
 
 
 class ModelChoice(str, Enum):
@@ -138,16 +143,14 @@ def simulate(
     typer.echo(json.dumps({"out": str(out), **set_summary(data)}))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
-
-
 @app.command()
 def fit(
     input_path: Annotated[Path, typer.Option("--in", help="Simulated set (.npz) from 'aslbatch simulate'.")],
     out: Annotated[Path, typer.Option("--out", help="Output .npz file (written atomically).")],
     model: Annotated[ModelName, typer.Option(help="Kinetic model to fit; must match the input set.")] = ModelName.one,
-    method: Annotated[MethodName, typer.Option(help="Estimator: lm (Levenberg-Marquardt) or lut (lookup table).")] = MethodName.lm,
+    method: Annotated[MethodName, typer.Option(help="Estimator: lm (Levenberg-Marquardt), lut (lookup table) or supervised (network).")] = MethodName.lm,
+    network: Annotated[Optional[Path], typer.Option(help="Trained network file (aslbatch train) for a network method; default: the cache's, trained once if missing.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Folder of cached networks (default $ASLBATCH_CACHE_DIR or the per-user cache).")] = None,
 ) -> None:
     """Estimate parameters from a simulated set and write them with the truth beside them.
 
@@ -167,7 +170,9 @@ def fit(
         fail(str(exc))
     if data.model.name != model.value:
         fail(f"{input_path}: the set was simulated with model {data.model.name!r}, not {model.value!r}")
-    estimator = get_estimator(method.value, data.model).fit()
+    if network is not None and method is not MethodName.supervised:
+        fail(f"--network is for network methods, not {method.value}")
+    estimator = _network_or_fit(method.value, data.model, network, cache_dir)
     estimate = estimator.predict(data.signals)
     stderr = estimate.stderr if estimate.stderr is not None else np.full_like(estimate.params, np.nan)
     try:
@@ -194,11 +199,26 @@ def fit(
     }))
 
 
+def _network_or_fit(method: str, model, network: Optional[Path], cache_dir: Optional[Path]):
+    """The estimator ready to predict: a network from its file or the cache, else fitted."""
+    from .estimators import ESTIMATORS, get_estimator
+    from .estimators.store import NetworkCache, load_network
+
+    try:
+        if network is not None:
+            return load_network(network, model)
+        if getattr(ESTIMATORS[method], "trains", False):
+            return NetworkCache(cache_dir).get(get_estimator(method, model), progress=sys.stderr.isatty())
+        return get_estimator(method, model).fit()
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+
+
 def _read_config(path: Path) -> dict:
     """Settings from a TOML file: the keys of :class:`aslbatch.pipeline.Settings`
     (``methods``, ``model``, ``background_suppression_correction``, ``arterial_edge_s``),
-    ``participant_label``, a ``[constants]`` table (Constants fields) and
-    ``[method_options.<method>]`` tables."""
+    ``participant_label``, ``cache_dir``, a ``[constants]`` table (Constants fields),
+    ``[method_options.<method>]`` tables and a ``[networks]`` table (method = file)."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -211,7 +231,7 @@ def _read_config(path: Path) -> dict:
     except tomllib.TOMLDecodeError as exc:
         fail(f"{path}: not valid TOML ({exc})")
     known = {"methods", "model", "participant_label", "constants", "background_suppression_correction",
-             "arterial_edge_s", "method_options", "mask"}
+             "arterial_edge_s", "method_options", "mask", "networks", "cache_dir"}
     unknown = set(data) - known
     if unknown:
         fail(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -238,12 +258,17 @@ def run(
     force: Annotated[bool, typer.Option(help="Reprocess sessions that are up to date.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print which sessions would be processed, and why, then exit.")] = False,
     scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address (e.g. tcp://10.0.0.5:8786): run sessions on its workers.")] = None,
+    network: Annotated[Optional[list[Path]], typer.Option(help="Trained network file (aslbatch train) for its method (repeatable); without it, networks come from the cache and are trained once per protocol.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Folder of cached networks (default $ASLBATCH_CACHE_DIR or the per-user cache).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with the same settings (options given here win).")] = None,
 ) -> None:
     """Process every session of a BIDS ASL dataset into BIDS-derivative perfusion maps.
 
     Sessions whose outputs are up to date (same inputs, settings and aslbatch version in
     their provenance) are skipped. Logs and a summary of every run go to OUT_DIR/logs.
+
+    Network methods (supervised) use --network files, or networks from the cache that are
+    trained once per protocol, constants and slice timing (the first run takes minutes).
 
     Exit codes: 0 every session done or up to date; 1 some failed (the others are done);
     2 usage or configuration error; 3 nothing found to process; 4 another run holds the
@@ -253,7 +278,15 @@ def run(
     from .batch import LockHeld, run_batch
     from .pipeline import Settings
 
+    from .estimators.store import read_card
+
     cfg = _read_config(config) if config is not None else {}
+    networks = {str(k): str(v) for k, v in cfg.get("networks", {}).items()}
+    for path in network or []:
+        try:
+            networks[read_card(path)["method"]] = str(path)
+        except ValueError as exc:
+            fail(str(exc))
     constants = dict(cfg.get("constants", {}))
     for name, value in (("t1b", t1_blood), ("t1t", t1_tissue), ("t1_prime", t1_prime.value if t1_prime else None),
                         ("alpha", labeling_efficiency), ("lam", partition_coefficient)):
@@ -261,7 +294,8 @@ def run(
             constants[name] = value
     try:
         settings = Settings(
-            methods=tuple(m.value for m in method) if method else tuple(cfg.get("methods", ("lm",))),
+            methods=(tuple(m.value for m in method) if method else
+                     tuple(cfg.get("methods", sorted(networks) if networks else ("lm",)))),
             model=model.value if model else cfg.get("model", "auto"),
             constants=constants,
             background_suppression_correction=(background_suppression_correction
@@ -270,6 +304,8 @@ def run(
             arterial_edge_s=arterial_edge_s if arterial_edge_s is not None else float(cfg.get("arterial_edge_s", 0.0)),
             method_options=cfg.get("method_options", {}),
             mask=mask if mask is not None else cfg.get("mask"),
+            networks=networks,
+            cache_dir=str(cache_dir) if cache_dir is not None else cfg.get("cache_dir"),
         )
     except (ValueError, TypeError) as exc:
         fail(str(exc))
@@ -294,6 +330,88 @@ def run(
     typer.echo(report.one_line(), err=True)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
+
+
+def _training_model(model: ModelName, protocol: Optional[list[Path]], t1_prime: T1PrimeName,
+                    arterial_edge_s: float):
+    """The model to train for, and the slice offsets (s) of a 2D readout, from the --protocol files."""
+    import numpy as np
+
+    from .bids import BidsError
+    from .models import get_model
+    from .preprocess import protocol_from_sidecars
+    from .protocol import Constants, ProtocolError
+
+    files = protocol or []
+    offsets: tuple[float, ...] = ()
+    try:
+        if files and all(p.name.endswith("_asl.json") for p in files):
+            found = protocol_from_sidecars(files, {"t1_prime": t1_prime.value})
+            prot, constants = found.protocol, found.constants
+            offsets = tuple(float(o) for o in np.unique(np.round(found.offsets, 4))) if np.any(found.offsets) else ()
+        elif len(files) > 1:
+            fail("give one protocol JSON, or the *_asl.json sidecar(s) of one acquisition")
+        else:
+            prot = _load_protocol(files[0] if files else None, model.value)
+            constants = Constants(t1_prime=t1_prime.value)
+        if model is ModelName.one and arterial_edge_s:
+            fail("--arterial-edge-s applies to the 2c model only")
+        options = {"arterial_edge_s": arterial_edge_s} if model is ModelName.two else {}
+        return get_model(model.value, prot, constants, **options), offsets
+    except (BidsError, ProtocolError, ValueError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Network file to write (.npz: arrays + JSON card; atomic).")],
+    model: Annotated[ModelName, typer.Option(help="Kinetic model: 1c (cbf, att) or 2c (cbf, abv, abat, att).")] = ModelName.one,
+    protocol: Annotated[Optional[list[Path]], typer.Option(help="A protocol JSON {label_duration, pld, crushed} in s, or the *_asl.json sidecar(s) of one acquisition (aslcontext beside; repeat for a non-crushed + DANTE pair; constants and SliceTiming come from them). Default: the model's default protocol.")] = None,
+    method: Annotated[NetworkMethod, typer.Option(help="Network estimator to train.")] = NetworkMethod.supervised,
+    n_samples: Annotated[int, typer.Option(min=100, help="Simulated training samples.")] = 500_000,
+    hidden_layers: Annotated[Optional[str], typer.Option(help="Hidden layer widths, comma-separated (default per model).")] = None,
+    snr_min: Annotated[float, typer.Option(help="Lowest training SNR (S_ref / σ).")] = 2.0,
+    snr_max: Annotated[float, typer.Option(help="Highest training SNR.")] = 50.0,
+    noise: Annotated[NoiseName, typer.Option(help="Training noise model.")] = NoiseName.rician,
+    max_epochs: Annotated[int, typer.Option(min=1, help="Epochs at most (early stopping usually ends sooner).")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the simulation and training.")] = 0,
+    t1_prime: Annotated[T1PrimeName, typer.Option(help="T1' of the tissue signal: blood (consensus) or tissue (Buxton).")] = T1PrimeName.blood,
+    arterial_edge_s: Annotated[float, typer.Option(help="2C only: width (s) of the smoothed arterial window; 0 = hard edges.")] = 0.0,
+) -> None:
+    """Train a network for one protocol and save it (use it with aslbatch run --network).
+
+    Prints the network's card summary (validation NRMSE per parameter on held-out
+    simulated data over the training SNR range) as JSON.
+    """
+    from .estimators import get_estimator
+    from .estimators.store import save_network
+
+    kinetic, offsets = _training_model(model, protocol, t1_prime, arterial_edge_s)
+    try:
+        hidden = [int(v) for v in hidden_layers.split(",")] if hidden_layers else None
+    except ValueError:
+        fail(f"--hidden-layers must be comma-separated integers, got {hidden_layers!r}")
+    try:
+        estimator = get_estimator(method.value, kinetic, hidden_layers=hidden, n_samples=n_samples,
+                                  snr_range=(snr_min, snr_max), noise=noise.value, max_epochs=max_epochs, seed=seed,
+                                  slice_offsets=offsets)
+        estimator.options()
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(f"training a {method.value} {model.value} network on {n_samples} simulated samples"
+               + (f" over {len(offsets)} slice offsets" if offsets else ""), err=True)
+    estimator.fit(progress=sys.stderr.isatty())
+    try:
+        digest = save_network(estimator, out)
+    except OSError as exc:
+        fail(f"{out}: cannot write ({exc.strerror})")
+    training = estimator.training_
+    typer.echo(json.dumps({
+        "out": str(out), "sha256": digest, "method": method.value, "model": model.value,
+        "protocol": kinetic.protocol.to_dict(), "slice_offsets": list(offsets),
+        "epochs": training["epochs"], "training_seconds": round(training["training_seconds"], 1),
+        "validation_nrmse": {k: round(v["nrmse"], 4) for k, v in training["validation"].items()},
+    }))
 
 
 @app.command()
@@ -386,3 +504,7 @@ def demo(
     typer.echo(f"demo: outputs in {out}, logs in {out / 'logs'}", err=True)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

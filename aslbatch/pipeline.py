@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from . import bids
 from .derivatives import run_settings_digest, sha256_file, write_session_outputs
-from .estimators import ESTIMATORS, Estimate, get_estimator
+from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator
+from .estimators.store import NetworkCache, file_sha256, load_network
 from .models import KineticModel, get_model
 from .preprocess import PreparedData, prepare_acquisition
 from .protocol import Constants, Protocol
@@ -42,6 +43,10 @@ class Settings:
     mask : a brain mask NIfTI for every acquisition instead of the one computed from M0; a
         path template where ``{subject}`` and ``{session}`` (empty without sessions) are
         replaced by the acquisition's labels.
+    networks : ``{method: network file}``: trained networks to use instead of the cache
+        (their sha256 is part of the settings, so a retrained file reprocesses the sessions).
+    cache_dir : folder of trained networks (default: $ASLBATCH_CACHE_DIR or the per-user
+        cache); where networks live does not change the outputs, so it is not in ``to_dict``.
     """
 
     methods: tuple[str, ...] = ("lm",)
@@ -51,6 +56,8 @@ class Settings:
     arterial_edge_s: float = 0.0
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     mask: str | None = None
+    networks: Mapping[str, str] = field(default_factory=dict)
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -70,6 +77,13 @@ class Settings:
         unknown = set(self.method_options) - set(self.methods)
         if unknown:
             raise ValueError(f"options given for methods not requested: {sorted(unknown)}")
+        for method, path in self.networks.items():
+            if method not in self.methods:
+                raise ValueError(f"a network is given for {method}, which is not among the methods {list(self.methods)}")
+            if not getattr(ESTIMATORS[method], "trains", False):
+                raise ValueError(f"method {method} does not use a trained network")
+            if not Path(path).is_file():
+                raise ValueError(f"{path}: no such network file")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (for logs and the batch's settings digest)."""
@@ -81,6 +95,7 @@ class Settings:
             "arterial_edge_s": self.arterial_edge_s,
             "method_options": {k: dict(v) for k, v in self.method_options.items()},
             "mask": self.mask,
+            "networks": {m: {"path": str(p), "sha256": file_sha256(p)} for m, p in sorted(self.networks.items())},
         }
 
     def mask_path(self, subject: str, session: str | None) -> Path | None:
@@ -156,31 +171,55 @@ def _merge(parts: list[tuple[np.ndarray, Estimate]], n: int, names: tuple[str, .
 PROGRESS_CHUNK = 50_000
 
 
+def network_estimator(method: str, model: KineticModel, options: Mapping[str, Any], settings: Settings,
+                      slice_offsets: np.ndarray, progress: bool = False) -> Estimator:
+    """The trained network for ``method``: the user's file (checked against ``model``), or the
+    cache's (trained now if missing), trained over the acquisition's slice offsets (s)."""
+    if method in settings.networks:
+        return load_network(settings.networks[method], model)
+    offsets = np.unique(np.round(slice_offsets, 4))
+    options = {**options, "slice_offsets": tuple(float(o) for o in offsets)} if np.any(offsets) else dict(options)
+    return NetworkCache(settings.cache_dir).get(get_estimator(method, model, **options), progress)
+
+
+def provenance_options(estimator: Estimator) -> dict[str, Any]:
+    """The estimator's options as recorded in provenance (plus the network's file and sha256)."""
+    options = estimator.options()
+    if getattr(estimator, "network_sha256_", None):
+        options["network_file"] = estimator.network_file_
+        options["network_sha256"] = estimator.network_sha256_
+    return options
+
+
 def estimate_maps(model: KineticModel, prepared: PreparedData, method: str, options: Mapping[str, Any],
-                  progress: bool = False) -> Estimate:
+                  progress: bool = False, estimator: Estimator | None = None) -> Estimate:
     """Fit ``method`` to every voxel of ``prepared``, with each slice's own timing.
 
-    Voxels whose slice was read ``offset`` s after the nominal PLD are fitted with a
-    model whose PLDs are shifted by ``offset`` (exact per-slice timing, 2D readouts).
+    Conventional methods: voxels whose slice was read ``offset`` s after the nominal PLD
+    are fitted with a model whose PLDs are shifted by ``offset`` (exact per-slice timing,
+    2D readouts). Networks (``estimator``, trained) take each voxel's offset as an input.
     ``progress`` shows a bar over voxels (fitted in chunks of PROGRESS_CHUNK).
     """
     offsets = prepared.slice_offsets
-    groups = np.unique(offsets)
-    base = model.protocol
     bar = tqdm(total=prepared.n_voxels, desc=f"{prepared.source_name} {method}", unit="voxel", leave=False,
                disable=not progress, file=sys.stderr)
+    step = PROGRESS_CHUNK if progress else max(prepared.n_voxels, 1)
     parts = []
     with bar:
-        for offset in groups:
-            rows = np.flatnonzero(offsets == offset)
-            group_model = model if offset == 0.0 else get_model(
+        if estimator is not None:
+            groups = [(np.arange(prepared.n_voxels), estimator)]
+        else:
+            base = model.protocol
+            groups = [(np.flatnonzero(offsets == offset), get_estimator(method, model if offset == 0.0 else get_model(
                 model.name, Protocol(base.label_duration, base.pld + offset, base.crushed), model.constants,
-                **model.options())
-            estimator = get_estimator(method, group_model, **options).fit()
-            step = PROGRESS_CHUNK if progress else max(rows.size, 1)
+                **model.options()), **options).fit()) for offset in np.unique(offsets)]
+        for rows, group_estimator in groups:
             for start in range(0, rows.size, step):
                 chunk = rows[start:start + step]
-                parts.append((chunk, estimator.predict(prepared.signals[chunk])))
+                if estimator is not None:
+                    parts.append((chunk, estimator.predict(prepared.signals[chunk], slice_offsets=offsets[chunk])))
+                else:
+                    parts.append((chunk, group_estimator.predict(prepared.signals[chunk])))
                 bar.update(chunk.size)
     if len(parts) == 1 and parts[0][0].size == prepared.n_voxels:
         return parts[0][1]
@@ -213,8 +252,11 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     estimator_options: dict[str, dict[str, Any]] = {}
     for method in settings.methods:
         method_options = dict(settings.method_options.get(method, {}))
-        estimates[method] = estimate_maps(model, prepared, method, method_options, progress)
-        estimator_options[method] = get_estimator(method, model, **method_options).options()
+        network = None
+        if getattr(ESTIMATORS[method], "trains", False):
+            network = network_estimator(method, model, method_options, settings, prepared.slice_offsets, progress)
+        estimates[method] = estimate_maps(model, prepared, method, method_options, progress, network)
+        estimator_options[method] = provenance_options(network or get_estimator(method, model, **method_options))
     timings["fit"], mark = time.perf_counter() - mark, time.perf_counter()
     outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
                                     bids_dir=acquisition.series[0].bids_dir, started_at=started,

@@ -56,6 +56,7 @@ numpy and nibabel only (no scipy at run time).
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -73,6 +74,7 @@ from .protocol import Constants, Protocol, ProtocolError
 __all__ = [
     "M0_SHORT_TR_S",
     "PreparedData",
+    "SidecarProtocol",
     "TIME_DECIMALS",
     "average_repeats",
     "brain_mask",
@@ -85,6 +87,7 @@ __all__ = [
     "otsu_threshold",
     "pair_difference",
     "prepare_acquisition",
+    "protocol_from_sidecars",
     "saturation_recovery_factor",
 ]
 
@@ -718,3 +721,67 @@ def prepare_acquisition(
         model=acquisition.model,
         source_name=acquisition.source_name,
     )
+
+
+@dataclass(frozen=True)
+class SidecarProtocol:
+    """What ``aslbatch run`` would fit for a series, read from its metadata alone:
+    ``protocol`` (after pairing and averaging, as :func:`prepare_acquisition` orders it),
+    ``constants`` and the slice ``offsets`` (s; zeros for 3D readouts)."""
+
+    protocol: Protocol
+    constants: Constants
+    offsets: np.ndarray
+
+
+def protocol_from_sidecars(paths: Sequence[str | Path], overrides: Mapping[str, Any] | None = None,
+                           background_suppression_correction: bool = False) -> SidecarProtocol:
+    """The protocol of one acquisition from its ``*_asl.json`` sidecar(s) (two for a
+    non-crushed + crushed pair), each with its ``*_aslcontext.tsv`` beside it; no image is read.
+
+    Only the sidecar's own fields are used (no inheritance from higher folders). Errors
+    (BidsError) name the file and the field.
+    """
+    if not paths:
+        raise ValueError("at least one *_asl.json is needed")
+    taus, plds, flags, offsets, constants = [], [], [], None, None
+    for raw in paths:
+        path = Path(raw)
+        if not path.name.endswith("_asl.json"):
+            raise BidsError("expected a BIDS ASL sidecar named *_asl.json", path=str(path), field="path")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BidsError(f"cannot read the sidecar ({exc})", path=str(path), field="sidecar") from None
+        if not isinstance(data, dict):
+            raise BidsError("the sidecar must hold a JSON object", path=str(path), field="sidecar")
+        meta = bids.Sidecar(data, {key: str(path) for key in data}, default_source=str(path), data_file=str(path))
+        context = path.with_name(path.name[: -len("_asl.json")] + "_aslcontext.tsv")
+        types = list(bids.read_aslcontext(context))
+        n = len(types)
+        pld, tau = bids.post_labeling_delays(meta, n), bids.labeling_durations(meta, n)
+        chosen = [i for i, kind in enumerate(types) if kind == "deltam"]
+        if "control" in types or "label" in types:
+            chosen = list(pair_difference(np.zeros((1, n)), types, source=str(context))[1][:, 0]) + chosen
+        if not chosen:
+            raise BidsError("volume_type lists no control/label pair and no deltam volume: nothing to fit",
+                            path=str(context), field="volume_type")
+        taus.append(tau[chosen])
+        plds.append(pld[chosen])
+        flags.append(np.full(len(chosen), bids.vascular_crushing(meta)))
+        these = bids.constants_from_metadata(meta, overrides,
+                                             background_suppression_correction=background_suppression_correction)
+        if constants is not None and these != constants:
+            raise BidsError(f"gives the model constants {these.to_dict()}, the first sidecar {constants.to_dict()}",
+                            path=str(path), field="constants")
+        constants = these
+        timing = meta.get("SliceTiming")
+        n_slices = len(timing) if isinstance(timing, list) and str(meta.get("MRAcquisitionType")).upper() == "2D" else 1
+        these_offsets = bids.slice_offsets(meta, n_slices)
+        if offsets is not None and not np.allclose(these_offsets, offsets):
+            raise BidsError("SliceTiming differs from the first sidecar's; the series of a pair share one grid",
+                            path=str(path), field="SliceTiming")
+        offsets = these_offsets
+    _, protocol, _ = average_repeats(np.zeros((1, sum(t.size for t in taus))), np.concatenate(taus),
+                                     np.concatenate(plds), np.concatenate(flags))
+    return SidecarProtocol(protocol, constants, offsets)

@@ -175,6 +175,9 @@ def _differences(card_model: dict[str, Any], model: KineticModel) -> list[str]:
         return [f"model {card_model.get('model')} (data: {have['model']})"]
     problems = []
     trained, data = card_model.get("protocol", {}), have["protocol"]
+    if len(trained.get("pld", [])) != len(data["pld"]):
+        return [f"{len(trained.get('pld', []))} volumes with PLD {trained.get('pld')} s "
+                f"(data: {len(data['pld'])} volumes with PLD {data['pld']} s)"]
     for key, unit in (("label_duration", " s"), ("pld", " s"), ("crushed", "")):
         a, b = np.asarray(trained.get(key, []), dtype=float), np.asarray(data[key], dtype=float)
         if a.shape != b.shape or not np.allclose(a, b, rtol=0.0, atol=MATCH_TOLERANCE):
