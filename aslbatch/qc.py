@@ -1,0 +1,643 @@
+"""Visual quality control: one HTML page per acquisition beside its maps, one index per run.
+
+Everything is read from the files on disk (the provenance JSON lists them), so a page
+can be written right after a fit or regenerated later for an existing output folder.
+
+Where the pages go
+------------------
+::
+
+    OUT/qc.html                                   the run's index: every session, its status, a
+                                                  thumbnail, converged shares and a link to each
+                                                  acquisition's page
+    OUT/sub-<l>[/ses-<l>]/perf/<src>_qc.html      one page per acquisition, beside its maps
+
+``<src>_qc.html`` follows ``<src>_provenance.json``: one file per acquisition covering
+every method, named by its content, without ``desc-`` (which, in this dataset, names the
+method of a map, or the BIDS ``brain`` mask). Images are PNG embedded as data URIs, so
+each page is one self-contained file: readable from the file system, copied or mailed
+without breaking, written atomically in one piece, and nothing to clean up when the
+methods change. Neither name is BIDS: ``.bidsignore`` needs ``*_qc.html`` and
+``/qc.html`` (see :data:`BIDSIGNORE_PATTERNS`).
+
+Display conventions
+-------------------
+Axial slices of the image reoriented to RAS, in radiological convention (the patient's
+right on the left, anterior at the top), at most :data:`MAX_SLICES` slices spread over
+those holding brain. Every quantity has a fixed colour scale (:data:`SCALES`, API units)
+so pages compare day to day; values beyond it take the end colours. White: outside the
+brain mask; grey: inside the mask without a value (NaN: invalid input, or a standard
+error the data do not inform). Histograms and the median / IQR table use the finite
+values inside the mask.
+
+Each page records the sha256 of the provenance it was made from
+(``<meta name="aslbatch-provenance-sha256">``); the index flags a page whose
+provenance has changed since (outputs rewritten, page not).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import matplotlib
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from ._version import __version__
+from .atomic import atomic_open
+from .derivatives import OUTPUTS, OUTSIDE_STATUS, PARAMETERS, STATUS_LEVELS, read_provenance, sha256_file
+from .estimators.base import Status
+
+__all__ = [
+    "BIDSIGNORE_PATTERNS",
+    "INDEX_NAME",
+    "IndexEntry",
+    "MAX_SLICES",
+    "SCALES",
+    "Scale",
+    "session_report_path",
+    "write_run_index",
+    "write_session_report",
+]
+
+#: the run's index page, in the output folder
+INDEX_NAME = "qc.html"
+#: ``.bidsignore`` lines that cover every QC page
+BIDSIGNORE_PATTERNS = ("*_qc.html", f"/{INDEX_NAME}")
+#: most slices in a montage (spread evenly over the slices holding brain)
+MAX_SLICES = 12
+#: tiles per montage row
+MONTAGE_COLUMNS = 6
+#: the name of each status code, as in a provenance's ``status_counts``
+STATUS_NAMES = {int(code): code.name.lower() for code in Status}
+#: colour of each status code in the status montages (outside the mask: background)
+STATUS_COLOURS = {
+    int(Status.CONVERGED): "#c8c8c8",
+    int(Status.MAX_ITERATIONS): "#ff7f00",
+    int(Status.AT_BOUND): "#377eb8",
+    int(Status.INVALID_INPUT): "#e41a1c",
+}
+BACKGROUND = (1.0, 1.0, 1.0, 1.0)  # outside the brain mask
+NO_VALUE = (0.55, 0.55, 0.55, 1.0)  # inside the mask, NaN
+PROVENANCE_SUFFIX = next(f"_{k.name}{k.extension}" for k in OUTPUTS if k.kind == "provenance")
+REPORT_SUFFIX = "_qc.html"
+_META = "aslbatch-provenance-sha256"
+_META_RE = re.compile(rf'<meta name="{_META}" content="([0-9a-f]{{64}})">')
+_STATUS_TEXT = {"done": "done", "skipped": "up to date", "failed": "failed"}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Fixed display range ``[lo, hi]`` in the quantity's API units, and a matplotlib colour map."""
+
+    lo: float
+    hi: float
+    cmap: str
+
+
+#: display scale of every parameter and of its standard error (``<param>se``)
+SCALES: dict[str, Scale] = {
+    "cbf": Scale(0.0, 100.0, "inferno"),
+    "cbfse": Scale(0.0, 20.0, "cividis"),
+    "att": Scale(0.5, 3.5, "viridis"),
+    "attse": Scale(0.0, 1.0, "cividis"),
+    "abat": Scale(0.3, 1.5, "viridis"),
+    "abatse": Scale(0.0, 0.5, "cividis"),
+    "abv": Scale(0.0, 0.03, "inferno"),
+    "abvse": Scale(0.0, 0.01, "cividis"),
+}
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One session of a run, as the index lists it.
+
+    session : the session's name, ``sub-<l>[_ses-<l>]`` (``SessionOutcome.session``).
+    status : ``"done"``, ``"skipped"`` (up to date) or ``"failed"`` (``SessionOutcome.status``).
+    reason : why it failed (shown for every status when not empty).
+    provenance : the provenance JSON of each of its acquisitions (``<src>_provenance.json``);
+        a path that does not exist (an acquisition that failed) is listed as without outputs.
+    """
+
+    session: str
+    status: str
+    reason: str = ""
+    provenance: tuple[str | os.PathLike, ...] = ()
+
+
+def session_report_path(provenance_path: str | os.PathLike) -> Path:
+    """The QC page of an acquisition: ``<src>_qc.html`` beside ``<src>_provenance.json``."""
+    path = Path(provenance_path)
+    if not path.name.endswith(PROVENANCE_SUFFIX):
+        raise ValueError(f"{path}: not a provenance file (<source>{PROVENANCE_SUFFIX})")
+    return path.with_name(path.name[: -len(PROVENANCE_SUFFIX)] + REPORT_SUFFIX)
+
+
+# --- reading the outputs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The acquisition's brain mask reoriented to RAS: what every map is checked against."""
+
+    mask: np.ndarray  # bool (x, y, z), RAS
+    affine: np.ndarray  # of the RAS image
+    zooms: tuple[float, float, float]  # mm
+    slices: tuple[int, ...]  # shown in montages
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """A 3-D NIfTI in RAS orientation: data (float64), affine, voxel size (mm)."""
+    image = nib.as_closest_canonical(nib.load(path))
+    if len(image.shape) != 3:
+        raise ValueError(f"{path}: expected a 3-D image, got shape {image.shape}")
+    return np.asarray(image.dataobj, dtype=np.float64), image.affine, tuple(float(z) for z in image.header.get_zooms()[:3])
+
+
+def _chosen_slices(mask: np.ndarray) -> tuple[int, ...]:
+    """At most MAX_SLICES axial slices, evenly spread over those holding brain (all if none do)."""
+    holding = np.flatnonzero(mask.any(axis=(0, 1)))
+    if holding.size == 0:
+        holding = np.arange(mask.shape[2])
+    if holding.size <= MAX_SLICES:
+        return tuple(int(k) for k in holding)
+    picks = np.round(np.linspace(0, holding.size - 1, MAX_SLICES)).astype(int)
+    return tuple(int(holding[i]) for i in picks)
+
+
+def _grid(mask_path: Path) -> _Grid:
+    data, affine, zooms = _load(mask_path)
+    mask = data > 0
+    return _Grid(mask, affine, zooms, _chosen_slices(mask))
+
+
+def _load_on(grid: _Grid, path: Path) -> np.ndarray:
+    data, affine, _ = _load(path)
+    if data.shape != grid.mask.shape or not np.allclose(affine, grid.affine, atol=1e-4):
+        raise ValueError(f"{path}: not on the brain mask's grid (shape {data.shape}, mask {grid.mask.shape})")
+    return data
+
+
+def _session_files(provenance: Mapping[str, Any], folder: Path) -> dict[tuple[str, str | None, str | None], Path]:
+    """``{(kind, method, param): path}`` of every output the provenance lists (its folder, its name)."""
+    files = {}
+    for item in provenance["outputs"]:
+        name = Path(str(item["path"])).name
+        files[(str(item["kind"]), item.get("method"), item.get("param"))] = folder / name
+    return files
+
+
+def _methods(files: Mapping[tuple[str, str | None, str | None], Path]) -> list[str]:
+    """The methods with outputs, in the order they were written."""
+    return list(dict.fromkeys(str(k[1]) for k in files if k[1] is not None))
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _rgba(values: np.ndarray, inside: np.ndarray, scale: Scale) -> np.ndarray:
+    """Colours of ``values`` on the fixed scale; NO_VALUE for NaN inside, BACKGROUND outside."""
+    finite = np.isfinite(values)
+    cmap = matplotlib.colormaps[scale.cmap]
+    rgba = cmap(Normalize(scale.lo, scale.hi)(np.where(finite, values, scale.lo)))
+    rgba[inside & ~finite] = NO_VALUE
+    rgba[~inside] = BACKGROUND
+    return rgba
+
+
+def _tile(volume: np.ndarray, k: int) -> np.ndarray:
+    """Axial slice ``k`` of a RAS volume (x, y, z[, c]) as displayed: anterior up, patient's right left."""
+    return np.swapaxes(volume[:, :, k], 0, 1)[::-1, ::-1]
+
+
+def _mosaic(rgba: np.ndarray, slices: Sequence[int]) -> np.ndarray:
+    """The chosen slices of an RGBA volume tiled MONTAGE_COLUMNS wide, one background voxel apart."""
+    tiles = [_tile(rgba, k) for k in slices]
+    rows_n = math.ceil(len(tiles) / MONTAGE_COLUMNS)
+    cols_n = min(len(tiles), MONTAGE_COLUMNS)
+    h, w = tiles[0].shape[:2]
+    out = np.empty(((h + 1) * rows_n - 1, (w + 1) * cols_n - 1, 4))
+    out[:] = BACKGROUND
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, MONTAGE_COLUMNS)
+        out[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = tile
+    return out
+
+
+def _montage_png(mosaic: np.ndarray, grid: _Grid, colourbar: ScalarMappable | None = None, label: str = "",
+                 legend: Sequence[Patch] = ()) -> bytes:
+    """The mosaic at whole pixels per voxel, slice positions (z, mm) on the tiles and the
+    orientation (R, L) under the first column; a colour bar or a legend on the right."""
+    h, w = mosaic.shape[:2]
+    px = max(1, min(8, 1000 // w))
+    img_w, img_h = w * px, max(1, round(h * px * grid.zooms[1] / grid.zooms[0]))
+    side, below = (150 if legend else 90), 16
+    fig_w, fig_h = img_w + side, max(img_h + below + 4, 140)
+    figure = Figure(figsize=(fig_w / 100, fig_h / 100), dpi=100)
+    ax = figure.add_axes((2 / fig_w, (fig_h - img_h - 4) / fig_h, img_w / fig_w, img_h / fig_h))
+    ax.imshow(mosaic, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    nx, ny = grid.mask.shape[:2]  # a tile is ny rows by nx columns
+    box = {"facecolor": "white", "alpha": 0.7, "pad": 0.5, "linewidth": 0}
+    for i, k in enumerate(grid.slices):
+        r, c = divmod(i, MONTAGE_COLUMNS)
+        z = (grid.affine @ np.array([(nx - 1) / 2, (ny - 1) / 2, k, 1.0]))[2]
+        ax.text(c * (nx + 1) - 0.5, r * (ny + 1) - 0.5, f"z {z:.0f}", fontsize=7, va="top", ha="left", bbox=box)
+    under = ax.get_xaxis_transform()  # x in voxels, y in axes fraction
+    for text, x, ha in (("R", -0.5, "left"), ("L", nx - 0.5, "right")):
+        ax.annotate(text, (x, 0), xycoords=under, xytext=(0, -2), textcoords="offset points", fontsize=8,
+                    fontweight="bold", va="top", ha=ha)
+    if colourbar is not None:
+        cax = figure.add_axes(((img_w + 12) / fig_w, 0.12, 12 / fig_w, 0.76))
+        bar = figure.colorbar(colourbar, cax=cax, extend="both")
+        bar.set_label(label, fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    if legend:
+        figure.legend(handles=list(legend), loc="center right", fontsize=7, frameon=False)
+    return _png(figure)
+
+
+def _map_png(values: np.ndarray, grid: _Grid, quantity: str, units: str) -> bytes:
+    scale = SCALES[quantity]
+    mosaic = _mosaic(_rgba(values, grid.mask, scale), grid.slices)
+    mappable = ScalarMappable(Normalize(scale.lo, scale.hi), matplotlib.colormaps[scale.cmap])
+    return _montage_png(mosaic, grid, mappable, f"{quantity} ({units})")
+
+
+def _status_png(codes: np.ndarray, grid: _Grid) -> bytes:
+    known = sorted(STATUS_COLOURS)
+    cmap = ListedColormap([STATUS_COLOURS[c] for c in known])
+    norm = BoundaryNorm(np.arange(len(known) + 1) - 0.5, len(known))
+    index = np.searchsorted(known, codes)  # codes are checked against STATUS_COLOURS by the caller
+    rgba = cmap(norm(index))
+    rgba[~grid.mask] = BACKGROUND
+    legend = [Patch(facecolor=STATUS_COLOURS[c], label=STATUS_NAMES[c]) for c in known]
+    return _montage_png(_mosaic(rgba, grid.slices), grid, legend=legend)
+
+
+def _histogram_png(samples: Mapping[str, np.ndarray], quantity: str, units: str) -> bytes:
+    """Step histograms (one per method) of finite in-mask values over the fixed scale."""
+    scale = SCALES[quantity]
+    figure = Figure(figsize=(4.6, 2.4), dpi=100)
+    ax = figure.add_axes((0.14, 0.2, 0.83, 0.75))
+    bins = np.linspace(scale.lo, scale.hi, 51)
+    for method, values in samples.items():
+        if values.size == 0:
+            continue
+        beyond = np.count_nonzero((values < scale.lo) | (values > scale.hi)) / values.size
+        note = f" ({100 * beyond:.0f} % beyond the scale)" if beyond > 0 else ""
+        ax.hist(values, bins=bins, histtype="step", linewidth=1.3, label=f"{method}{note}")
+    if any(v.size for v in samples.values()):
+        ax.legend(fontsize=7, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no finite value in the brain mask", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlim(scale.lo, scale.hi)
+    ax.set_xlabel(f"{quantity} ({units})", fontsize=8)
+    ax.set_ylabel("voxels", fontsize=8)
+    ax.tick_params(labelsize=7)
+    return _png(figure)
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1100px; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+h3 { font-size: 1em; margin-bottom: 0.3em; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.failed { background: #fde0dc; } .warn { color: #b00020; font-weight: bold; } .muted { color: #777; }
+figure { margin: 0.4em 0 1em 0; } figcaption { font-size: 0.85em; color: #444; }
+.thumbs div { display: inline-block; margin: 0 0.6em 0.3em 0; text-align: center; font-size: 0.85em; }
+pre { background: #f6f6f6; padding: 0.5em; font-size: 0.8em; overflow-x: auto; }
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _href(relative: str) -> str:
+    return _e(quote(relative))
+
+
+def _number(value: float) -> str:
+    return "—" if not math.isfinite(value) else f"{value:.4g}"
+
+
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
+    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img src="{_data_uri(png)}" alt="{_e(alt)}">'
+
+
+def _page(title: str, body: str, meta: str = "") -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{meta}<title>{_e(title)}</title>'
+            f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def _stats(values: np.ndarray) -> tuple[int, float, float, float]:
+    """Number of finite values, median, first and third quartiles."""
+    if values.size == 0:
+        return 0, math.nan, math.nan, math.nan
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return int(values.size), float(median), float(q1), float(q3)
+
+
+def _json_block(value: Any) -> str:
+    return f"<pre>{_e(json.dumps(value, indent=2, ensure_ascii=False))}</pre>"
+
+
+# --- the session page ------------------------------------------------------------------------
+
+
+def write_session_report(provenance_path: str | os.PathLike) -> Path:
+    """Write the QC page of one acquisition beside its maps; returns its path (``<src>_qc.html``).
+
+    Reads the provenance (:func:`aslbatch.derivatives.read_provenance`) and the files it
+    lists, which must sit in the provenance's folder. The page shows, per parameter of
+    the model: montages of each method's map and standard error on :data:`SCALES`, and
+    histograms within the brain mask; the median and IQR of every map within the mask;
+    the share of mask voxels per status code per method and status montages; the
+    protocol (per volume τ, PLD in s, crushing), constants, estimator options and run
+    settings; the inputs; relative links to every output. A listed file that is missing
+    is reported as missing on the page. Raises FileNotFoundError for a missing
+    provenance or brain mask, ValueError for an unreadable provenance or a map off the
+    mask's grid (nothing is written then).
+    """
+    provenance_path = Path(provenance_path)
+    page_path = session_report_path(provenance_path)
+    provenance = read_provenance(provenance_path)
+    folder = provenance_path.parent
+    files = _session_files(provenance, folder)
+    model = provenance.get("model") or {}
+    model_name = str(model.get("model", ""))
+    methods = _methods(files)
+    params = list(dict.fromkeys(str(k[2]) for k in files if k[0] == "map"))  # in the model's order
+    unknown = [p for p in params if p not in SCALES or p not in PARAMETERS]
+    if unknown:
+        raise ValueError(f"{provenance_path}: no display scale for parameter(s) {unknown}")
+    mask_path = files.get(("mask", None, None))
+    if mask_path is None:
+        raise ValueError(f"{provenance_path}: lists no brain mask")
+    if not mask_path.is_file():
+        raise FileNotFoundError(f"{mask_path}: the brain mask is missing; no QC page without it")
+    grid = _grid(mask_path)
+    n_mask = int(grid.mask.sum())
+    source = str(provenance["source_name"])
+
+    missing: list[str] = []
+    stats_rows: list[list[Any]] = []
+    sections: list[str] = []
+    for param in params:
+        units = PARAMETERS[param].units
+        name = PARAMETERS[param].names.get(model_name, param)
+        parts = [f'<h3 id="{_e(param)}">{_e(param)}: {_e(name)} ({_e(units)})</h3>']
+        for quantity, kind in ((param, "map"), (param + "se", "stderr")):
+            samples: dict[str, np.ndarray] = {}
+            for method in methods:
+                path = files.get((kind, method, param))
+                if path is None:
+                    continue  # the method gives no standard errors
+                label = f"{method} {quantity}"
+                if not path.is_file():
+                    missing.append(path.name)
+                    parts.append(f'<p class="warn">{_e(label)}: {_e(path.name)} is missing</p>')
+                    continue
+                values = _load_on(grid, path)
+                inside = values[grid.mask]
+                samples[method] = inside[np.isfinite(inside)]
+                n, median, q1, q3 = _stats(samples[method])
+                stats_rows.append([method, quantity, units, f"{n} / {n_mask}", _number(median), _number(q1),
+                                   _number(q3), _number(q3 - q1)])
+                caption = f"{label} ({units}), scale {SCALES[quantity].lo:g}–{SCALES[quantity].hi:g}; {path.name}"
+                parts.append(f"<figure>{_img(_map_png(values, grid, quantity, units), label)}"
+                             f"<figcaption>{_e(caption)}</figcaption></figure>")
+            if samples:
+                parts.append(f"<figure>{_img(_histogram_png(samples, quantity, units), quantity + ' histogram')}"
+                             f"<figcaption>{_e(quantity)} within the brain mask, finite values</figcaption></figure>")
+        sections.append("\n".join(parts))
+
+    status_rows, status_figures = [], []
+    for method in methods:
+        counts = provenance["status_counts"].get(method, {})
+        per_code = [int(counts.get(STATUS_NAMES[c], 0)) for c in sorted(STATUS_NAMES)]
+        total = sum(per_code)
+        status_rows.append([method, total] + [f"{100 * k / total:.1f} % ({k})" if total else "—" for k in per_code])
+        path = files.get(("status", method, None))
+        if path is None:
+            continue
+        if not path.is_file():
+            missing.append(path.name)
+            status_figures.append(f'<p class="warn">{_e(method)} status: {_e(path.name)} is missing</p>')
+            continue
+        codes = _load_on(grid, path)
+        inside_codes = set(np.unique(codes[grid.mask]).astype(int).tolist())
+        if not inside_codes <= set(STATUS_COLOURS):
+            raise ValueError(f"{path}: unknown status code(s) {sorted(inside_codes - set(STATUS_COLOURS))} "
+                             f"inside the mask ({OUTSIDE_STATUS} is for outside only)")
+        status_figures.append(f"<figure>{_img(_status_png(codes, grid), method + ' status')}"
+                              f"<figcaption>{_e(method)} fit status per voxel; {_e(path.name)}</figcaption></figure>")
+
+    preprocessing = provenance.get("preprocessing") or {}
+    protocol = preprocessing.get("protocol", {})
+    taus, plds, crushed = (protocol.get(k, []) for k in ("label_duration", "pld", "crushed"))
+    protocol_rows = [[i + 1, _number(float(t)), _number(float(w)), "yes" if c else "no"]
+                     for i, (t, w, c) in enumerate(zip(taus, plds, crushed))]
+    constants = preprocessing.get("constants", {})
+
+    links = []
+    for item in provenance["outputs"]:
+        name = Path(str(item["path"])).name
+        state = "" if (folder / name).is_file() else ' <span class="warn">(missing)</span>'
+        links.append(f'<li><a href="{_href(name)}">{_e(name)}</a>{state}</li>')
+    links.append(f'<li><a href="{_href(provenance_path.name)}">{_e(provenance_path.name)}</a></li>')
+
+    session = provenance.get("session")
+    header = [
+        ("source", source), ("subject", provenance.get("subject")), ("session", session if session else "—"),
+        ("model", model_name), ("methods", ", ".join(methods)), ("brain mask voxels", n_mask),
+        ("shape", " × ".join(str(s) for s in grid.mask.shape)),
+        ("voxel size (mm)", " × ".join(f"{z:g}" for z in grid.zooms)),
+        ("processed", f"{provenance.get('started')} → {provenance.get('finished')} ({provenance.get('duration_s')} s)"),
+        ("aslbatch", provenance.get("aslbatch_version")),
+    ]
+    status_header = ["method", "voxels"] + [f"{c} {STATUS_NAMES[c]}" for c in sorted(STATUS_NAMES)]
+    body = [
+        f"<h1>QC: {_e(source)}</h1>",
+        _table(None, header),
+        "<p>" + " · ".join(f'<a href="#{_e(p)}">{_e(p)}</a>' for p in params)
+        + ' · <a href="#status">status</a> · <a href="#protocol">protocol</a> · <a href="#files">files</a></p>',
+        '<p class="muted">Axial slices, radiological convention (R on the left), z = slice position in mm. '
+        "White: outside the brain mask; grey: no value (NaN). Fixed colour scales; values beyond a scale "
+        "take its end colours.</p>",
+    ]
+    if missing:
+        body.append(f'<p class="warn">Missing output file(s): {_e(", ".join(missing))}</p>')
+    body += [
+        "<h2>Fit status (share of the brain mask)</h2>",
+        _table(status_header, status_rows),
+        "<ul>" + "".join(f"<li>{_e(code)}: {_e(text)}</li>" for code, text in STATUS_LEVELS.items()) + "</ul>",
+        "<h2>Within the brain mask: median and interquartile range</h2>",
+        _table(["method", "map", "units", "finite / mask", "median", "Q1", "Q3", "IQR"], stats_rows),
+        "<h2>Maps</h2>", *sections,
+        '<h2 id="status">Status maps</h2>', *status_figures,
+        '<h2 id="protocol">Protocol</h2>',
+        _table(["volume", "label duration τ (s)", "PLD (s)", "crushed"], protocol_rows),
+        *([f"<p>Notes: {_e('; '.join(str(n) for n in preprocessing['notes']))}</p>"]
+          if preprocessing.get("notes") else []),
+        "<h2>Constants</h2>", _table(["constant", "value"], [[k, v] for k, v in constants.items()]),
+        "<h2>Settings</h2>",
+        "<h3>Model options</h3>", _json_block(model.get("options", {})),
+        "<h3>Estimator options</h3>", _json_block(provenance.get("estimator_options", {})),
+        "<h3>Run settings</h3>", _json_block(provenance.get("run_settings")),
+        f"<p>settings digest {_e(provenance.get('settings_digest'))}; "
+        f"versions {_e(', '.join(f'{k} {v}' for k, v in (provenance.get('versions') or {}).items()))}</p>",
+        "<h2>Inputs</h2>",
+        _table(["file", "sha256"], [[i.get("path"), i.get("sha256") or "—"] for i in provenance.get("inputs", [])]),
+        '<h2 id="files">Files</h2>', f"<ul>{''.join(links)}</ul>",
+        f'<p class="muted">Page written by aslbatch {_e(__version__)} on {_e(_now())}.</p>',
+    ]
+    meta = f'<meta name="{_META}" content="{sha256_file(provenance_path)}">'
+    with atomic_open(page_path, "w", encoding="utf-8") as fh:
+        fh.write(_page(f"QC {source}", "\n".join(body), meta))
+    return page_path
+
+
+# --- the run index ---------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _page_is_current(page: Path, provenance_path: Path) -> bool:
+    """The page was made from this provenance (its recorded sha256 matches)."""
+    with open(page, encoding="utf-8", errors="replace") as fh:
+        found = _META_RE.search(fh.read(4096))
+    return found is not None and found.group(1) == sha256_file(provenance_path)
+
+
+def _thumbnail(provenance: Mapping[str, Any], folder: Path) -> bytes:
+    """A central axial slice of the first method's cbf on its fixed scale, ~128 px wide."""
+    files = _session_files(provenance, folder)
+    methods = _methods(files)
+    path = files.get(("map", methods[0] if methods else None, "cbf"))
+    if path is None:
+        raise ValueError("no cbf map listed")
+    values = _load(path)[0]
+    finite = np.isfinite(values)
+    holding = np.flatnonzero(finite.any(axis=(0, 1)))
+    k = int(holding[holding.size // 2]) if holding.size else values.shape[2] // 2
+    rgba = _tile(_rgba(values, finite, SCALES["cbf"]), k)
+    px = max(1, 128 // rgba.shape[1])
+    rgba = np.repeat(np.repeat(rgba, px, axis=0), px, axis=1)
+    buffer = io.BytesIO()
+    matplotlib.image.imsave(buffer, rgba, format="png")
+    return buffer.getvalue()
+
+
+def _converged(provenance: Mapping[str, Any]) -> str:
+    """Share of the mask converged, per method (from the provenance's status counts)."""
+    shares = []
+    for method, counts in provenance["status_counts"].items():
+        total = sum(int(v) for v in counts.values())
+        converged = int(counts.get(STATUS_NAMES[int(Status.CONVERGED)], 0))
+        shares.append(f"{method} {100 * converged / total:.0f} % converged" if total else f"{method}: no voxel")
+    return ", ".join(shares)
+
+
+def _acquisition_cell(provenance_path: Path, out_dir: Path) -> str:
+    """Thumbnail, converged shares and link of one acquisition; problems are shown in the cell."""
+    name = provenance_path.name[: -len(PROVENANCE_SUFFIX)]
+    if not provenance_path.is_file():
+        return f'<div><span class="muted">{_e(name)}: no outputs</span></div>'
+    try:
+        provenance = read_provenance(provenance_path)
+        thumb = _img(_thumbnail(provenance, provenance_path.parent), f"{name} cbf")
+        label = f"{_e(name)}<br>{_e(_converged(provenance))}"
+    except (OSError, ValueError, ImageFileError) as exc:
+        thumb, label = f'<span class="warn">no thumbnail ({_e(exc)})</span>', _e(name)
+    page = session_report_path(provenance_path)
+    if not page.is_file():
+        return f'<div>{thumb}<br>{label} <span class="warn">(no QC page)</span></div>'
+    href = os.path.relpath(os.path.abspath(page), os.path.abspath(out_dir)).replace(os.sep, "/")
+    stale = "" if _page_is_current(page, provenance_path) else ' <span class="warn">(page out of date)</span>'
+    return f'<div><a href="{_href(href)}">{thumb}<br>{label}</a>{stale}</div>'
+
+
+def write_run_index(out_dir: str | os.PathLike, entries: Sequence[IndexEntry], *, run_id: str | None = None) -> Path:
+    """Write ``OUT/qc.html``: every session with its status, failures first; returns its path.
+
+    Each row: the session, its status (done / up to date / failed) and reason, and per
+    acquisition a thumbnail (a central axial cbf slice of the first method, 0–100
+    mL/100 g/min) and each method's share of converged voxels, linking to its QC page
+    by a relative link. A missing provenance, page or map, and a page older than its
+    provenance, are noted in its row, never an error. ``run_id`` goes into the title. Raises ValueError for an unknown
+    status or a path not named ``<src>_provenance.json``, OSError if the page cannot be
+    written.
+    """
+    out_dir = Path(out_dir)
+    for entry in entries:
+        for path in entry.provenance:
+            session_report_path(path)  # a provenance file name, or ValueError
+        if entry.status not in _STATUS_TEXT:
+            raise ValueError(f"session {entry.session!r}: status must be one of {sorted(_STATUS_TEXT)}, "
+                             f"got {entry.status!r}")
+    ordered = sorted(entries, key=lambda e: e.status != "failed")  # stable: failures first, then as given
+    counts = {status: sum(e.status == status for e in entries) for status in _STATUS_TEXT}
+    rows = []
+    for entry in ordered:
+        cells = "".join(_acquisition_cell(Path(p), out_dir) for p in entry.provenance)
+        cls = ' class="failed"' if entry.status == "failed" else ""
+        rows.append(f"<tr{cls}><td>{_e(entry.session)}</td><td>{_e(_STATUS_TEXT[entry.status])}</td>"
+                    f'<td>{_e(entry.reason)}</td><td class="thumbs">{cells}</td></tr>')
+    title = "aslbatch QC" + (f" — run {run_id}" if run_id else "")
+    body = "\n".join([
+        f"<h1>{_e(title)}</h1>",
+        f"<p>{counts['done']} done, {counts['skipped']} up to date, {counts['failed']} failed; "
+        f"written {_e(_now())} by aslbatch {_e(__version__)}.</p>",
+        '<p class="muted">Thumbnails: a central axial slice of cbf (first method), 0–100 mL/100 g/min, '
+        "radiological convention. Click one for the acquisition's QC page.</p>",
+        "<table><tr><th>session</th><th>status</th><th>reason</th><th>acquisitions</th></tr>",
+        *rows,
+        "</table>",
+    ])
+    path = out_dir / INDEX_NAME
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(_page(title, body))
+    return path
