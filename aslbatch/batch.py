@@ -45,6 +45,7 @@ from . import bids
 from ._version import __version__
 from .atomic import atomic_open, stale_temporaries
 from .derivatives import inputs_digest, output_paths, read_provenance
+from .pipeline import write_report
 from .exitcodes import EXIT_FAILED, EXIT_NOTHING, EXIT_OK
 from .pipeline import Settings, input_digests, process_session
 
@@ -279,6 +280,8 @@ def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_
             report.outcomes = [SessionOutcome(s.name, "skipped", "up to date") for s, reason in planned if reason is None]
             _execute(todo, out_dir, settings, jobs, threads, report, scheduler, log_file)
             report.exit_code = EXIT_FAILED if report.counts()["failed"] else EXIT_OK
+            if settings.report:
+                _write_qc_index(sessions, out_dir, settings, report)
             log.info("%s", report.one_line())
             _write_reports(report, logs)
         finally:
@@ -287,6 +290,34 @@ def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_
                 handler.close()
             package.setLevel(level)
     return report
+
+
+def _write_qc_index(sessions: Sequence[bids.Session], out_dir: Path, settings: Settings, report: BatchReport) -> None:
+    """The run's QC index over every session; pages missing for up-to-date sessions are made.
+    Failures are logged: the maps are what the run is for."""
+    from .qc import IndexEntry, session_report_path, write_run_index
+
+    outcomes = {o.session: o for o in report.outcomes}
+    entries = []
+    for session in sessions:
+        outcome = outcomes.get(session.name)
+        if outcome is None:
+            continue
+        try:
+            acquisitions = bids.group_acquisitions(session, settings.model)
+        except bids.BidsError:
+            acquisitions = []
+        provenance = [output_paths(out_dir, a.source_name, a.model, settings.methods)["provenance"]
+                      for a in acquisitions]
+        for path in provenance:
+            if outcome.status == "skipped" and path.is_file() and not session_report_path(path).is_file():
+                write_report(path)
+        entries.append(IndexEntry(session.name, outcome.status, outcome.reason, tuple(provenance)))
+    try:
+        path = write_run_index(out_dir, entries, run_id=report.run_id)
+        log.info("QC index: %s", path)
+    except Exception as exc:  # never fail a run over its report
+        log.warning("QC index not written: %s: %s", type(exc).__name__, exc)
 
 
 def _record(report: BatchReport, outcome: SessionOutcome, bar: tqdm) -> None:

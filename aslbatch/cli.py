@@ -217,7 +217,7 @@ def _network_or_fit(method: str, model, network: Optional[Path], cache_dir: Opti
 def _read_config(path: Path) -> dict:
     """Settings from a TOML file: the keys of :class:`aslbatch.pipeline.Settings`
     (``methods``, ``model``, ``background_suppression_correction``, ``arterial_edge_s``),
-    ``participant_label``, ``cache_dir``, a ``[constants]`` table (Constants fields),
+    ``participant_label``, ``cache_dir``, ``report``, a ``[constants]`` table (Constants fields),
     ``[method_options.<method>]`` tables and a ``[networks]`` table (method = file)."""
     try:
         import tomllib
@@ -231,7 +231,7 @@ def _read_config(path: Path) -> dict:
     except tomllib.TOMLDecodeError as exc:
         fail(f"{path}: not valid TOML ({exc})")
     known = {"methods", "model", "participant_label", "constants", "background_suppression_correction",
-             "arterial_edge_s", "method_options", "mask", "networks", "cache_dir"}
+             "arterial_edge_s", "method_options", "mask", "networks", "cache_dir", "report"}
     unknown = set(data) - known
     if unknown:
         fail(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -260,12 +260,14 @@ def run(
     scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address (e.g. tcp://10.0.0.5:8786): run sessions on its workers.")] = None,
     network: Annotated[Optional[list[Path]], typer.Option(help="Trained network file (aslbatch train) for its method (repeatable); without it, networks come from the cache and are trained once per protocol.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Folder of cached networks (default $ASLBATCH_CACHE_DIR or the per-user cache).")] = None,
+    report: Annotated[Optional[bool], typer.Option(help="QC pages: one per acquisition beside its maps and OUT_DIR/qc.html for the run (default on).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with the same settings (options given here win).")] = None,
 ) -> None:
     """Process every session of a BIDS ASL dataset into BIDS-derivative perfusion maps.
 
     Sessions whose outputs are up to date (same inputs, settings and aslbatch version in
-    their provenance) are skipped. Logs and a summary of every run go to OUT_DIR/logs.
+    their provenance) are skipped. Logs and a summary of every run go to OUT_DIR/logs; the
+    QC pages to OUT_DIR/qc.html and beside each acquisition's maps.
 
     Network methods (supervised) use --network files, or networks from the cache that are
     trained once per protocol, constants and slice timing (the first run takes minutes).
@@ -306,6 +308,7 @@ def run(
             mask=mask if mask is not None else cfg.get("mask"),
             networks=networks,
             cache_dir=str(cache_dir) if cache_dir is not None else cfg.get("cache_dir"),
+            report=report if report is not None else bool(cfg.get("report", True)),
         )
     except (ValueError, TypeError) as exc:
         fail(str(exc))
@@ -501,7 +504,7 @@ def demo(
                          - np.asarray(nib.load(truth_dir / subject / f"{subject}_{param}.nii.gz").dataobj)[mask])
                 typer.echo(f"{subject:8} {name:5} {method:6} {param:5} {np.nanmedian(np.abs(error)):15.4g} "
                            f"{np.nanmedian(error):13.3g}  {units[param]}")
-    typer.echo(f"demo: outputs in {out}, logs in {out / 'logs'}", err=True)
+    typer.echo(f"demo: outputs in {out}, QC pages from {out / 'qc.html'}, logs in {out / 'logs'}", err=True)
     if report.exit_code:
         raise typer.Exit(report.exit_code)
 

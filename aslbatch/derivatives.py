@@ -105,6 +105,10 @@ __all__ = [
     "PARAMETERS",
     "PROVENANCE_FORMAT",
     "STATUS_LEVELS",
+    "LOGS_DIR",
+    "OTHER_BIDSIGNORE",
+    "QC_INDEX_NAME",
+    "QC_PAGE_SUFFIX",
     "bidsignore_patterns",
     "inputs_digest",
     "output_paths",
@@ -274,6 +278,14 @@ OUTPUTS: tuple[OutputKind, ...] = (
     ),
 )
 _KINDS = {item.kind: item for item in OUTPUTS}
+#: each acquisition's QC page (aslbatch.qc), beside its maps: ``<src>_qc.html``
+QC_PAGE_SUFFIX = "_qc.html"
+#: the run's QC index page in the output folder
+QC_INDEX_NAME = "qc.html"
+#: the batch's logs and summaries in the output folder
+LOGS_DIR = "logs"
+#: ``.bidsignore`` lines of the files that are not per-acquisition outputs of :data:`OUTPUTS`
+OTHER_BIDSIGNORE = (f"*{QC_PAGE_SUFFIX}", f"/{QC_INDEX_NAME}", f"/{LOGS_DIR}/")
 
 
 def _model_params(model_name: str) -> tuple[str, ...]:
@@ -284,7 +296,8 @@ def _model_params(model_name: str) -> tuple[str, ...]:
 
 
 def bidsignore_patterns() -> list[str]:
-    """The ``.bidsignore`` lines: every non-standard kind of :data:`OUTPUTS`, each parameter."""
+    """The ``.bidsignore`` lines: every non-standard kind of :data:`OUTPUTS`, each parameter,
+    then the QC pages and the logs (:data:`OTHER_BIDSIGNORE`)."""
     params = list(PARAMETERS)
     lines: list[str] = []
     for item in OUTPUTS:
@@ -294,7 +307,7 @@ def bidsignore_patterns() -> list[str]:
             line = item.bidsignore.format(param=param)
             if line not in lines:
                 lines.append(line)
-    return lines
+    return lines + list(OTHER_BIDSIGNORE)
 
 
 def _description(item: OutputKind, model_name: str, method: str | None = None, param: str | None = None) -> str:
@@ -664,6 +677,7 @@ def write_session_outputs(
 
     provenance_path = paths["provenance"]
     provenance_path.unlink(missing_ok=True)  # the old commit marker goes first
+    provenance_path.with_name(prepared.source_name + QC_PAGE_SUFFIX).unlink(missing_ok=True)  # and its QC page
 
     written: list[Path] = []
     out.mkdir(parents=True, exist_ok=True)

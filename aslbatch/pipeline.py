@@ -9,6 +9,7 @@ PLDs shifted by that offset.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,10 @@ from .models import KineticModel, get_model
 from .preprocess import PreparedData, prepare_acquisition
 from .protocol import Constants, Protocol
 
-__all__ = ["AcquisitionResult", "Settings", "estimate_maps", "input_digests", "process_acquisition", "process_session"]
+__all__ = ["AcquisitionResult", "Settings", "estimate_maps", "input_digests", "network_estimator", "process_acquisition",
+           "process_session", "provenance_options", "write_report"]
+
+log = logging.getLogger("aslbatch.pipeline")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class Settings:
         (their sha256 is part of the settings, so a retrained file reprocesses the sessions).
     cache_dir : folder of trained networks (default: $ASLBATCH_CACHE_DIR or the per-user
         cache); where networks live does not change the outputs, so it is not in ``to_dict``.
+    report : write each acquisition's QC page and the run's index (:mod:`aslbatch.qc`);
+        not in ``to_dict`` either (pages are regenerated without refitting).
     """
 
     methods: tuple[str, ...] = ("lm",)
@@ -58,6 +64,7 @@ class Settings:
     mask: str | None = None
     networks: Mapping[str, str] = field(default_factory=dict)
     cache_dir: str | None = None
+    report: bool = True
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -126,7 +133,8 @@ class AcquisitionResult:
     error: str | None = None
     status_counts: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     #: seconds spent per stage: "inputs" (reading and hashing the input files), "prepare"
-    #: (loading images and preprocessing), "fit" (every method) and "write" (outputs)
+    #: (loading images and preprocessing), "fit" (every method), "write" (outputs) and
+    #: "report" (the QC page)
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -261,7 +269,10 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
                                     bids_dir=acquisition.series[0].bids_dir, started_at=started,
                                     run_settings=settings.to_dict())
-    timings["write"] = time.perf_counter() - mark
+    timings["write"], mark = time.perf_counter() - mark, time.perf_counter()
+    if settings.report:
+        write_report(outputs[-1])
+        timings["report"] = time.perf_counter() - mark
     return AcquisitionResult(
         source_name=acquisition.source_name,
         subject=acquisition.subject,
@@ -273,6 +284,17 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         status_counts={m: e.status_counts() for m, e in estimates.items()},
         timings=timings,
     )
+
+
+def write_report(provenance_path: Path) -> Path | None:
+    """The acquisition's QC page; a failure is logged, never raised (the maps are written)."""
+    from .qc import write_session_report  # matplotlib: imported only where pages are made
+
+    try:
+        return write_session_report(provenance_path)
+    except Exception as exc:  # a report must never fail the fits it describes
+        log.warning("QC page for %s not written: %s: %s", provenance_path, type(exc).__name__, exc)
+        return None
 
 
 def process_session(session: bids.Session, out_dir: str | Path, settings: Settings,

@@ -18,7 +18,7 @@ method of a map, or the BIDS ``brain`` mask). Images are PNG embedded as data UR
 each page is one self-contained file: readable from the file system, copied or mailed
 without breaking, written atomically in one piece, and nothing to clean up when the
 methods change. Neither name is BIDS: ``.bidsignore`` needs ``*_qc.html`` and
-``/qc.html`` (see :data:`BIDSIGNORE_PATTERNS`).
+``/qc.html`` (:data:`aslbatch.derivatives.OTHER_BIDSIGNORE`, written with the outputs).
 
 Display conventions
 -------------------
@@ -64,12 +64,11 @@ from matplotlib.patches import Patch
 
 from ._version import __version__
 from .atomic import atomic_open
-from .derivatives import OUTPUTS, OUTSIDE_STATUS, PARAMETERS, STATUS_LEVELS, read_provenance, sha256_file
+from .derivatives import (OUTPUTS, OUTSIDE_STATUS, PARAMETERS, QC_INDEX_NAME, QC_PAGE_SUFFIX, STATUS_LEVELS,
+                          read_provenance, sha256_file)
 from .estimators.base import Status
 
 __all__ = [
-    "BIDSIGNORE_PATTERNS",
-    "INDEX_NAME",
     "IndexEntry",
     "MAX_SLICES",
     "SCALES",
@@ -79,10 +78,6 @@ __all__ = [
     "write_session_report",
 ]
 
-#: the run's index page, in the output folder
-INDEX_NAME = "qc.html"
-#: ``.bidsignore`` lines that cover every QC page
-BIDSIGNORE_PATTERNS = ("*_qc.html", f"/{INDEX_NAME}")
 #: most slices in a montage (spread evenly over the slices holding brain)
 MAX_SLICES = 12
 #: tiles per montage row
@@ -99,7 +94,6 @@ STATUS_COLOURS = {
 BACKGROUND = (1.0, 1.0, 1.0, 1.0)  # outside the brain mask
 NO_VALUE = (0.55, 0.55, 0.55, 1.0)  # inside the mask, NaN
 PROVENANCE_SUFFIX = next(f"_{k.name}{k.extension}" for k in OUTPUTS if k.kind == "provenance")
-REPORT_SUFFIX = "_qc.html"
 _META = "aslbatch-provenance-sha256"
 _META_RE = re.compile(rf'<meta name="{_META}" content="([0-9a-f]{{64}})">')
 _STATUS_TEXT = {"done": "done", "skipped": "up to date", "failed": "failed"}
@@ -149,7 +143,7 @@ def session_report_path(provenance_path: str | os.PathLike) -> Path:
     path = Path(provenance_path)
     if not path.name.endswith(PROVENANCE_SUFFIX):
         raise ValueError(f"{path}: not a provenance file (<source>{PROVENANCE_SUFFIX})")
-    return path.with_name(path.name[: -len(PROVENANCE_SUFFIX)] + REPORT_SUFFIX)
+    return path.with_name(path.name[: -len(PROVENANCE_SUFFIX)] + QC_PAGE_SUFFIX)
 
 
 # --- reading the outputs ---------------------------------------------------------------------
@@ -637,7 +631,7 @@ def write_run_index(out_dir: str | os.PathLike, entries: Sequence[IndexEntry], *
         *rows,
         "</table>",
     ])
-    path = out_dir / INDEX_NAME
+    path = out_dir / QC_INDEX_NAME
     with atomic_open(path, "w", encoding="utf-8") as fh:
         fh.write(_page(title, body))
     return path

@@ -268,7 +268,7 @@ def test_fifty_sessions_with_two_jobs_then_a_rerun_skips_all_and_a_touch_redoes_
     out = tmp_path / "out"
     first = run_batch(raw, out, Settings(), jobs=2, threads=1)
     assert first.counts() == {"done": 50, "skipped": 0, "failed": 0}
-    assert all(set(o.timings) == {"inputs", "prepare", "fit", "write"} for o in first.outcomes)
+    assert all(set(o.timings) == {"inputs", "prepare", "fit", "write", "report"} for o in first.outcomes)
     again = run_batch(raw, out, Settings(), jobs=2, threads=1)
     assert again.counts() == {"done": 0, "skipped": 50, "failed": 0}
     context = raw / "sub-37" / "perf" / "sub-37_aslcontext.tsv"
@@ -292,3 +292,29 @@ def test_symlinked_subject_folder_is_read_and_outputs_stay_inside_out(tmp_path):
     assert report.counts()["done"] == 2
     assert (out / "sub-02" / "perf" / "sub-02_provenance.json").exists()
     assert sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*")) == before
+
+
+def test_qc_pages_written_by_default_skipped_with_no_report_and_never_fail_a_run(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert run_batch(dataset, out, Settings(report=False)).exit_code == EXIT_OK
+    assert not (out / "qc.html").exists() and not list(out.rglob("*_qc.html"))
+    # a rerun with reports: sessions are up to date, their missing pages are made
+    again = run_batch(dataset, out, Settings())
+    assert again.counts()["skipped"] == 3
+    pages = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_qc.html"))
+    assert pages == [f"sub-0{k}/perf/sub-0{k}_qc.html" for k in (1, 2, 3)]
+    index = (out / "qc.html").read_text()
+    assert all(page in index for page in pages)
+    assert {"*_qc.html", "/qc.html", "/logs/"} <= set((out / ".bidsignore").read_text().splitlines())
+
+    import aslbatch.qc
+
+    def broken(path):
+        raise RuntimeError("no display today")
+
+    monkeypatch.setattr(aslbatch.qc, "write_session_report", broken)
+    forced = run_batch(dataset, out, Settings(), force=True)
+    assert forced.counts()["done"] == 3
+    log = next((out / "logs").glob(f"run-{forced.run_id}.log")).read_text()
+    assert "QC page for" in log and "no display today" in log
+    assert not list(out.rglob("*_qc.html"))  # pages of replaced outputs do not outlive them

@@ -21,7 +21,8 @@ from aslbatch.phantom import write_bids_dataset
 from aslbatch.pipeline import Settings
 from aslbatch.preprocess import PreparedData
 from aslbatch.protocol import Constants, default_protocol
-from aslbatch.qc import (BIDSIGNORE_PATTERNS, INDEX_NAME, SCALES, IndexEntry, _load, _tile, session_report_path,
+from aslbatch.derivatives import OTHER_BIDSIGNORE, QC_INDEX_NAME
+from aslbatch.qc import (SCALES, IndexEntry, _load, _tile, session_report_path,
                          write_run_index, write_session_report)
 
 SHAPE = (12, 14, 4)
@@ -195,7 +196,7 @@ def test_index_links_each_session_page_with_thumbnails_and_escaped_reasons(run):
                    (out / "sub-03" / "perf" / "sub-03_provenance.json",)),
     ]
     index_path = write_run_index(out, entries, run_id="20260101T000000Z-1")
-    assert index_path == out / INDEX_NAME
+    assert index_path == out / QC_INDEX_NAME
     text = index_path.read_text(encoding="utf-8")
     assert "<script>" not in text and "&lt;script&gt;" in text
     page = Page(text)
@@ -313,7 +314,7 @@ def test_bidsignore_patterns_cover_every_page_and_nothing_else(run):
     def ignored(path: Path) -> bool:  # .bidsignore semantics: "/x" from the dataset root, else any folder
         relative = path.relative_to(out).as_posix()
         return any(fnmatch(relative, p[1:]) if p.startswith("/") else fnmatch(path.name, p)
-                   for p in BIDSIGNORE_PATTERNS)
+                   for p in OTHER_BIDSIGNORE if "qc" in p)
 
     assert all(ignored(p) for p in [index, *pages.values()])
     assert not any(ignored(p) for p in out.rglob("*") if p.suffix != ".html")
