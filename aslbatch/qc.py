@@ -14,10 +14,10 @@ Where the pages go
 
 ``<src>_qc.html`` follows ``<src>_provenance.json``: one file per acquisition covering
 every method, named by its content, without ``desc-`` (which, in this dataset, names the
-method of a map, or the BIDS ``brain`` mask). Images are PNG embedded as data URIs, so
-each page is one self-contained file: readable from the file system, copied or mailed
-without breaking, written atomically in one piece, and nothing to clean up when the
-methods change. Neither name is BIDS: ``.bidsignore`` needs ``*_qc.html`` and
+method of a map, or the BIDS ``brain`` mask). Images are PNG embedded as data URIs (the
+styles inline too), so each page is one self-contained file: readable from the file
+system, copied or mailed without breaking, written atomically in one piece, and nothing
+to clean up when the methods change. Neither name is BIDS: ``.bidsignore`` needs ``*_qc.html`` and
 ``/qc.html`` (:data:`aslbatch.derivatives.OTHER_BIDSIGNORE`, written with the outputs).
 
 Display conventions
@@ -30,6 +30,12 @@ brain mask; grey: inside the mask without a value (NaN: invalid input, or a stan
 error the data do not inform). Histograms and the median / IQR table use the finite
 values inside the mask.
 
+The images hold pixels only (a montage: :data:`SCALE_COLOURS` steps of its colour map
+in an indexed PNG, whole pixels per voxel; a histogram: step lines on a grid); slice
+positions, orientation, colour bars (CSS gradients), ticks and legends are HTML laid
+over and beside them. Drawing no text and making no matplotlib axes keeps a page to a
+fraction of a second, so one can follow every fit.
+
 Each page records the sha256 of the provenance it was made from
 (``<meta name="aslbatch-provenance-sha256">``); the index flags a page whose
 provenance has changed since (outputs rewritten, page not).
@@ -38,6 +44,7 @@ provenance has changed since (outputs rewritten, page not).
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import json
@@ -52,15 +59,17 @@ from typing import Any
 from urllib.parse import quote
 
 import matplotlib
-import matplotlib.image
 import nibabel as nib
 import numpy as np
+import PIL.Image
 from nibabel.filebasedimages import ImageFileError
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import BoundaryNorm, ListedColormap, Normalize
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
+from matplotlib.lines import Line2D
+from matplotlib.patches import StepPatch
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import Bbox, BboxTransformFrom
 
 from ._version import __version__
 from .atomic import atomic_open
@@ -91,8 +100,17 @@ STATUS_COLOURS = {
     int(Status.AT_BOUND): "#377eb8",
     int(Status.INVALID_INPUT): "#e41a1c",
 }
-BACKGROUND = (1.0, 1.0, 1.0, 1.0)  # outside the brain mask
-NO_VALUE = (0.55, 0.55, 0.55, 1.0)  # inside the mask, NaN
+BACKGROUND = "#ffffff"  # outside the brain mask
+NO_VALUE = "#8c8c8c"  # inside the mask, NaN
+#: colours of a map's scale in its montages (the colour map resampled; with NO_VALUE and
+#: BACKGROUND, a full PNG palette)
+SCALE_COLOURS = 254
+#: colour stops of a colour bar's CSS gradient
+COLOUR_BAR_STOPS = 33
+#: bins of a histogram over its fixed scale, and its image size (px)
+HISTOGRAM_BINS = 50
+HISTOGRAM_SIZE = (400, 130)
+GRID_COLOUR = "#e2e2e2"  # a histogram's grid lines
 PROVENANCE_SUFFIX = next(f"_{k.name}{k.extension}" for k in OUTPUTS if k.kind == "provenance")
 _META = "aslbatch-provenance-sha256"
 _META_RE = re.compile(rf'<meta name="{_META}" content="([0-9a-f]{{64}})">')
@@ -206,26 +224,39 @@ def _methods(files: Mapping[tuple[str, str | None, str | None], Path]) -> list[s
 
 
 # --- images ----------------------------------------------------------------------------------
+#
+# Every word and number around an image is HTML placed in percent of the image (see the module
+# docstring): the PNGs are made from numpy arrays (montages) or a few artists on a bare Figure
+# (histograms).
 
 
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": None})
-    return buffer.getvalue()
+def _rgb(colours: Sequence[Any]) -> np.ndarray:
+    """Matplotlib colours (names, hex, RGB[A] floats) as a palette: n × 3 uint8."""
+    return np.round(np.array([to_rgb(c) for c in colours]) * 255).astype(np.uint8)
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def _hex(rgb: np.ndarray) -> str:
+    return "#" + bytes(rgb[:3]).hex()
 
 
-def _rgba(values: np.ndarray, inside: np.ndarray, scale: Scale) -> np.ndarray:
-    """Colours of ``values`` on the fixed scale; NO_VALUE for NaN inside, BACKGROUND outside."""
+@functools.lru_cache(maxsize=None)
+def _scale_palette(cmap: str) -> np.ndarray:
+    """The colour map resampled to SCALE_COLOURS entries, then NO_VALUE and BACKGROUND (256 × 3 uint8)."""
+    colours = matplotlib.colormaps[cmap].resampled(SCALE_COLOURS)(np.arange(SCALE_COLOURS))
+    palette = _rgb([*colours, NO_VALUE, BACKGROUND])
+    palette.flags.writeable = False  # shared by every caller
+    return palette
+
+
+def _scale_pixels(values: np.ndarray, inside: np.ndarray, scale: Scale) -> np.ndarray:
+    """Indices into ``_scale_palette(scale.cmap)``: values binned over the fixed scale as a colour
+    map looks them up (beyond it: the end colours), NO_VALUE for NaN inside, BACKGROUND outside."""
     finite = np.isfinite(values)
-    cmap = matplotlib.colormaps[scale.cmap]
-    rgba = cmap(Normalize(scale.lo, scale.hi)(np.where(finite, values, scale.lo)))
-    rgba[inside & ~finite] = NO_VALUE
-    rgba[~inside] = BACKGROUND
-    return rgba
+    level = np.floor((np.where(finite, values, scale.lo) - scale.lo) * (SCALE_COLOURS / (scale.hi - scale.lo)))
+    pixels = np.clip(level, 0, SCALE_COLOURS - 1).astype(np.uint8)
+    pixels[inside & ~finite] = SCALE_COLOURS
+    pixels[~inside] = SCALE_COLOURS + 1
+    return pixels
 
 
 def _tile(volume: np.ndarray, k: int) -> np.ndarray:
@@ -233,92 +264,139 @@ def _tile(volume: np.ndarray, k: int) -> np.ndarray:
     return np.swapaxes(volume[:, :, k], 0, 1)[::-1, ::-1]
 
 
-def _mosaic(rgba: np.ndarray, slices: Sequence[int]) -> np.ndarray:
-    """The chosen slices of an RGBA volume tiled MONTAGE_COLUMNS wide, one background voxel apart."""
-    tiles = [_tile(rgba, k) for k in slices]
+def _mosaic(volume: np.ndarray, slices: Sequence[int], fill: Any) -> np.ndarray:
+    """The chosen slices of a volume tiled MONTAGE_COLUMNS wide, one ``fill`` voxel apart."""
+    tiles = [_tile(volume, k) for k in slices]
     rows_n = math.ceil(len(tiles) / MONTAGE_COLUMNS)
     cols_n = min(len(tiles), MONTAGE_COLUMNS)
     h, w = tiles[0].shape[:2]
-    out = np.empty(((h + 1) * rows_n - 1, (w + 1) * cols_n - 1, 4))
-    out[:] = BACKGROUND
+    out = np.full(((h + 1) * rows_n - 1, (w + 1) * cols_n - 1), fill, dtype=volume.dtype)
     for i, tile in enumerate(tiles):
         r, c = divmod(i, MONTAGE_COLUMNS)
         out[r * (h + 1): r * (h + 1) + h, c * (w + 1): c * (w + 1) + w] = tile
     return out
 
 
-def _montage_png(mosaic: np.ndarray, grid: _Grid, colourbar: ScalarMappable | None = None, label: str = "",
-                 legend: Sequence[Patch] = ()) -> bytes:
-    """The mosaic at whole pixels per voxel, slice positions (z, mm) on the tiles and the
-    orientation (R, L) under the first column; a colour bar or a legend on the right."""
-    h, w = mosaic.shape[:2]
+def _enlarge(pixels: np.ndarray, px: int, height: int) -> np.ndarray:
+    """``px`` pixels per column, ``height`` rows (each the nearest source row)."""
+    rows = (2 * np.arange(height) + 1) * pixels.shape[0] // (2 * height)
+    return pixels[rows].repeat(px, axis=1)
+
+
+def _png(pixels: np.ndarray, palette: np.ndarray) -> bytes:
+    """An indexed-colour PNG: ``pixels`` (rows × columns, uint8) index ``palette`` (n × 3, uint8)."""
+    image = PIL.Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    image.putpalette(palette.tobytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _figure_png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _ticks(lo: float, hi: float) -> list[float]:
+    """The ends of ``[lo, hi]`` and the round values between them at least a tenth of it from either."""
+    margin = 0.1 * (hi - lo)
+    inner = MaxNLocator(5, steps=[1, 2, 5, 10]).tick_values(lo, hi)
+    return [lo, *(float(t) for t in inner if lo + margin <= t <= hi - margin), hi]
+
+
+def _frame(png: bytes, alt: str, width: int, height: int, labels: Sequence[str], cls: str = "frame") -> str:
+    """The image at its size with ``labels`` (absolutely placed spans) over and around it."""
+    return f'<div class="{cls}">{_img(png, alt, width, height)}{"".join(labels)}</div>'
+
+
+def _montage(mosaic: np.ndarray, palette: np.ndarray, grid: _Grid, alt: str, side: str) -> str:
+    """The mosaic (palette indices) at whole pixels per voxel, rows for the voxels' aspect; slice
+    positions (z, mm) on the tiles and the orientation (R, L) under the first column; ``side``
+    (a colour bar or a legend) on the right."""
+    h, w = mosaic.shape
     px = max(1, min(8, 1000 // w))
-    img_w, img_h = w * px, max(1, round(h * px * grid.zooms[1] / grid.zooms[0]))
-    side, below = (150 if legend else 90), 16
-    fig_w, fig_h = img_w + side, max(img_h + below + 4, 140)
-    figure = Figure(figsize=(fig_w / 100, fig_h / 100), dpi=100)
-    ax = figure.add_axes((2 / fig_w, (fig_h - img_h - 4) / fig_h, img_w / fig_w, img_h / fig_h))
-    ax.imshow(mosaic, interpolation="nearest", aspect="auto")
-    ax.set_axis_off()
+    width, height = w * px, max(1, round(h * px * grid.zooms[1] / grid.zooms[0]))
     nx, ny = grid.mask.shape[:2]  # a tile is ny rows by nx columns
-    box = {"facecolor": "white", "alpha": 0.7, "pad": 0.5, "linewidth": 0}
+    labels = []
     for i, k in enumerate(grid.slices):
         r, c = divmod(i, MONTAGE_COLUMNS)
         z = (grid.affine @ np.array([(nx - 1) / 2, (ny - 1) / 2, k, 1.0]))[2]
-        ax.text(c * (nx + 1) - 0.5, r * (ny + 1) - 0.5, f"z {z:.0f}", fontsize=7, va="top", ha="left", bbox=box)
-    under = ax.get_xaxis_transform()  # x in voxels, y in axes fraction
-    for text, x, ha in (("R", -0.5, "left"), ("L", nx - 0.5, "right")):
-        ax.annotate(text, (x, 0), xycoords=under, xytext=(0, -2), textcoords="offset points", fontsize=8,
-                    fontweight="bold", va="top", ha=ha)
-    if colourbar is not None:
-        cax = figure.add_axes(((img_w + 12) / fig_w, 0.12, 12 / fig_w, 0.76))
-        bar = figure.colorbar(colourbar, cax=cax, extend="both")
-        bar.set_label(label, fontsize=8)
-        bar.ax.tick_params(labelsize=7)
-    if legend:
-        figure.legend(handles=list(legend), loc="center right", fontsize=7, frameon=False)
-    return _png(figure)
+        labels.append(f'<span class="z" style="left:{_pct(c * (nx + 1) / w)};top:{_pct(r * (ny + 1) / h)}">'
+                      f"z {z:.0f}</span>")
+    labels += ['<span class="under" style="left:0">R</span>',
+               f'<span class="under" style="right:{_pct(1 - nx / w)}">L</span>']
+    png = _png(_enlarge(mosaic, px, height), palette)
+    return f'<div class="plot">{_frame(png, alt, width, height, labels)}{side}</div>'
 
 
-def _map_png(values: np.ndarray, grid: _Grid, quantity: str, units: str) -> bytes:
+@functools.lru_cache(maxsize=None)
+def _colour_bar(scale: Scale) -> str:
+    """The scale's colours as a CSS gradient, its ticks in HTML, and end caps in its end colours
+    (values beyond the scale take them)."""
+    palette = _scale_palette(scale.cmap)
+    stops = ", ".join(f"{_hex(palette[i])} {_pct((i + 0.5) / SCALE_COLOURS)}"
+                      for i in np.linspace(0, SCALE_COLOURS - 1, COLOUR_BAR_STOPS).round().astype(int))
+    ticks = "".join(f'<span style="bottom:{_pct((t - scale.lo) / (scale.hi - scale.lo))}">{t:.4g}</span>'
+                    for t in _ticks(scale.lo, scale.hi))
+    return (f'<div class="cap" style="background:{_hex(palette[SCALE_COLOURS - 1])}"></div>'
+            f'<div class="ramp" style="background:linear-gradient(to top, {stops})">{ticks}</div>'
+            f'<div class="cap low" style="background:{_hex(palette[0])}"></div>')
+
+
+def _map_montage(values: np.ndarray, grid: _Grid, quantity: str, units: str, alt: str) -> str:
     scale = SCALES[quantity]
-    mosaic = _mosaic(_rgba(values, grid.mask, scale), grid.slices)
-    mappable = ScalarMappable(Normalize(scale.lo, scale.hi), matplotlib.colormaps[scale.cmap])
-    return _montage_png(mosaic, grid, mappable, f"{quantity} ({units})")
+    values = _mosaic(values, grid.slices, np.nan)
+    inside = _mosaic(grid.mask, grid.slices, False)
+    bar = f'<div class="bar"><div>{_e(quantity)} ({_e(units)})</div>{_colour_bar(scale)}</div>'
+    return _montage(_scale_pixels(values, inside, scale), _scale_palette(scale.cmap), grid, alt, bar)
 
 
-def _status_png(codes: np.ndarray, grid: _Grid) -> bytes:
-    known = sorted(STATUS_COLOURS)
-    cmap = ListedColormap([STATUS_COLOURS[c] for c in known])
-    norm = BoundaryNorm(np.arange(len(known) + 1) - 0.5, len(known))
-    index = np.searchsorted(known, codes)  # codes are checked against STATUS_COLOURS by the caller
-    rgba = cmap(norm(index))
-    rgba[~grid.mask] = BACKGROUND
-    legend = [Patch(facecolor=STATUS_COLOURS[c], label=STATUS_NAMES[c]) for c in known]
-    return _montage_png(_mosaic(rgba, grid.slices), grid, legend=legend)
+def _status_montage(codes: np.ndarray, grid: _Grid, alt: str) -> str:
+    known = sorted(STATUS_COLOURS)  # codes are checked against STATUS_COLOURS by the caller
+    palette = _rgb([STATUS_COLOURS[c] for c in known] + [BACKGROUND])
+    pixels = np.searchsorted(known, _mosaic(codes, grid.slices, known[0]))
+    pixels[~_mosaic(grid.mask, grid.slices, False)] = len(known)
+    legend = "".join(f'<div><span class="box" style="background:{STATUS_COLOURS[c]}"></span>{_e(STATUS_NAMES[c])}</div>'
+                     for c in known)
+    return _montage(pixels, palette, grid, alt, f'<div class="legend">{legend}</div>')
 
 
-def _histogram_png(samples: Mapping[str, np.ndarray], quantity: str, units: str) -> bytes:
-    """Step histograms (one per method) of finite in-mask values over the fixed scale."""
+def _histogram(samples: Mapping[str, np.ndarray], quantity: str, alt: str) -> str:
+    """Step histograms (one per method, HISTOGRAM_BINS over the fixed scale) of finite in-mask
+    values; ticks, legend and the share beyond the scale in HTML."""
     scale = SCALES[quantity]
-    figure = Figure(figsize=(4.6, 2.4), dpi=100)
-    ax = figure.add_axes((0.14, 0.2, 0.83, 0.75))
-    bins = np.linspace(scale.lo, scale.hi, 51)
-    for method, values in samples.items():
+    width, height = HISTOGRAM_SIZE
+    counts = {m: np.histogram(v, bins=HISTOGRAM_BINS, range=(scale.lo, scale.hi))[0] for m, v in samples.items()}
+    highest = max((int(c.max()) for c in counts.values()), default=0)
+    top = 1.05 * highest if highest else 1.0
+    xs = _ticks(scale.lo, scale.hi)
+    ys = [float(t) for t in MaxNLocator(3, integer=True).tick_values(0, top) if 0 < t <= top] if highest else []
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100)
+    to_pixels = BboxTransformFrom(Bbox([[scale.lo, 0], [scale.hi, top]])) + figure.transFigure
+    grid_lines = [([x, x], [0, top]) for x in xs[1:-1]] + [([scale.lo, scale.hi], [y, y]) for y in ys]
+    for x, y in grid_lines:
+        figure.add_artist(Line2D(x, y, color=GRID_COLOUR, linewidth=1, transform=to_pixels))
+    edges = np.linspace(scale.lo, scale.hi, HISTOGRAM_BINS + 1)
+    legend = []
+    for i, (method, values) in enumerate(samples.items()):
+        colour = to_hex(f"C{i}")
         if values.size == 0:
+            legend.append(f'<div><span class="line"></span>{_e(method)}: no finite value</div>')
             continue
+        figure.add_artist(StepPatch(counts[method], edges, fill=False, edgecolor=colour, linewidth=1.3,
+                                    transform=to_pixels))
         beyond = np.count_nonzero((values < scale.lo) | (values > scale.hi)) / values.size
         note = f" ({100 * beyond:.0f} % beyond the scale)" if beyond > 0 else ""
-        ax.hist(values, bins=bins, histtype="step", linewidth=1.3, label=f"{method}{note}")
-    if any(v.size for v in samples.values()):
-        ax.legend(fontsize=7, frameon=False)
-    else:
-        ax.text(0.5, 0.5, "no finite value in the brain mask", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlim(scale.lo, scale.hi)
-    ax.set_xlabel(f"{quantity} ({units})", fontsize=8)
-    ax.set_ylabel("voxels", fontsize=8)
-    ax.tick_params(labelsize=7)
-    return _png(figure)
+        legend.append(f'<div><span class="line" style="background:{colour}"></span>{_e(method)}{_e(note)}</div>')
+    labels = [f'<span class="x" style="left:{_pct((x - scale.lo) / (scale.hi - scale.lo))}">{x:.4g}</span>'
+              for x in xs]
+    labels += [f'<span class="y" style="bottom:{_pct(y / top)}">{y:.0f}</span>' for y in ys]
+    labels.append('<span class="title">voxels</span>')
+    if not highest:
+        labels.append('<span class="empty">no finite value in the brain mask</span>')
+    frame = _frame(_figure_png(figure), alt, width, height, labels, cls="frame hist")
+    return f'<div class="plot">{frame}<div class="legend">{"".join(legend)}</div></div>'
 
 
 # --- HTML ------------------------------------------------------------------------------------
@@ -334,6 +412,27 @@ th:first-child, td:first-child { text-align: left; }
 figure { margin: 0.4em 0 1em 0; } figcaption { font-size: 0.85em; color: #444; }
 .thumbs div { display: inline-block; margin: 0 0.6em 0.3em 0; text-align: center; font-size: 0.85em; }
 pre { background: #f6f6f6; padding: 0.5em; font-size: 0.8em; overflow-x: auto; }
+.plot { display: flex; align-items: center; gap: 16px; margin-bottom: 1.4em; font-size: 11px; }
+.frame { position: relative; flex: none; line-height: 0; }
+.frame img { display: block; image-rendering: pixelated; }
+.frame span, .ramp span { position: absolute; line-height: 1.2; white-space: nowrap; }
+.frame .z { background: rgba(255, 255, 255, 0.7); padding: 0 2px; }
+.frame .under { top: 100%; font-weight: bold; font-size: 12px; }
+.hist { border: 1px solid #888; margin: 1.3em 0 0 4em; }
+.hist .x { top: 100%; transform: translateX(-50%); padding-top: 2px; }
+.hist .y { right: 100%; transform: translateY(50%); padding-right: 4px; }
+.hist .title { bottom: 100%; right: 100%; padding: 0 4px 2px 0; }
+.hist .empty { top: 45%; width: 100%; text-align: center; color: #777; }
+.bar { min-width: 7em; }
+.ramp { position: relative; width: 14px; height: 130px; }
+.ramp span { left: 100%; transform: translateY(50%); padding-left: 7px; }
+.ramp span::before { content: ""; position: absolute; left: 0; top: 50%; width: 4px; border-top: 1px solid #222; }
+.cap { width: 14px; height: 9px; margin-top: 4px; clip-path: polygon(50% 0, 100% 100%, 0 100%); }
+.cap.low { margin: 0; clip-path: polygon(0 0, 100% 0, 50% 100%); }
+.legend div { margin: 2px 0; }
+.box, .line { display: inline-block; width: 11px; height: 11px; margin-right: 5px; vertical-align: middle; }
+.line { width: 18px; height: 2px; }
+.ramp, .cap, .box, .line { print-color-adjust: exact; -webkit-print-color-adjust: exact; }
 """
 
 
@@ -355,8 +454,17 @@ def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
     return f"<table>{head}{body}</table>"
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img src="{_data_uri(png)}" alt="{_e(alt)}">'
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _img(png: bytes, alt: str, width: int | None = None, height: int | None = None) -> str:
+    size = f' width="{width}" height="{height}"' if width and height else ""
+    return f'<img src="{_data_uri(png)}" alt="{_e(alt)}"{size}>'
 
 
 def _page(title: str, body: str, meta: str = "") -> str:
@@ -439,11 +547,12 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
                 stats_rows.append([method, quantity, units, f"{n} / {n_mask}", _number(median), _number(q1),
                                    _number(q3), _number(q3 - q1)])
                 caption = f"{label} ({units}), scale {SCALES[quantity].lo:g}–{SCALES[quantity].hi:g}; {path.name}"
-                parts.append(f"<figure>{_img(_map_png(values, grid, quantity, units), label)}"
+                parts.append(f"<figure>{_map_montage(values, grid, quantity, units, label)}"
                              f"<figcaption>{_e(caption)}</figcaption></figure>")
             if samples:
-                parts.append(f"<figure>{_img(_histogram_png(samples, quantity, units), quantity + ' histogram')}"
-                             f"<figcaption>{_e(quantity)} within the brain mask, finite values</figcaption></figure>")
+                parts.append(f"<figure>{_histogram(samples, quantity, quantity + ' histogram')}"
+                             f"<figcaption>{_e(quantity)} ({_e(units)}) within the brain mask, finite values: voxels "
+                             f"per bin ({HISTOGRAM_BINS} over the scale)</figcaption></figure>")
         sections.append("\n".join(parts))
 
     status_rows, status_figures = [], []
@@ -464,7 +573,7 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
         if not inside_codes <= set(STATUS_COLOURS):
             raise ValueError(f"{path}: unknown status code(s) {sorted(inside_codes - set(STATUS_COLOURS))} "
                              f"inside the mask ({OUTSIDE_STATUS} is for outside only)")
-        status_figures.append(f"<figure>{_img(_status_png(codes, grid), method + ' status')}"
+        status_figures.append(f"<figure>{_status_montage(codes, grid, method + ' status')}"
                               f"<figcaption>{_e(method)} fit status per voxel; {_e(path.name)}</figcaption></figure>")
 
     preprocessing = provenance.get("preprocessing") or {}
@@ -557,12 +666,9 @@ def _thumbnail(provenance: Mapping[str, Any], folder: Path) -> bytes:
     finite = np.isfinite(values)
     holding = np.flatnonzero(finite.any(axis=(0, 1)))
     k = int(holding[holding.size // 2]) if holding.size else values.shape[2] // 2
-    rgba = _tile(_rgba(values, finite, SCALES["cbf"]), k)
-    px = max(1, 128 // rgba.shape[1])
-    rgba = np.repeat(np.repeat(rgba, px, axis=0), px, axis=1)
-    buffer = io.BytesIO()
-    matplotlib.image.imsave(buffer, rgba, format="png")
-    return buffer.getvalue()
+    pixels = _scale_pixels(_tile(values, k), _tile(finite, k), SCALES["cbf"])
+    px = max(1, 128 // pixels.shape[1])
+    return _png(_enlarge(pixels, px, pixels.shape[0] * px), _scale_palette(SCALES["cbf"].cmap))
 
 
 def _converged(provenance: Mapping[str, Any]) -> str:

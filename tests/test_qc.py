@@ -3,15 +3,19 @@
 import base64
 import io
 import json
+import math
+import re
 from fnmatch import fnmatch
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import matplotlib
 import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
+from matplotlib.colors import Normalize, to_hex, to_rgba
 
 from aslbatch.batch import run_batch
 from aslbatch.derivatives import PARAMETERS, write_session_outputs
@@ -22,8 +26,8 @@ from aslbatch.pipeline import Settings
 from aslbatch.preprocess import PreparedData
 from aslbatch.protocol import Constants, default_protocol
 from aslbatch.derivatives import OTHER_BIDSIGNORE, QC_INDEX_NAME
-from aslbatch.qc import (SCALES, IndexEntry, _load, _tile, session_report_path,
-                         write_run_index, write_session_report)
+from aslbatch.qc import (BACKGROUND, MAX_SLICES, MONTAGE_COLUMNS, NO_VALUE, SCALES, STATUS_COLOURS, STATUS_NAMES,
+                         IndexEntry, _load, _tile, session_report_path, write_run_index, write_session_report)
 
 SHAPE = (12, 14, 4)
 METHODS = ("lm", "lut")
@@ -119,10 +123,17 @@ def test_session_page_shows_every_map_of_every_method_as_real_images(run, sessio
     expected = {f"{m} {p}" for m in METHODS for p in params} | {f"lm {p}se" for p in params} \
         | {f"{q} histogram" for p in params for q in (p, p + "se")} | {f"{m} status" for m in METHODS}
     assert set(alts) == expected
+    finite = {r["map"] for r in page.table("method", "map") if not r["finite / mask"].startswith("0 ")}
     for alt, src in alts.items():
         image = _png(src)
         assert image.shape[0] > 50 and image.shape[1] > 100, alt
-        assert _colours(image) > 4, f"{alt} is blank"
+        if alt.endswith("histogram"):  # step lines of each method on a grid; a grid alone says so
+            if alt.split()[0] in finite:
+                assert _colours(image) > 4, f"{alt} is blank"
+            else:
+                assert _colours(image) > 1 and "no finite value in the brain mask" in " ".join(page.text)
+        else:  # pixels only: the brain, whatever its colours, on the white background
+            assert _colours(image) >= 2 and (image[..., :3] < 1).any(), f"{alt} is blank"
     # the maps span many colours of their scale; the corner of the first slice (outside the
     # phantom's brain) is background white, not the colour of the scale's low end
     assert _colours(_png(alts["lm cbf"])) > 50
@@ -133,6 +144,62 @@ def test_session_page_shows_every_map_of_every_method_as_real_images(run, sessio
     text = " ".join(page.text)
     for p in params:
         assert PARAMETERS[p].units in text and PARAMETERS[p].names[model] in text
+
+
+@pytest.mark.parametrize("session", ["sub-01", "sub-02"])
+def test_every_voxel_of_a_map_montage_shows_in_its_colour_on_the_fixed_scale(run, session):
+    """Montage pixels against the colour map applied here to the files: radiological tiles
+    MONTAGE_COLUMNS wide, whole pixels per voxel, white outside the mask, grey for NaN."""
+    out, provenances, pages = run
+    perf = pages[session].parent
+    page = Page(pages[session].read_text(encoding="utf-8"))
+    mask = _load(perf / f"{session}_desc-brain_mask.nii.gz")[0] > 0
+    slices = [k for k in range(mask.shape[2]) if mask[:, :, k].any()]
+    assert len(slices) <= MAX_SLICES  # every slice holding brain is shown, in order
+    nx, ny = mask.shape[:2]
+    h = math.ceil(len(slices) / MONTAGE_COLUMNS) * (ny + 1) - 1
+    w = min(len(slices), MONTAGE_COLUMNS) * (nx + 1) - 1
+    maps = [i for i in page.images if not i["alt"].endswith(("histogram", "status"))]
+    assert len(maps) > 5
+    for image in maps:
+        method, quantity = image["alt"].split()
+        scale = SCALES[quantity]
+        values = _load(perf / f"{session}_desc-{method}_{quantity}.nii.gz")[0]
+        finite = np.isfinite(values)
+        colours = matplotlib.colormaps[scale.cmap](Normalize(scale.lo, scale.hi)(np.where(finite, values, 0)))
+        colours[mask & ~finite] = to_rgba(NO_VALUE)
+        colours[~mask] = to_rgba(BACKGROUND)
+        pixels = _png(image["src"])[..., :3]
+        assert pixels.shape[1] % w == 0, image["alt"]
+        centres = ((np.arange(h) + 0.5) * pixels.shape[0] / h).astype(int), \
+            ((np.arange(w) + 0.5) * pixels.shape[1] / w).astype(int)
+        shown = pixels[np.ix_(*centres)]
+        for i, k in enumerate(slices):
+            r, c = divmod(i, MONTAGE_COLUMNS)
+            tile = shown[r * (ny + 1): r * (ny + 1) + ny, c * (nx + 1): c * (nx + 1) + nx]
+            np.testing.assert_allclose(tile, _tile(colours, k)[..., :3], atol=0.02, err_msg=image["alt"])
+
+
+def test_every_montage_has_its_colour_bar_or_legend_and_slice_positions(run):
+    out, provenances, pages = run
+    text = pages["sub-02"].read_text(encoding="utf-8")
+    figures = re.findall(r"<figure>(.*?)</figure>", text, re.S)
+    montages = [f for f in figures if 'class="z"' in f]
+    assert len(montages) == len([f for f in figures if "histogram" not in f]) > 5
+    for figure in montages:
+        assert [m.group(1) for m in re.finditer(r'class="under"[^>]*>(\w)<', figure)] == ["R", "L"]
+        alt = re.search(r'alt="([^"]+)"', figure).group(1)
+        method, quantity = alt.split()
+        if quantity == "status":
+            assert all(f">{name}</div>" in figure for name in STATUS_NAMES.values())
+            continue
+        scale, units = SCALES[quantity], PARAMETERS[quantity.removesuffix("se")].units
+        assert f"<div>{quantity} ({units})</div>" in figure
+        ticks = [float(t) for t in re.findall(r'<span style="bottom:[\d.]+%">([^<]+)</span>', figure)]
+        assert ticks[0] == scale.lo and ticks[-1] == scale.hi and ticks == sorted(ticks)
+        cmap = matplotlib.colormaps[scale.cmap]
+        gradient = re.search(r"linear-gradient\(to top, (#[0-9a-f]{6}) [^)]*(#[0-9a-f]{6}) [\d.]+%\)", figure)
+        assert gradient.groups() == (to_hex(cmap(0.0)), to_hex(cmap(1.0)))
 
 
 @pytest.mark.parametrize("session, model", [("sub-01", "1c"), ("sub-02", "2c")])
@@ -261,8 +328,16 @@ def test_all_nan_single_slice_session_with_a_missing_file_renders(tmp_path):
     stats = {r["map"]: r for r in page.table("method", "map")}
     assert stats["cbf"]["median"] == "—" and stats["cbf"]["finite / mask"] == "0 / 20"
     assert "attse" not in stats
-    for image in page.images:  # all-NaN maps: grey brain on white, one slice
-        assert _colours(_png(image["src"])) > 2
+    grey_on_white = {to_hex(NO_VALUE), to_hex(BACKGROUND)}
+    for image in page.images:
+        alt, pixels = image["alt"], _png(image["src"])
+        shown = {to_hex(c) for c in np.unique(pixels[..., :3].reshape(-1, 3), axis=0)}
+        if alt.endswith("histogram"):  # a grid, no line
+            assert _colours(pixels) > 1 and "no finite value in the brain mask" in text
+        elif alt.endswith("status"):  # every voxel invalid
+            assert shown == {STATUS_COLOURS[int(Status.INVALID_INPUT)], to_hex(BACKGROUND)}
+        else:  # all-NaN maps: grey brain on white, one slice
+            assert shown == grey_on_white, alt
     assert {"lm cbf", "lm att", "lm cbfse", "lm status", "cbf histogram"} <= {i["alt"] for i in page.images}
 
 
