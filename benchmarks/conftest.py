@@ -6,15 +6,17 @@ run are what the closing notes quote. Nothing here asserts a wall-clock time.
 
 import numba
 import pytest
+from threadpoolctl import threadpool_limits
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request):
-    """Run the benchmark with numba limited to 1, then 2 threads (capped at the machine)."""
+    """Run the benchmark with numba and BLAS limited to 1, then 2 threads (capped at the machine)."""
     n = min(request.param, numba.config.NUMBA_NUM_THREADS)
     if n < request.param:
         pytest.skip(f"machine has {numba.config.NUMBA_NUM_THREADS} thread(s)")
     previous = numba.get_num_threads()
     numba.set_num_threads(n)
-    yield n
+    with threadpool_limits(n):
+        yield n
     numba.set_num_threads(previous)
