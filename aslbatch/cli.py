@@ -46,10 +46,17 @@ class MethodName(str, Enum):
     lm = "lm"
     lut = "lut"
     supervised = "supervised"
+    unsupervised = "unsupervised"
 
 
 class NetworkMethod(str, Enum):
     supervised = "supervised"
+    unsupervised = "unsupervised"
+
+
+class LossName(str, Enum):
+    mse = "mse"
+    mae = "mae"
 
 
 class ModelChoice(str, Enum):
@@ -148,7 +155,7 @@ def fit(
     input_path: Annotated[Path, typer.Option("--in", help="Simulated set (.npz) from 'aslbatch simulate'.")],
     out: Annotated[Path, typer.Option("--out", help="Output .npz file (written atomically).")],
     model: Annotated[ModelName, typer.Option(help="Kinetic model to fit; must match the input set.")] = ModelName.one,
-    method: Annotated[MethodName, typer.Option(help="Estimator: lm (Levenberg-Marquardt), lut (lookup table) or supervised (network).")] = MethodName.lm,
+    method: Annotated[MethodName, typer.Option(help="Estimator: lm (Levenberg-Marquardt), lut (lookup table), supervised or unsupervised (networks).")] = MethodName.lm,
     network: Annotated[Optional[Path], typer.Option(help="Trained network file (aslbatch train) for a network method; default: the cache's, trained once if missing.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Folder of cached networks (default $ASLBATCH_CACHE_DIR or the per-user cache).")] = None,
 ) -> None:
@@ -170,7 +177,7 @@ def fit(
         fail(str(exc))
     if data.model.name != model.value:
         fail(f"{input_path}: the set was simulated with model {data.model.name!r}, not {model.value!r}")
-    if network is not None and method is not MethodName.supervised:
+    if network is not None and method.value not in {m.value for m in NetworkMethod}:
         fail(f"--network is for network methods, not {method.value}")
     estimator = _network_or_fit(method.value, data.model, network, cache_dir)
     estimate = estimator.predict(data.signals)
@@ -370,7 +377,8 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Network file to write (.npz: arrays + JSON card; atomic).")],
     model: Annotated[ModelName, typer.Option(help="Kinetic model: 1c (cbf, att) or 2c (cbf, abv, abat, att).")] = ModelName.one,
     protocol: Annotated[Optional[list[Path]], typer.Option(help="A protocol JSON {label_duration, pld, crushed} in s, or the *_asl.json sidecar(s) of one acquisition (aslcontext beside; repeat for a non-crushed + DANTE pair; constants and SliceTiming come from them). Default: the model's default protocol.")] = None,
-    method: Annotated[NetworkMethod, typer.Option(help="Network estimator to train.")] = NetworkMethod.supervised,
+    method: Annotated[NetworkMethod, typer.Option(help="Network estimator to train: supervised (loss on the parameters) or unsupervised (physics-informed: loss on the signal).")] = NetworkMethod.supervised,
+    loss: Annotated[LossName, typer.Option(help="Mean squared (mse) or mean absolute (mae) error.")] = LossName.mse,
     n_samples: Annotated[int, typer.Option(min=100, help="Simulated training samples.")] = 500_000,
     hidden_layers: Annotated[Optional[str], typer.Option(help="Hidden layer widths, comma-separated (default per model).")] = None,
     snr_min: Annotated[float, typer.Option(help="Lowest training SNR (S_ref / σ).")] = 2.0,
@@ -397,7 +405,7 @@ def train(
     try:
         estimator = get_estimator(method.value, kinetic, hidden_layers=hidden, n_samples=n_samples,
                                   snr_range=(snr_min, snr_max), noise=noise.value, max_epochs=max_epochs, seed=seed,
-                                  slice_offsets=offsets)
+                                  slice_offsets=offsets, loss=loss.value)
         estimator.options()
     except ValueError as exc:
         fail(str(exc))

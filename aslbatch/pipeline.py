@@ -180,11 +180,16 @@ PROGRESS_CHUNK = 50_000
 
 
 def network_estimator(method: str, model: KineticModel, options: Mapping[str, Any], settings: Settings,
-                      slice_offsets: np.ndarray, progress: bool = False) -> Estimator:
-    """The trained network for ``method``: the user's file (checked against ``model``), or the
-    cache's (trained now if missing), trained over the acquisition's slice offsets (s)."""
+                      signals: np.ndarray, slice_offsets: np.ndarray, progress: bool = False) -> Estimator:
+    """The trained network for ``method``: the user's file (checked against ``model``), one
+    trained on ``signals`` (ΔM/M0t) when the options say ``train_on_data``, or the cache's
+    (trained now if missing), trained over the acquisition's slice offsets (s)."""
     if method in settings.networks:
         return load_network(settings.networks[method], model)
+    if options.get("train_on_data"):  # a network for these voxels alone: not cached
+        if np.any(slice_offsets):
+            options = {**options, "slice_offsets": tuple(np.unique(np.round(slice_offsets, 4)))}
+        return get_estimator(method, model, **options).fit(signals, progress)
     offsets = np.unique(np.round(slice_offsets, 4))
     options = {**options, "slice_offsets": tuple(float(o) for o in offsets)} if np.any(offsets) else dict(options)
     return NetworkCache(settings.cache_dir).get(get_estimator(method, model, **options), progress)
@@ -262,7 +267,8 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         method_options = dict(settings.method_options.get(method, {}))
         network = None
         if getattr(ESTIMATORS[method], "trains", False):
-            network = network_estimator(method, model, method_options, settings, prepared.slice_offsets, progress)
+            network = network_estimator(method, model, method_options, settings, prepared.signals,
+                                        prepared.slice_offsets, progress)
         estimates[method] = estimate_maps(model, prepared, method, method_options, progress, network)
         estimator_options[method] = provenance_options(network or get_estimator(method, model, **method_options))
     timings["fit"], mark = time.perf_counter() - mark, time.perf_counter()

@@ -132,3 +132,19 @@ def test_train_command_errors(tmp_path):
     assert result.exit_code == 2 and "--hidden-layers" in result.output
     result = runner.invoke(app, ["run", str(tmp_path), "--network", str(bad)])
     assert result.exit_code == 2 and "bad_asl.json" in result.output
+
+
+def test_unsupervised_trained_on_each_acquisition_or_refused_for_slice_timing(tmp_path):
+    raw = write_bids_dataset(tmp_path / "raw", subjects=1, model="1c", snr=20, seed=8, shape=SHAPE)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    options = {"unsupervised": {**OPTIONS, "train_on_data": True, "max_epochs": 10}}
+    report = run_batch(raw, out, Settings(methods=("unsupervised",), method_options=options, cache_dir=str(cache)))
+    assert report.exit_code == EXIT_OK, report.outcomes
+    assert not cache.exists()  # trained on the voxels at hand, nothing cached
+    recorded = _provenance(out, "sub-01")["estimator_options"]["unsupervised"]
+    assert recorded["train_on_data"] is True and "network_sha256" not in recorded
+    sliced = write_bids_dataset(tmp_path / "raw2", subjects=1, model="1c", snr=20, seed=8, shape=SHAPE,
+                                slice_timing=[0.0, 0.05, 0.1, 0.15])
+    refused = run_batch(sliced, tmp_path / "out2", Settings(methods=("lm", "unsupervised"), method_options=options))
+    assert refused.exit_code == EXIT_FAILED
+    assert "slice timing (2D readouts) is not supported" in refused.outcomes[0].reason

@@ -12,18 +12,20 @@ from .base import Estimate, Estimator, Status
 from .lm import LevenbergMarquardtEstimator
 from .lookup import LookupTableEstimator
 from .supervised import SupervisedEstimator
+from .unsupervised import UnsupervisedEstimator
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     LevenbergMarquardtEstimator.name: LevenbergMarquardtEstimator,
     LookupTableEstimator.name: LookupTableEstimator,
     SupervisedEstimator.name: SupervisedEstimator,
+    UnsupervisedEstimator.name: UnsupervisedEstimator,
 }
 
 __all__ = ["ESTIMATORS", "Estimate", "Estimator", "Status", "get_estimator"]
 
 
 def get_estimator(name: str, model: KineticModel, **options) -> Estimator:
-    """The estimator ``name`` ("lm", "lut", "supervised") for ``model``, with method ``options``."""
+    """The estimator ``name`` ("lm", "lut", "supervised", "unsupervised") for ``model``, with method ``options``."""
     try:
         cls = ESTIMATORS[name]
     except KeyError:

@@ -9,7 +9,9 @@ Training: inputs standardised (StandardScaler), targets standardised per paramet
 held-out validation loss is watched after every epoch (progress bar, early stopping with
 ``patience``, the best epoch's weights kept). The scalers and the MLP's weights are then
 exported as a :class:`~aslbatch.estimators.network.Network` of plain arrays; inference and
-storage use only those arrays. ``loss="mse"`` is what MLPRegressor minimises.
+storage use only those arrays. ``loss="mse"`` is what MLPRegressor minimises;
+``loss="mae"`` (the research's other supervised variant) trains the same architecture on
+the same scaled data with the numba trainer (:mod:`~aslbatch.estimators.trainer`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from ..models import KineticModel
+from . import _mlp
 from .network import Network
 from .neural import NeuralEstimator, TrainingSet
+from .trainer import Head, train_network
 
 __all__ = ["SupervisedEstimator"]
 
@@ -38,7 +42,6 @@ class SupervisedEstimator(NeuralEstimator):
     for the options; ``alpha`` is the L2 penalty on the weights (scikit-learn's)."""
 
     name = "supervised"
-    losses = ("mse",)
 
     def __init__(self, model: KineticModel, hidden_layers: Sequence[int] | None = None, n_samples: int = 500_000,
                  snr_range: Sequence[float] = (2.0, 50.0), noise: str = "rician", loss: str = "mse",
@@ -62,6 +65,17 @@ class SupervisedEstimator(NeuralEstimator):
         y_scaler = StandardScaler().fit(train.params)
         x, y = x_scaler.transform(train.inputs), y_scaler.transform(train.params)
         x_val, y_val = x_scaler.transform(val.inputs), y_scaler.transform(val.params)
+        if opts["loss"] == "mae":
+            sizes = [x.shape[1], *opts["hidden_layers"], y.shape[1]]
+            theta, history = train_network(
+                sizes, x, y, x_val, y_val, Head(_mlp.HEAD_PARAM_MAE), alpha=opts["alpha"],
+                batch_size=opts["batch_size"], learning_rate=opts["learning_rate"], max_epochs=opts["max_epochs"],
+                patience=opts["patience"], seed=opts["seed"], progress=progress,
+                description=f"training {self.name} (MAE) {self.model.name} network")
+            layers = _mlp.unpack(theta, sizes)
+            network = Network(tuple(w.copy() for w, _ in layers), tuple(b.copy() for _, b in layers), x_scaler.mean_,
+                              x_scaler.scale_, y_scaler.mean_, y_scaler.scale_, output_transform=self.output_transform)
+            return network, history
         mlp = MLPRegressor(hidden_layer_sizes=tuple(opts["hidden_layers"]), activation="relu", solver="adam",
                            alpha=opts["alpha"], batch_size=opts["batch_size"],
                            learning_rate_init=opts["learning_rate"], shuffle=True,
