@@ -9,7 +9,8 @@ from the last layer's output to parameters in API units:
 - ``"sigmoid"``: params = ``out_shift`` + ``out_scale`` · sigmoid(output), i.e. lower +
   (upper − lower) · sigmoid (outputs squashed into bounds).
 
-Inference runs in float32 in row chunks through BLAS matrix products
+Inference runs in float32 in row chunks through BLAS matrix products, the chunks spread
+over numba's thread count
 (``benchmarks/bench_networks.py`` measures the speed, and ``tests/test_supervised.py``
 bounds the difference to a float64 pass far below the network's own error). The arrays
 round-trip exactly through :meth:`Network.to_arrays` / :meth:`Network.from_arrays`,
@@ -18,9 +19,12 @@ which is what :mod:`aslbatch.estimators.store` saves.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numba
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 __all__ = ["OUTPUT_TRANSFORMS", "Network"]
 
@@ -70,6 +74,8 @@ class Network:
         # float32 copies for inference, made once
         object.__setattr__(self, "_weights32", tuple(np.ascontiguousarray(w, dtype=np.float32) for w in self.weights))
         object.__setattr__(self, "_biases32", tuple(np.ascontiguousarray(b, dtype=np.float32) for b in self.biases))
+        object.__setattr__(self, "_shift32", self.in_shift.astype(np.float32))
+        object.__setattr__(self, "_inv_scale32", (1.0 / self.in_scale).astype(np.float32))
 
     @property
     def n_inputs(self) -> int:
@@ -95,26 +101,37 @@ class Network:
         return out
 
     def predict(self, inputs: np.ndarray) -> np.ndarray:
-        """Parameters (n, n_outputs) float64 in API units for finite ``inputs`` (n, n_inputs)."""
+        """Parameters (n, n_outputs) float64 in API units for finite ``inputs`` (n, n_inputs).
+
+        Row chunks run on numba's thread count (threads of this pool, one BLAS thread each:
+        BLAS's own threads gain little on these small products and contend with numba's)."""
         x = np.asarray(inputs)
         if x.ndim != 2 or x.shape[1] != self.n_inputs:
             raise ValueError(f"network inputs must have shape (n, {self.n_inputs}), got {x.shape}")
         n = x.shape[0]
         out = np.empty((n, self.n_outputs), dtype=np.float64)
-        shift = self.in_shift.astype(np.float32)
-        inv_scale = (1.0 / self.in_scale).astype(np.float32)
-        last = len(self._weights32) - 1
-        for start in range(0, n, INFERENCE_CHUNK):
-            h = x[start:start + INFERENCE_CHUNK].astype(np.float32)
-            h -= shift
-            h *= inv_scale
-            for k, (w, b) in enumerate(zip(self._weights32, self._biases32)):
-                h = h @ w
-                h += b
-                if k < last:
-                    np.maximum(h, 0.0, out=h)
-            out[start:start + INFERENCE_CHUNK] = h
+        starts = range(0, n, INFERENCE_CHUNK)
+        workers = min(numba.get_num_threads(), len(starts))
+        if workers <= 1:
+            for start in starts:
+                self._forward_chunk(x, out, start)
+        else:
+            with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda start: self._forward_chunk(x, out, start), starts))
         return self.output_to_params(out)
+
+    def _forward_chunk(self, x: np.ndarray, out: np.ndarray, start: int) -> None:
+        """Last-layer outputs of rows start:start + INFERENCE_CHUNK, float32, into ``out``."""
+        h = x[start:start + INFERENCE_CHUNK].astype(np.float32)
+        h -= self._shift32
+        h *= self._inv_scale32
+        last = len(self._weights32) - 1
+        for k, (w, b) in enumerate(zip(self._weights32, self._biases32)):
+            h = h @ w
+            h += b
+            if k < last:
+                np.maximum(h, 0.0, out=h)
+        out[start:start + INFERENCE_CHUNK] = h
 
     def predict_float64(self, inputs: np.ndarray) -> np.ndarray:
         """The same as :meth:`predict` in float64 throughout (reference for the float32 pass)."""

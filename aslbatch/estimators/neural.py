@@ -248,18 +248,25 @@ class NeuralEstimator(Estimator):
         y = check_signals(signals, self.model)
         n = y.shape[0]
         offsets = self._check_offsets(slice_offsets, n)
-        valid = np.isfinite(y).all(axis=1) & (y != 0.0).any(axis=1)
-        params = np.full((n, self.model.n_params), np.nan)
-        status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
-        rss = np.full(n, np.nan)
-        if np.any(valid):
-            inputs = y[valid] if offsets is None else np.column_stack([y[valid], offsets[valid]])
-            raw = self._raw_predict(inputs)
-            clipped = constrain(self.model, raw)
-            params[valid] = raw
-            status[valid] = np.where(clipped, Status.AT_BOUND, Status.CONVERGED)
-            fitted = model_signal(self.model, raw, None if offsets is None else offsets[valid])
-            rss[valid] = np.sum((fitted - y[valid]) ** 2, axis=1)
+        magnitude = np.abs(y).sum(axis=1)  # NaN/Inf in any volume make it non-finite
+        valid = np.isfinite(magnitude) & (magnitude > 0.0)
+        every = bool(valid.all())
+        rows = y if every else y[valid]
+        row_offsets = None if offsets is None else (offsets if every else offsets[valid])
+        inputs = rows if row_offsets is None else np.column_stack([rows, row_offsets])
+        raw = self._raw_predict(inputs) if rows.shape[0] else np.empty((0, self.model.n_params))
+        clipped = constrain(self.model, raw)
+        residual = model_signal(self.model, raw, row_offsets)
+        residual -= rows
+        row_status = np.where(clipped, Status.AT_BOUND, Status.CONVERGED).astype(np.int8)
+        if every:
+            params, status, rss = raw, row_status, np.einsum("ij,ij->i", residual, residual)
+        else:
+            params = np.full((n, self.model.n_params), np.nan)
+            status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
+            rss = np.full(n, np.nan)
+            params[valid], status[valid] = raw, row_status
+            rss[valid] = np.einsum("ij,ij->i", residual, residual)
         return Estimate(params, status, None, rss, self.model.param_names, self.name,
                         info={"network": self.network_.hidden_layers})
 
