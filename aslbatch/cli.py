@@ -3,7 +3,8 @@
 Commands: ``run`` (a BIDS dataset to BIDS derivatives), ``validate`` (check inputs),
 ``demo`` (a phantom dataset, processed and scored against its ground truth),
 ``simulate-dataset`` (a phantom BIDS dataset), ``simulate`` and ``fit`` (voxel sets
-without images), ``train`` (a network for a protocol, saved as a file).
+without images), ``train`` (a network for a protocol, saved as a file), ``evaluate``
+(every method on a Monte Carlo set, with a report) and ``bench`` (throughput tables).
 
 Exit codes (:mod:`aslbatch.exitcodes`): 0 success; 1 some sessions failed (run) or
 problems found (validate); 2 usage or configuration error; 3 nothing found to process;
@@ -423,6 +424,65 @@ def train(
         "epochs": training["epochs"], "training_seconds": round(training["training_seconds"], 1),
         "validation_nrmse": {k: round(v["nrmse"], 4) for k, v in training["validation"].items()},
     }))
+
+
+@app.command()
+def evaluate(
+    out: Annotated[Path, typer.Option("--out", help="Folder of metrics.tsv, report.md, report.html and figures/.")] = Path("aslbatch-evaluation"),
+    model: Annotated[ModelName, typer.Option(help="Kinetic model: 1c or 2c.")] = ModelName.one,
+    protocol: Annotated[Optional[list[Path]], typer.Option(help="A protocol JSON, or the *_asl.json sidecar(s) of one acquisition (as for train). Default: the model's default protocol.")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(help="lm, lut, supervised, supervised-mae, unsupervised, unsupervised-mae (repeatable; default all).")] = None,
+    snr: Annotated[Optional[list[float]], typer.Option(help="Test SNRs (repeatable; default 2 3 5 10 20 50, quick 3 5 10).")] = None,
+    noise: Annotated[NoiseName, typer.Option(help="Test noise model.")] = NoiseName.rician,
+    n_sets: Annotated[Optional[int], typer.Option(help="Parameter sets per SNR.")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="Noise realisations per parameter set (noise immunity).")] = None,
+    retrainings: Annotated[Optional[int], typer.Option(help="Networks per network method, different seeds (CV_Net).")] = None,
+    n_samples: Annotated[Optional[int], typer.Option(help="Training samples of every network.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Folder of cached networks (default $ASLBATCH_CACHE_DIR or the per-user cache).")] = None,
+    quick: Annotated[bool, typer.Option(help="A small run (about 2 minutes, small networks).")] = False,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the data and the first network.")] = 0,
+) -> None:
+    """Compare methods on a Monte Carlo set: bias, NMAE, NRMSE, CoV over noise realisations,
+    CV_Net, SD against the Cramér-Rao bound, time per voxel; and whether the research's
+    findings hold for this protocol. Networks are trained once into the cache."""
+    from .evaluate import METHODS, run_evaluation
+
+    kinetic, offsets = _training_model(model, protocol, T1PrimeName.blood, 0.0)
+    try:
+        result = run_evaluation(
+            out, model_name=model.value, protocol=kinetic.protocol, constants=kinetic.constants,
+            methods=tuple(method) if method else tuple(METHODS), snrs=snr, noise=noise.value, n_sets=n_sets,
+            repeats=repeats, retrainings=retrainings,
+            network_options={"n_samples": n_samples} if n_samples is not None else None,
+            cache_dir=cache_dir, quick=quick, seed=seed, progress=True)
+    except ValueError as exc:
+        fail(str(exc))
+    for finding in result.findings:
+        typer.echo(f"{finding.verdict}: {finding.claim} ({finding.evidence})")
+    typer.echo(f"evaluate: {result.paths['report_html']}", err=True)
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option("--out", help="Folder of bench.json, bench.md and bench.png.")] = Path("aslbatch-bench"),
+    model: Annotated[Optional[list[ModelName]], typer.Option(help="Models (repeatable; default 1c and 2c).")] = None,
+    method: Annotated[Optional[list[MethodName]], typer.Option(help="Methods (repeatable; default all).")] = None,
+    threads: Annotated[Optional[list[int]], typer.Option(help="Thread counts (repeatable; default 1 and 2).")] = None,
+    quick: Annotated[bool, typer.Option(help="Small sizes (seconds), for a smoke test.")] = False,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the data, networks and phantoms.")] = 0,
+) -> None:
+    """Throughput of every method (voxels/s, 10^3 to 10^6 voxels, 1C and 2C, 1 and 2 threads)
+    beside a per-voxel scipy least_squares loop, network training time, and per-session batch
+    time split into I/O, preprocessing, estimation and report."""
+    from .bench import run_bench
+
+    try:
+        result = run_bench(out, models=tuple(m.value for m in model) if model else ("1c", "2c"),
+                           methods=tuple(m.value for m in method) if method else ("lm", "lut", "supervised", "unsupervised"),
+                           threads=tuple(threads) if threads else (1, 2), quick=quick, seed=seed, progress=True)
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(Path(result.paths["md"]).read_text(encoding="utf-8"))
 
 
 @app.command()

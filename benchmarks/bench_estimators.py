@@ -4,10 +4,9 @@ per-voxel bounded scipy.optimize.least_squares loop (the way peer tools fit).
 Voxels/s = N / time. Ratios against the scipy loop are what the closing notes quote.
 """
 
-import numpy as np
 import pytest
-from scipy.optimize import least_squares
 
+from aslbatch.bench import coarse_start, scipy_loop
 from aslbatch.estimators import get_estimator
 from aslbatch.models import get_model
 from aslbatch.protocol import default_protocol
@@ -42,21 +41,11 @@ def test_lut(benchmark, case, threads):
     benchmark.pedantic(est.predict, args=(data.signals,), rounds=3, iterations=1)
 
 
-def _scipy_loop(model, signals, start):
-    lower, upper = model.bounds
-    out = np.empty_like(start)
-    for i, y in enumerate(signals):
-        res = least_squares(lambda p: model.signal(p)[0] - y, start[i], jac=lambda p: model.jacobian(p)[0],
-                            bounds=(lower, upper), method="trf")
-        out[i] = res.x
-    return out
-
-
 def test_scipy_least_squares_loop(benchmark, case):
-    """Per-voxel scipy fit from the same grid start (no abat <= att constraint: scipy cannot express it)."""
+    """Per-voxel scipy fit from LM's grid start (no abat <= att constraint: scipy cannot express it)."""
     model, data = case
     signals = data.signals[:N_SCIPY]
-    start = np.clip(get_estimator("lut", model, resolution_s=0.2).fit().predict(signals).params, *model.bounds)
+    start = coarse_start(model, signals)
     benchmark.group = f"estimators {model.name} (SNR 5)"
     benchmark.extra_info["voxels"] = N_SCIPY
-    benchmark.pedantic(_scipy_loop, args=(model, signals, start), rounds=1, iterations=1)
+    benchmark.pedantic(scipy_loop, args=(model, signals, start), rounds=1, iterations=1)

@@ -92,3 +92,18 @@ def test_fit_refuses_a_model_mismatch_and_a_missing_file(tmp_path):
     result = runner.invoke(app, ["fit", "--in", str(tmp_path / "nope.npz"), "--out", str(tmp_path / "o.npz")])
     assert result.exit_code == EXIT_USAGE and "nope.npz: no such file" in result.output
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_evaluate_and_bench_commands(tmp_path):
+    result = runner.invoke(app, ["evaluate", "--out", str(tmp_path / "e"), "--method", "lm", "--method", "lut",
+                                 "--snr", "5", "--snr", "10", "--n-sets", "20", "--repeats", "2"])
+    assert result.exit_code == 0, result.output
+    metrics = (tmp_path / "e" / "metrics.tsv").read_text().splitlines()
+    assert metrics[0].split("\t")[:4] == ["method", "parameter", "snr", "metric"]
+    assert {line.split("\t")[0] for line in metrics[1:]} >= {"lm", "lut"}
+    bad = runner.invoke(app, ["evaluate", "--out", str(tmp_path / "x"), "--method", "magic"])
+    assert bad.exit_code == 2 and "magic" in bad.output
+    result = runner.invoke(app, ["bench", "--out", str(tmp_path / "b"), "--quick", "--model", "1c", "--method", "lm",
+                                 "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "| 1c | lm | 1 |" in result.output and (tmp_path / "b" / "bench.png").is_file()
