@@ -250,7 +250,7 @@ def _read_config(path: Path) -> dict:
 def run(
     bids_dir: Annotated[Path, typer.Argument(help="The raw BIDS dataset.")],
     out_dir: Annotated[Optional[Path], typer.Argument(help="Output folder (default BIDS_DIR/derivatives/aslbatch).")] = None,
-    method: Annotated[Optional[list[MethodName]], typer.Option(help="Estimator; repeat for several (default lm).")] = None,
+    method: Annotated[Optional[list[MethodName]], typer.Option(help="Estimator; repeat for several (default supervised: trained once per protocol).")] = None,
     participant_label: Annotated[Optional[list[str]], typer.Option(help="Process only these subjects (repeatable).")] = None,
     model: Annotated[Optional[ModelChoice], typer.Option(help="auto: 2c for a crushed + non-crushed pair, else 1c.")] = None,
     t1_blood: Annotated[Optional[float], typer.Option(help="T1 of blood (s); default from the field strength.")] = None,
@@ -305,7 +305,7 @@ def run(
     try:
         settings = Settings(
             methods=(tuple(m.value for m in method) if method else
-                     tuple(cfg.get("methods", sorted(networks) if networks else ("lm",)))),
+                     tuple(cfg.get("methods", sorted(networks) if networks else Settings.methods))),
             model=model.value if model else cfg.get("model", "auto"),
             constants=constants,
             background_suppression_correction=(background_suppression_correction
@@ -537,7 +537,8 @@ def demo(
 ) -> None:
     """The whole job on built-in data: a phantom BIDS dataset (two one-compartment subjects
     and a two-compartment non-crushed + DANTE subject), processed by the batch with the
-    conventional methods, and a table of each map's error against the ground truth."""
+    conventional methods and the supervised network (trained once into the cache on the
+    first run), and a table of each map's error against the ground truth."""
     import numpy as np
     import nibabel as nib
 
@@ -552,7 +553,7 @@ def demo(
     write_bids_dataset(raw, subjects=len(models), model=list(models), snr=snr, seed=1, exist_ok=True)
     truth_dir = default_groundtruth_dir(raw)
     out = raw / "derivatives" / "aslbatch"
-    settings = Settings(methods=("lm", "lut"))
+    settings = Settings(methods=("lm", "lut", "supervised"))
     typer.echo(f"demo: phantom dataset in {raw} (SNR {snr:g}), ground truth in {truth_dir}", err=True)
     report = run_batch(raw, out, settings, jobs=jobs)
     typer.echo(report.one_line(), err=True)

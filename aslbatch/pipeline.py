@@ -38,7 +38,8 @@ log = logging.getLogger("aslbatch.pipeline")
 class Settings:
     """What to compute, shared by every session of a run.
 
-    methods : estimator names, each written as ``desc-<method>`` maps.
+    methods : estimator names, each written as ``desc-<method>`` maps; default the supervised
+        network, the most accurate at clinical SNR in ``aslbatch evaluate`` (README).
     model : ``"auto"`` (2C for a crushed + non-crushed pair, else 1C), ``"1c"`` or ``"2c"``.
     constants : overrides of :class:`~aslbatch.protocol.Constants` fields (their units).
     background_suppression_correction : apply α_BS = 0.95 per pulse (ASL_MODELS.md: off).
@@ -55,7 +56,7 @@ class Settings:
         not in ``to_dict`` either (pages are regenerated without refitting).
     """
 
-    methods: tuple[str, ...] = ("lm",)
+    methods: tuple[str, ...] = ("supervised",)
     model: str = "auto"
     constants: Mapping[str, Any] = field(default_factory=dict)
     background_suppression_correction: bool = False

@@ -24,8 +24,8 @@ def dataset(tmp_path_factory):
 def test_sessions_per_minute(benchmark, dataset, jobs):
     raw, root = dataset
     out = root / f"out-{jobs}"
-    run_batch(raw, out, Settings(), jobs=jobs)  # warm: worker start and the numba cache
-    report = benchmark.pedantic(run_batch, args=(raw, out, Settings()), kwargs={"jobs": jobs, "force": True},
+    run_batch(raw, out, Settings(methods=("lm",)), jobs=jobs)  # warm: worker start and the numba cache
+    report = benchmark.pedantic(run_batch, args=(raw, out, Settings(methods=("lm",))), kwargs={"jobs": jobs, "force": True},
                                 rounds=2, iterations=1)
     assert report.counts()["done"] == SESSIONS
     stages = {}

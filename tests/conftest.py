@@ -1,9 +1,19 @@
-"""Fixtures shared by the test modules: the models on their default protocols."""
+"""Fixtures shared by the test modules: the models on their default protocols, small networks,
+and a private network cache (tests never read or write the user's)."""
 
 import pytest
 
 from aslbatch.models import get_model
 from aslbatch.protocol import default_protocol
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_network_cache(tmp_path_factory):
+    """ASLBATCH_CACHE_DIR points into the test session's temporary folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ASLBATCH_CACHE_DIR", str(tmp_path_factory.mktemp("network-cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

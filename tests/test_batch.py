@@ -33,16 +33,16 @@ def _summary(out: Path) -> dict:
 
 def test_rerun_skips_up_to_date_sessions_and_redoes_exactly_what_changed(dataset, tmp_path):
     out = tmp_path / "out"
-    first = run_batch(dataset, out, Settings())
+    first = run_batch(dataset, out, Settings(methods=("lm",)))
     assert first.counts() == {"done": 3, "skipped": 0, "failed": 0} and first.exit_code == EXIT_OK
-    again = run_batch(dataset, out, Settings())
+    again = run_batch(dataset, out, Settings(methods=("lm",)))
     assert again.counts() == {"done": 0, "skipped": 3, "failed": 0}
     # changed input bytes: only that session
     sidecar = dataset / "sub-02" / "perf" / "sub-02_asl.json"
     meta = json.loads(sidecar.read_text())
     meta["LabelingEfficiency"] = 0.8
     sidecar.write_text(json.dumps(meta))
-    changed = run_batch(dataset, out, Settings())
+    changed = run_batch(dataset, out, Settings(methods=("lm",)))
     assert {o.session: o.status for o in changed.outcomes} == {"sub-01": "skipped", "sub-02": "done", "sub-03": "skipped"}
     # changed settings: everything; --force: everything; a deleted output: that session
     assert run_batch(dataset, out, Settings(methods=("lut",))).counts()["done"] == 3
@@ -54,7 +54,7 @@ def test_rerun_skips_up_to_date_sessions_and_redoes_exactly_what_changed(dataset
 
 def test_dry_run_plans_without_writing(dataset, tmp_path):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["run", str(dataset), str(out), "--dry-run"])
+    result = runner.invoke(app, ["run", "--method", "lm", str(dataset), str(out), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "sub-01: not processed yet" in result.output
     assert not list(out.glob("sub-*"))
@@ -63,7 +63,7 @@ def test_dry_run_plans_without_writing(dataset, tmp_path):
 def test_a_failing_session_is_recorded_and_the_others_finish(dataset, tmp_path):
     out = tmp_path / "out"
     (dataset / "sub-01" / "perf" / "sub-01_asl.nii.gz").write_bytes(b"\x1f\x8b truncated")
-    report = run_batch(dataset, out, Settings())
+    report = run_batch(dataset, out, Settings(methods=("lm",)))
     status = {o.session: o for o in report.outcomes}
     assert status["sub-01"].status == "failed" and "sub-01_asl.nii.gz" in status["sub-01"].reason
     assert status["sub-02"].status == status["sub-03"].status == "done"
@@ -80,8 +80,8 @@ def test_lock_blocks_a_second_run_and_dies_with_its_holder(dataset, tmp_path):
     out = tmp_path / "out"
     with output_lock(out):
         with pytest.raises(LockHeld, match="another aslbatch run holds the lock"):
-            run_batch(dataset, out, Settings())
-        result = runner.invoke(app, ["run", str(dataset), str(out)])
+            run_batch(dataset, out, Settings(methods=("lm",)))
+        result = runner.invoke(app, ["run", "--method", "lm", str(dataset), str(out)])
         assert result.exit_code == EXIT_LOCKED and "holds the lock" in result.output
     # a holder killed with SIGKILL leaves the lock file but not the lock
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -89,15 +89,15 @@ def test_lock_blocks_a_second_run_and_dies_with_its_holder(dataset, tmp_path):
         "print('locked', flush=True); time.sleep(60)"), str(out / ".aslbatch.lock")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(LockHeld):
-        run_batch(dataset, out, Settings())
+        run_batch(dataset, out, Settings(methods=("lm",)))
     holder.kill()
     holder.wait()
-    assert run_batch(dataset, out, Settings()).counts()["done"] == 3
+    assert run_batch(dataset, out, Settings(methods=("lm",))).counts()["done"] == 3
 
 
 def test_parallel_workers_give_the_same_maps_as_one_process(dataset, tmp_path):
-    one = run_batch(dataset, tmp_path / "one", Settings())
-    two = run_batch(dataset, tmp_path / "two", Settings(), jobs=2, threads=1)
+    one = run_batch(dataset, tmp_path / "one", Settings(methods=("lm",)))
+    two = run_batch(dataset, tmp_path / "two", Settings(methods=("lm",)), jobs=2, threads=1)
     assert one.counts()["done"] == two.counts()["done"] == 3
     import nibabel as nib
 
@@ -117,14 +117,14 @@ def test_run_killed_mid_session_is_completed_by_the_rerun(dataset, tmp_path, sig
     stray.parent.mkdir(parents=True)
     stray.write_bytes(b"half a file")  # what kill -9 leaves mid-write
     code = ("import sys; from pathlib import Path; from aslbatch.batch import run_batch; "
-            "from aslbatch.pipeline import Settings; run_batch(Path(sys.argv[1]), Path(sys.argv[2]), Settings())")
+            "from aslbatch.pipeline import Settings; run_batch(Path(sys.argv[1]), Path(sys.argv[2]), Settings(methods=('lm',)))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(dataset), str(out)])
     deadline = time.time() + 60
     while time.time() < deadline and not list(out.glob("sub-*/perf/*.nii.gz")):
         time.sleep(0.01)
     proc.send_signal(getattr(signal, signal_name))
     proc.wait(timeout=60)
-    report = run_batch(dataset, out, Settings())
+    report = run_batch(dataset, out, Settings(methods=("lm",)))
     assert report.exit_code == EXIT_OK
     assert report.counts()["done"] + report.counts()["skipped"] == 3
     assert not list(out.rglob("*aslbatch-tmp*")), "temporaries of the killed run were not cleaned up"
@@ -134,7 +134,7 @@ def test_run_killed_mid_session_is_completed_by_the_rerun(dataset, tmp_path, sig
 
 @pytest.mark.parametrize("label", ["../raw", "/etc", "01/../../x", ".."])
 def test_participant_labels_with_path_tricks_are_refused(dataset, tmp_path, label):
-    result = runner.invoke(app, ["run", str(dataset), str(tmp_path / "out"), "--participant-label", label])
+    result = runner.invoke(app, ["run", "--method", "lm", str(dataset), str(tmp_path / "out"), "--participant-label", label])
     assert result.exit_code == 2 and "not found" in result.output
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("sub-*"))
 
@@ -186,7 +186,7 @@ def _break(dataset: Path, how: str) -> str:
 def test_bad_input_fails_its_session_only_with_a_clear_reason(dataset, tmp_path, how):
     expected = _break(dataset, how)
     out = tmp_path / "out"
-    report = run_batch(dataset, out, Settings())
+    report = run_batch(dataset, out, Settings(methods=("lm",)))
     status = {o.session: o for o in report.outcomes}
     assert status["sub-01"].status == status["sub-03"].status == "done"
     if not expected:
@@ -215,14 +215,14 @@ def test_disk_full_while_writing_fails_the_session_and_leaves_nothing_half_writt
 
     monkeypatch.setattr(derivatives.nib, "save", save)
     out = tmp_path / "out"
-    report = run_batch(dataset, out, Settings())
+    report = run_batch(dataset, out, Settings(methods=("lm",)))
     failed = [o for o in report.outcomes if o.status == "failed"]
     assert len(failed) == 1 and "No space left on device" in failed[0].reason
     assert not list(out.rglob("*aslbatch-tmp*"))
     name = failed[0].session
     assert not (out / name / "perf" / f"{name}_provenance.json").exists()
     monkeypatch.setattr(derivatives.nib, "save", real_save)
-    assert run_batch(dataset, out, Settings()).counts() == {"done": 1, "skipped": 2, "failed": 0}
+    assert run_batch(dataset, out, Settings(methods=("lm",))).counts() == {"done": 1, "skipped": 2, "failed": 0}
 
 
 def test_unwritable_output_folder_is_a_clear_usage_error(dataset, tmp_path):
@@ -230,7 +230,7 @@ def test_unwritable_output_folder_is_a_clear_usage_error(dataset, tmp_path):
     fails even for root) is reported in one line, before any session runs."""
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    result = runner.invoke(app, ["run", str(dataset), str(blocker / "out")])
+    result = runner.invoke(app, ["run", "--method", "lm", str(dataset), str(blocker / "out")])
     assert result.exit_code == 2 and "cannot write outputs" in result.output
     assert "Traceback" not in result.output
 
@@ -239,12 +239,12 @@ def test_dask_local_cluster_gives_the_same_outputs_and_summary(dataset, tmp_path
     distributed = pytest.importorskip("distributed", reason="the test extra installs dask[distributed]")
     import nibabel as nib
 
-    local = run_batch(dataset, tmp_path / "local", Settings())
+    local = run_batch(dataset, tmp_path / "local", Settings(methods=("lm",)))
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=None) as cluster:
-        result = runner.invoke(app, ["run", str(dataset), str(tmp_path / "dask"), "--scheduler", cluster.scheduler_address])
+        result = runner.invoke(app, ["run", "--method", "lm", str(dataset), str(tmp_path / "dask"), "--scheduler", cluster.scheduler_address])
         assert result.exit_code == 0, result.output
-        again = run_batch(dataset, tmp_path / "dask", Settings(), scheduler=cluster.scheduler_address)
+        again = run_batch(dataset, tmp_path / "dask", Settings(methods=("lm",)), scheduler=cluster.scheduler_address)
         assert again.counts() == {"done": 0, "skipped": 3, "failed": 0}
     assert _summary(tmp_path / "dask")["counts"] == {"done": 0, "skipped": 3, "failed": 0}
     for subject in ("01", "02", "03"):
@@ -259,21 +259,21 @@ def test_unreachable_scheduler_is_a_clear_error(dataset, tmp_path, monkeypatch):
     import aslbatch.batch
 
     monkeypatch.setattr(aslbatch.batch, "SCHEDULER_TIMEOUT_S", 1)
-    result = runner.invoke(app, ["run", str(dataset), str(tmp_path / "out"), "--scheduler", "tcp://127.0.0.1:9"])
+    result = runner.invoke(app, ["run", "--method", "lm", str(dataset), str(tmp_path / "out"), "--scheduler", "tcp://127.0.0.1:9"])
     assert result.exit_code == 2 and "cannot reach the Dask scheduler" in result.output
 
 
 def test_fifty_sessions_with_two_jobs_then_a_rerun_skips_all_and_a_touch_redoes_one(tmp_path):
     raw = write_bids_dataset(tmp_path / "raw", subjects=50, model="1c", snr=10, seed=21, shape=(8, 8, 3))
     out = tmp_path / "out"
-    first = run_batch(raw, out, Settings(), jobs=2, threads=1)
+    first = run_batch(raw, out, Settings(methods=("lm",)), jobs=2, threads=1)
     assert first.counts() == {"done": 50, "skipped": 0, "failed": 0}
     assert all(set(o.timings) == {"inputs", "prepare", "fit", "write", "report"} for o in first.outcomes)
-    again = run_batch(raw, out, Settings(), jobs=2, threads=1)
+    again = run_batch(raw, out, Settings(methods=("lm",)), jobs=2, threads=1)
     assert again.counts() == {"done": 0, "skipped": 50, "failed": 0}
     context = raw / "sub-37" / "perf" / "sub-37_aslcontext.tsv"
     context.write_text(context.read_text() + "\n")  # new bytes, same meaning
-    touched = run_batch(raw, out, Settings(), jobs=2, threads=1)
+    touched = run_batch(raw, out, Settings(methods=("lm",)), jobs=2, threads=1)
     assert [o.session for o in touched.outcomes if o.status == "done"] == ["sub-37"]
 
 
@@ -288,7 +288,7 @@ def test_symlinked_subject_folder_is_read_and_outputs_stay_inside_out(tmp_path):
     (raw / "sub-02").symlink_to(elsewhere / "sub-02", target_is_directory=True)
     before = sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*"))
     out = tmp_path / "out"
-    report = run_batch(raw, out, Settings())
+    report = run_batch(raw, out, Settings(methods=("lm",)))
     assert report.counts()["done"] == 2
     assert (out / "sub-02" / "perf" / "sub-02_provenance.json").exists()
     assert sorted(p.relative_to(elsewhere) for p in elsewhere.rglob("*")) == before
@@ -296,10 +296,10 @@ def test_symlinked_subject_folder_is_read_and_outputs_stay_inside_out(tmp_path):
 
 def test_qc_pages_written_by_default_skipped_with_no_report_and_never_fail_a_run(dataset, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    assert run_batch(dataset, out, Settings(report=False)).exit_code == EXIT_OK
+    assert run_batch(dataset, out, Settings(methods=("lm",), report=False)).exit_code == EXIT_OK
     assert not (out / "qc.html").exists() and not list(out.rglob("*_qc.html"))
     # a rerun with reports: sessions are up to date, their missing pages are made
-    again = run_batch(dataset, out, Settings())
+    again = run_batch(dataset, out, Settings(methods=("lm",)))
     assert again.counts()["skipped"] == 3
     pages = sorted(p.relative_to(out).as_posix() for p in out.rglob("*_qc.html"))
     assert pages == [f"sub-0{k}/perf/sub-0{k}_qc.html" for k in (1, 2, 3)]
@@ -313,7 +313,7 @@ def test_qc_pages_written_by_default_skipped_with_no_report_and_never_fail_a_run
         raise RuntimeError("no display today")
 
     monkeypatch.setattr(aslbatch.qc, "write_session_report", broken)
-    forced = run_batch(dataset, out, Settings(), force=True)
+    forced = run_batch(dataset, out, Settings(methods=("lm",)), force=True)
     assert forced.counts()["done"] == 3
     log = next((out / "logs").glob(f"run-{forced.run_id}.log")).read_text()
     assert "QC page for" in log and "no display today" in log

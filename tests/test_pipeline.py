@@ -79,7 +79,7 @@ def test_outputs_are_bids_derivatives_with_sidecars(noise_free_1c):
 
 def test_run_2c_pair_recovers_cbf_and_att(tmp_path):
     raw = write_bids_dataset(tmp_path / "raw", subjects=1, model="2c", snr=np.inf, seed=5, shape=SHAPE, dtype="float64")
-    result = runner.invoke(app, ["run", str(raw), str(tmp_path / "out")])
+    result = runner.invoke(app, ["run", "--method", "lm", str(raw), str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     perf = tmp_path / "out" / "sub-01" / "perf"
     names = {p.name for p in perf.glob("*.nii.gz")}
@@ -130,7 +130,7 @@ def test_per_slice_timing_is_used_exactly():
 def test_a_broken_subject_does_not_stop_the_others(tmp_path):
     raw = write_bids_dataset(tmp_path / "raw", subjects=2, model="1c", snr=10, seed=2, shape=SHAPE)
     (raw / "sub-02" / "perf" / "sub-02_asl.json").write_text("{ not json")
-    result = runner.invoke(app, ["run", str(raw), str(tmp_path / "out")])
+    result = runner.invoke(app, ["run", "--method", "lm", str(raw), str(tmp_path / "out")])
     assert result.exit_code == EXIT_FAILED
     assert "sub-02: failed" in result.output and "cannot read JSON" in result.output
     assert (tmp_path / "out" / "sub-01" / "perf" / "sub-01_provenance.json").exists()
@@ -152,8 +152,8 @@ def test_validate_reports_every_problem_and_run_needs_something(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0"}))
-    assert runner.invoke(app, ["run", str(empty)]).exit_code == EXIT_NOTHING
-    assert runner.invoke(app, ["run", str(tmp_path / "missing")]).exit_code == EXIT_USAGE
+    assert runner.invoke(app, ["run", "--method", "lm", str(empty)]).exit_code == EXIT_NOTHING
+    assert runner.invoke(app, ["run", "--method", "lm", str(tmp_path / "missing")]).exit_code == EXIT_USAGE
 
 
 def test_config_file_and_bad_settings(tmp_path):
@@ -168,7 +168,7 @@ def test_config_file_and_bad_settings(tmp_path):
     config.write_text('methods = ["lut"]\ncolour = "blue"\n')
     bad = runner.invoke(app, ["run", str(raw), "--config", str(config)])
     assert bad.exit_code == EXIT_USAGE and "unknown setting" in bad.output
-    bad = runner.invoke(app, ["run", str(raw), "--labeling-efficiency", "1.5"])
+    bad = runner.invoke(app, ["run", "--method", "lm", str(raw), "--labeling-efficiency", "1.5"])
     assert bad.exit_code == EXIT_USAGE and "alpha" in bad.output
 
 
@@ -193,7 +193,7 @@ def test_2d_dataset_with_slice_timing_and_sessions_end_to_end(tmp_path):
     raw = write_bids_dataset(tmp_path / "raw", subjects=1, model="1c", snr=np.inf, seed=4, shape=SHAPE,
                              dtype="float64", sessions=["a", "b"], slice_timing=timing)
     assert runner.invoke(app, ["validate", str(raw)]).exit_code == 0
-    result = runner.invoke(app, ["run", str(raw), str(tmp_path / "out")])
+    result = runner.invoke(app, ["run", "--method", "lm", str(raw), str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     true_att, true_cbf = _truth(raw, "01", "att"), _truth(raw, "01", "cbf")
     mask = _truth(raw, "01", "mask") > 0
@@ -216,7 +216,7 @@ def test_user_mask_template_replaces_the_computed_mask(tmp_path):
         data[..., 0] = 0
         nib.save(nib.Nifti1Image(data, truth.affine), tmp_path / f"mask-{subject}.nii.gz")
     template = str(tmp_path / "mask-{subject}.nii.gz")
-    result = runner.invoke(app, ["run", str(raw), str(tmp_path / "out"), "--mask", template])
+    result = runner.invoke(app, ["run", "--method", "lm", str(raw), str(tmp_path / "out"), "--mask", template])
     assert result.exit_code == 0, result.output
     for subject in ("01", "02"):
         written = _load(tmp_path / "out" / f"sub-{subject}" / "perf" / f"sub-{subject}_desc-brain_mask.nii.gz") > 0
@@ -224,7 +224,7 @@ def test_user_mask_template_replaces_the_computed_mask(tmp_path):
         np.testing.assert_array_equal(written, given)
         cbf = _load(tmp_path / "out" / f"sub-{subject}" / "perf" / f"sub-{subject}_desc-lm_cbf.nii.gz")
         assert np.isnan(cbf[..., 0]).all() and np.isfinite(cbf[given]).all()
-    bad = runner.invoke(app, ["run", str(raw), str(tmp_path / "out2"), "--mask", str(tmp_path / "missing.nii.gz")])
+    bad = runner.invoke(app, ["run", "--method", "lm", str(raw), str(tmp_path / "out2"), "--mask", str(tmp_path / "missing.nii.gz")])
     assert bad.exit_code == EXIT_FAILED and "missing.nii.gz" in bad.output
 
 
