@@ -35,8 +35,7 @@ def case(request):
     return model, sizes, X, T, data.signals, float(data.signals.std())
 
 
-def _record(benchmark, group):
-    benchmark.group = group
+def _record(benchmark):
     benchmark.extra_info["samples_per_s"] = round(N / benchmark.stats.stats.min)
 
 
@@ -61,39 +60,44 @@ def _train_epoch(case, threads, head):
 
 
 def test_train_numba(benchmark, case, threads):
+    benchmark.group = f"train {case[0].name}-like {HIDDEN[case[0].name]}, supervised MSE"
     epoch = _train_epoch(case, threads, _mlp.HEAD_PARAM_MSE)
     benchmark.pedantic(epoch, rounds=5, iterations=1)
-    _record(benchmark, f"train {case[0].name}-like {HIDDEN[case[0].name]}, supervised MSE")
+    _record(benchmark)
 
 
 def test_train_sklearn(benchmark, case, threads):
     model, sizes, X, T, _, _ = case
+    benchmark.group = f"train {model.name}-like {HIDDEN[model.name]}, supervised MSE"
     sk = MLPRegressor(hidden_layer_sizes=HIDDEN[model.name], batch_size=BATCH, alpha=ALPHA, random_state=0)
     with threadpool_limits(threads, user_api="blas"):
         sk.partial_fit(X[:BATCH], T[:BATCH])
         benchmark.pedantic(sk.partial_fit, args=(X, T), rounds=5, iterations=1)
-    _record(benchmark, f"train {model.name}-like {HIDDEN[model.name]}, supervised MSE")
+    _record(benchmark)
 
 
 def test_train_numba_physics_informed(benchmark, case, threads):
+    benchmark.group = f"train {case[0].name}-like {HIDDEN[case[0].name]}, physics-informed MSE"
     epoch = _train_epoch(case, threads, _mlp.HEAD_SIGNAL_MSE)
     benchmark.pedantic(epoch, rounds=5, iterations=1)
-    _record(benchmark, f"train {case[0].name}-like {HIDDEN[case[0].name]}, physics-informed MSE")
+    _record(benchmark)
 
 
 def test_forward_numba(benchmark, case, threads):
     model, sizes, X, _, _, _ = case
+    benchmark.group = f"predict {model.name}-like {HIDDEN[model.name]}"
     theta = _mlp.init_weights(sizes, 0)
     out = np.empty((N, model.n_params))
     _mlp.forward(theta, sizes, X[:10], out[:10])
     benchmark.pedantic(_mlp.forward, args=(theta, sizes, X, out), rounds=10, iterations=1)
-    _record(benchmark, f"predict {model.name}-like {HIDDEN[model.name]}")
+    _record(benchmark)
 
 
 def test_predict_sklearn(benchmark, case, threads):
     model, sizes, X, T, _, _ = case
+    benchmark.group = f"predict {model.name}-like {HIDDEN[model.name]}"
     sk = MLPRegressor(hidden_layer_sizes=HIDDEN[model.name], batch_size=BATCH, random_state=0)
     with threadpool_limits(threads, user_api="blas"):
         sk.partial_fit(X[:BATCH], T[:BATCH])
         benchmark.pedantic(sk.predict, args=(X,), rounds=10, iterations=1)
-    _record(benchmark, f"predict {model.name}-like {HIDDEN[model.name]}")
+    _record(benchmark)

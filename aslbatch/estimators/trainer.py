@@ -28,6 +28,11 @@ IMPROVEMENT = 1e-3
 BETA1, BETA2, EPSILON = 0.9, 0.999, 1e-8
 
 
+def _read_only(arr: np.ndarray) -> np.ndarray:
+    arr.setflags(write=False)
+    return arr
+
+
 @dataclass
 class Head:
     """The loss: a ``_mlp.HEAD_*`` code and, for the physics-informed heads, the model's
@@ -39,8 +44,9 @@ class Head:
     upper: np.ndarray = field(default_factory=lambda: np.zeros(0))
     scale: float = 1.0
     kernel_id: int = 0
-    vol: np.ndarray = field(default_factory=lambda: np.zeros((0, 6)))
-    const: np.ndarray = field(default_factory=lambda: np.zeros(6))
+    # read-only like a model's vol/const, so the kernels are compiled once for both kinds of head
+    vol: np.ndarray = field(default_factory=lambda: _read_only(np.zeros((0, 6))))
+    const: np.ndarray = field(default_factory=lambda: _read_only(np.zeros(6)))
 
     def args(self) -> tuple:
         """The head's arguments of the _mlp kernels, in their order."""
