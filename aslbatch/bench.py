@@ -29,7 +29,6 @@ average before and after.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import io
 import json
 import os
@@ -50,7 +49,7 @@ from matplotlib.figure import Figure
 from scipy.optimize import least_squares
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from ._version import __version__
+from ._version import versions
 from .atomic import atomic_open
 from .batch import run_batch
 from .estimators import ESTIMATORS, Estimator, get_estimator
@@ -84,9 +83,6 @@ FULL = {"sizes": (10**3, 10**4, 10**5, 10**6), "scipy_voxels": 200, "training_sa
         "training_epochs": None, "batch_sessions": 4, "batch_shape": (64, 64, 20)}
 QUICK = {"sizes": (10**3, 10**4), "scipy_voxels": 20, "training_samples": 2000, "training_epochs": 2,
          "batch_sessions": 2, "batch_shape": (24, 24, 8)}
-VERSIONED = ("numpy", "scipy", "numba", "llvmlite", "scikit-learn", "matplotlib", "threadpoolctl")
-
-
 @dataclass(frozen=True)
 class BenchResult:
     """What :func:`run_bench` measured (the content of ``bench.json``) and where it wrote it.
@@ -330,10 +326,6 @@ def _config(models: Any, methods: Any, sizes: Any, threads: Any, scipy_voxels: A
 
 def machine_info() -> dict[str, Any]:
     """The machine and software the figures come from (date in UTC)."""
-    versions = {"aslbatch": __version__, "python": platform.python_version()}
-    for package in VERSIONED:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[package] = importlib.metadata.version(package)
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
@@ -342,7 +334,7 @@ def machine_info() -> dict[str, Any]:
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "numba_threads": numba.config.NUMBA_NUM_THREADS,
         "blas": [{k: lib.get(k) for k in ("internal_api", "version", "num_threads")} for lib in threadpool_info()],
-        "versions": versions,
+        "versions": versions(),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 

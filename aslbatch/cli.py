@@ -169,7 +169,6 @@ def fit(
     import numpy as np
 
     from .atomic import atomic_path
-    from .estimators import get_estimator
     from .simulate import SimulatedSet
 
     try:

@@ -78,18 +78,16 @@ import hashlib
 import json
 import math
 import os
-import sys
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import metadata as _metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from ._version import __version__
+from ._version import __version__, versions
 from .atomic import atomic_open, atomic_path
 from .bids import parse_filename
 from .estimators.base import Estimate, Status
@@ -475,22 +473,6 @@ def inputs_digest(input_digests: Mapping[str, str | None]) -> str | None:
     return hashlib.sha256(_canonical_json(dict(input_digests)).encode()).hexdigest()
 
 
-def _versions() -> dict[str, str | None]:
-    def version(package: str) -> str | None:
-        try:
-            return _metadata.version(package)
-        except _metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "aslbatch": __version__,
-        "python": sys.version.split()[0],
-        "numpy": np.__version__,
-        "numba": version("numba"),
-        "nibabel": nib.__version__,
-    }
-
-
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -669,7 +651,6 @@ def write_session_outputs(
     methods = list(estimates)
     stderr_methods = [m for m in methods if estimates[m].stderr is not None]
     paths = output_paths(out_dir, prepared, model.name, methods, stderr_methods=stderr_methods)
-    folder = session_folder(out_dir, prepared.source_name)
     out = Path(out_dir)
     digests = _input_digests(prepared, input_digests, bids_dir)
     sources = [_uri(name) for name in prepared.source_files]
@@ -748,7 +729,7 @@ def write_session_outputs(
     provenance = {
         "format": PROVENANCE_FORMAT,
         "aslbatch_version": __version__,
-        "versions": _versions(),
+        "versions": versions(),
         "source_name": prepared.source_name,
         "subject": _source_entities(prepared.source_name)["sub"],
         "session": _source_entities(prepared.source_name).get("ses"),

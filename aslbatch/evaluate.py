@@ -47,11 +47,9 @@ import io
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -63,7 +61,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from threadpoolctl import threadpool_limits
 
-from ._version import __version__
+from ._version import versions
 from .atomic import atomic_open
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.store import NetworkCache
@@ -563,14 +561,6 @@ def _findings(table: dict, model_name: str, labels: list[str], snrs: Sequence[fl
 # --- settings ---------------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, str]:
-    out = {"aslbatch": __version__, "python": platform.python_version()}
-    for package in ("numpy", "numba", "scikit-learn", "matplotlib", "threadpoolctl", "scipy"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[package] = metadata.version(package)
-    return out
-
-
 def _settings(model: KineticModel, labels: list[str], snrs: list[float], noise: str, n_sets: int, repeats: int,
               retrainings: int, seed: int, net_opts: dict[str, Any], cache: NetworkCache,
               networks: list[dict[str, Any]], quick: bool, density_snr: float, load_start: float) -> dict[str, Any]:
@@ -594,7 +584,7 @@ def _settings(model: KineticModel, labels: list[str], snrs: list[float], noise: 
         "network_options": net_opts,
         "cache_dir": str(cache.folder),
         "networks": networks,
-        "versions": _versions(),
+        "versions": versions(),
         "machine": {"cores": os.cpu_count(), "numba_threads": numba.get_num_threads(),
                     "blas_threads": BLAS_THREADS, "load_average_start": load_start,
                     "load_average_end": os.getloadavg()[0]},

@@ -6,7 +6,6 @@ The issue targets read from these figures: supervised inference >= 6x the LUT (t
 research's 2C ratio) and within 2x of numba LM; training 10^6 samples in < 3 min on 2 cores.
 """
 
-import numpy as np
 import pytest
 
 from aslbatch.estimators import get_estimator

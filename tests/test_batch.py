@@ -1,8 +1,6 @@
 """The batch layer: up-to-date plan, lock, isolation, parallel workers, logs and summaries."""
 
-import fcntl
 import json
-import os
 import subprocess
 import sys
 import time

@@ -5,7 +5,6 @@ import json
 
 import nibabel as nib
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from aslbatch.batch import run_batch

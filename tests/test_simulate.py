@@ -8,7 +8,7 @@ import pytest
 from scipy import special, stats
 
 from aslbatch.models import get_model
-from aslbatch.protocol import Constants, Protocol, default_protocol
+from aslbatch.protocol import Constants, Protocol
 from aslbatch.simulate import (
     SimulatedSet,
     add_noise,

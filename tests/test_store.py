@@ -142,7 +142,7 @@ def test_cache_trains_once_per_key_even_concurrently(tmp_path, model_1c):
     other_protocol = get_model("1c", Protocol(1.8, [1.0, 1.5, 2.0, 2.5]))
     other = cache.get(get_estimator("supervised", other_protocol, **opts))
     assert cache.trained == 2 and other.network_sha256_ != results[0].network_sha256_
-    other_options = cache.get(get_estimator("supervised", model_1c, **{**opts, "seed": 5}))
+    cache.get(get_estimator("supervised", model_1c, **{**opts, "seed": 5}))
     assert cache.trained == 3
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3
 

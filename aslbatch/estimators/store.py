@@ -33,13 +33,12 @@ import sys
 import time
 import zipfile
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from .._version import __version__
+from .._version import versions
 from ..atomic import atomic_path
 from ..models import KineticModel, get_model
 from ..protocol import Constants, Protocol, ProtocolError
@@ -67,17 +66,6 @@ class NetworkFileError(ValueError):
 
 class NetworkMismatch(ValueError):
     """A valid network trained for another model, protocol or constants than the data."""
-
-
-def _versions() -> dict[str, str | None]:
-    def version(package: str) -> str | None:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"aslbatch": __version__, "python": sys.version.split()[0], "numpy": np.__version__,
-            "scikit-learn": version("scikit-learn"), "numba": version("numba")}
 
 
 def _arrays_digest(arrays: dict[str, np.ndarray]) -> "hashlib._Hash":
@@ -123,7 +111,7 @@ def save_network(estimator: NeuralEstimator, path: str | os.PathLike) -> str:
         "training": estimator.training_,
         "output_transform": estimator.network_.output_transform,
         "training_version": TRAINING_VERSION,
-        "versions": _versions(),
+        "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "arrays_sha256": _arrays_digest(arrays).hexdigest(),
     }
