@@ -192,12 +192,29 @@ def _log_handlers(log_file: Path) -> list[logging.Handler]:
     return [to_file, to_stderr]
 
 
+@contextlib.contextmanager
+def thread_limits(threads: int) -> Iterator[None]:
+    """numba's and BLAS's thread counts set to ``threads`` inside the block, restored after it
+    (an in-process run must not change its caller's settings)."""
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        with threadpool_limits(threads):  # BLAS of network inference and training: the same share of cores
+            yield
+    finally:
+        numba.set_num_threads(before)
+
+
 def _init_worker(threads: int, log_file: Path | None = None) -> None:
+    """A worker process's threads (for its lifetime) and its log handlers."""
     import numba
     from threadpoolctl import threadpool_limits
 
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    threadpool_limits(threads)  # BLAS of network inference and training: the same share of cores
+    threadpool_limits(threads)
     if log_file is not None:  # worker processes: their network log lines join the run's log
         package = logging.getLogger(PACKAGE_LOGGER)
         for handler in _log_handlers(log_file):
@@ -361,9 +378,9 @@ def _execute(todo: list[bids.Session], out_dir: Path, settings: Settings, jobs: 
             _execute_distributed(todo, out_dir, settings, scheduler, report, bar)
             return
         if jobs == 1 or len(todo) <= 1:
-            _init_worker(threads)
-            for session in todo:
-                _record(report, _run_session(session, out_dir, settings, progress=not bar.disable), bar)
+            with thread_limits(threads):
+                for session in todo:
+                    _record(report, _run_session(session, out_dir, settings, progress=not bar.disable), bar)
             return
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=(threads, log_file)) as pool:

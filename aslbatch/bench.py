@@ -53,7 +53,6 @@ from ._version import versions
 from .atomic import atomic_open
 from .batch import run_batch
 from .estimators import ESTIMATORS, Estimator, get_estimator
-from .estimators.neural import NeuralEstimator
 from .models import MODELS, KineticModel, get_model
 from .phantom import write_bids_dataset
 from .pipeline import Settings
@@ -176,7 +175,7 @@ def _network(method: str, model: KineticModel, samples: int, epochs: int | None,
 
 
 def _is_network(method: str) -> bool:
-    return issubclass(ESTIMATORS[method], NeuralEstimator)
+    return ESTIMATORS[method].trains
 
 
 def _scipy_reference(model: KineticModel, signals: np.ndarray) -> dict[str, Any]:
@@ -342,8 +341,8 @@ def machine_info() -> dict[str, Any]:
 # --- the run -----------------------------------------------------------------------------
 
 
-def run_bench(out_dir: str | os.PathLike, *, models: Sequence[str] = ("1c", "2c"),
-              methods: Sequence[str] = ("lm", "lut", "supervised", "unsupervised"),
+def run_bench(out_dir: str | os.PathLike, *, models: Sequence[str] = tuple(MODELS),
+              methods: Sequence[str] = tuple(ESTIMATORS),
               sizes: Sequence[int] | None = None, threads: Sequence[int] = (1, 2), scipy_voxels: int | None = None,
               training_samples: int | None = None, training_epochs: int | None = None,
               batch_sessions: int | None = None, batch_shape: Sequence[int] | None = None, quick: bool = False,

@@ -22,7 +22,9 @@ from typing import Annotated, Optional
 import typer
 
 from ._version import __version__
+from .estimators import ESTIMATORS
 from .exitcodes import EXIT_FAILED, EXIT_LOCKED, EXIT_NOTHING, EXIT_USAGE
+from .models import MODELS
 
 app = typer.Typer(
     name="aslbatch",
@@ -33,9 +35,15 @@ app = typer.Typer(
 )
 
 
-class ModelName(str, Enum):
-    one = "1c"
-    two = "2c"
+def _choices(name: str, values) -> type[Enum]:
+    """A str Enum of ``values`` (typer's choices), each member named and valued by the string."""
+    return Enum(name, {value: value for value in values}, type=str)
+
+
+#: the choices of the command line, from the registries (models, methods)
+ModelName = _choices("ModelName", MODELS)
+ModelChoice = _choices("ModelChoice", ["auto", *MODELS])
+MethodName = _choices("MethodName", ESTIMATORS)
 
 
 class T1PrimeName(str, Enum):
@@ -43,27 +51,9 @@ class T1PrimeName(str, Enum):
     tissue = "tissue"
 
 
-class MethodName(str, Enum):
-    lm = "lm"
-    lut = "lut"
-    supervised = "supervised"
-    unsupervised = "unsupervised"
-
-
-class NetworkMethod(str, Enum):
-    supervised = "supervised"
-    unsupervised = "unsupervised"
-
-
 class LossName(str, Enum):
     mse = "mse"
     mae = "mae"
-
-
-class ModelChoice(str, Enum):
-    auto = "auto"
-    one = "1c"
-    two = "2c"
 
 
 class NoiseName(str, Enum):
@@ -93,6 +83,15 @@ def main(
     """Quantitative perfusion maps (CBF, ATT, aCBV) from multi-delay ASL MRI."""
 
 
+def _edge_option(model: str, arterial_edge_s: float) -> dict:
+    """``{"arterial_edge_s": s}`` for models with an arterial window; an error if given for others."""
+    if "arterial_edge_s" in MODELS[model].option_names:
+        return {"arterial_edge_s": arterial_edge_s}
+    if arterial_edge_s:
+        fail(f"--arterial-edge-s applies to models with an arterial compartment, not {model}")
+    return {}
+
+
 def _load_protocol(path: Optional[Path], model: str):
     from .protocol import Protocol, ProtocolError, default_protocol
 
@@ -109,7 +108,7 @@ def _load_protocol(path: Optional[Path], model: str):
 @app.command()
 def simulate(
     out: Annotated[Path, typer.Option("--out", help="Output .npz file (written atomically).")],
-    model: Annotated[ModelName, typer.Option(help="Kinetic model: 1c (cbf, att) or 2c (cbf, abv, abat, att).")] = ModelName.one,
+    model: Annotated[ModelName, typer.Option(help="Kinetic model (README: The models).")] = ModelName["1c"],
     n: Annotated[int, typer.Option("--n", min=1, help="Number of parameter sets.")] = 10000,
     snr: Annotated[float, typer.Option(help="SNR = S_ref / σ (S_ref: peak signal of a cbf 60, att 1.2 s voxel).")] = 5.0,
     noise: Annotated[NoiseName, typer.Option(help="Noise model of the magnitude data.")] = NoiseName.rician,
@@ -137,10 +136,7 @@ def simulate(
     prot = _load_protocol(protocol, model.value)
     try:
         constants = Constants(t1_prime=t1_prime.value)
-        options = {"arterial_edge_s": arterial_edge_s} if model is ModelName.two else {}
-        if model is ModelName.one and arterial_edge_s:
-            fail("--arterial-edge-s applies to the 2c model only")
-        kinetic = get_model(model.value, prot, constants, **options)
+        kinetic = get_model(model.value, prot, constants, **_edge_option(model.value, arterial_edge_s))
     except (ProtocolError, ValueError) as exc:
         fail(str(exc))
     data = run_simulation(kinetic, n, snr, noise=noise.value, repeats=repeats, seed=seed)
@@ -155,8 +151,8 @@ def simulate(
 def fit(
     input_path: Annotated[Path, typer.Option("--in", help="Simulated set (.npz) from 'aslbatch simulate'.")],
     out: Annotated[Path, typer.Option("--out", help="Output .npz file (written atomically).")],
-    model: Annotated[ModelName, typer.Option(help="Kinetic model to fit; must match the input set.")] = ModelName.one,
-    method: Annotated[MethodName, typer.Option(help="Estimator: lm (Levenberg-Marquardt), lut (lookup table), supervised or unsupervised (networks).")] = MethodName.lm,
+    model: Annotated[ModelName, typer.Option(help="Kinetic model to fit; must match the input set.")] = ModelName["1c"],
+    method: Annotated[MethodName, typer.Option(help="Estimator (README: Methods).")] = MethodName["lm"],
     network: Annotated[Optional[Path], typer.Option(help="Trained network file (aslbatch train) for a network method; default: the cache's, trained once if missing.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Folder of cached networks (default $ASLBATCH_CACHE_DIR or the per-user cache).")] = None,
 ) -> None:
@@ -177,7 +173,7 @@ def fit(
         fail(str(exc))
     if data.model.name != model.value:
         fail(f"{input_path}: the set was simulated with model {data.model.name!r}, not {model.value!r}")
-    if network is not None and method.value not in {m.value for m in NetworkMethod}:
+    if network is not None and not ESTIMATORS[method.value].trains:
         fail(f"--network is for network methods, not {method.value}")
     estimator = _network_or_fit(method.value, data.model, network, cache_dir)
     estimate = estimator.predict(data.signals)
@@ -208,15 +204,16 @@ def fit(
 
 def _network_or_fit(method: str, model, network: Optional[Path], cache_dir: Optional[Path]):
     """The estimator ready to predict: a network from its file or the cache, else fitted."""
-    from .estimators import ESTIMATORS, get_estimator
-    from .estimators.store import NetworkCache, load_network
+    from .estimators import get_estimator
 
     try:
+        if network is None and not ESTIMATORS[method].trains:
+            return get_estimator(method, model).fit()
+        from .estimators.store import NetworkCache, load_network
+
         if network is not None:
             return load_network(network, model)
-        if getattr(ESTIMATORS[method], "trains", False):
-            return NetworkCache(cache_dir).get(get_estimator(method, model), progress=sys.stderr.isatty())
-        return get_estimator(method, model).fit()
+        return NetworkCache(cache_dir).get(get_estimator(method, model), progress=sys.stderr.isatty())
     except (ValueError, OSError) as exc:
         fail(str(exc))
 
@@ -364,10 +361,7 @@ def _training_model(model: ModelName, protocol: Optional[list[Path]], t1_prime: 
         else:
             prot = _load_protocol(files[0] if files else None, model.value)
             constants = Constants(t1_prime=t1_prime.value)
-        if model is ModelName.one and arterial_edge_s:
-            fail("--arterial-edge-s applies to the 2c model only")
-        options = {"arterial_edge_s": arterial_edge_s} if model is ModelName.two else {}
-        return get_model(model.value, prot, constants, **options), offsets
+        return get_model(model.value, prot, constants, **_edge_option(model.value, arterial_edge_s)), offsets
     except (BidsError, ProtocolError, ValueError) as exc:
         fail(str(exc))
 
@@ -375,9 +369,9 @@ def _training_model(model: ModelName, protocol: Optional[list[Path]], t1_prime: 
 @app.command()
 def train(
     out: Annotated[Path, typer.Option("--out", help="Network file to write (.npz: arrays + JSON card; atomic).")],
-    model: Annotated[ModelName, typer.Option(help="Kinetic model: 1c (cbf, att) or 2c (cbf, abv, abat, att).")] = ModelName.one,
+    model: Annotated[ModelName, typer.Option(help="Kinetic model (README: The models).")] = ModelName["1c"],
     protocol: Annotated[Optional[list[Path]], typer.Option(help="A protocol JSON {label_duration, pld, crushed} in s, or the *_asl.json sidecar(s) of one acquisition (aslcontext beside; repeat for a non-crushed + DANTE pair; constants and SliceTiming come from them). Default: the model's default protocol.")] = None,
-    method: Annotated[NetworkMethod, typer.Option(help="Network estimator to train: supervised (loss on the parameters) or unsupervised (physics-informed: loss on the signal).")] = NetworkMethod.supervised,
+    method: Annotated[MethodName, typer.Option(help="Network estimator to train: supervised (loss on the parameters) or unsupervised (physics-informed: loss on the signal).")] = MethodName["supervised"],
     loss: Annotated[LossName, typer.Option(help="Mean squared (mse) or mean absolute (mae) error.")] = LossName.mse,
     n_samples: Annotated[int, typer.Option(min=100, help="Simulated training samples.")] = 500_000,
     hidden_layers: Annotated[Optional[str], typer.Option(help="Hidden layer widths, comma-separated (default per model).")] = None,
@@ -397,6 +391,9 @@ def train(
     from .estimators import get_estimator
     from .estimators.store import save_network
 
+    if not ESTIMATORS[method.value].trains:
+        fail(f"{method.value} does not train a network; choose one of "
+             f"{[m for m in ESTIMATORS if ESTIMATORS[m].trains]}")
     kinetic, offsets = _training_model(model, protocol, t1_prime, arterial_edge_s)
     try:
         hidden = [int(v) for v in hidden_layers.split(",")] if hidden_layers else None
@@ -428,9 +425,9 @@ def train(
 @app.command()
 def evaluate(
     out: Annotated[Path, typer.Option("--out", help="Folder of metrics.tsv, report.md, report.html and figures/.")] = Path("aslbatch-evaluation"),
-    model: Annotated[ModelName, typer.Option(help="Kinetic model: 1c or 2c.")] = ModelName.one,
+    model: Annotated[ModelName, typer.Option(help="Kinetic model (README: The models).")] = ModelName["1c"],
     protocol: Annotated[Optional[list[Path]], typer.Option(help="A protocol JSON, or the *_asl.json sidecar(s) of one acquisition (as for train). Default: the model's default protocol.")] = None,
-    method: Annotated[Optional[list[str]], typer.Option(help="lm, lut, supervised, supervised-mae, unsupervised, unsupervised-mae (repeatable; default all).")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(help="A method, or a network method with its loss (supervised-mae...): repeatable; default all.")] = None,
     snr: Annotated[Optional[list[float]], typer.Option(help="Test SNRs (repeatable; default 2 3 5 10 20 50, quick 3 5 10).")] = None,
     noise: Annotated[NoiseName, typer.Option(help="Test noise model.")] = NoiseName.rician,
     n_sets: Annotated[Optional[int], typer.Option(help="Parameter sets per SNR.")] = None,
@@ -476,8 +473,8 @@ def bench(
     from .bench import run_bench
 
     try:
-        result = run_bench(out, models=tuple(m.value for m in model) if model else ("1c", "2c"),
-                           methods=tuple(m.value for m in method) if method else ("lm", "lut", "supervised", "unsupervised"),
+        result = run_bench(out, models=tuple(m.value for m in model) if model else tuple(MODELS),
+                           methods=tuple(m.value for m in method) if method else tuple(ESTIMATORS),
                            threads=tuple(threads) if threads else (1, 2), quick=quick, seed=seed, progress=True)
     except ValueError as exc:
         fail(str(exc))
@@ -488,7 +485,7 @@ def bench(
 def validate(
     bids_dir: Annotated[Path, typer.Argument(help="The raw BIDS dataset.")],
     participant_label: Annotated[Optional[list[str]], typer.Option(help="Check only these subjects (repeatable).")] = None,
-    model: Annotated[ModelChoice, typer.Option(help="The model the run would use.")] = ModelChoice.auto,
+    model: Annotated[ModelChoice, typer.Option(help="The model the run would use.")] = ModelChoice["auto"],
 ) -> None:
     """Check a BIDS ASL dataset and print every problem found, without processing anything.
 
@@ -511,7 +508,7 @@ def validate(
 def simulate_dataset(
     out_dir: Annotated[Path, typer.Argument(help="Folder of the new BIDS dataset (must be empty or absent).")],
     subjects: Annotated[int, typer.Option(min=1, help="Number of subjects.")] = 2,
-    model: Annotated[ModelName, typer.Option(help="1c: one multi-PLD series; 2c: a non-crushed + DANTE pair.")] = ModelName.one,
+    model: Annotated[ModelName, typer.Option(help="1c: one multi-PLD series; 2c: a non-crushed + DANTE pair.")] = ModelName["1c"],
     snr: Annotated[float, typer.Option(help="SNR of ΔM/M0t (S_ref / σ, ASL_MODELS.md).")] = 10.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     noise: Annotated[NoiseName, typer.Option(help="Noise of the magnitude images.")] = NoiseName.rician,

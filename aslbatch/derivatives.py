@@ -26,7 +26,7 @@ on the source grid, with the source affine (qform and sform, code 1).
 Everything a writer needs is in one table, :data:`OUTPUTS` (one :class:`OutputKind`
 per kind of file: name pattern, extension, dtype, units, description template,
 value outside the mask, .bidsignore pattern), with the quantities in
-:data:`PARAMETERS` and the status codes in :data:`STATUS_LEVELS`. Writers and
+:func:`parameter_table` (from the models) and the status codes in :data:`STATUS_LEVELS`. Writers and
 :func:`output_paths` read these tables; nothing else spells a file name.
 
 Naming choices
@@ -77,6 +77,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import functools
 import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ import numpy as np
 from ._version import __version__, versions
 from .atomic import atomic_open, atomic_path
 from .bids import parse_filename
+from .estimators import ESTIMATORS
 from .estimators.base import Estimate, Status
 from .models import MODELS, KineticModel
 from .preprocess import PreparedData
@@ -100,7 +102,7 @@ __all__ = [
     "OUTPUTS",
     "OUTSIDE_STATUS",
     "OutputKind",
-    "PARAMETERS",
+    "parameter_table",
     "PROVENANCE_FORMAT",
     "STATUS_LEVELS",
     "LOGS_DIR",
@@ -135,7 +137,7 @@ RAW_LINK = "raw"
 
 @dataclass(frozen=True)
 class Parameter:
-    """A model parameter as it appears in the outputs.
+    """A parameter as it appears in the outputs, over every model that has it.
 
     ``units`` (as in ASL_MODELS.md); ``names[model]``: what the parameter is in
     that model, in words and in the research's terms; ``definitions[model]``:
@@ -147,56 +149,31 @@ class Parameter:
     definitions: Mapping[str, str]
 
 
-#: every parameter of every model: units and, per model, which of the research's terms it is
-PARAMETERS: dict[str, Parameter] = {
-    "cbf": Parameter(
-        units="mL/100 g/min",
-        names={"1c": "cerebral blood flow (CBF)", "2c": "cerebral blood flow (CBF)"},
-        definitions={"1c": "", "2c": ""},
-    ),
-    "att": Parameter(
-        units="s",
-        names={
-            "1c": "arterial transit time (ATT)",
-            "2c": "tissue transit time (the research's TTT)",
-        },
-        definitions={
-            "1c": ", the time from the start of labeling until the labeled blood reaches the tissue",
-            "2c": ", the time from the start of labeling until the labeled blood reaches the tissue "
-            "(in this model the research's ATT is abat)",
-        },
-    ),
-    "abat": Parameter(
-        units="s",
-        names={"2c": "arterial bolus arrival time (the research's ATT in the two-compartment model)"},
-        definitions={"2c": ", the time from the start of labeling until the labeled blood reaches the "
-                           "arteries of the voxel"},
-    ),
-    "abv": Parameter(
-        units="mL/mL",
-        names={"2c": "arterial cerebral blood volume (aCBV)"},
-        definitions={"2c": " as a fraction of the voxel (0.01 = 1 %)"},
-    ),
-}
+@functools.cache
+def parameter_table() -> dict[str, Parameter]:
+    """Every parameter of every registered model (:data:`~aslbatch.models.MODELS`), from the
+    models' own :class:`~aslbatch.models.Parameter` facts; a suffix has one unit in every model."""
+    table: dict[str, Parameter] = {}
+    for model_name in MODELS:
+        for spec in MODELS[model_name].parameters:
+            known = table.setdefault(spec.name, Parameter(spec.units, {}, {}))
+            if known.units != spec.units:
+                raise RuntimeError(f"parameter {spec.name!r} is in {known.units} in one model and in "
+                                   f"{spec.units} in {model_name}: one map suffix needs one unit")
+            known.names[model_name] = spec.title
+            known.definitions[model_name] = spec.definition
+    return table
 
-#: the estimators in words (unknown methods are named by their registry name)
-METHOD_TEXT = {
-    "lm": "Levenberg–Marquardt least-squares fitting (lm)",
-    "lut": "a lookup-table grid search (lut)",
-    "supervised": "a supervised neural network trained on simulated signals (supervised)",
-    "unsupervised": "a physics-informed neural network trained through the kinetic model (unsupervised)",
-}
-#: the models in words
-MODEL_TEXT = {
-    "1c": "the one-compartment (1C) kinetic model",
-    "2c": "the two-compartment (2C) kinetic model with vascular crushing",
-}
-#: how each method's standard errors are computed (sidecar field StandardErrorMethod)
-STDERR_TEXT = {
-    "lm": "sqrt(diag((J^T J)^-1) * RSS / (n_volumes - n_estimated)) at the solution, with J the model "
-    "Jacobian and RSS the residual sum of squares; NaN where a parameter is held fixed or the data do not "
-    "inform it (e.g. 2C abat with hard arterial edges, 1C att below the shortest PLD)",
-}
+
+def _method_text(method: str | None) -> str:
+    return ESTIMATORS[method].title if method in ESTIMATORS else f"the method {method}"
+
+
+def _stderr_text(method: str) -> str:
+    text = ESTIMATORS[method].stderr_method if method in ESTIMATORS else None
+    return text or "as reported by the estimator (Estimate.stderr); NaN where not estimable"
+
+
 #: what every :class:`~aslbatch.estimators.Status` code means, and the value outside the mask
 STATUS_LEVELS: dict[int, str] = {
     int(Status.CONVERGED): "converged: the fit converged inside the bounds",
@@ -296,7 +273,7 @@ def _model_params(model_name: str) -> tuple[str, ...]:
 def bidsignore_patterns() -> list[str]:
     """The ``.bidsignore`` lines: every non-standard kind of :data:`OUTPUTS`, each parameter,
     then the QC pages and the logs (:data:`OTHER_BIDSIGNORE`)."""
-    params = list(PARAMETERS)
+    params = list(parameter_table())
     lines: list[str] = []
     for item in OUTPUTS:
         if item.bidsignore is None:
@@ -310,11 +287,11 @@ def bidsignore_patterns() -> list[str]:
 
 def _description(item: OutputKind, model_name: str, method: str | None = None, param: str | None = None) -> str:
     fields: dict[str, str] = {
-        "method_text": METHOD_TEXT.get(method or "", f"the method {method}"),
-        "model_text": MODEL_TEXT.get(model_name, f"the {model_name} model"),
+        "method_text": _method_text(method),
+        "model_text": MODELS[model_name].title if model_name in MODELS else f"the {model_name} model",
     }
     if param is not None:
-        spec = PARAMETERS[param]
+        spec = parameter_table()[param]
         name = spec.names[model_name]
         fields.update(name=name, Name=name[:1].upper() + name[1:], definition=spec.definitions[model_name],
                       units=spec.units)
@@ -324,7 +301,7 @@ def _description(item: OutputKind, model_name: str, method: str | None = None, p
 def _units(item: OutputKind, param: str | None) -> str | None:
     if item.units is None:
         return None
-    return item.units.format(units=PARAMETERS[param].units if param else "")
+    return item.units.format(units=parameter_table()[param].units if param else "")
 
 
 # --- names -------------------------------------------------------------------------------------
@@ -554,7 +531,7 @@ def _check_inputs(
     if not estimates:
         raise ValueError("no estimate to write")
     for name in model.param_names:
-        if name not in PARAMETERS or model.name not in PARAMETERS[name].names:
+        if name not in parameter_table() or model.name not in parameter_table()[name].names:
             raise ValueError(f"no output description for parameter {name!r} of model {model.name!r}")
     valid_codes = {int(code) for code in Status}
     for method, estimate in estimates.items():
@@ -710,8 +687,7 @@ def write_session_outputs(
                     "OutsideMask": "NaN",
                 }
                 if kind == "stderr":
-                    sidecar["StandardErrorMethod"] = STDERR_TEXT.get(
-                        method, "as reported by the estimator (Estimate.stderr); NaN where not estimable")
+                    sidecar["StandardErrorMethod"] = _stderr_text(method)
                 emit(item, item.name.format(method=method, param=param), grid, sidecar, method, param)
         item = _KINDS["status"]
         status = np.asarray(estimate.status).astype(np.uint8)

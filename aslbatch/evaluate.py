@@ -82,15 +82,10 @@ __all__ = [
     "run_evaluation",
 ]
 
-#: method label → (estimator name, the options the label fixes)
+#: method label → (estimator name, the options the label fixes): every registered method's
+#: evaluation variants (e.g. ``supervised-mae``), from the registry
 METHODS: dict[str, tuple[str, dict[str, str]]] = {
-    "lm": ("lm", {}),
-    "lut": ("lut", {}),
-    "supervised": ("supervised", {"loss": "mse"}),
-    "supervised-mae": ("supervised", {"loss": "mae"}),
-    "unsupervised": ("unsupervised", {"loss": "mse"}),
-    "unsupervised-mae": ("unsupervised", {"loss": "mae"}),
-}
+    label: (name, fixed) for name in ESTIMATORS for label, fixed in ESTIMATORS[name].evaluation_variants().items()}
 
 
 @dataclass(frozen=True)
@@ -241,7 +236,7 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 
 def _is_network(label: str) -> bool:
-    return bool(getattr(ESTIMATORS[METHODS[label][0]], "trains", False))
+    return ESTIMATORS[METHODS[label][0]].trains
 
 
 def _network_options(defaults: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:

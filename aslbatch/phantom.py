@@ -54,7 +54,7 @@ import numpy as np
 
 from ._version import __version__
 from .atomic import atomic_open, atomic_path
-from .models import KineticModel, get_model
+from .models import MODELS, KineticModel, get_model
 from .protocol import MAX_TIME_S, Constants, Protocol, default_protocol
 from .simulate import NOISE_MODELS, add_noise, noise_sigma, reference_signal_level
 
@@ -113,15 +113,7 @@ READOUT_S = 0.7
 FIELD_STRENGTH_T = 3
 MANUFACTURER = "aslbatch (digital phantom)"
 PULSE_SEQUENCE_DETAILS = "simulated sequential multi-delay PCASL, aslbatch.phantom"
-PARAM_UNITS = {"cbf": "mL/100 g/min", "att": "s", "abv": "mL/mL", "abat": "s", "m0": "arbitrary units"}
-PARAM_DESCRIPTIONS = {
-    "cbf": "cerebral blood flow (CBF)",
-    "att": "arrival time of the label in the tissue: the 1C model's arterial transit time (ATT); "
-    "in the 2C model the tissue transit time (TTT)",
-    "abv": "arterial cerebral blood volume (aCBV), as a fraction of the voxel (0.01 = 1 %)",
-    "abat": "arterial bolus arrival time: the label reaches the voxel's arteries (the research's ATT)",
-    "m0": "tissue M0 (M0t) without noise: the m0scan images are this plus noise",
-}
+M0_SIDECAR = {"Units": "arbitrary units", "Description": "tissue M0 (M0t) without noise: the m0scan images are this plus noise"}
 
 
 # --- the phantom -------------------------------------------------------------------------
@@ -169,7 +161,7 @@ class Phantom:
     @property
     def param_names(self) -> tuple[str, ...]:
         """The parameters of the phantom's model, in the model's order."""
-        return ("cbf", "att") if self.model == "1c" else ("cbf", "abv", "abat", "att")
+        return MODELS[self.model].param_names
 
     def maps(self) -> dict[str, np.ndarray]:
         """The parameter maps by name, in the model's order."""
@@ -199,10 +191,8 @@ class Phantom:
             return out
         params = np.zeros((*self.shape, model.n_params))
         params[self.mask] = self.params(model.param_names)
-        base = model.protocol
         for k, offset in enumerate(slice_timing):
-            shifted = Protocol(base.label_duration, base.pld + offset, base.crushed)
-            slice_model = get_model(model.name, shifted, model.constants, **model.options())
+            slice_model = model.shifted(offset)
             inside = self.mask[..., k]
             out[..., k, :][inside] = slice_model.signal(params[..., k, :][inside])
         return out
@@ -568,7 +558,7 @@ def write_bids_dataset(
         "model": model,
         "model_options": kinetic.options(),
         "param_names": list(kinetic.param_names),
-        "param_units": [PARAM_UNITS[name] for name in kinetic.param_names],
+        "param_units": list(kinetic.param_units),
         "protocol": protocol.to_dict(),
         "constants": constants.to_dict(),
         "snr": None if snr == math.inf else float(snr),
@@ -598,14 +588,15 @@ def write_bids_dataset(
 def _write_groundtruth(folder: Path, prefix: str, phantom: Phantom) -> None:
     outside = {"cbf": "0", "abv": "0", "att": "NaN", "abat": "NaN"}
     for name in phantom.param_names:
+        spec = MODELS[phantom.model].parameter(name)
         _write_nifti(folder / f"{prefix}_{name}.nii.gz", getattr(phantom, name), phantom.affine)
         _write_json(folder / f"{prefix}_{name}.json", {
-            "Units": PARAM_UNITS[name],
-            "Description": PARAM_DESCRIPTIONS[name],
+            "Units": spec.units,
+            "Description": spec.title[:1].upper() + spec.title[1:] + spec.definition,
             "OutsideMask": outside[name],
         })
     _write_nifti(folder / f"{prefix}_m0.nii.gz", phantom.m0, phantom.affine)
-    _write_json(folder / f"{prefix}_m0.json", {"Units": PARAM_UNITS["m0"], "Description": PARAM_DESCRIPTIONS["m0"]})
+    _write_json(folder / f"{prefix}_m0.json", M0_SIDECAR)
     _write_nifti(folder / f"{prefix}_mask.nii.gz", phantom.mask.astype(np.uint8), phantom.affine)
     _write_json(folder / f"{prefix}_mask.json", {"Description": "brain mask (1 brain, 0 background)"})
     _write_nifti(folder / f"{prefix}_dseg.nii.gz", phantom.tissue, phantom.affine)

@@ -10,7 +10,6 @@ PLDs shifted by that offset.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -18,15 +17,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from tqdm import tqdm
 
 from . import bids
 from .derivatives import run_settings_digest, sha256_file, write_session_outputs
 from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator
-from .estimators.store import NetworkCache, file_sha256, load_network
-from .models import KineticModel, get_model
+from .models import MODELS, KineticModel, get_model
 from .preprocess import PreparedData, prepare_acquisition
-from .protocol import Constants, Protocol
+from .protocol import Constants
 
 __all__ = ["AcquisitionResult", "Settings", "estimate_maps", "input_digests", "network_estimator", "process_acquisition",
            "process_session", "provenance_options", "write_report"]
@@ -40,7 +37,7 @@ class Settings:
 
     methods : estimator names, each written as ``desc-<method>`` maps; default the supervised
         network, the most accurate at clinical SNR in ``aslbatch evaluate`` (README).
-    model : ``"auto"`` (2C for a crushed + non-crushed pair, else 1C), ``"1c"`` or ``"2c"``.
+    model : ``"auto"`` (2C for a crushed + non-crushed pair, else 1C) or a model's name (:data:`~aslbatch.models.MODELS`).
     constants : overrides of :class:`~aslbatch.protocol.Constants` fields (their units).
     background_suppression_correction : apply α_BS = 0.95 per pulse (ASL_MODELS.md: off).
     arterial_edge_s : the 2C model's smoothed arterial window (s); 0 = hard edges.
@@ -80,15 +77,15 @@ class Settings:
             raise ValueError(f"unknown constant(s) {sorted(unknown_constants)}; "
                              f"known: {sorted(Constants.__dataclass_fields__)}")
         Constants(**self.constants)  # each value checked, with a message naming the field
-        if self.model not in ("auto", "1c", "2c"):
-            raise ValueError(f"model must be auto, 1c or 2c, got {self.model!r}")
+        if self.model != "auto" and self.model not in MODELS:
+            raise ValueError(f"model must be auto or one of {list(MODELS)}, got {self.model!r}")
         unknown = set(self.method_options) - set(self.methods)
         if unknown:
             raise ValueError(f"options given for methods not requested: {sorted(unknown)}")
         for method, path in self.networks.items():
             if method not in self.methods:
                 raise ValueError(f"a network is given for {method}, which is not among the methods {list(self.methods)}")
-            if not getattr(ESTIMATORS[method], "trains", False):
+            if not ESTIMATORS[method].trains:
                 raise ValueError(f"method {method} does not use a trained network")
             if not Path(path).is_file():
                 raise ValueError(f"{path}: no such network file")
@@ -103,7 +100,7 @@ class Settings:
             "arterial_edge_s": self.arterial_edge_s,
             "method_options": {k: dict(v) for k, v in self.method_options.items()},
             "mask": self.mask,
-            "networks": {m: {"path": str(p), "sha256": file_sha256(p)} for m, p in sorted(self.networks.items())},
+            "networks": {m: {"path": str(p), "sha256": sha256_file(p)} for m, p in sorted(self.networks.items())},
         }
 
     def mask_path(self, subject: str, session: str | None) -> Path | None:
@@ -161,30 +158,13 @@ def input_digests(acquisition: bids.Acquisition) -> dict[str, str]:
     return {rel: sha256_file(path) for rel, path in sorted(files.items())}
 
 
-def _merge(parts: list[tuple[np.ndarray, Estimate]], n: int, names: tuple[str, ...], method: str) -> Estimate:
-    params = np.full((n, len(names)), np.nan)
-    status = np.empty(n, dtype=np.int8)
-    rss = np.empty(n)
-    has_stderr = all(est.stderr is not None for _, est in parts)
-    stderr = np.full((n, len(names)), np.nan) if has_stderr else None
-    for rows, est in parts:
-        params[rows] = est.params
-        status[rows] = est.status
-        rss[rows] = est.rss
-        if stderr is not None:
-            stderr[rows] = est.stderr
-    return Estimate(params, status, stderr, rss, names, method)
-
-
-#: voxels per call of an estimator when a progress bar is shown
-PROGRESS_CHUNK = 50_000
-
-
 def network_estimator(method: str, model: KineticModel, options: Mapping[str, Any], settings: Settings,
                       signals: np.ndarray, slice_offsets: np.ndarray, progress: bool = False) -> Estimator:
     """The trained network for ``method``: the user's file (checked against ``model``), one
     trained on ``signals`` (ΔM/M0t) when the options say ``train_on_data``, or the cache's
     (trained now if missing), trained over the acquisition's slice offsets (s)."""
+    from .estimators.store import NetworkCache, load_network
+
     if method in settings.networks:
         return load_network(settings.networks[method], model)
     if options.get("train_on_data"):  # a network for these voxels alone: not cached
@@ -207,37 +187,12 @@ def provenance_options(estimator: Estimator) -> dict[str, Any]:
 
 def estimate_maps(model: KineticModel, prepared: PreparedData, method: str, options: Mapping[str, Any],
                   progress: bool = False, estimator: Estimator | None = None) -> Estimate:
-    """Fit ``method`` to every voxel of ``prepared``, with each slice's own timing.
-
-    Conventional methods: voxels whose slice was read ``offset`` s after the nominal PLD
-    are fitted with a model whose PLDs are shifted by ``offset`` (exact per-slice timing,
-    2D readouts). Networks (``estimator``, trained) take each voxel's offset as an input.
-    ``progress`` shows a bar over voxels (fitted in chunks of PROGRESS_CHUNK).
-    """
-    offsets = prepared.slice_offsets
-    bar = tqdm(total=prepared.n_voxels, desc=f"{prepared.source_name} {method}", unit="voxel", leave=False,
-               disable=not progress, file=sys.stderr)
-    step = PROGRESS_CHUNK if progress else max(prepared.n_voxels, 1)
-    parts = []
-    with bar:
-        if estimator is not None:
-            groups = [(np.arange(prepared.n_voxels), estimator)]
-        else:
-            base = model.protocol
-            groups = [(np.flatnonzero(offsets == offset), get_estimator(method, model if offset == 0.0 else get_model(
-                model.name, Protocol(base.label_duration, base.pld + offset, base.crushed), model.constants,
-                **model.options()), **options).fit()) for offset in np.unique(offsets)]
-        for rows, group_estimator in groups:
-            for start in range(0, rows.size, step):
-                chunk = rows[start:start + step]
-                if estimator is not None:
-                    parts.append((chunk, estimator.predict(prepared.signals[chunk], slice_offsets=offsets[chunk])))
-                else:
-                    parts.append((chunk, group_estimator.predict(prepared.signals[chunk])))
-                bar.update(chunk.size)
-    if len(parts) == 1 and parts[0][0].size == prepared.n_voxels:
-        return parts[0][1]
-    return _merge(parts, prepared.n_voxels, model.param_names, method)
+    """Fit ``method`` (or the given, already fitted ``estimator``) to every voxel of ``prepared``,
+    each with its slice's own timing; ``progress`` shows a bar over voxels."""
+    if estimator is None:
+        estimator = get_estimator(method, model, **options).fit()
+    return estimator.predict_image(prepared.signals, prepared.mask, slice_offsets=prepared.slice_offsets,
+                                   progress=progress, label=prepared.source_name)
 
 
 def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, settings: Settings,
@@ -260,14 +215,14 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
                                    mask_path=settings.mask_path(acquisition.subject, acquisition.session),
                                    background_suppression_correction=settings.background_suppression_correction)
     timings["prepare"], mark = time.perf_counter() - mark, time.perf_counter()
-    options = {"arterial_edge_s": settings.arterial_edge_s} if acquisition.model == "2c" else {}
+    options = {"arterial_edge_s": settings.arterial_edge_s} if "arterial_edge_s" in MODELS[acquisition.model].option_names else {}
     model = get_model(acquisition.model, prepared.protocol, prepared.constants, **options)
     estimates: dict[str, Estimate] = {}
     estimator_options: dict[str, dict[str, Any]] = {}
     for method in settings.methods:
         method_options = dict(settings.method_options.get(method, {}))
         network = None
-        if getattr(ESTIMATORS[method], "trains", False):
+        if ESTIMATORS[method].trains:
             network = network_estimator(method, model, method_options, settings, prepared.signals,
                                         prepared.slice_offsets, progress)
         estimates[method] = estimate_maps(model, prepared, method, method_options, progress, network)
@@ -306,7 +261,8 @@ def write_report(provenance_path: Path) -> Path | None:
 
 def process_session(session: bids.Session, out_dir: str | Path, settings: Settings,
                     progress: bool = False) -> list[AcquisitionResult]:
-    """Every acquisition of ``session``; a failing acquisition is recorded and the rest go on."""
+    """Every acquisition of ``session``; a failing acquisition (any exception: an unexpected one
+    is logged with its traceback) is recorded and the rest go on."""
     results = []
     try:
         acquisitions = bids.group_acquisitions(session, settings.model)
@@ -317,7 +273,9 @@ def process_session(session: bids.Session, out_dir: str | Path, settings: Settin
         t0 = time.perf_counter()
         try:
             results.append(process_acquisition(acquisition, out_dir, settings, progress))
-        except (bids.BidsError, ValueError, OSError, MemoryError) as exc:
+        except Exception as exc:  # isolation: one acquisition's failure never stops the others
+            if not isinstance(exc, (bids.BidsError, ValueError, OSError, MemoryError)):
+                log.error("%s failed unexpectedly", acquisition.source_name, exc_info=True)
             results.append(AcquisitionResult(acquisition.source_name, acquisition.subject, acquisition.session,
                                              acquisition.model, "failed", time.perf_counter() - t0,
                                              error=f"{type(exc).__name__}: {exc}"))

@@ -194,6 +194,10 @@ class Protocol:
         """t = τ + w per volume (s): time from the start of labeling to readout."""
         return self.label_duration + self.pld
 
+    def shifted(self, offset_s: float) -> "Protocol":
+        """This protocol read ``offset_s`` s later: every PLD + offset (a 2D readout's slice)."""
+        return Protocol(self.label_duration, self.pld + float(offset_s), self.crushed)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``label_duration`` and ``pld`` in s, ``crushed`` as booleans."""
         return {

@@ -73,9 +73,10 @@ from matplotlib.transforms import Bbox, BboxTransformFrom
 
 from ._version import __version__
 from .atomic import atomic_open
-from .derivatives import (OUTPUTS, OUTSIDE_STATUS, PARAMETERS, QC_INDEX_NAME, QC_PAGE_SUFFIX, STATUS_LEVELS,
+from .derivatives import (OUTPUTS, OUTSIDE_STATUS, QC_INDEX_NAME, QC_PAGE_SUFFIX, STATUS_LEVELS, parameter_table,
                           read_provenance, sha256_file)
 from .estimators.base import Status
+from .models import MODELS
 
 __all__ = [
     "IndexEntry",
@@ -126,17 +127,21 @@ class Scale:
     cmap: str
 
 
+def _display_scales() -> dict[str, Scale]:
+    """The display scale of every parameter of every registered model (from its
+    :class:`~aslbatch.models.Parameter`) and of its standard error (``<param>se``)."""
+    scales: dict[str, Scale] = {}
+    for model_name in MODELS:
+        for spec in MODELS[model_name].parameters:
+            scales.setdefault(spec.name, Scale(*spec.display, spec.cmap))
+            scales.setdefault(spec.name + "se", Scale(0.0, spec.se_display, SE_CMAP))
+    return scales
+
+
+#: colour map of every standard-error montage
+SE_CMAP = "cividis"
 #: display scale of every parameter and of its standard error (``<param>se``)
-SCALES: dict[str, Scale] = {
-    "cbf": Scale(0.0, 100.0, "inferno"),
-    "cbfse": Scale(0.0, 20.0, "cividis"),
-    "att": Scale(0.5, 3.5, "viridis"),
-    "attse": Scale(0.0, 1.0, "cividis"),
-    "abat": Scale(0.3, 1.5, "viridis"),
-    "abatse": Scale(0.0, 0.5, "cividis"),
-    "abv": Scale(0.0, 0.03, "inferno"),
-    "abvse": Scale(0.0, 0.01, "cividis"),
-}
+SCALES: dict[str, Scale] = _display_scales()
 
 
 @dataclass(frozen=True)
@@ -510,7 +515,7 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
     model_name = str(model.get("model", ""))
     methods = _methods(files)
     params = list(dict.fromkeys(str(k[2]) for k in files if k[0] == "map"))  # in the model's order
-    unknown = [p for p in params if p not in SCALES or p not in PARAMETERS]
+    unknown = [p for p in params if p not in SCALES or p not in parameter_table()]
     if unknown:
         raise ValueError(f"{provenance_path}: no display scale for parameter(s) {unknown}")
     mask_path = files.get(("mask", None, None))
@@ -526,8 +531,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
     stats_rows: list[list[Any]] = []
     sections: list[str] = []
     for param in params:
-        units = PARAMETERS[param].units
-        name = PARAMETERS[param].names.get(model_name, param)
+        units = parameter_table()[param].units
+        name = parameter_table()[param].names.get(model_name, param)
         parts = [f'<h3 id="{_e(param)}">{_e(param)}: {_e(name)} ({_e(units)})</h3>']
         for quantity, kind in ((param, "map"), (param + "se", "stderr")):
             samples: dict[str, np.ndarray] = {}

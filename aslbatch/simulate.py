@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path
-from .models import KineticModel, OneCompartmentModel, get_model
+from .models import KineticModel, get_model
 from .protocol import Constants, Protocol
 
 __all__ = [
@@ -81,8 +81,9 @@ def sample_parameters(
 
 
 def reference_signal_level(model: KineticModel) -> float:
-    """S_ref (ΔM/M0t): the largest noise-free 1C signal of the reference voxel over all volumes."""
-    ref = OneCompartmentModel(model.protocol, model.constants)
+    """S_ref (ΔM/M0t): the largest noise-free tissue signal (the model's tissue model, 1C for
+    PCASL) of the reference voxel over all volumes."""
+    ref = model.tissue_model()
     return float(ref.signal([[REFERENCE_VOXEL["cbf"], REFERENCE_VOXEL["att"]]]).max())
 
 

@@ -316,3 +316,43 @@ def test_qc_pages_written_by_default_skipped_with_no_report_and_never_fail_a_run
     log = next((out / "logs").glob(f"run-{forced.run_id}.log")).read_text()
     assert "QC page for" in log and "no display today" in log
     assert not list(out.rglob("*_qc.html"))  # pages of replaced outputs do not outlive them
+
+
+def test_an_in_process_run_restores_the_callers_thread_settings(dataset, tmp_path):
+    import numba
+    from threadpoolctl import threadpool_info
+
+    before_numba = numba.get_num_threads()
+    before_blas = [pool["num_threads"] for pool in threadpool_info()]
+    report = run_batch(dataset, tmp_path / "out", Settings(methods=("lm",), report=False), threads=1)
+    assert report.exit_code == EXIT_OK
+    assert numba.get_num_threads() == before_numba
+    assert [pool["num_threads"] for pool in threadpool_info()] == before_blas
+
+
+def test_an_unexpected_error_in_one_acquisition_fails_only_that_acquisition(tmp_path, monkeypatch):
+    """Two acquisitions in one session: a numerical error (not a ValueError) in the first one is
+    recorded with its type, logged with its traceback, and the second is still written."""
+    import aslbatch.pipeline as pipeline
+
+    raw = write_bids_dataset(tmp_path / "raw", subjects=1, model="1c", snr=10, seed=2, shape=SHAPE)
+    perf = raw / "sub-01" / "perf"
+    for path in list(perf.glob("sub-01_asl*")) + list(perf.glob("sub-01_aslcontext*")):
+        (perf / path.name.replace("sub-01_", "sub-01_run-2_")).write_bytes(path.read_bytes())
+    for path in perf.glob("sub-01_m0scan*"):
+        (perf / path.name.replace("sub-01_", "sub-01_run-2_")).write_bytes(path.read_bytes())
+    real = pipeline.prepare_acquisition
+
+    def broken(acquisition, **kwargs):
+        if "run-2" not in acquisition.source_name:
+            raise FloatingPointError("overflow in a kernel")
+        return real(acquisition, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_acquisition", broken)
+    report = run_batch(raw, tmp_path / "out", Settings(methods=("lm",), report=False))
+    assert report.exit_code == EXIT_FAILED
+    summary = _summary(tmp_path / "out")["sessions"][0]
+    assert "FloatingPointError: overflow in a kernel" in summary["reason"]
+    assert (tmp_path / "out" / "sub-01" / "perf" / "sub-01_run-2_desc-lm_cbf.nii.gz").is_file()
+    log = next((tmp_path / "out" / "logs").glob("run-*.log")).read_text()
+    assert "Traceback" in log and "FloatingPointError" in log

@@ -259,10 +259,13 @@ def test_sidecars_2c_say_which_research_term(data_2c, tmp_path):
 
 
 def test_tables_agree_with_the_models_and_status():
+    table = der.parameter_table()
+    assert set(table) == {p for cls in MODELS.values() for p in cls.param_names}
     for name, cls in MODELS.items():
         for param, units in zip(cls.param_names, cls.param_units):
-            assert der.PARAMETERS[param].units == units, (name, param)
-            assert name in der.PARAMETERS[param].names
+            assert table[param].units == units, (name, param)
+            assert name in table[param].names
+    assert table["att"].names["1c"] != table["att"].names["2c"]  # att is the ATT in 1C, the TTT in 2C
     assert set(der.STATUS_LEVELS) == {int(code) for code in Status} | {der.OUTSIDE_STATUS}
 
 

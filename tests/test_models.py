@@ -408,7 +408,34 @@ def test_param_names_and_units_match_spec():
     assert m1.param_units == ("mL/100 g/min", "s")
     assert m2.param_names == ("cbf", "abv", "abat", "att")
     assert m2.param_units == ("mL/100 g/min", "mL/mL", "s", "s")
-    assert len(m1.param_descriptions) == 2 and len(m2.param_descriptions) == 4
+    assert [p.title for p in m1.parameters] == ["cerebral blood flow (CBF)", "arterial transit time (ATT)"]
+    assert "TTT" in m2.parameter("att").title and "ATT" in m2.parameter("abat").title
+    assert m2.default_bounds == ((0.0, 0.0, 0.0, 0.0), (300.0, 0.1, 3.0, 5.0))
+    for spec in m1.parameters + m2.parameters:  # estimates may reach at least the training range
+        assert spec.bounds[0] <= spec.training_range[0] < spec.training_range[1] <= spec.bounds[1], spec.name
+        assert spec.display[0] < spec.display[1] and spec.se_display > 0
+    with pytest.raises(KeyError, match="abv"):
+        m1.parameter("abv")
+
+
+def test_registry_lists_without_importing_and_names_unknown_models():
+    from aslbatch.models import MODELS
+
+    assert list(MODELS) == ["1c", "2c"] and "2c" in MODELS and "pasl9" not in MODELS
+    assert MODELS["2c"].name == "2c"
+    with pytest.raises(ValueError, match="unknown model 'x'.*'1c', '2c'"):
+        get_model("x", default_protocol("1c"))
+
+
+def test_shifted_model_reads_every_volume_later():
+    m2 = get_model("2c", default_protocol("2c"), arterial_edge_s=0.05)
+    later = m2.shifted(0.3)
+    np.testing.assert_allclose(later.protocol.pld, m2.protocol.pld + 0.3)
+    np.testing.assert_array_equal(later.protocol.crushed, m2.protocol.crushed)
+    assert later.options() == m2.options() and later.constants == m2.constants
+    # a voxel read 0.3 s late: its signal is the same voxel's signal at PLD + 0.3 s (closed form, tests/reference)
+    p = np.array([[60.0, 0.01, 0.7, 1.2]])
+    np.testing.assert_allclose(later.signal(p), get_model("2c", later.protocol, arterial_edge_s=0.05).signal(p))
 
 
 def test_training_ranges_match_spec():

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aslbatch import bids
+from aslbatch.estimators import base as estimators_base
 from aslbatch.cli import EXIT_FAILED, EXIT_NOTHING, EXIT_USAGE, app
 from aslbatch.models import get_model
 from aslbatch.phantom import default_groundtruth_dir, write_bids_dataset
@@ -246,8 +247,6 @@ def test_settings_validation_names_the_problem(kwargs, message):
 
 
 def test_chunked_fitting_behind_the_progress_bar_gives_the_same_maps(monkeypatch):
-    import aslbatch.pipeline as pipeline
-
     model = get_model("1c", default_protocol("1c"))
     rng = np.random.default_rng(3)
     n = 1000
@@ -258,7 +257,7 @@ def test_chunked_fitting_behind_the_progress_bar_gives_the_same_maps(monkeypatch
                             slice_offsets=np.zeros(n), m0=np.ones((n, 1, 1)), constants=Constants(), notes=(),
                             source_files=(), model="1c", source_name="sub-x")
     whole = estimate_maps(model, prepared, "lm", {})
-    monkeypatch.setattr(pipeline, "PROGRESS_CHUNK", 128)
+    monkeypatch.setattr(estimators_base, "PROGRESS_CHUNK", 128)
     chunked = estimate_maps(model, prepared, "lm", {}, progress=True)
     np.testing.assert_array_equal(chunked.params, whole.params)
     np.testing.assert_array_equal(chunked.status, whole.status)

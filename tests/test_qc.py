@@ -18,7 +18,7 @@ import pytest
 from matplotlib.colors import Normalize, to_hex, to_rgba
 
 from aslbatch.batch import run_batch
-from aslbatch.derivatives import PARAMETERS, write_session_outputs
+from aslbatch.derivatives import parameter_table, write_session_outputs
 from aslbatch.estimators.base import Estimate, Status
 from aslbatch.models import get_model
 from aslbatch.phantom import write_bids_dataset
@@ -143,7 +143,7 @@ def test_session_page_shows_every_map_of_every_method_as_real_images(run, sessio
             assert (image[image.shape[0] // 2, 3, :3] == 1).all()
     text = " ".join(page.text)
     for p in params:
-        assert PARAMETERS[p].units in text and PARAMETERS[p].names[model] in text
+        assert parameter_table()[p].units in text and parameter_table()[p].names[model] in text
 
 
 @pytest.mark.parametrize("session", ["sub-01", "sub-02"])
@@ -193,7 +193,7 @@ def test_every_montage_has_its_colour_bar_or_legend_and_slice_positions(run):
         if quantity == "status":
             assert all(f">{name}</div>" in figure for name in STATUS_NAMES.values())
             continue
-        scale, units = SCALES[quantity], PARAMETERS[quantity.removesuffix("se")].units
+        scale, units = SCALES[quantity], parameter_table()[quantity.removesuffix("se")].units
         assert f"<div>{quantity} ({units})</div>" in figure
         ticks = [float(t) for t in re.findall(r'<span style="bottom:[\d.]+%">([^<]+)</span>', figure)]
         assert ticks[0] == scale.lo and ticks[-1] == scale.hi and ticks == sorted(ticks)
@@ -377,7 +377,7 @@ def test_display_is_radiological_whatever_the_stored_orientation(tmp_path):
 
 
 def test_every_parameter_and_its_standard_error_has_a_fixed_scale():
-    assert set(SCALES) == set(PARAMETERS) | {p + "se" for p in PARAMETERS}
+    assert set(SCALES) == set(parameter_table()) | {p + "se" for p in parameter_table()}
     assert all(s.lo < s.hi for s in SCALES.values())
     assert SCALES["cbf"].lo == 0 and SCALES["cbf"].hi == 100 and SCALES["att"].hi == 3.5
 

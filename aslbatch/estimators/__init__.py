@@ -1,35 +1,33 @@
 """Everything that turns signals into parameters, behind one interface.
 
 ``get_estimator(name, model, **options)`` returns an :class:`Estimator`; call
-``fit()`` (training, where the method trains) then ``predict(signals)`` for an
-:class:`Estimate`.
+``fit()`` (validation, and training where the method trains) then
+``predict(signals, slice_offsets=...)`` or ``predict_image(signals, mask, ...)`` for an
+:class:`Estimate`. :data:`ESTIMATORS` is the registry: one line per method, the only
+place its name is written; classes are imported on first use, so listing the methods
+imports neither scikit-learn nor the network code.
 """
 
 from __future__ import annotations
 
 from ..models import KineticModel
+from ..registry import Registry
 from .base import Estimate, Estimator, Status
-from .lm import LevenbergMarquardtEstimator
-from .lookup import LookupTableEstimator
-from .supervised import SupervisedEstimator
-from .unsupervised import UnsupervisedEstimator
 
-ESTIMATORS: dict[str, type[Estimator]] = {
-    LevenbergMarquardtEstimator.name: LevenbergMarquardtEstimator,
-    LookupTableEstimator.name: LookupTableEstimator,
-    SupervisedEstimator.name: SupervisedEstimator,
-    UnsupervisedEstimator.name: UnsupervisedEstimator,
-}
+#: every method: name -> where its class lives (imported on first use)
+ESTIMATORS: Registry[Estimator] = Registry("method", {
+    "lm": "aslbatch.estimators.lm:LevenbergMarquardtEstimator",
+    "lut": "aslbatch.estimators.lookup:LookupTableEstimator",
+    "supervised": "aslbatch.estimators.supervised:SupervisedEstimator",
+    "unsupervised": "aslbatch.estimators.unsupervised:UnsupervisedEstimator",
+})
 
 __all__ = ["ESTIMATORS", "Estimate", "Estimator", "Status", "get_estimator"]
 
 
 def get_estimator(name: str, model: KineticModel, **options) -> Estimator:
-    """The estimator ``name`` ("lm", "lut", "supervised", "unsupervised") for ``model``, with method ``options``."""
-    try:
-        cls = ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(ESTIMATORS)}") from None
+    """The estimator ``name`` (a key of :data:`ESTIMATORS`) for ``model``, with method ``options``."""
+    cls = ESTIMATORS.get_class(name)
     try:
         return cls(model, **options)
     except TypeError as exc:

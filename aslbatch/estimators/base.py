@@ -16,7 +16,7 @@ import numpy as np
 
 from ..models import KineticModel
 
-__all__ = ["Estimate", "Estimator", "Status", "check_signals"]
+__all__ = ["PROGRESS_CHUNK", "Estimate", "Estimator", "Status", "check_signals", "check_slice_offsets", "merge_estimates"]
 
 
 class Status(IntEnum):
@@ -93,26 +93,147 @@ def check_signals(signals: Any, model: KineticModel) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
+def check_slice_offsets(slice_offsets: Any, n: int) -> np.ndarray | None:
+    """Per-voxel slice offsets (n,) float64 in s from an array, a scalar or None (None: all 0);
+    a ValueError for negative or non-finite offsets or a length other than ``n``."""
+    if slice_offsets is None:
+        return None
+    arr = np.asarray(slice_offsets, dtype=np.float64)
+    if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n):
+        raise ValueError(f"slice_offsets must be a scalar or have one value per voxel ({n}), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0.0):
+        raise ValueError("slice_offsets must be finite times >= 0 s")
+    return np.broadcast_to(arr, (n,))
+
+
+def merge_estimates(parts: list[tuple[np.ndarray, Estimate]], n: int, names: tuple[str, ...],
+                    method: str) -> Estimate:
+    """One Estimate of ``n`` voxels from estimates of row subsets ``[(rows, estimate), ...]``."""
+    if len(parts) == 1 and parts[0][0].size == n:
+        return parts[0][1]
+    params = np.full((n, len(names)), np.nan)
+    status = np.empty(n, dtype=np.int8)
+    rss = np.empty(n)
+    has_stderr = all(est.stderr is not None for _, est in parts)
+    stderr = np.full((n, len(names)), np.nan) if has_stderr else None
+    for rows, est in parts:
+        params[rows] = est.params
+        status[rows] = est.status
+        rss[rows] = est.rss
+        if stderr is not None:
+            stderr[rows] = est.stderr
+    return Estimate(params, status, stderr, rss, names, method)
+
+
+#: voxels per call of ``predict`` when :meth:`Estimator.predict_image` shows a progress bar
+PROGRESS_CHUNK = 50_000
+
+
 class Estimator:
-    """Base of all estimators: ``fit`` (training, where there is any) then ``predict``."""
+    """Base of all estimators: ``fit`` (training, where there is any) then ``predict``.
+
+    Subclasses set the class attributes and implement ``_fit`` (validate options, build
+    grids or train) and ``_predict(signals, slice_offsets)``. Methods whose input includes
+    each voxel's slice offset (networks) set ``takes_slice_offsets``; for the others
+    :meth:`predict` fits each group of voxels read at one offset with the model's protocol
+    shifted by that offset (exact per-slice timing of 2D readouts).
+    """
 
     #: registry name
     name: ClassVar[str]
+    #: the method in words (sidecars and reports)
+    title: ClassVar[str]
+    #: how standard errors are computed (sidecar ``StandardErrorMethod``); None: no uncertainty
+    stderr_method: ClassVar[str | None] = None
+    #: the method trains a network (the pipeline takes it from a file or the cache)
+    trains: ClassVar[bool] = False
+    #: ``_predict`` takes each voxel's slice offset as an input
+    takes_slice_offsets: ClassVar[bool] = False
 
     def __init__(self, model: KineticModel) -> None:
         self.model = model
+
+    @classmethod
+    def evaluation_variants(cls) -> dict[str, dict[str, Any]]:
+        """``{label: fixed options}`` of this method in ``aslbatch evaluate`` (default: the method alone)."""
+        return {cls.name: {}}
 
     def options(self) -> dict[str, Any]:
         """The options that define this estimator's behaviour (for provenance)."""
         return {}
 
-    def fit(self, signals: np.ndarray | None = None) -> "Estimator":
-        """Train where the method trains; conventional methods only validate their options."""
+    @property
+    def is_fitted(self) -> bool:
+        """Whether ``fit`` has run (or a trained network was installed)."""
+        return getattr(self, "fitted_", False)
+
+    def fit(self, signals: np.ndarray | None = None, progress: bool = False) -> "Estimator":
+        """Validate the options and train where the method trains (on simulated signals, or on
+        ``signals`` (n_voxels, n_volumes) ΔM/M0t for methods that train on data);
+        ``progress``: a bar over epochs on stderr. Returns self."""
+        self._fit(signals, progress)
+        self.fitted_ = True
         return self
 
-    def predict(self, signals: np.ndarray) -> Estimate:  # pragma: no cover - abstract
-        """Estimate parameters from ``signals`` (n_voxels, n_volumes) ΔM/M0t."""
+    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
+        if signals is not None:
+            raise ValueError(f"{self.name} does not train on data; fit() takes no signals")
+
+    def predict(self, signals: np.ndarray, *, slice_offsets: np.ndarray | float | None = None) -> Estimate:
+        """Estimate parameters from ``signals`` (n_voxels, n_volumes) ΔM/M0t; ``slice_offsets``
+        (s, a scalar or one per voxel): when each voxel's slice was read after the nominal PLD."""
+        if not self.is_fitted:
+            raise ValueError(f"this {self.name} estimator is not fitted yet: call fit() first")
+        y = check_signals(signals, self.model)
+        offsets = check_slice_offsets(slice_offsets, y.shape[0])
+        if self.takes_slice_offsets:
+            return self._predict(y, offsets)
+        if offsets is None or not np.any(offsets):
+            return self._predict(y, None)
+        parts = [(rows, self._at_offset(float(offset))._predict(np.ascontiguousarray(y[rows]), None))
+                 for offset in np.unique(offsets) for rows in (np.flatnonzero(offsets == offset),)]
+        return merge_estimates(parts, y.shape[0], self.model.param_names, self.name)
+
+    def _at_offset(self, offset_s: float) -> "Estimator":
+        """This estimator for voxels read ``offset_s`` s after the nominal PLD (fitted, cached)."""
+        if offset_s == 0.0:
+            return self
+        cache = self.__dict__.setdefault("_shifted", {})
+        if offset_s not in cache:
+            cache[offset_s] = type(self)(self.model.shifted(offset_s), **self.options()).fit()
+        return cache[offset_s]
+
+    def _predict(self, signals: np.ndarray, slice_offsets: np.ndarray | None) -> Estimate:  # pragma: no cover
         raise NotImplementedError
+
+    def predict_image(self, signals: np.ndarray, mask: np.ndarray, *, slice_offsets: np.ndarray | None = None,
+                      progress: bool = False, label: str = "") -> Estimate:
+        """A whole acquisition: ``signals`` (n_voxels, n_volumes) ΔM/M0t of the voxels of the 3-D
+        boolean ``mask`` in C order (``mask.nonzero()``), with per-voxel ``slice_offsets`` (s).
+
+        Voxelwise methods fit the rows independently (in chunks of PROGRESS_CHUNK behind a
+        progress bar when ``progress``, labelled ``label``); a method that uses each voxel's
+        neighbourhood overrides this (the voxel coordinates are ``np.argwhere(mask)``).
+        """
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim != 3 or int(mask.sum()) != np.shape(signals)[0]:
+            raise ValueError(f"mask must be 3-D with one True voxel per row of signals ({np.shape(signals)[0]}), "
+                             f"got shape {mask.shape} with {int(mask.sum())} voxels")
+        n = int(np.shape(signals)[0])
+        if not progress:
+            return self.predict(signals, slice_offsets=slice_offsets)
+        import sys
+
+        from tqdm import tqdm
+
+        offsets = check_slice_offsets(slice_offsets, n)
+        parts = []
+        with tqdm(total=n, desc=f"{label} {self.name}".strip(), unit="voxel", leave=False, file=sys.stderr) as bar:
+            for start in range(0, n, PROGRESS_CHUNK):
+                rows = np.arange(start, min(start + PROGRESS_CHUNK, n))
+                parts.append((rows, self.predict(signals[rows], slice_offsets=None if offsets is None else offsets[rows])))
+                bar.update(rows.size)
+        return merge_estimates(parts, n, self.model.param_names, self.name)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())

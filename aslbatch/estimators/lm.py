@@ -1181,6 +1181,10 @@ class LevenbergMarquardtEstimator(Estimator):
     """
 
     name = "lm"
+    title = "Levenberg–Marquardt least-squares fitting (lm)"
+    stderr_method = ("sqrt(diag((J^T J)^-1) * RSS / (n_volumes - n_estimated)) at the solution, with J the model "
+                     "Jacobian and RSS the residual sum of squares; NaN where a parameter is held fixed or the data "
+                     "do not inform it (e.g. 2C abat with hard arterial edges, 1C att below the shortest PLD)")
 
     def __init__(self, model: KineticModel, *, grid_step_s: float = 0.1, max_iter: int = 100,
                  xtol: float = 1e-8, ftol: float = 1e-10, fast_path: bool = True) -> None:
@@ -1195,8 +1199,9 @@ class LevenbergMarquardtEstimator(Estimator):
         return {"grid_step_s": self.grid_step_s, "max_iter": self.max_iter, "xtol": self.xtol, "ftol": self.ftol,
                 "fast_path": self.fast_path}
 
-    def fit(self, signals: np.ndarray | None = None) -> "LevenbergMarquardtEstimator":
+    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
         """Validate the options and build the start grid (no training)."""
+        super()._fit(signals, progress)
         if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
             raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         for name in ("xtol", "ftol"):
@@ -1208,13 +1213,9 @@ class LevenbergMarquardtEstimator(Estimator):
         self.free_ = np.ones(self.model.n_params, dtype=np.bool_)
         if "abat" in names and self.model.options()["arterial_edge_s"] == 0.0:
             self.free_[names.index("abat")] = False
-        return self
 
-    def predict(self, signals: np.ndarray) -> Estimate:
-        """Fit every voxel of ``signals`` (n_voxels, n_volumes) ΔM/M0t from the grid start."""
-        if not hasattr(self, "grid_"):
-            self.fit()
-        y = check_signals(signals, self.model)
+    def _predict(self, y: np.ndarray, slice_offsets: None) -> Estimate:
+        """Fit every voxel of ``y`` (n_voxels, n_volumes) ΔM/M0t from the grid start."""
         if self.fast_path and self.model.kernel_id == ONE_COMPARTMENT:
             return self._predict_one_compartment(y)
         if self.fast_path and self.model.kernel_id == TWO_COMPARTMENT:

@@ -35,9 +35,9 @@ import numpy as np
 from numba import get_num_threads, prange
 
 from .._numba import parallel, serial
-from ..models import KineticModel, OneCompartmentModel
+from ..models import KineticModel
 from ..models.base import CRUSHED, TAU, TIME
-from .base import Estimate, Estimator, Status, check_signals
+from .base import Estimate, Estimator, Status
 
 #: cbf (mL/100 g/min) at which the tissue basis is evaluated when it is not exactly linear
 BASIS_CBF = 60.0
@@ -111,11 +111,11 @@ def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
     names = model.param_names
     j_att = names.index("att")
     att = _uniform(lower[j_att], upper[j_att], resolution_s)
-    tissue_model = OneCompartmentModel(model.protocol, model.constants)
+    tissue_model = model.tissue_model()
     ref_cbf = 1.0 if model.constants.t1_prime == "blood" else BASIS_CBF
     tissue = tissue_model.signal(np.column_stack([np.full(att.size, ref_cbf), att])) / ref_cbf
     n_vol = model.n_volumes
-    if model.name == "1c":
+    if "abat" not in names:  # tissue only: one linear amplitude (cbf) per arrival time
         att, tissue, pair_alt = _collapse_identical(att, tissue)
         abat = np.empty(0)
         arterial = np.empty((0, n_vol))
@@ -353,6 +353,7 @@ class LookupTableEstimator(Estimator):
     """
 
     name = "lut"
+    title = "a lookup-table grid search (lut)"
 
     def __init__(self, model: KineticModel, *, resolution_s: float = 0.05) -> None:
         super().__init__(model)
@@ -361,16 +362,13 @@ class LookupTableEstimator(Estimator):
     def options(self) -> dict[str, Any]:
         return {"resolution_s": self.resolution_s}
 
-    def fit(self, signals: np.ndarray | None = None) -> "LookupTableEstimator":
+    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
         """Build the grid (no training)."""
+        super()._fit(signals, progress)
         self.grid_ = build_time_grid(self.model, float(self.resolution_s))
-        return self
 
-    def predict(self, signals: np.ndarray) -> Estimate:
+    def _predict(self, y: np.ndarray, slice_offsets: None) -> Estimate:
         """Best grid point per voxel; amplitudes above their upper bound are clipped (AT_BOUND)."""
-        if not hasattr(self, "grid_"):
-            self.fit()
-        y = check_signals(signals, self.model)
         best_pair, _, amp, rss, invalid = grid_search(self.grid_, y)
         params = grid_params(self.model, self.grid_, best_pair, amp)
         lower, upper = self.model.bounds

@@ -24,10 +24,9 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from ..models import KineticModel, get_model
-from ..protocol import Protocol
+from ..models import KineticModel
 from ..simulate import NOISE_MODELS, add_noise, noise_sigma, sample_parameters
-from .base import Estimate, Estimator, Status, check_signals
+from .base import Estimate, Estimator, Status
 from .network import Network
 
 __all__ = ["NeuralEstimator", "TrainingSet", "shifted_model", "training_set"]
@@ -38,11 +37,7 @@ OFFSET_TOLERANCE_S = 1e-3
 
 def shifted_model(model: KineticModel, offset_s: float) -> KineticModel:
     """``model`` with every PLD shifted by ``offset_s`` (s): the timing of one slice of a 2D readout."""
-    if offset_s == 0.0:
-        return model
-    p = model.protocol
-    return get_model(model.name, Protocol(p.label_duration, p.pld + offset_s, p.crushed), model.constants,
-                     **model.options())
+    return model if offset_s == 0.0 else model.shifted(offset_s)
 
 
 def model_signal(model: KineticModel, params: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
@@ -104,8 +99,8 @@ class NeuralEstimator(Estimator):
         an extra input; empty for 3D readouts (or data without SliceTiming).
     """
 
-    #: the method trains a network (the pipeline resolves it from a file or the cache)
     trains: ClassVar[bool] = True
+    takes_slice_offsets: ClassVar[bool] = True
     #: losses this estimator can minimise
     losses: ClassVar[tuple[str, ...]] = ("mse", "mae")
     #: output transform of the networks this estimator builds
@@ -184,7 +179,12 @@ class NeuralEstimator(Estimator):
         return bool(self.options()["slice_offsets"])
 
     # --- training ----------------------------------------------------------------------
-    def fit(self, signals: np.ndarray | None = None, progress: bool = False) -> "NeuralEstimator":
+    @classmethod
+    def evaluation_variants(cls) -> dict[str, dict[str, Any]]:
+        """The MSE network under the method's name and one per other loss (``<name>-mae``)."""
+        return {(cls.name if loss == "mse" else f"{cls.name}-{loss}"): {"loss": loss} for loss in cls.losses}
+
+    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
         """Train on simulated signals (``progress``: a bar over epochs on stderr)."""
         if signals is not None:
             raise ValueError(f"{self.name} networks train on simulated signals; fit() takes no data")
@@ -200,7 +200,6 @@ class NeuralEstimator(Estimator):
         self.network_ = network
         predicted = self._raw_predict(val.inputs)
         self.training_ = {**history, "validation": validation_metrics(self.model, predicted, val.params)}
-        return self
 
     def _train(self, train: TrainingSet, val: TrainingSet, opts: dict[str, Any], rng: np.random.Generator,
                progress: bool) -> tuple[Network, dict[str, Any]]:  # pragma: no cover - abstract
@@ -217,6 +216,7 @@ class NeuralEstimator(Estimator):
             raise ValueError(f"{self.name} networks use a {self.output_transform} output, got {network.output_transform}")
         self.network_ = network
         self.training_ = dict(training)
+        self.fitted_ = True
 
     def _raw_predict(self, inputs: np.ndarray) -> np.ndarray:
         if self.network_ is None:
@@ -242,10 +242,9 @@ class NeuralEstimator(Estimator):
                              f"this {self.name} network was trained over")
         return offsets
 
-    def predict(self, signals: np.ndarray, slice_offsets: np.ndarray | float | None = None) -> Estimate:
-        """Parameters from ``signals`` (n, n_volumes) ΔM/M0t; ``slice_offsets`` (n,) or scalar, s,
-        for networks trained with slice timing."""
-        y = check_signals(signals, self.model)
+    def _predict(self, y: np.ndarray, slice_offsets: np.ndarray | None) -> Estimate:
+        """Parameters from ``y`` (n, n_volumes) ΔM/M0t; ``slice_offsets`` (n,), s, for networks
+        trained with slice timing."""
         n = y.shape[0]
         offsets = self._check_offsets(slice_offsets, n)
         magnitude = np.abs(y).sum(axis=1)  # NaN/Inf in any volume make it non-finite

@@ -42,6 +42,7 @@ class SupervisedEstimator(NeuralEstimator):
     for the options; ``alpha`` is the L2 penalty on the weights (scikit-learn's)."""
 
     name = "supervised"
+    title = "a supervised neural network trained on simulated signals (supervised)"
 
     def __init__(self, model: KineticModel, hidden_layers: Sequence[int] | None = None, n_samples: int = 500_000,
                  snr_range: Sequence[float] = (2.0, 50.0), noise: str = "rician", loss: str = "mse",

@@ -54,6 +54,7 @@ class UnsupervisedEstimator(NeuralEstimator):
     (no cache) instead of using one trained on simulated signals."""
 
     name = "unsupervised"
+    title = "a physics-informed neural network trained through the kinetic model (unsupervised)"
     output_transform = "sigmoid"
 
     def __init__(self, model: KineticModel, hidden_layers: Sequence[int] | None = None, n_samples: int = 500_000,
@@ -86,7 +87,7 @@ class UnsupervisedEstimator(NeuralEstimator):
         return opts
 
     def _anneals(self) -> bool:
-        return self.model.name == "2c" and self.model.options().get("arterial_edge_s", 0.0) == 0.0
+        return "arterial_edge_s" in self.model.option_names and self.model.options()["arterial_edge_s"] == 0.0
 
     def output_bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) of the sigmoid output: the training ranges widened by MARGIN, within the bounds."""
@@ -131,11 +132,11 @@ class UnsupervisedEstimator(NeuralEstimator):
             history["arterial_edge_s"] = [EDGE_START_S, EDGE_END_S]
         return network, history
 
-    def fit(self, signals: np.ndarray | None = None, progress: bool = False) -> "UnsupervisedEstimator":
+    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
         """Train on simulated signals, or on ``signals`` (n, n_volumes) ΔM/M0t of the data at hand
         (rows with NaN/Inf or all zeros are left out; 10 % of the rest are held out for early stopping)."""
         if signals is None:
-            return super().fit(progress=progress)
+            return super()._fit(None, progress)
         opts = self.options()
         y = check_signals(signals, self.model)
         y = y[np.isfinite(y).all(axis=1) & (y != 0.0).any(axis=1)]
@@ -146,4 +147,3 @@ class UnsupervisedEstimator(NeuralEstimator):
         network, history = self._train_on(y[order[n_val:]], y[order[:n_val]], opts, progress)
         self.network_ = network
         self.training_ = {**history, "trained_on": f"{y.shape[0]} voxels of the data"}
-        return self

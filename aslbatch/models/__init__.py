@@ -1,31 +1,28 @@
 """Kinetic models of ASL: the physics and nothing else.
 
-``get_model("1c" | "2c", protocol, constants, **options)`` returns a model bound
-to the acquisition.
+``get_model(name, protocol, constants, **options)`` returns a model bound to the
+acquisition. :data:`MODELS` is the registry: one line per model, the only place its
+name is written; everything that offers or describes models reads it.
 """
 
 from __future__ import annotations
 
 from ..protocol import Constants, Protocol
-from .base import KineticModel
-from .one_compartment import OneCompartmentModel
-from .two_compartment import TwoCompartmentModel
+from ..registry import Registry
+from .base import KineticModel, Parameter
 
-MODELS: dict[str, type[KineticModel]] = {
-    OneCompartmentModel.name: OneCompartmentModel,
-    TwoCompartmentModel.name: TwoCompartmentModel,
-}
+#: every kinetic model: name -> where its class lives (imported on first use)
+MODELS: Registry[KineticModel] = Registry("model", {
+    "1c": "aslbatch.models.one_compartment:OneCompartmentModel",
+    "2c": "aslbatch.models.two_compartment:TwoCompartmentModel",
+})
 
-__all__ = ["MODELS", "KineticModel", "OneCompartmentModel", "TwoCompartmentModel", "get_model"]
+__all__ = ["MODELS", "KineticModel", "Parameter", "get_model"]
 
 
 def get_model(name: str, protocol: Protocol, constants: Constants | None = None, **options) -> KineticModel:
-    """The kinetic model ``name`` ("1c" or "2c") bound to ``protocol`` and ``constants``.
+    """The kinetic model ``name`` (a key of :data:`MODELS`) bound to ``protocol`` and ``constants``.
 
     options: model options, e.g. ``arterial_edge_s`` (s) for "2c".
     """
-    try:
-        cls = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}") from None
-    return cls(protocol, constants, **options)
+    return MODELS.get_class(name)(protocol, constants, **options)

@@ -12,6 +12,7 @@ Units at this API: cbf in mL/100 g/min, times (att, abat) in s, abv in mL/mL
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -68,8 +69,37 @@ def constant_vector(constants: Constants, arterial_edge_s: float = 0.0) -> np.nd
     return const
 
 
+@dataclass(frozen=True)
+class Parameter:
+    """Everything known about one parameter of a model, in API units.
+
+    name : column name (``cbf``, ``att``...), also the map's BIDS suffix.
+    units : as in ASL_MODELS.md.
+    title : what it is, in words and in the research's terms (e.g. "arterial transit time (ATT)").
+    definition : continuation of the sidecar's sentence (may be empty).
+    bounds : (lower, upper) bounds of estimates.
+    training_range : (low, high) of simulated training and evaluation data.
+    display : (low, high) fixed colour scale of QC pages.
+    cmap : the matplotlib colour map of that scale.
+    se_display : upper end of the QC colour scale of its standard error (from 0).
+    """
+
+    name: str
+    units: str
+    title: str
+    definition: str
+    bounds: tuple[float, float]
+    training_range: tuple[float, float]
+    display: tuple[float, float]
+    cmap: str
+    se_display: float
+
+
 class KineticModel:
-    """Base of the kinetic models. Subclasses set the class attributes and ``_batch_kernel``.
+    """Base of the kinetic models. Subclasses set ``name``, ``title``, ``parameters`` and ``_batch_kernel``.
+
+    ``param_names``, ``param_units``, ``default_bounds`` and ``default_training_ranges`` are
+    derived from ``parameters`` when the subclass is defined.
 
     Parameters
     ----------
@@ -79,18 +109,40 @@ class KineticModel:
 
     #: registry name ("1c", "2c")
     name: ClassVar[str]
-    #: parameter names, in the order of the last axis of every parameter array
-    param_names: ClassVar[tuple[str, ...]]
-    #: unit of each parameter
-    param_units: ClassVar[tuple[str, ...]]
-    #: what each parameter is, in words (and in the terms of the research)
-    param_descriptions: ClassVar[tuple[str, ...]]
-    #: default (lower, upper) bounds of estimates, in API units
-    default_bounds: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]]
-    #: default range of each parameter for simulated training and evaluation data
-    default_training_ranges: ClassVar[dict[str, tuple[float, float]]]
+    #: the model in words, for sidecars and reports
+    title: ClassVar[str]
+    #: the parameters, in the order of the last axis of every parameter array
+    parameters: ClassVar[tuple[Parameter, ...]]
     #: (earlier, later, (min gap, max gap)): ordered arrival times sampled as later = earlier + gap
     ordered_times: ClassVar[tuple[tuple[str, str, tuple[float, float]], ...]] = ()
+    #: keyword options of the constructor that change the physics (e.g. ``arterial_edge_s``)
+    option_names: ClassVar[tuple[str, ...]] = ()
+    #: derived from ``parameters``: names, units, (lower, upper) bounds, training ranges
+    param_names: ClassVar[tuple[str, ...]]
+    param_units: ClassVar[tuple[str, ...]]
+    default_bounds: ClassVar[tuple[tuple[float, ...], tuple[float, ...]]]
+    default_training_ranges: ClassVar[dict[str, tuple[float, float]]]
+
+    #: builds the per-volume table ``vol`` read by the kernels from (protocol, constants)
+    _volume_table = staticmethod(volume_table)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        specs = cls.__dict__.get("parameters")
+        if specs is None:
+            return
+        cls.param_names = tuple(p.name for p in specs)
+        cls.param_units = tuple(p.units for p in specs)
+        cls.default_bounds = (tuple(p.bounds[0] for p in specs), tuple(p.bounds[1] for p in specs))
+        cls.default_training_ranges = {p.name: p.training_range for p in specs}
+
+    @classmethod
+    def parameter(cls, name: str) -> Parameter:
+        """The :class:`Parameter` called ``name``, or a KeyError."""
+        for spec in cls.parameters:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"the {cls.name} model has no parameter {name!r}; it has {cls.param_names}")
 
     def __init__(self, protocol: Protocol, constants: Constants | None = None) -> None:
         if not isinstance(protocol, Protocol):
@@ -100,7 +152,7 @@ class KineticModel:
             raise TypeError(f"constants must be an aslbatch.Constants, got {type(constants).__name__}")
         self.protocol = protocol
         self.constants = constants
-        self.vol = volume_table(protocol, constants)
+        self.vol = self._volume_table(protocol, constants)
         self.const = constant_vector(constants, self._edge_s())
 
     def _edge_s(self) -> float:
@@ -127,6 +179,15 @@ class KineticModel:
     def training_ranges(self) -> dict[str, tuple[float, float]]:
         """Default (low, high) of each parameter for simulated data (API units)."""
         return dict(self.default_training_ranges)
+
+    def shifted(self, offset_s: float) -> "KineticModel":
+        """This model for voxels read ``offset_s`` s after the nominal PLD (2D readouts)."""
+        return type(self)(self.protocol.shifted(offset_s), self.constants, **self.options())
+
+    def tissue_model(self) -> "KineticModel":
+        """The model of the tissue signal alone (parameters cbf, att): this model unless it adds
+        other compartments."""
+        return self
 
     def options(self) -> dict[str, Any]:
         """Model options that change the physics (recorded in provenance)."""

@@ -23,6 +23,7 @@ from .base import (
     TAU,
     TIME,
     KineticModel,
+    Parameter,
 )
 
 
@@ -167,13 +168,15 @@ class OneCompartmentModel(KineticModel):
     """One-compartment PCASL model: cbf (mL/100 g/min) and att (s)."""
 
     name = "1c"
-    param_names = ("cbf", "att")
-    param_units = ("mL/100 g/min", "s")
-    param_descriptions = (
-        "cerebral blood flow (CBF)",
-        "arterial transit time (ATT): arrival of the label in the tissue",
+    title = "the one-compartment (1C) kinetic model"
+    parameters = (
+        Parameter("cbf", "mL/100 g/min", "cerebral blood flow (CBF)", "",
+                  bounds=(0.0, 300.0), training_range=(0.0, 150.0), display=(0.0, 100.0), cmap="inferno",
+                  se_display=20.0),
+        Parameter("att", "s", "arterial transit time (ATT)",
+                  ", the time from the start of labeling until the labeled blood reaches the tissue",
+                  bounds=(0.0, 5.0), training_range=(0.5, 3.5), display=(0.5, 3.5), cmap="viridis",
+                  se_display=1.0),
     )
-    default_bounds = ((0.0, 0.0), (300.0, 5.0))
-    default_training_ranges = {"cbf": (0.0, 150.0), "att": (0.5, 3.5)}
     kernel_id = 0  # aslbatch.models.kernels.ONE_COMPARTMENT
     _batch_kernel = staticmethod(batch_one_compartment)

@@ -28,6 +28,7 @@ from .base import (
     TAU,
     TIME,
     KineticModel,
+    Parameter,
 )
 from .one_compartment import tissue_point_blood, tissue_point_buxton, tissue_voxel
 
@@ -192,17 +193,26 @@ class TwoCompartmentModel(KineticModel):
     """
 
     name = "2c"
-    param_names = ("cbf", "abv", "abat", "att")
-    param_units = ("mL/100 g/min", "mL/mL", "s", "s")
-    param_descriptions = (
-        "cerebral blood flow (CBF)",
-        "arterial cerebral blood volume (aCBV), as a fraction of the voxel",
-        "arterial bolus arrival time: label reaches the voxel's arteries (the research's ATT)",
-        "tissue arrival time: label reaches the tissue (the research's tissue transit time, TTT)",
+    title = "the two-compartment (2C) kinetic model with vascular crushing"
+    parameters = (
+        Parameter("cbf", "mL/100 g/min", "cerebral blood flow (CBF)", "",
+                  bounds=(0.0, 300.0), training_range=(0.0, 150.0), display=(0.0, 100.0), cmap="inferno",
+                  se_display=20.0),
+        Parameter("abv", "mL/mL", "arterial cerebral blood volume (aCBV)", " as a fraction of the voxel (0.01 = 1 %)",
+                  bounds=(0.0, 0.1), training_range=(0.0, 0.03), display=(0.0, 0.03), cmap="inferno",
+                  se_display=0.01),
+        Parameter("abat", "s", "arterial bolus arrival time (the research's ATT in the two-compartment model)",
+                  ", the time from the start of labeling until the labeled blood reaches the arteries of the voxel",
+                  bounds=(0.0, 3.0), training_range=(0.3, 1.5), display=(0.3, 1.5), cmap="viridis",
+                  se_display=0.5),
+        Parameter("att", "s", "tissue transit time (the research's TTT)",
+                  ", the time from the start of labeling until the labeled blood reaches the tissue "
+                  "(in this model the research's ATT is abat)",
+                  bounds=(0.0, 5.0), training_range=(0.3, 3.0), display=(0.5, 3.5), cmap="viridis",
+                  se_display=1.0),
     )
-    default_bounds = ((0.0, 0.0, 0.0, 0.0), (300.0, 0.1, 3.0, 5.0))
-    default_training_ranges = {"cbf": (0.0, 150.0), "abv": (0.0, 0.03), "abat": (0.3, 1.5), "att": (0.3, 3.0)}
     ordered_times = (("abat", "att", (0.0, 1.5)),)
+    option_names = ("arterial_edge_s",)
     kernel_id = 1  # aslbatch.models.kernels.TWO_COMPARTMENT
     _batch_kernel = staticmethod(batch_two_compartment)
 
@@ -220,3 +230,9 @@ class TwoCompartmentModel(KineticModel):
 
     def options(self):
         return {"arterial_edge_s": self.arterial_edge_s}
+
+    def tissue_model(self):
+        """The one-compartment model of the tissue term (cbf, att)."""
+        from .one_compartment import OneCompartmentModel
+
+        return OneCompartmentModel(self.protocol, self.constants)
