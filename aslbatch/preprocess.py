@@ -39,9 +39,10 @@ done. The steps, each a small pure function that can be tested alone:
 4. **Brain mask** (:func:`brain_mask`), from the M0 image when no mask is given
    (for M0Type Estimate, which has no image, from the mean control image, or the
    mean ΔM without control volumes): Otsu's threshold on the histogram of the image
-   (:func:`otsu_threshold`), then the largest 6-connected component
-   (:func:`largest_component`), then holes filled slice by slice
-   (:func:`fill_holes`). A given mask (NIfTI, non-zero = inside) must have the ASL
+   (:func:`otsu_threshold`), then the largest 6-connected component, then holes
+   filled slice by slice (both scipy.ndimage). An image with no contrast to split (a
+   constant M0, as numerical phantoms have) gives every finite voxel > 0, with a
+   warning and a note. A given mask (NIfTI, non-zero = inside) must have the ASL
    spatial shape. Voxels whose M0 is ≤ 0 or not finite (in any series of the
    acquisition) are removed from either mask, with a note of how many.
 5. **Signals**: each series' ΔM divided by its own M0 (a pair may have two M0
@@ -51,12 +52,13 @@ done. The steps, each a small pure function that can be tested alone:
    readouts); the two series of a pair must share them.
 
 Every input problem raises :class:`~aslbatch.bids.BidsError` naming the file.
-numpy and nibabel only (no scipy at run time).
+scipy is imported only when a mask is computed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -78,9 +80,6 @@ __all__ = [
     "TIME_DECIMALS",
     "average_repeats",
     "brain_mask",
-    "fill_holes",
-    "label_components",
-    "largest_component",
     "load_mask",
     "m0_from_series",
     "m0_from_volumes",
@@ -98,10 +97,18 @@ M0_SHORT_TR_S = 5.0
 TIME_DECIMALS = 6
 #: histogram bins of Otsu's threshold
 OTSU_BINS = 256
+#: no contrast to split when the mean of Otsu's dark class is within this fraction of the
+#: bright class's (phantom M0 and mean ΔM down to SNR 2: the dark mean is <= 13 % of the bright one;
+#: a constant M0 with noise at M0 SNR 3 still has its class means within ~40 %)
+MIN_CONTRAST = 0.5
+#: ... or when Otsu's bright class holds fewer than this fraction of the finite voxels
+MIN_BRIGHT_FRACTION = 0.01
 #: volume types that are neither ΔM nor M0: skipped with a note
 IGNORED_VOLUME_TYPES = ("cbf", "noRF", "n/a")
 #: affines further apart than this (mm, any element) count as different grids
 AFFINE_TOLERANCE = 1e-3
+
+log = logging.getLogger("aslbatch.preprocess")
 
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
 
@@ -261,7 +268,7 @@ def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
     """Otsu's threshold of the finite ``values``: the histogram split that maximises the
     between-class variance (the middle of the empty gap when several splits tie). Values
     above the 99.9th percentile are clipped to it (so a few bright outliers do not squash
-    the histogram). A constant input returns its value."""
+    the histogram). A constant input returns its value. Same units as ``values``."""
     values = np.asarray(values, dtype=np.float64).ravel()
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -284,97 +291,64 @@ def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
     return float(0.5 * (edges[best[0] + 1] + edges[best[-1] + 1]))
 
 
-def label_components(mask: np.ndarray, axes: Sequence[int] | None = None) -> np.ndarray:
-    """Connected components of a boolean array, face-connected along ``axes`` (default all:
-    6-connectivity in 3-D; in-plane axes only give 2-D components per slice).
-
-    Returns int64 labels of the array's shape: for each voxel of ``mask``, the flat
-    index of a voxel of its component (same label = same component); ``mask.size``
-    outside the mask. Min-label propagation to face neighbours with pointer jumping,
-    vectorised in numpy: a few dozen passes for brain-sized volumes.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    axes = tuple(range(mask.ndim)) if axes is None else tuple(axes)
-    n = mask.size
-    outside = n
-    labels = np.where(mask, np.arange(n).reshape(mask.shape), outside)
-    while True:
-        new = labels.copy()
-        for axis in axes:
-            if mask.shape[axis] < 2:
-                continue
-            later = [slice(None)] * mask.ndim
-            earlier = [slice(None)] * mask.ndim
-            later[axis], earlier[axis] = slice(1, None), slice(None, -1)
-            later, earlier = tuple(later), tuple(earlier)
-            np.minimum(new[later], labels[earlier], out=new[later])
-            np.minimum(new[earlier], labels[later], out=new[earlier])
-        new[~mask] = outside
-        # pointer jumping: a voxel takes the label of the voxel its label names
-        pointer = np.append(new.ravel(), outside)
-        while True:
-            jumped = pointer[pointer]
-            if np.array_equal(jumped, pointer):
-                break
-            pointer = jumped
-        new = pointer[:-1].reshape(mask.shape)
-        if np.array_equal(new, labels):
-            return labels
-        labels = new
+def _no_contrast(values: np.ndarray, threshold: float) -> str | None:
+    """Why Otsu's split of the finite ``values`` at ``threshold`` separates no brain from
+    background (a clause for the log), or None when it does."""
+    bright = values > threshold
+    if not bright.any():
+        return "all values are equal"
+    if bright.mean() < MIN_BRIGHT_FRACTION:
+        return f"the bright class holds {bright.mean():.2%} of the voxels (< {MIN_BRIGHT_FRACTION:.0%})"
+    dark_mean, bright_mean = float(values[~bright].mean()), float(values[bright].mean())
+    if bright_mean - dark_mean < MIN_CONTRAST * abs(bright_mean):
+        return (f"the dark class's mean {dark_mean:.6g} is within {MIN_CONTRAST:.0%} of the bright class's "
+                f"{bright_mean:.6g}")
+    return None
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 6-connected component of a boolean 3-D array (empty in, empty out)."""
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return mask.copy()
-    labels = label_components(mask)
-    inside = labels[mask]
-    counts = np.bincount(inside, minlength=mask.size)
-    return labels == int(np.argmax(counts))
-
-
-def fill_holes(mask: np.ndarray, slice_axis: int = 2) -> np.ndarray:
-    """Fill holes slice by slice: background regions of a slice (4-connected in-plane)
-    that do not reach the slice's edge become mask."""
-    mask = np.asarray(mask, dtype=bool)
-    in_plane = [axis for axis in range(mask.ndim) if axis != slice_axis]
-    background = ~mask
-    labels = label_components(background, in_plane)
-    edge = np.zeros(mask.shape, dtype=bool)
-    for axis in in_plane:
-        first = [slice(None)] * mask.ndim
-        last = [slice(None)] * mask.ndim
-        first[axis], last[axis] = 0, -1
-        edge[tuple(first)] = True
-        edge[tuple(last)] = True
-    reaching = np.unique(labels[edge & background])
-    holes = background & ~np.isin(labels, reaching)
-    return mask | holes
-
-
-def brain_mask(image: np.ndarray, *, slice_axis: int = 2) -> np.ndarray:
-    """Brain mask of an M0 (or other proton-density weighted) 3-D image.
+def brain_mask(image: np.ndarray, *, slice_axis: int = 2, source: str = "the image") -> np.ndarray:
+    """Brain mask (3-D bool) of an M0 (or other proton-density weighted) 3-D image, any units.
 
     1. voxels above Otsu's threshold (:func:`otsu_threshold`) of the finite values
        (and > 0): background noise sits in the low class, the brain in the high one;
-    2. the largest 6-connected component (:func:`largest_component`): drops noise
-       specks and disconnected bright structures;
-    3. holes filled slice by slice along ``slice_axis`` (:func:`fill_holes`): dark
-       regions enclosed by brain in a slice stay in.
+    2. the largest 6-connected component (``scipy.ndimage.label``; of equal ones the
+       first in C order): drops noise specks and disconnected bright structures;
+    3. holes filled slice by slice along ``slice_axis`` (``scipy.ndimage.binary_fill_holes``
+       in each slice, 4-connected): dark regions enclosed by brain in a slice stay in.
 
-    A constant image (no contrast to split) gives an empty mask.
+    An image without contrast to split (constant, or Otsu's classes within
+    :data:`MIN_CONTRAST` of each other, or a bright class under :data:`MIN_BRIGHT_FRACTION`
+    of the voxels: a numerical phantom's constant M0) gives every finite voxel > 0,
+    with a warning on the ``aslbatch.preprocess`` logger naming ``source``.
     """
+    return _brain_mask(image, slice_axis, source)[0]
+
+
+def _brain_mask(image: np.ndarray, slice_axis: int, source: str) -> tuple[np.ndarray, str]:
+    """:func:`brain_mask` and how it was drawn (a clause for the notes)."""
+    from scipy import ndimage
+
     image = np.asarray(image, dtype=np.float64)
     if image.ndim != 3:
         raise ValueError(f"brain_mask needs a 3-D image, got shape {image.shape}")
     finite = np.isfinite(image)
-    if not finite.any():
-        return np.zeros(image.shape, dtype=bool)
-    threshold = otsu_threshold(image[finite])
     with np.errstate(invalid="ignore"):
-        foreground = finite & (image > threshold) & (image > 0)
-    return fill_holes(largest_component(foreground), slice_axis)
+        positive = finite & (image > 0)
+    if not finite.any():
+        return positive, "no finite value"
+    values = image[finite]
+    threshold = otsu_threshold(values)
+    reason = _no_contrast(values, threshold)
+    if reason is not None:
+        method = f"no contrast to split ({reason}): every finite voxel > 0"
+        log.warning("brain mask of %s: %s (%d voxel(s))", source, method, int(positive.sum()))
+        return positive, method
+    foreground = positive & (image > threshold)
+    labels, n = ndimage.label(foreground)  # default structure: the 6 face neighbours
+    mask = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:])) if n else foreground
+    for plane in np.moveaxis(mask, slice_axis, 0):  # views: filled in place
+        plane[...] = ndimage.binary_fill_holes(plane)
+    return mask, "Otsu threshold, largest 6-connected component, holes filled per slice"
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -666,11 +640,9 @@ def prepare_acquisition(
             notes.append(f"{mask_path}: the mask's affine differs from the ASL series'; used voxel by voxel")
         notes.append(f"mask from {mask_path}: {int(mask.sum())} voxel(s)")
     else:
-        mask = brain_mask(first.mask_reference, slice_axis=first.axis)
-        notes.append(
-            f"brain mask computed from the {first.mask_reference_name} image of {first.series.relpath} (Otsu "
-            f"threshold, largest 6-connected component, holes filled per slice): {int(mask.sum())} voxel(s)"
-        )
+        source = f"the {first.mask_reference_name} image of {first.series.relpath}"
+        mask, method = _brain_mask(first.mask_reference, first.axis, source)
+        notes.append(f"brain mask computed from {source} ({method}): {int(mask.sum())} voxel(s)")
         if first.mask_reference_name == "mean ΔM":
             notes.append("no M0 image and no control volume: the mask comes from the mean ΔM; consider giving one")
     valid = np.ones(shape, dtype=bool)

@@ -8,6 +8,7 @@ noise-free where a test checks exact recovery, so signals must equal the truth t
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -15,16 +16,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 from aslbatch.bids import BidsError, find_sessions, group_acquisitions
+from aslbatch.phantom import make_phantom
 from aslbatch.preprocess import (
     M0_SHORT_TR_S,
     PreparedData,
     average_repeats,
     brain_mask,
-    fill_holes,
-    label_components,
-    largest_component,
     m0_from_volumes,
     otsu_threshold,
     pair_difference,
@@ -214,34 +214,6 @@ def test_saturation_recovery_factor_closed_form():
     np.testing.assert_allclose(m0_from_volumes(volumes[..., 0], 6.0, 1.2), 10.0)
 
 
-def test_label_components_matches_scipy():
-    rng = np.random.default_rng(5)
-    for fraction in (0.3, 0.5, 0.7):
-        mask = rng.random((20, 15, 6)) < fraction
-        labels = label_components(mask)
-        reference, n = ndimage.label(mask)  # 6-connectivity
-        pairs = set(zip(labels[mask].tolist(), reference[mask].tolist()))
-        assert len(np.unique(labels[mask])) == n == len(pairs)  # the same partition
-        assert (labels[~mask] == mask.size).all()
-        sizes = np.bincount(reference[mask])[1:]
-        if n == 1 or np.sort(sizes)[-2] < sizes.max():  # a unique largest component
-            np.testing.assert_array_equal(largest_component(mask), reference == np.argmax(sizes) + 1)
-
-
-def test_fill_holes_matches_scipy_per_slice():
-    rng = np.random.default_rng(6)
-    mask = rng.random((16, 14, 5)) < 0.6
-    mask[3:12, 3:11, :] = True
-    mask[6:9, 5:8, 2] = False  # a hole in slice 2
-    filled = fill_holes(mask, slice_axis=2)
-    for z in range(mask.shape[2]):
-        np.testing.assert_array_equal(filled[..., z], ndimage.binary_fill_holes(mask[..., z]))
-    assert filled[6:9, 5:8, 2].all()
-    filled0 = fill_holes(mask, slice_axis=0)
-    for x in range(mask.shape[0]):
-        np.testing.assert_array_equal(filled0[x], ndimage.binary_fill_holes(mask[x]))
-
-
 def test_otsu_threshold_splits_two_classes():
     rng = np.random.default_rng(7)
     values = np.concatenate([rng.normal(10, 2, 5000), rng.normal(100, 5, 1000)])
@@ -249,7 +221,76 @@ def test_otsu_threshold_splits_two_classes():
     assert otsu_threshold(np.full(10, 3.0)) == 3.0
 
 
-def test_brain_mask_excludes_background_noise_and_keeps_the_sphere():
+def test_otsu_threshold_matches_scikit_image():
+    """skimage.filters.threshold_otsu on the same clipped values and 256 bins returns the
+    centre of the dark class's last bin: ours is that bin's upper edge (half a bin higher), or
+    further up the empty gap when the classes are apart; either way the same split."""
+    rng = np.random.default_rng(12)
+    for k in range(40):
+        dark = rng.normal(rng.uniform(0, 50), rng.uniform(1, 20), int(rng.integers(500, 5000)))
+        bright = rng.normal(rng.uniform(60, 900), rng.uniform(5, 80), int(rng.integers(200, 3000)))
+        values = np.concatenate([dark, bright])
+        clipped = np.clip(values, values.min(), np.percentile(values, 99.9))
+        edge = threshold_otsu(clipped, nbins=256) + 0.5 * (clipped.max() - clipped.min()) / 256
+        ours = otsu_threshold(values)
+        np.testing.assert_array_equal(values > ours, values > edge)
+        gap = values[(values > edge) & (values <= ours)]
+        assert ours == pytest.approx(edge, rel=1e-12) or (ours > edge and gap.size == 0)
+
+
+def noisy_image(foreground: np.ndarray, seed: int, level=1000.0, sigma=30.0) -> np.ndarray:
+    """``level`` inside ``foreground``, 0 outside, plus Rician noise of ``sigma``."""
+    rng = np.random.default_rng(seed)
+    clean = np.where(foreground, level, 0.0)
+    return np.hypot(clean + sigma * rng.standard_normal(clean.shape), sigma * rng.standard_normal(clean.shape))
+
+
+def test_brain_mask_keeps_the_largest_of_two_components():
+    shape = (30, 20, 8)
+    big, small = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    big[12:27, 3:17, 1:7] = True
+    small[2:7, 5:10, 2:6] = True  # separated from the big box by background
+    np.testing.assert_array_equal(brain_mask(noisy_image(big | small, 13)), big)
+    # touching only along an edge (not a face) is two components under 6-connectivity
+    diagonal = np.zeros(shape, dtype=bool)
+    diagonal[7:12, 0:3, 1:7] = True  # shares the edge x 11|12, y 2|3 with the big box
+    np.testing.assert_array_equal(brain_mask(noisy_image(big | diagonal, 14)), big)
+    # two equal boxes: the one met first in C order
+    first, second = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    first[2:8, 2:8, 1:5] = True
+    second[15:21, 2:8, 1:5] = True
+    np.testing.assert_array_equal(brain_mask(noisy_image(first | second, 15)), first)
+
+
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+def test_brain_mask_fills_holes_slice_by_slice(slice_axis):
+    """A bright box with a dark tunnel running through it along the slice axis: in every slice
+    the tunnel is a hole enclosed by brain (filled), though in 3-D it reaches the box's
+    faces; a dark notch open to the box's side in a slice stays out."""
+    shape = [16, 18, 14]
+    box = np.zeros(shape, dtype=bool)
+    box[2:14, 3:15, 2:12] = True
+    dark = np.zeros(shape, dtype=bool)
+    tunnel = [slice(7, 10), slice(8, 11), slice(6, 9)]
+    tunnel[slice_axis] = slice(None)  # along the slice axis, through the whole grid
+    dark[tuple(tunnel)] = True
+    notch = [slice(2, 6), slice(3, 7), slice(2, 6)]  # a corner of the box, open in every plane
+    dark[tuple(notch)] = True
+    mask = brain_mask(noisy_image(box & ~dark, 16), slice_axis=slice_axis)
+    expected = box.copy()
+    expected[tuple(notch)] = False
+    np.testing.assert_array_equal(mask, expected)
+    other = (slice_axis + 1) % 3  # across another axis the tunnel is no hole: it stays out
+    np.testing.assert_array_equal(brain_mask(noisy_image(box & ~dark, 16), slice_axis=other), box & ~dark)
+
+
+def test_brain_mask_of_a_phantom_is_its_brain():
+    for model, seed in (("1c", 0), ("2c", 3)):
+        phantom = make_phantom((32, 36, 10), model, seed=seed)
+        np.testing.assert_array_equal(brain_mask(phantom.m0), phantom.mask)
+
+
+def test_brain_mask_excludes_background_noise_and_keeps_the_sphere(caplog):
     shape = (32, 32, 14)
     rng = np.random.default_rng(8)
     inside = sphere(shape)
@@ -258,13 +299,48 @@ def test_brain_mask_excludes_background_noise_and_keeps_the_sphere():
     sigma = 40.0  # Rician noise everywhere
     noisy = np.hypot(m0 + sigma * rng.standard_normal(shape), sigma * rng.standard_normal(shape))
     noisy[0, 0, 0] = 5000.0  # a bright outlier in the background (its own component)
-    mask = brain_mask(noisy)
+    with caplog.at_level(logging.INFO, logger="aslbatch.preprocess"):
+        mask = brain_mask(noisy)
     dice = 2 * (mask & inside).sum() / (mask.sum() + inside.sum())
     assert dice > 0.95
     assert not mask[0, 0, 0]
     far = ~ndimage.binary_dilation(inside, iterations=1)
     assert not (mask & far).any()  # no background voxel away from the brain
-    assert brain_mask(np.full(shape, 7.0)).sum() == 0  # no contrast: empty
+    assert not caplog.records  # a brain has contrast: nothing to say
+
+
+def test_constant_image_gives_every_finite_positive_voxel(caplog):
+    """Issue 13 point 5: a constant M0 has no contrast for Otsu to split; the mask is every
+    finite voxel > 0, with a warning naming the image."""
+    shape = (10, 12, 5)
+    image = np.full(shape, 7.0)
+    image[1, 2, 3] = image[4, 4, 0] = np.nan
+    with caplog.at_level(logging.WARNING, logger="aslbatch.preprocess"):
+        np.testing.assert_array_equal(brain_mask(image, source="the M0 of x.nii.gz"), np.isfinite(image))
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and record.name == "aslbatch.preprocess"
+    assert "the M0 of x.nii.gz" in record.getMessage() and "no contrast" in record.getMessage()
+    assert f"({image.size - 2} voxel(s))" in record.getMessage()
+    assert brain_mask(np.full(shape, 7.0)).all()
+    assert not brain_mask(np.full(shape, np.nan)).any()
+    # zero or negative voxels at the grid's edge: Otsu splits them off, the rest is the mask (the
+    # NaN voxels are holes in their slices: filled; prepare_acquisition drops them with M0 <= 0)
+    image[0, 0, 0], image[9, 5, 4] = 0.0, -2.0
+    expected = np.ones(shape, dtype=bool)
+    expected[0, 0, 0] = expected[9, 5, 4] = False
+    np.testing.assert_array_equal(brain_mask(image), expected)
+
+
+@pytest.mark.parametrize("variation", ["few voxels", "noise"])
+def test_near_constant_image_gives_every_finite_positive_voxel(variation):
+    rng = np.random.default_rng(17)
+    shape = (14, 12, 6)
+    image = np.full(shape, 1000.0)
+    if variation == "few voxels":  # a few voxels a noise level away: Otsu splits them off
+        image.flat[rng.choice(image.size, 5, replace=False)] += 1.0
+    else:  # Rician noise at an M0 SNR of 5 (σ = 200): unimodal, no background to split off
+        image = np.hypot(image + 200 * rng.standard_normal(shape), 200 * rng.standard_normal(shape))
+    assert brain_mask(image).all()
 
 
 # --- ΔM and repeats through prepare_acquisition --------------------------------------------------
@@ -468,6 +544,25 @@ def test_computed_mask_through_prepare_excludes_noise(root):
     check_recovers(prepared, signal)
     assert any(note.startswith("brain mask computed from the M0 image of sub-01/perf/sub-01_asl.nii.gz")
                for note in prepared.notes)
+
+
+def test_constant_included_m0_gives_every_voxel_with_a_note(root, caplog):
+    """Issue 13 point 5: deltam volumes with one constant included M0 (a numerical phantom)
+    used to fail with 'no voxel left in the brain mask'; every voxel is fitted now."""
+    signal = truth(2)
+    m0t = np.full(SHAPE, 1500.0)
+    volumes = np.concatenate([m0t[..., None], signal * m0t[..., None]], axis=-1)
+    write_series(root, "sub-01", volumes, ["m0scan", "deltam", "deltam"], [0.0, 1.0, 2.0], M0Type="Included",
+                 LabelingDuration=[0, TAU, TAU], RepetitionTimePreparation=M0_TR)
+    with caplog.at_level(logging.WARNING, logger="aslbatch.preprocess"):
+        prepared = prepare_acquisition(acquisition(root))
+    assert prepared.mask.all()
+    check_recovers(prepared, signal)
+    (note,) = [note for note in prepared.notes if note.startswith("brain mask computed")]
+    assert note == ("brain mask computed from the M0 image of sub-01/perf/sub-01_asl.nii.gz (no contrast to split "
+                    f"(all values are equal): every finite voxel > 0): {math.prod(SHAPE)} voxel(s)")
+    assert any("sub-01/perf/sub-01_asl.nii.gz" in r.getMessage() and "no contrast" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_given_mask_is_used_and_a_wrong_shape_names_the_file(root, tmp_path):
