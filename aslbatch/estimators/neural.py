@@ -25,7 +25,6 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from ..models import KineticModel, get_model
-from ..protocol import Protocol
 from ..simulate import NOISE_MODELS, add_noise, noise_sigma, sample_parameters
 from .base import Estimate, Estimator, Status, check_signals
 from .network import Network
@@ -40,9 +39,7 @@ def shifted_model(model: KineticModel, offset_s: float) -> KineticModel:
     """``model`` with every PLD shifted by ``offset_s`` (s): the timing of one slice of a 2D readout."""
     if offset_s == 0.0:
         return model
-    p = model.protocol
-    return get_model(model.name, Protocol(p.label_duration, p.pld + offset_s, p.crushed), model.constants,
-                     **model.options())
+    return get_model(model.name, model.protocol.shifted(offset_s), model.constants, **model.options())
 
 
 def model_signal(model: KineticModel, params: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
