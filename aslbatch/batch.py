@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from tqdm import tqdm
 
@@ -47,10 +47,11 @@ from .atomic import atomic_open, stale_temporaries
 from .derivatives import inputs_digest, output_paths, read_provenance
 from .pipeline import write_report
 from .exitcodes import EXIT_FAILED, EXIT_NOTHING, EXIT_OK
-from .pipeline import Settings, input_digests, process_session
+from .identify import group_acquisitions
+from .pipeline import InputDigests, Settings, hash_inputs, process_session
 
 __all__ = [
-    "BatchReport", "LockHeld", "SessionOutcome", "output_lock", "plan_sessions", "run_batch",
+    "BatchReport", "LockHeld", "SessionOutcome", "SessionPlan", "output_lock", "plan_sessions", "run_batch",
 ]
 
 LOCK_NAME = ".aslbatch.lock"
@@ -125,7 +126,20 @@ class BatchReport:
                 f"outputs in {self.out_dir}")
 
 
-def _why_stale(acquisition: bids.Acquisition, out_dir: Path, settings: Settings) -> str | None:
+@dataclass(frozen=True)
+class SessionPlan:
+    """One session as planned: ``reason`` it needs processing (None: up to date), its
+    ``acquisitions`` (None when they cannot be grouped; processing then reports why) and
+    the ``inputs`` digests of each acquisition by source name, which processing reuses."""
+
+    session: bids.Session
+    reason: str | None
+    acquisitions: tuple[bids.Acquisition, ...] | None = None
+    inputs: Mapping[str, InputDigests] = field(default_factory=dict)
+
+
+def _why_stale(acquisition: bids.Acquisition, out_dir: Path, settings: Settings,
+               inputs: InputDigests) -> str | None:
     """Why ``acquisition`` needs processing, or None when its outputs are up to date."""
     path = output_paths(out_dir, acquisition.source_name, acquisition.model, settings.methods)["provenance"]
     try:
@@ -138,7 +152,7 @@ def _why_stale(acquisition: bids.Acquisition, out_dir: Path, settings: Settings)
         return f"made by aslbatch {provenance.get('aslbatch_version')}"
     if provenance.get("run_settings_digest") != settings.digest():
         return "settings changed"
-    if provenance.get("input_digest") != inputs_digest(input_digests(acquisition)):
+    if provenance.get("input_digest") != inputs_digest(inputs.sha256):
         return "inputs changed"
     missing = [o["path"] for o in provenance.get("outputs", []) if not (out_dir / o["path"]).is_file()]
     if missing:
@@ -147,27 +161,31 @@ def _why_stale(acquisition: bids.Acquisition, out_dir: Path, settings: Settings)
 
 
 def plan_sessions(sessions: Sequence[bids.Session], out_dir: Path, settings: Settings,
-                  force: bool = False) -> list[tuple[bids.Session, str | None]]:
-    """Each session with the reason it needs processing, or None when it is up to date."""
+                  force: bool = False) -> list[SessionPlan]:
+    """Each session with the reason it needs processing (None when it is up to date), its
+    acquisitions (grouped once here) and their input digests (hashed once here)."""
     planned = []
     for session in sessions:
-        if force:
-            planned.append((session, "forced"))
-            continue
+        acquisitions, inputs = None, {}
         try:
-            acquisitions = bids.group_acquisitions(session, settings.model)
-            reasons = [r for r in (_why_stale(a, out_dir, settings) for a in acquisitions) if r]
+            acquisitions = tuple(group_acquisitions(session, settings.model))
+            for acquisition in acquisitions:
+                inputs[acquisition.source_name] = hash_inputs(acquisition)
+            reasons = ["forced"] if force else [
+                r for r in (_why_stale(a, out_dir, settings, inputs[a.source_name]) for a in acquisitions) if r]
         except (bids.BidsError, OSError) as exc:
-            reasons = [f"cannot be checked ({exc})"]
-        planned.append((session, "; ".join(reasons) if reasons else None))
+            reasons = ["forced"] if force else [f"cannot be checked ({exc})"]
+        planned.append(SessionPlan(session, "; ".join(reasons) if reasons else None, acquisitions, inputs))
     return planned
 
 
-def _run_session(session: bids.Session, out_dir: Path, settings: Settings, progress: bool = False) -> SessionOutcome:
+def _run_session(plan: SessionPlan, out_dir: Path, settings: Settings, progress: bool = False) -> SessionOutcome:
     """One session, isolated: every exception becomes a failed outcome with its reason."""
+    session = plan.session
     t0 = time.perf_counter()
     try:
-        results = process_session(session, out_dir, settings, progress)
+        results = process_session(session, out_dir, settings, progress, acquisitions=plan.acquisitions,
+                                  inputs=plan.inputs)
     except Exception as exc:  # isolation: one bad session never stops the batch
         return SessionOutcome(session.name, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
     failed = [r for r in results if r.status != "done"]
@@ -288,17 +306,18 @@ def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_
                 stale.unlink()
                 log.info("removed %s, left by an interrupted run", stale.relative_to(out_dir))
             planned = plan_sessions(sessions, out_dir, settings, force)
-            report.planned = [(s.name, reason or "up to date") for s, reason in planned]
+            report.planned = [(p.session.name, p.reason or "up to date") for p in planned]
             for name, reason in report.planned:
                 log.info("plan %s: %s", name, reason)
             if dry_run:
                 return report
-            todo = [s for s, reason in planned if reason is not None]
-            report.outcomes = [SessionOutcome(s.name, "skipped", "up to date") for s, reason in planned if reason is None]
+            todo = [p for p in planned if p.reason is not None]
+            report.outcomes = [SessionOutcome(p.session.name, "skipped", "up to date") for p in planned
+                               if p.reason is None]
             _execute(todo, out_dir, settings, jobs, threads, report, scheduler, log_file)
             report.exit_code = EXIT_FAILED if report.counts()["failed"] else EXIT_OK
             if settings.report:
-                _write_qc_index(sessions, out_dir, settings, report)
+                _write_qc_index(planned, out_dir, settings, report)
             log.info("%s", report.one_line())
             _write_reports(report, logs)
         finally:
@@ -309,21 +328,18 @@ def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_
     return report
 
 
-def _write_qc_index(sessions: Sequence[bids.Session], out_dir: Path, settings: Settings, report: BatchReport) -> None:
+def _write_qc_index(planned: Sequence[SessionPlan], out_dir: Path, settings: Settings, report: BatchReport) -> None:
     """The run's QC index over every session; pages missing for up-to-date sessions are made.
     Failures are logged: the maps are what the run is for."""
     from .qc import IndexEntry, session_report_path, write_run_index
 
     outcomes = {o.session: o for o in report.outcomes}
     entries = []
-    for session in sessions:
+    for plan in planned:
+        session, acquisitions = plan.session, plan.acquisitions or ()
         outcome = outcomes.get(session.name)
         if outcome is None:
             continue
-        try:
-            acquisitions = bids.group_acquisitions(session, settings.model)
-        except bids.BidsError:
-            acquisitions = []
         provenance = [output_paths(out_dir, a.source_name, a.model, settings.methods)["provenance"]
                       for a in acquisitions]
         for path in provenance:
@@ -347,7 +363,7 @@ def _record(report: BatchReport, outcome: SessionOutcome, bar: tqdm) -> None:
     bar.update(1)
 
 
-def _execute_distributed(todo: list[bids.Session], out_dir: Path, settings: Settings, scheduler: str,
+def _execute_distributed(todo: list[SessionPlan], out_dir: Path, settings: Settings, scheduler: str,
                          report: BatchReport, bar: tqdm) -> None:
     """Submit every session to the Dask cluster at ``scheduler``; collect outcomes as they finish."""
     try:
@@ -359,8 +375,8 @@ def _execute_distributed(todo: list[bids.Session], out_dir: Path, settings: Sett
     except (OSError, TimeoutError) as exc:
         raise ValueError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     with client:
-        futures = {client.submit(_run_session, s, out_dir, settings, key=f"aslbatch-{report.run_id}-{s.name}",
-                                 pure=False): s for s in todo}
+        futures = {client.submit(_run_session, p, out_dir, settings, key=f"aslbatch-{report.run_id}-{p.session.name}",
+                                 pure=False): p.session for p in todo}
         for future in dask_completed(futures):
             session = futures[future]
             try:
@@ -370,7 +386,7 @@ def _execute_distributed(todo: list[bids.Session], out_dir: Path, settings: Sett
             _record(report, outcome, bar)
 
 
-def _execute(todo: list[bids.Session], out_dir: Path, settings: Settings, jobs: int, threads: int,
+def _execute(todo: list[SessionPlan], out_dir: Path, settings: Settings, jobs: int, threads: int,
              report: BatchReport, scheduler: str | None = None, log_file: Path | None = None) -> None:
     bar = tqdm(total=len(todo), desc="sessions", unit="session", disable=not sys.stderr.isatty(), file=sys.stderr)
     try:
@@ -379,12 +395,12 @@ def _execute(todo: list[bids.Session], out_dir: Path, settings: Settings, jobs: 
             return
         if jobs == 1 or len(todo) <= 1:
             with thread_limits(threads):
-                for session in todo:
-                    _record(report, _run_session(session, out_dir, settings, progress=not bar.disable), bar)
+                for plan in todo:
+                    _record(report, _run_session(plan, out_dir, settings, progress=not bar.disable), bar)
             return
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
                                  initargs=(threads, log_file)) as pool:
-            futures = {pool.submit(_run_session, s, out_dir, settings): s for s in todo}
+            futures = {pool.submit(_run_session, p, out_dir, settings): p.session for p in todo}
             for future in as_completed(futures):
                 session = futures[future]
                 try:

@@ -429,7 +429,7 @@ def write_bids_dataset(
     model : ``"1c"``: one series per subject (the default 1C protocol, PLD 1.0–3.0 s,
         τ 1.8 s). ``"2c"``: two series, ``acq-nocrush`` (the protocol's non-crushed
         volumes) and ``acq-dante`` (its crushed volumes, VascularCrushing true),
-        which :func:`aslbatch.bids.group_acquisitions` pairs into one 2C acquisition.
+        which :func:`aslbatch.identify.group_acquisitions` pairs into one 2C acquisition.
     snr : S_ref / σ of ΔM/M0t after averaging the repeats (module docstring); ``inf``: no noise.
     seed : non-negative int; the same seed writes byte-identical files.
     noise : ``"rician"`` (magnitude images) or ``"gaussian"``.

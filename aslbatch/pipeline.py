@@ -1,8 +1,9 @@
 """One acquisition end to end: validate, prepare, fit every requested method, write derivatives.
 
 :func:`process_session` runs every acquisition of a BIDS session (see
-:func:`aslbatch.bids.group_acquisitions`) with the :class:`Settings`; the batch layer
-calls it once per session. Per-slice timing of 2D readouts is honoured exactly: voxels
+:func:`aslbatch.identify.group_acquisitions`, which also chooses each one's model) with the
+:class:`Settings`; the batch layer calls it once per session, with the grouping and input
+digests of its plan. Per-slice timing of 2D readouts is honoured exactly: voxels
 are grouped by their slice's time offset and each group is fitted with the protocol's
 PLDs shifted by that offset.
 """
@@ -14,19 +15,20 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from . import bids
 from .derivatives import run_settings_digest, sha256_file, write_session_outputs
 from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator
+from .identify import group_acquisitions
 from .models import MODELS, KineticModel, get_model
 from .preprocess import PreparedData, prepare_acquisition
 from .protocol import Constants
 
-__all__ = ["AcquisitionResult", "Settings", "estimate_maps", "input_digests", "network_estimator", "process_acquisition",
-           "process_session", "provenance_options", "write_report"]
+__all__ = ["AcquisitionResult", "InputDigests", "Settings", "estimate_maps", "hash_inputs", "input_digests",
+           "network_estimator", "process_acquisition", "process_session", "provenance_options", "write_report"]
 
 log = logging.getLogger("aslbatch.pipeline")
 
@@ -136,10 +138,43 @@ class AcquisitionResult:
     timings: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class InputDigests:
+    """The sha256 of every input file of an acquisition (``sha256``: ``{dataset-relative
+    path: hex digest}``) and each file's ``(size in bytes, modification time in ns)`` taken
+    just before it was hashed (``stamps``), so a later check re-hashes only changed files."""
+
+    sha256: Mapping[str, str]
+    stamps: Mapping[str, tuple[int, int]]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns
+
+
+def hash_inputs(acquisition: bids.Acquisition, known: InputDigests | None = None) -> InputDigests:
+    """:func:`input_digests` with the files' stamps; a file whose size and modification time
+    still match ``known`` (hashed earlier, e.g. by the batch's plan) keeps its digest unread."""
+    sha256, stamps = {}, {}
+    for rel, path in _input_files(acquisition).items():
+        stamps[rel] = _stamp(path)  # before reading: a change while hashing shows in the next check
+        if known is not None and known.stamps.get(rel) == stamps[rel] and rel in known.sha256:
+            sha256[rel] = known.sha256[rel]
+        else:
+            sha256[rel] = sha256_file(path)
+    return InputDigests(sha256, stamps)
+
+
 def input_digests(acquisition: bids.Acquisition) -> dict[str, str]:
     """sha256 of every file the acquisition depends on, keyed by dataset-relative path:
     the NIfTI series, their aslcontext, every JSON sidecar that supplied metadata, and
     separate M0 scans with theirs."""
+    return dict(hash_inputs(acquisition).sha256)
+
+
+def _input_files(acquisition: bids.Acquisition) -> dict[str, Path]:
+    """Every file the acquisition depends on (see :func:`input_digests`), sorted by relative path."""
     files: dict[str, Path] = {}
     for series in acquisition.series:
         root = series.bids_dir
@@ -155,7 +190,7 @@ def input_digests(acquisition: bids.Acquisition) -> dict[str, str]:
                 path = root / rel
                 if path.is_file():
                     files[rel] = path
-    return {rel: sha256_file(path) for rel, path in sorted(files.items())}
+    return dict(sorted(files.items()))
 
 
 def network_estimator(method: str, model: KineticModel, options: Mapping[str, Any], settings: Settings,
@@ -196,22 +231,31 @@ def estimate_maps(model: KineticModel, prepared: PreparedData, method: str, opti
 
 
 def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, settings: Settings,
-                        progress: bool = False) -> AcquisitionResult:
+                        progress: bool = False, *, inputs: InputDigests | None = None) -> AcquisitionResult:
     """Validate, prepare, fit and write one acquisition; raises on any problem (nothing
     under final output names is left half-written, and the provenance is written last).
-    ``progress``: a bar over voxels while fitting (for a terminal)."""
+    ``progress``: a bar over voxels while fitting (for a terminal). ``inputs``: the input
+    digests the batch's plan computed; files unchanged since (size, modification time)
+    are not hashed again, so the provenance records the digests of the bytes read here.
+
+    Each series' metadata is read and checked once (:func:`aslbatch.bids.check_series`)
+    and the records are handed to :func:`~aslbatch.preprocess.prepare_acquisition`."""
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    problems = [p for series in acquisition.series for p in bids.validate_series(
-        series, overrides=settings.constants,
-        background_suppression_correction=settings.background_suppression_correction)]
+    records, problems = [], []
+    for series in acquisition.series:
+        record, series_problems = bids.check_series(
+            series, overrides=settings.constants,
+            background_suppression_correction=settings.background_suppression_correction)
+        records.append(record)
+        problems.extend(series_problems)
     if problems:
         raise bids.BidsError("; ".join(str(p) for p in problems))
     timings = {}
     mark = time.perf_counter()
-    digests = input_digests(acquisition)
+    digests = dict(hash_inputs(acquisition, inputs).sha256)
     timings["inputs"], mark = time.perf_counter() - mark, time.perf_counter()
-    prepared = prepare_acquisition(acquisition, overrides=settings.constants,
+    prepared = prepare_acquisition(acquisition, records, overrides=settings.constants,
                                    mask_path=settings.mask_path(acquisition.subject, acquisition.session),
                                    background_suppression_correction=settings.background_suppression_correction)
     timings["prepare"], mark = time.perf_counter() - mark, time.perf_counter()
@@ -259,20 +303,28 @@ def write_report(provenance_path: Path) -> Path | None:
         return None
 
 
-def process_session(session: bids.Session, out_dir: str | Path, settings: Settings,
-                    progress: bool = False) -> list[AcquisitionResult]:
+def process_session(session: bids.Session, out_dir: str | Path, settings: Settings, progress: bool = False, *,
+                    acquisitions: Sequence[bids.Acquisition] | None = None,
+                    inputs: Mapping[str, InputDigests] | None = None) -> list[AcquisitionResult]:
     """Every acquisition of ``session``; a failing acquisition (any exception: an unexpected one
-    is logged with its traceback) is recorded and the rest go on."""
+    is logged with its traceback) is recorded and the rest go on.
+
+    ``acquisitions``: the session's grouping (:func:`aslbatch.identify.group_acquisitions`
+    with ``settings.model``) when the caller has it already; ``inputs``: input digests
+    by source name, reused by :func:`process_acquisition`."""
     results = []
-    try:
-        acquisitions = bids.group_acquisitions(session, settings.model)
-    except bids.BidsError as exc:
-        return [AcquisitionResult(session.name, session.subject, session.session, settings.model, "failed", 0.0,
-                                  error=str(exc))]
+    if acquisitions is None:
+        try:
+            acquisitions = group_acquisitions(session, settings.model)
+        except bids.BidsError as exc:
+            return [AcquisitionResult(session.name, session.subject, session.session, settings.model, "failed", 0.0,
+                                      error=str(exc))]
+    inputs = inputs or {}
     for acquisition in acquisitions:
         t0 = time.perf_counter()
         try:
-            results.append(process_acquisition(acquisition, out_dir, settings, progress))
+            results.append(process_acquisition(acquisition, out_dir, settings, progress,
+                                               inputs=inputs.get(acquisition.source_name)))
         except Exception as exc:  # isolation: one acquisition's failure never stops the others
             if not isinstance(exc, (bids.BidsError, ValueError, OSError, MemoryError)):
                 log.error("%s failed unexpectedly", acquisition.source_name, exc_info=True)

@@ -51,6 +51,11 @@ done. The steps, each a small pure function that can be tested alone:
    :func:`aslbatch.bids.slice_offsets` along the slice axis (zeros for 3D
    readouts); the two series of a pair must share them.
 
+The per-volume timing, M0 kind and slice timing come read and checked, one
+:class:`~aslbatch.bids.SeriesMetadata` per series (:func:`aslbatch.bids.check_series`,
+run once by the pipeline): preparing parses no sidecar itself (only
+:func:`protocol_from_sidecars`, for sidecar files outside a dataset, does).
+
 Every input problem raises :class:`~aslbatch.bids.BidsError` naming the file.
 scipy is imported only when a mask is computed.
 """
@@ -70,7 +75,7 @@ import nibabel as nib
 import numpy as np
 
 from . import bids
-from .bids import Acquisition, AslSeries, BidsError
+from .bids import Acquisition, AslSeries, BidsError, SeriesMetadata
 from .protocol import Constants, Protocol, ProtocolError
 
 __all__ = [
@@ -406,30 +411,30 @@ def _aslcontext_name(series: AslSeries) -> str:
 
 
 def m0_from_series(
-    series: AslSeries, constants: Constants, *, asl_data: np.ndarray | None = None
+    series: AslSeries, metadata: SeriesMetadata, *, asl_data: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """M0t map of a series by its M0Type, and the notes and files behind it.
 
+    ``metadata``: the series' checked metadata (:func:`aslbatch.bids.check_series`).
     Separate: the m0scan image averaged over its volumes; Included: the series'
     m0scan volumes (``asl_data`` (x, y, z, n), loaded when not given) averaged;
     both divided by :func:`saturation_recovery_factor` of their
-    RepetitionTimePreparation and ``constants.t1t``. Estimate: λ · M0Estimate in
-    every voxel (M0Estimate is the M0 of blood). The map has the series' spatial
+    RepetitionTimePreparation (s) and the constants' T1t (s). Estimate: λ · M0Estimate
+    in every voxel (M0Estimate is the M0 of blood). The map has the series' spatial
     shape (BidsError naming the m0scan otherwise).
     """
-    meta = series.metadata
-    kind = bids.m0_type(meta)
+    kind, constants = metadata.m0_type, metadata.constants
     shape = tuple(series.shape)
     notes: list[str] = []
     files: list[str] = []
     if kind == "Estimate":
-        value = bids.m0_estimate(meta)
+        value = metadata.m0_estimate
         notes.append(
             f"{series.relpath}: M0Type Estimate: M0t = λ · M0Estimate = {constants.lam:g} × {value:g} in every "
             "voxel (BIDS M0Estimate is the M0 of blood)"
         )
         return np.full(shape, constants.lam * value), notes, files
-    repetition_time = bids.m0_repetition_time(series)
+    repetition_time = metadata.m0_repetition_time
     if kind == "Separate":
         m0scan = series.m0scan
         data, _ = _load_image(m0scan.path, m0scan.relpath)
@@ -444,7 +449,7 @@ def m0_from_series(
     else:  # Included
         if asl_data is None:
             asl_data, _ = _load_image(series.path, series.relpath)
-        index = [i for i, kind_ in enumerate(series.volume_types) if kind_ == "m0scan"]
+        index = [i for i, kind_ in enumerate(metadata.volume_types) if kind_ == "m0scan"]
         data = asl_data[..., index] if asl_data.ndim == 4 else asl_data[..., None]
         origin = f"M0 from the {len(index)} m0scan volume(s) of the series (M0Type Included)"
     factor = saturation_recovery_factor(repetition_time, constants.t1t)
@@ -479,12 +484,11 @@ class _SeriesDeltaM:
     files: list[str]
 
 
-def _series_deltam(series: AslSeries, constants: Constants) -> _SeriesDeltaM:
+def _series_deltam(series: AslSeries, metadata: SeriesMetadata) -> _SeriesDeltaM:
+    """ΔM, timing, M0 and mask reference of one series; its metadata come read and checked."""
     meta = series.metadata
     context = _aslcontext_name(series)
-    if series.shape is None or series.n_volumes is None:
-        raise BidsError("cannot read the NIfTI header", path=series.relpath, field="NIfTI header")
-    types = list(series.volume_types)
+    types = list(metadata.volume_types)
     data, affine = _load_image(series.path, series.relpath)
     if data.ndim == 3:
         data = data[..., None]
@@ -492,9 +496,10 @@ def _series_deltam(series: AslSeries, constants: Constants) -> _SeriesDeltaM:
     if len(types) != n:
         raise BidsError(f"volume_type has {len(types)} rows but {series.relpath} has {n} volumes",
                         path=context, field="volume_type")
-    pld = bids.post_labeling_delays(meta, n)
-    tau = bids.labeling_durations(meta, n)
-    crushed = bids.vascular_crushing(meta)
+    if series.shape is not None and tuple(data.shape[:3]) != tuple(series.shape):
+        raise BidsError(f"the image has spatial shape {tuple(data.shape[:3])} but its header gave {series.shape} "
+                        "when the dataset was read: the file changed", path=series.relpath, field="NIfTI data")
+    pld, tau, crushed = metadata.pld, metadata.label_duration, metadata.crushed
     notes: list[str] = []
 
     parts, taus, plds = [], [], []
@@ -538,10 +543,10 @@ def _series_deltam(series: AslSeries, constants: Constants) -> _SeriesDeltaM:
             path=meta.source("LabelingDuration"), field="LabelingDuration",
         )
 
-    kind = bids.m0_type(meta)
+    kind = metadata.m0_type
     if kind != "Included" and "m0scan" in types:
         notes.append(f"{series.relpath}: {types.count('m0scan')} m0scan volume(s) ignored (M0Type is {kind})")
-    m0, m0_notes, files = m0_from_series(series, constants, asl_data=data)
+    m0, m0_notes, files = m0_from_series(series, metadata, asl_data=data)
     notes.extend(m0_notes)
     if kind == "Estimate":
         control_index = [i for i, t in enumerate(types) if t == "control"]
@@ -552,8 +557,7 @@ def _series_deltam(series: AslSeries, constants: Constants) -> _SeriesDeltaM:
     else:
         reference, reference_name = m0, "M0"
 
-    axis = bids.slice_axis(meta)
-    offsets = bids.slice_offsets(meta, data.shape[axis])
+    axis, offsets = metadata.slice_axis, metadata.slice_offsets
     files = [series.relpath, context, *files]
     m0_source = series.m0scan.relpath if kind == "Separate" else series.relpath
     return _SeriesDeltaM(
@@ -588,6 +592,7 @@ def _check_pair(first: _SeriesDeltaM, other: _SeriesDeltaM) -> None:
 
 def prepare_acquisition(
     acquisition: Acquisition,
+    metadata: Sequence[SeriesMetadata] | None = None,
     *,
     overrides: Mapping[str, Any] | None = None,
     mask_path: str | Path | None = None,
@@ -595,22 +600,30 @@ def prepare_acquisition(
 ) -> PreparedData:
     """Signals (ΔM/M0t), protocol, mask and constants of one acquisition (see the module doc).
 
-    ``overrides``: Constants fields that win over the metadata
-    (:func:`aslbatch.bids.constants_from_metadata`; invalid ones raise ProtocolError).
+    ``metadata``: the checked metadata of each series, in order (as
+    :func:`aslbatch.bids.check_series` returns them: the pipeline reads and validates
+    once and passes them on); None reads them here (:func:`aslbatch.bids.series_metadata`)
+    with ``overrides``, the Constants fields that win over the metadata (invalid ones
+    raise ProtocolError), and ``background_suppression_correction``, α_BS from the
+    metadata into ``constants.alpha_bs`` (the data are not rescaled; a note says so).
     ``mask_path``: a NIfTI brain mask on the ASL grid; None computes one from M0
-    (:func:`brain_mask`). ``background_suppression_correction``: α_BS from the
-    metadata into ``constants.alpha_bs`` (the data are not rescaled).
+    (:func:`brain_mask`).
     """
     series_list = list(acquisition.series)
     if not series_list:
         raise ValueError("the acquisition has no series")
+    if metadata is None:
+        for series in series_list:
+            if series.problems:
+                raise series.problems[0]
+        metadata = [bids.series_metadata(series, overrides=overrides,
+                                         background_suppression_correction=background_suppression_correction)
+                    for series in series_list]
+    elif len(metadata) != len(series_list):
+        raise ValueError(f"{len(metadata)} metadata records for {len(series_list)} series")
     constants = None
-    for series in series_list:
-        if series.problems:
-            raise series.problems[0]
-        these = bids.constants_from_metadata(
-            series.metadata, overrides, background_suppression_correction=background_suppression_correction
-        )
+    for series, record in zip(series_list, metadata):
+        these = record.constants
         if constants is None:
             constants = these
         elif these != constants:
@@ -619,7 +632,7 @@ def prepare_acquisition(
                 f"{constants.to_dict()}; the series of a pair are fitted with one set of constants",
                 path=series.relpath, field="constants",
             )
-    parts = [_series_deltam(series, constants) for series in series_list]
+    parts = [_series_deltam(series, record) for series, record in zip(series_list, metadata)]
     first = parts[0]
     for other in parts[1:]:
         _check_pair(first, other)

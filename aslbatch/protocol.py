@@ -195,8 +195,9 @@ class Protocol:
         return self.label_duration + self.pld
 
     def shifted(self, offset_s: float) -> "Protocol":
-        """This protocol read ``offset_s`` s later: every PLD + offset (a 2D readout's slice)."""
-        return Protocol(self.label_duration, self.pld + float(offset_s), self.crushed)
+        """The same protocol with every PLD later by ``offset_s`` (s): the timing of a slice of
+        a 2D readout read ``offset_s`` after the first (τ and crushing unchanged)."""
+        return Protocol(self.label_duration, self.pld + offset_s, self.crushed)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``label_duration`` and ``pld`` in s, ``crushed`` as booleans."""

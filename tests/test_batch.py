@@ -356,3 +356,60 @@ def test_an_unexpected_error_in_one_acquisition_fails_only_that_acquisition(tmp_
     assert (tmp_path / "out" / "sub-01" / "perf" / "sub-01_run-2_desc-lm_cbf.nii.gz").is_file()
     log = next((tmp_path / "out" / "logs").glob("run-*.log")).read_text()
     assert "Traceback" in log and "FloatingPointError" in log
+
+
+def test_a_run_groups_each_session_once_and_hashes_each_input_once(dataset, tmp_path, monkeypatch):
+    import hashlib
+
+    import aslbatch.batch as batch
+    import aslbatch.pipeline as pipeline
+
+    hashed, grouped = [], []
+    real_hash, real_group = pipeline.sha256_file, batch.group_acquisitions
+
+    def counting_hash(path):
+        hashed.append(Path(path).relative_to(dataset).as_posix())
+        return real_hash(path)
+
+    def counting_group(session, model):
+        grouped.append(session.name)
+        return real_group(session, model)
+
+    monkeypatch.setattr(pipeline, "sha256_file", counting_hash)
+    monkeypatch.setattr(batch, "group_acquisitions", counting_group)
+    monkeypatch.setattr(pipeline, "group_acquisitions", counting_group)
+    out = tmp_path / "out"
+    report = run_batch(dataset, out, Settings(methods=("lm",)))
+    assert report.counts()["done"] == 3
+    assert sorted(grouped) == ["sub-01", "sub-02", "sub-03"]
+    assert len(hashed) == len(set(hashed))  # planning hashed each input; processing reused the digests
+    recorded = {}
+    for subject in ("01", "02", "03"):
+        provenance = json.loads((out / f"sub-{subject}" / "perf" / f"sub-{subject}_provenance.json").read_text())
+        recorded.update({item["path"]: item["sha256"] for item in provenance["inputs"]})
+    assert set(recorded) == set(hashed)
+    for path, digest in recorded.items():  # and they are the digests of the bytes on disk
+        assert digest == hashlib.sha256((dataset / path).read_bytes()).hexdigest()
+
+
+def test_an_image_changed_after_planning_is_hashed_again_and_recorded_as_read(dataset, tmp_path):
+    import hashlib
+
+    import nibabel as nib
+
+    from aslbatch.batch import _run_session, plan_sessions
+    from aslbatch.bids import find_sessions
+
+    out = tmp_path / "out"
+    settings = Settings(methods=("lm",), report=False)
+    (plan,) = plan_sessions(find_sessions(dataset, ["01"]), out, settings)
+    nifti = dataset / "sub-01" / "perf" / "sub-01_asl.nii.gz"
+    planned = plan.inputs["sub-01"].sha256["sub-01/perf/sub-01_asl.nii.gz"]
+    image = nib.load(nifti)
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * 1.01, image.affine, image.header), nifti)
+    assert _run_session(plan, out, settings).status == "done"
+    provenance = json.loads((out / "sub-01" / "perf" / "sub-01_provenance.json").read_text())
+    recorded = {item["path"]: item["sha256"] for item in provenance["inputs"]}
+    assert recorded["sub-01/perf/sub-01_asl.nii.gz"] == hashlib.sha256(nifti.read_bytes()).hexdigest() != planned
+    # the next run sees the digests it recorded: up to date
+    assert run_batch(dataset, out, settings, participant_labels=["01"]).counts()["skipped"] == 1

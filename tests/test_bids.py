@@ -537,3 +537,41 @@ def test_read_series_directly(root):
     assert series.relpath == "sub-01/ses-1/perf/sub-01_ses-1_asl.nii.gz" and series.problems == ()
     with pytest.raises(BidsError, match="is not inside the dataset"):
         read_series(root / "sub-01", nifti.parent.parent.parent.parent / "elsewhere_asl.nii.gz")
+
+
+# --- the checked metadata of a series, read once ------------------------------------------------
+
+
+def test_check_series_record_holds_what_each_reader_returns(root):
+    from aslbatch.bids import check_series, slice_axis
+
+    context = ("m0scan", *PAIRS)
+    add_series(root, context=context, M0Type="Included", PostLabelingDelay=[0.0] + [1.0, 1.0, 2.0, 2.0] * 2,
+               LabelingDuration=[0.0] + [1.8] * 8, RepetitionTimePreparation=[4.0] + [4.5] * 8,
+               MRAcquisitionType="2D", SliceTiming=[0.1, 0.15, 0.2], VascularCrushing=True, MagneticFieldStrength=1.5)
+    series = only_series(root)
+    record, problems = check_series(series, overrides={"lam": 0.98})
+    assert problems == []
+    meta = series.metadata
+    np.testing.assert_array_equal(record.pld, post_labeling_delays(meta, 9))
+    np.testing.assert_array_equal(record.label_duration, labeling_durations(meta, 9))
+    np.testing.assert_allclose(record.slice_offsets, slice_offsets(meta, SHAPE[slice_axis(meta)]))
+    assert record.volume_types == context and record.n_volumes == 9
+    assert (record.crushed, record.labeling_type, record.m0_type) == (True, "PCASL", "Included")
+    assert (record.m0_repetition_time, record.m0_estimate, record.slice_axis) == (4.0, None, 2)
+    assert record.constants == constants_from_metadata(meta, {"lam": 0.98}) == Constants(t1b=1.35, lam=0.98)
+
+
+def test_check_series_without_a_record_when_a_value_it_holds_is_unreadable(root):
+    from aslbatch.bids import check_series, series_metadata
+
+    add_series(root, MagneticFieldStrength=None)
+    series = only_series(root)
+    record, problems = check_series(series)
+    assert record is None and messages(problems) == [f"{JSON}: MagneticFieldStrength is missing (required by BIDS for ASL)"]
+    with pytest.raises(BidsError, match="MagneticFieldStrength is missing"):
+        series_metadata(series)
+    # t1b given: the constants no longer need the field, the record exists, the problem stays
+    record, problems = check_series(series, overrides={"t1b": 1.6})
+    assert record.constants.t1b == 1.6 and len(problems) == 1
+    assert series_metadata(series, overrides={"t1b": 1.6}).constants.t1b == 1.6

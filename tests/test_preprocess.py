@@ -712,3 +712,29 @@ def test_missing_metadata_names_the_sidecar(root):
         prepare_acquisition(acquisition(root))
     prepared = prepare_acquisition(acquisition(root), overrides={"t1b": 1.6})  # the override needs no field
     assert prepared.constants.t1b == 1.6
+
+
+def test_prepare_with_checked_metadata_reads_no_sidecar(root, monkeypatch):
+    """The pipeline reads each sidecar once (bids.check_series) and hands the records on:
+    preparing with them gives the same data without a single sidecar lookup."""
+    from aslbatch import bids
+
+    timing = [0.0, 0.04, 0.08, 0.12]
+    write_pair(root, {"MRAcquisitionType": "2D", "SliceTiming": timing},
+               {"MRAcquisitionType": "2D", "SliceTiming": timing})
+    acq = acquisition(root, "2c")
+    reference = prepare_acquisition(acq)
+    records = [bids.series_metadata(series) for series in acq.series]
+
+    def no_lookup(self, key):
+        raise AssertionError(f"sidecar field {key} read during preprocessing")
+
+    monkeypatch.setattr(bids.Sidecar, "__getitem__", no_lookup)
+    prepared = prepare_acquisition(acq, records)
+    np.testing.assert_array_equal(prepared.signals, reference.signals)
+    np.testing.assert_array_equal(prepared.slice_offsets, reference.slice_offsets)
+    np.testing.assert_array_equal(prepared.mask, reference.mask)
+    assert prepared.protocol == reference.protocol and prepared.constants == reference.constants
+    assert prepared.notes == reference.notes
+    with pytest.raises(ValueError, match="1 metadata records for 2 series"):
+        prepare_acquisition(acq, records[:1])

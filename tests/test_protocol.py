@@ -378,3 +378,13 @@ def test_numeric_strings_are_not_timings():
         Protocol("1.8", ["1.0"])
     with pytest.raises(ProtocolError, match="label_duration must be numbers"):
         Protocol("1.8", [1.0])
+
+
+def test_shifted_protocol_delays_every_pld_and_keeps_the_rest():
+    base = Protocol([1.8, 1.8, 1.5], [0.2, 1.0, 2.0], [False, True, True])
+    later = base.shifted(0.05)
+    assert later == Protocol([1.8, 1.8, 1.5], [0.25, 1.05, 2.05], [False, True, True])
+    np.testing.assert_allclose(later.readout_time, base.readout_time + 0.05, rtol=0, atol=1e-15)
+    assert base.shifted(0.0) == base
+    with pytest.raises(ProtocolError, match="pld must be >= 0 s"):
+        base.shifted(-0.3)

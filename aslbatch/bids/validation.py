@@ -1,0 +1,319 @@
+"""Checking BIDS ASL input, and the checked metadata of each series, read once.
+
+:func:`check_series` runs every metadata reader of :mod:`aslbatch.bids.metadata` on a
+series found by :mod:`aslbatch.bids.layout`, collects every problem (it never stops at
+the first) and returns a :class:`SeriesMetadata`: the per-volume timing, the M0 and
+slice timing and the model constants that preprocessing consumes, so no sidecar is
+parsed twice. :func:`validate_series`, :func:`validate_session` and
+:func:`validate_dataset` return the problems alone (``aslbatch validate``).
+
+Every problem is a :class:`~aslbatch.bids.metadata.BidsError` whose message starts with
+the dataset-relative path of the file to fix, e.g. ``sub-01/perf/sub-01_asl.json:
+PostLabelingDelay has 10 values but the series has 12 volumes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .layout import MODELS, AslSeries, Session, _rel, find_sessions, pair_series
+from .metadata import (
+    ASL_VOLUME_TYPES,
+    VOLUME_TYPES,
+    BidsError,
+    _error,
+    constants_from_metadata,
+    labeling_durations,
+    labeling_type,
+    m0_estimate,
+    m0_type,
+    magnetic_field_strength,
+    post_labeling_delays,
+    repetition_time_preparation,
+    slice_axis,
+    slice_offsets,
+    vascular_crushing,
+)
+from ..protocol import Constants
+
+__all__ = [
+    "SeriesMetadata",
+    "check_series",
+    "m0_repetition_time",
+    "series_metadata",
+    "validate_dataset",
+    "validate_series",
+    "validate_session",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesMetadata:
+    """The checked metadata of one ASL series, as :func:`check_series` read it.
+
+    Attributes
+    ----------
+    volume_types : the aslcontext ``volume_type`` of every volume.
+    label_duration : τ per volume (s), float64 ``(n_volumes,)``.
+    pld : PostLabelingDelay per volume (s), float64 ``(n_volumes,)``.
+    crushed : VascularCrushing of the series.
+    labeling_type : ``"PCASL"`` or ``"CASL"``.
+    m0_type : ``"Separate"``, ``"Included"`` or ``"Estimate"``.
+    m0_estimate : M0Estimate (the M0 of blood, scanner units) for Estimate, else None.
+    m0_repetition_time : RepetitionTimePreparation (s) of the M0 volumes, None for Estimate.
+    slice_axis : the image axis (0, 1, 2) slices are stacked along.
+    slice_offsets : per slice along ``slice_axis`` (s), the time after the PLD the slice
+        was read (zeros for 3D readouts).
+    constants : the model constants from the metadata and the user's overrides.
+    """
+
+    volume_types: tuple[str, ...]
+    label_duration: np.ndarray
+    pld: np.ndarray
+    crushed: bool
+    labeling_type: str
+    m0_type: str
+    m0_estimate: float | None
+    m0_repetition_time: float | None
+    slice_axis: int
+    slice_offsets: np.ndarray
+    constants: Constants
+
+    @property
+    def n_volumes(self) -> int:
+        """Number of volumes of the series."""
+        return len(self.volume_types)
+
+
+def m0_repetition_time(series: AslSeries) -> float | None:
+    """RepetitionTimePreparation (s) of the M0 volumes, None for M0Type Estimate.
+
+    Separate: from the m0scan's sidecar; Included: at the m0scan volumes of the
+    series. The M0 volumes must share one value.
+    """
+    kind = m0_type(series.metadata)
+    if kind == "Estimate":
+        return None
+    if kind == "Separate":
+        if series.m0scan is None:
+            raise _error(series.metadata, "M0Type", "M0Type is Separate but the series has no m0scan")
+        meta, n = series.m0scan.metadata, series.m0scan.n_volumes or 1
+        values = repetition_time_preparation(meta, n)
+    else:
+        meta = series.metadata
+        index = [i for i, volume in enumerate(series.volume_types) if volume == "m0scan"]
+        if not index:
+            raise _error(
+                meta, "M0Type", f"M0Type is Included but the aslcontext of {series.relpath} lists no m0scan volume"
+            )
+        values = repetition_time_preparation(meta, series.n_volumes or len(series.volume_types))[index]
+    if np.ptp(values) > 0:
+        raise _error(
+            meta, "RepetitionTimePreparation",
+            f"RepetitionTimePreparation differs between the M0 volumes: {sorted(set(values.tolist()))}",
+        )
+    return float(values[0])
+
+
+def _unique(errors: Sequence[BidsError]) -> list[BidsError]:
+    seen: set[str] = set()
+    out = []
+    for error in errors:
+        if str(error) not in seen:
+            seen.add(str(error))
+            out.append(error)
+    return out
+
+
+def check_series(
+    series: AslSeries,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    background_suppression_correction: bool = False,
+) -> tuple[SeriesMetadata | None, list[BidsError]]:
+    """Read and check a series' metadata once: its :class:`SeriesMetadata` and every problem.
+
+    The problems, besides the reading ones: required fields, per-volume lengths, units,
+    aslcontext rows == NIfTI volumes, as many control as label volumes, τ > 0 on
+    labeled volumes, the M0 by M0Type, slice timing and the constants. The record is
+    None when a value it holds could not be read; it can exist beside problems that do
+    not enter it (e.g. unpaired control volumes, or a missing MagneticFieldStrength when
+    ``overrides`` give t1b). ``overrides`` and ``background_suppression_correction`` are
+    those of :func:`~aslbatch.bids.metadata.constants_from_metadata`; invalid overrides
+    (the user's settings, not the data) raise ProtocolError.
+    """
+    problems = list(series.problems)
+    meta, n = series.metadata, series.n_volumes
+
+    def attempt(function, *args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except BidsError as exc:
+            problems.append(exc)
+            return None
+
+    labeling = attempt(labeling_type, meta)
+    kind = attempt(m0_type, meta)
+    crushed = attempt(vascular_crushing, meta)
+    attempt(magnetic_field_strength, meta)
+    constants = attempt(
+        constants_from_metadata, meta, overrides, background_suppression_correction=background_suppression_correction
+    )
+
+    pld = tau = axis = offsets = repetition_time = estimate = None
+    types = series.volume_types
+    if n is not None:
+        pld = attempt(post_labeling_delays, meta, n)
+        tau = attempt(labeling_durations, meta, n)
+        attempt(repetition_time_preparation, meta, n)
+        axis = attempt(slice_axis, meta)
+        if axis is not None and series.shape is not None:
+            offsets = attempt(slice_offsets, meta, series.shape[axis])
+        context = _rel(series.aslcontext, series.bids_dir) if series.aslcontext else None
+        if types and len(types) != n:
+            problems.append(BidsError(
+                f"volume_type has {len(types)} rows but {series.relpath} has {n} volumes",
+                path=context, field="volume_type",
+            ))
+        elif types:
+            problems.extend(_check_volume_types(series, tau, context))
+            if kind == "Included":
+                repetition_time = attempt(m0_repetition_time, series)
+
+    if kind == "Separate" and series.m0scan is not None and series.m0scan.n_volumes is not None:
+        repetition_time = attempt(m0_repetition_time, series)
+    if kind == "Estimate":
+        estimate = attempt(m0_estimate, meta)
+    problems = _unique(problems)
+
+    read = (labeling, kind, crushed, constants, pld, tau, axis, offsets)
+    m0_read = estimate is not None if kind == "Estimate" else repetition_time is not None
+    if any(value is None for value in read) or not m0_read or not types or len(types) != n:
+        return None, problems
+    record = SeriesMetadata(
+        volume_types=tuple(types), label_duration=tau, pld=pld, crushed=crushed, labeling_type=labeling,
+        m0_type=kind, m0_estimate=estimate, m0_repetition_time=repetition_time, slice_axis=axis,
+        slice_offsets=offsets, constants=constants,
+    )
+    return record, problems
+
+
+def series_metadata(
+    series: AslSeries,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    background_suppression_correction: bool = False,
+) -> SeriesMetadata:
+    """The :class:`SeriesMetadata` of :func:`check_series`; its first problem (BidsError)
+    when the record cannot be read."""
+    record, problems = check_series(
+        series, overrides=overrides, background_suppression_correction=background_suppression_correction
+    )
+    if record is None:
+        raise problems[0] if problems else BidsError("metadata cannot be read", path=series.relpath)
+    return record
+
+
+def validate_series(
+    series: AslSeries,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    background_suppression_correction: bool = False,
+) -> list[BidsError]:
+    """Every problem of one series (:func:`check_series` without the record)."""
+    return check_series(
+        series, overrides=overrides, background_suppression_correction=background_suppression_correction
+    )[1]
+
+
+def _check_volume_types(series: AslSeries, tau: np.ndarray | None, context: str | None) -> list[BidsError]:
+    types = series.volume_types
+    problems = []
+    counts = {name: types.count(name) for name in VOLUME_TYPES}
+    if counts["control"] != counts["label"]:
+        problems.append(BidsError(
+            f"volume_type has {counts['control']} control but {counts['label']} label volumes; "
+            "control and label volumes come in pairs",
+            path=context, field="volume_type",
+        ))
+    if not (counts["control"] and counts["label"]) and not counts["deltam"]:
+        problems.append(BidsError(
+            "volume_type lists no control/label pair and no deltam volume: nothing to fit",
+            path=context, field="volume_type",
+        ))
+    if tau is not None:
+        labeled = np.array([name in ASL_VOLUME_TYPES for name in types])
+        bad = np.flatnonzero(labeled & (tau <= 0))
+        if bad.size:
+            problems.append(_error(
+                series.metadata, "LabelingDuration",
+                f"LabelingDuration must be > 0 s for {', '.join(ASL_VOLUME_TYPES)} volumes; "
+                f"it is 0 at volume(s) {bad.tolist()}",
+            ))
+    return problems
+
+
+def validate_session(
+    session: Session,
+    *,
+    model: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
+    background_suppression_correction: bool = False,
+) -> list[BidsError]:
+    """Every problem of a session's series, plus those of grouping them for ``model``."""
+    problems: list[BidsError] = []
+    for series in session.series:
+        problems.extend(validate_series(
+            series, overrides=overrides, background_suppression_correction=background_suppression_correction
+        ))
+    names = [series.name for series in session.series]
+    for series in session.series:
+        if names.count(series.name) > 1:
+            problems.append(BidsError(
+                f"{series.name} exists both as .nii and .nii.gz; keep one", path=series.relpath, field="file name"
+            ))
+    if model == "2c":
+        problems.extend(reason for _, reason in pair_series(session.series)[1] if reason is not None)
+    return _unique(problems)
+
+
+def validate_dataset(
+    bids_dir: str | Path,
+    participant_labels: Sequence[str] | None = None,
+    *,
+    model: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
+    background_suppression_correction: bool = False,
+) -> list[BidsError]:
+    """Every input problem in a dataset (empty when it is ready to process).
+
+    Collects, without stopping at the first: a missing folder or participant,
+    no ASL series, unreadable JSON, missing or inconsistent aslcontext, missing
+    required fields, per-volume lengths and units, the M0 by M0Type (including a
+    missing m0scan for Separate), and, with ``model="2c"``, series left unpaired.
+    ``overrides`` and ``background_suppression_correction`` are those of
+    :func:`constants_from_metadata`.
+    """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    try:
+        sessions = find_sessions(bids_dir, participant_labels)
+    except BidsError as exc:
+        return [exc]
+    if not sessions:
+        return [BidsError(
+            "no ASL series found (expected sub-<label>[/ses-<label>]/perf/*_asl.nii[.gz])",
+            path=str(bids_dir), field="asl",
+        )]
+    problems: list[BidsError] = []
+    for session in sessions:
+        problems.extend(validate_session(
+            session, model=model, overrides=overrides,
+            background_suppression_correction=background_suppression_correction,
+        ))
+    return _unique(problems)
