@@ -573,3 +573,34 @@ def test_invalid_options_raise_in_fit(m1, options, word):
 def test_valid_options_fit(m1):
     estimator = get_estimator("lm", m1, max_iter=1, xtol=0.5, ftol=1e-15).fit()
     assert estimator.options()["max_iter"] == 1
+
+
+# --- 7. what each model provides to LM (the lm_* functions of its module) ---------------------
+@pytest.mark.parametrize("name,edge", [("1c", 0.0), ("2c", 0.0), ("2c", 0.1)])
+@pytest.mark.parametrize("t1_prime", ["blood", "tissue"])
+def test_model_lm_functions_match_signal_and_jacobian(name, edge, t1_prime):
+    """A model module's fused normal equations (cost, JᵀJ, Jᵀr in LM's internal parameters q)
+    against the model's signal and Jacobian (a second implementation), and q <-> parameters.
+
+    2C: q = (cbf, abv, abat, gap = att − abat), so ds/dq has abat's column ds/dabat + ds/datt."""
+    import importlib
+
+    options = {"arterial_edge_s": edge} if name == "2c" else {}
+    model = get_model(name, default_protocol(name), Constants(t1_prime=t1_prime), **options)
+    module = importlib.import_module(type(model).__module__)
+    data = simulate(model, 200, 10.0, noise="gaussian", seed=701)
+    sig, jac = model.signal_and_jacobian(data.params)
+    q = data.params.copy()
+    if name == "2c":
+        q[:, 3] -= q[:, 2]
+        jac[:, :, 2] += jac[:, :, 3]
+    upper = np.triu_indices(model.n_params)
+    for i in range(q.shape[0]):
+        r = data.signals[i] - sig[i]
+        cost, a, g = module.lm_normal_equations(tuple(q[i]), data.signals[i], model.vol, model.const)
+        np.testing.assert_allclose(cost, r @ r, rtol=1e-10)
+        np.testing.assert_allclose(a, (jac[i].T @ jac[i])[upper], rtol=1e-10, atol=1e-12 * np.abs(a).max())
+        np.testing.assert_allclose(g, jac[i].T @ r, rtol=1e-9, atol=1e-12 * np.abs(g).max())
+        np.testing.assert_allclose(module.lm_params(tuple(q[i])), data.params[i], rtol=1e-15)
+        j_att = model.param_names.index("att")
+        assert q[i, j_att] + module.lm_att_offset(tuple(q[i])) == pytest.approx(data.params[i, j_att], rel=1e-15)

@@ -219,7 +219,8 @@ def test_lm_cost_no_worse_than_multistart_scipy(name, pinned, lm_results):
     np.testing.assert_allclose(np.sum((y_all[rows] - _reference_signal(model, est.params[rows])) ** 2, axis=1),
                                rss_lm, rtol=1e-9, atol=1e-24)
     no_worse = rss_lm <= rss_sp * (1 + 1e-6) + 1e-20
-    assert no_worse.mean() >= NO_WORSE[name], (no_worse.mean(), rows[~no_worse][:5], rss_lm[~no_worse][:5], rss_sp[~no_worse][:5])
+    assert no_worse.mean() >= NO_WORSE[name], (no_worse.mean(), rows[~no_worse][:5], rss_lm[~no_worse][:5],
+                                               rss_sp[~no_worse][:5])
     # where both reach the same minimum at a point well determined for both (a point on a kink,
     # e.g. att at a readout time, can look determined on one side only), the parameters agree
     same = np.abs(rss_lm - rss_sp) <= 1e-7 * rss_sp
