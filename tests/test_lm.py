@@ -10,6 +10,7 @@ Oracles:
 - first-order optimality (the gradient Jᵀr computed here from ``model.jacobian``);
 - Monte Carlo: the spread of the estimates over noise repeats against the reported
   standard errors.
+(tests/test_lm_regression.py adds a multi-start scipy oracle on the pinned regression voxels.)
 
 Breakpoints of the piecewise models (default protocols, τ = 1.8 s):
 - 1C tissue: a volume (PLD w, readout t = τ + w) sees nothing for att > t, the arriving
@@ -574,49 +575,32 @@ def test_valid_options_fit(m1):
     assert estimator.options()["max_iter"] == 1
 
 
-# --- 7./8. the fast paths against the generic kernel (same algorithm, second implementation) ---
-def _fast_vs_generic(model, snr, seed, stderr_cols):
-    """Fit a simulated set (with invalid rows) on both paths and compare costs, parameters,
-    statuses and the standard errors of ``stderr_cols``; returns (fast estimate, valid rows)."""
-    data = simulate(model, 3000, snr, seed=seed)
-    signals = data.signals.copy()
-    signals[:3] = np.array([np.nan, 0.0, np.inf])[:, None]  # invalid rows go through both paths too
-    fast = get_estimator("lm", model).fit().predict(signals)
-    generic = get_estimator("lm", model, fast_path=False).fit().predict(signals)
-    np.testing.assert_array_equal(np.isnan(fast.params), np.isnan(generic.params))
-    assert (fast.status[:3] == Status.INVALID_INPUT).all()
-    ok = ~np.isnan(generic.rss)
-    # closed-form solves vs Cholesky round differently, so paths may part at kinks:
-    # the fits must reach the same cost (or the fast path a lower one) almost everywhere
-    same_cost = fast.rss[ok] <= generic.rss[ok] * (1 + 1e-9) + 1e-24
-    assert same_cost.mean() >= 0.998, same_cost.mean()
-    close = np.isclose(fast.params[ok], generic.params[ok], rtol=1e-6, atol=1e-6).all(axis=1)
-    assert close.mean() >= 0.99, close.mean()
-    agree = close & (fast.status[ok] == generic.status[ok])
-    assert agree.mean() >= 0.99, agree.mean()
-    se_fast, se_generic = fast.stderr[ok][:, stderr_cols], generic.stderr[ok][:, stderr_cols]
-    both = close & np.isfinite(se_generic).all(axis=1)
-    assert both.mean() > 0.5, both.mean()
-    # (noise-free fits have standard errors at rounding level: compared in absolute terms)
-    np.testing.assert_allclose(se_fast[both], se_generic[both], rtol=1e-5, atol=1e-8)
-    return fast, ok
-
-
+# --- 7. what each model provides to LM (the lm_* functions of its module) ---------------------
+@pytest.mark.parametrize("name,edge", [("1c", 0.0), ("2c", 0.0), ("2c", 0.1)])
 @pytest.mark.parametrize("t1_prime", ["blood", "tissue"])
-@pytest.mark.parametrize("snr", [3.0, 10.0, np.inf])
-def test_one_compartment_fast_path_matches_generic_kernel(t1_prime, snr):
-    model = get_model("1c", default_protocol("1c"), Constants(t1_prime=t1_prime))
-    _fast_vs_generic(model, snr, 71, [0, 1])
+def test_model_lm_functions_match_signal_and_jacobian(name, edge, t1_prime):
+    """A model module's fused normal equations (cost, JᵀJ, Jᵀr in LM's internal parameters q)
+    against the model's signal and Jacobian (a second implementation), and q <-> parameters.
 
+    2C: q = (cbf, abv, abat, gap = att − abat), so ds/dq has abat's column ds/dabat + ds/datt."""
+    import importlib
 
-@pytest.mark.parametrize("arterial_edge_s", [0.0, 0.1])
-@pytest.mark.parametrize("t1_prime", ["blood", "tissue"])
-@pytest.mark.parametrize("snr", [3.0, 10.0, np.inf])
-def test_two_compartment_fast_path_matches_generic_kernel(arterial_edge_s, t1_prime, snr):
-    """abat held (hard edges) and free (smooth edges, att's stderr from var(abat) + var(gap) + 2 cov)."""
-    model = get_model("2c", default_protocol("2c"), Constants(t1_prime=t1_prime), arterial_edge_s=arterial_edge_s)
-    # abat held with hard edges: NaN standard error; the others (att's from the gap's) are compared
-    cols = [0, 1, 3] if arterial_edge_s == 0.0 else [0, 1, 2, 3]
-    fast, ok = _fast_vs_generic(model, snr, 72, cols)
-    if arterial_edge_s == 0.0:
-        assert np.isnan(fast.stderr[ok, 2]).all()
+    options = {"arterial_edge_s": edge} if name == "2c" else {}
+    model = get_model(name, default_protocol(name), Constants(t1_prime=t1_prime), **options)
+    module = importlib.import_module(type(model).__module__)
+    data = simulate(model, 200, 10.0, noise="gaussian", seed=701)
+    sig, jac = model.signal_and_jacobian(data.params)
+    q = data.params.copy()
+    if name == "2c":
+        q[:, 3] -= q[:, 2]
+        jac[:, :, 2] += jac[:, :, 3]
+    upper = np.triu_indices(model.n_params)
+    for i in range(q.shape[0]):
+        r = data.signals[i] - sig[i]
+        cost, a, g = module.lm_normal_equations(tuple(q[i]), data.signals[i], model.vol, model.const)
+        np.testing.assert_allclose(cost, r @ r, rtol=1e-10)
+        np.testing.assert_allclose(a, (jac[i].T @ jac[i])[upper], rtol=1e-10, atol=1e-12 * np.abs(a).max())
+        np.testing.assert_allclose(g, jac[i].T @ r, rtol=1e-9, atol=1e-12 * np.abs(g).max())
+        np.testing.assert_allclose(module.lm_params(tuple(q[i])), data.params[i], rtol=1e-15)
+        j_att = model.param_names.index("att")
+        assert q[i, j_att] + module.lm_att_offset(tuple(q[i])) == pytest.approx(data.params[i, j_att], rel=1e-15)

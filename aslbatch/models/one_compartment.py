@@ -103,13 +103,17 @@ def tissue_voxel(cbf, att, vol, const, sig, jac, j_cbf, j_att, with_jac):
             jac[v, j_att] = d_att
 
 
-@serial
-def normal_equations_voxel(cbf, att, y, vol, const):
-    """Least-squares quantities of the 1C model at (cbf, att) for data ``y`` (ΔM/M0t), in one pass.
+# --- what Levenberg–Marquardt needs of this model (see aslbatch.estimators.lm) ----------------
+# LM's internal parameters q are the model's, (cbf, att).
 
-    Returns (cost, a00, a01, a11, g0, g1): cost = |y - s|², A = JᵀJ and g = Jᵀ(y - s) with
-    J = (ds/dcbf, ds/datt) per mL/100 g/min and per s. For fitting without signal arrays.
+
+@serial
+def lm_normal_equations(q, y, vol, const):
+    """Least-squares quantities of the 1C model at q = (cbf, att) for data ``y`` (ΔM/M0t), in one
+    pass (no signal arrays): (cost, A, g) with cost = |y - s|², A = JᵀJ's upper triangle
+    (a00, a01, a11) and g = Jᵀ(y - s) = (g0, g1), J = (ds/dcbf, ds/datt) per mL/100 g/min and per s.
     """
+    cbf, att = q[0], q[1]
     label, t1b = const[LABEL], const[T1B]
     e_att = math.exp(-att / t1b)
     cost = 0.0
@@ -135,20 +139,39 @@ def normal_equations_voxel(cbf, att, y, vol, const):
         a11 += j1 * j1
         g0 += j0 * r
         g1 += j1 * r
-    return cost, a00, a01, a11, g0, g1
+    return cost, (a00, a01, a11), (g0, g1)
 
 
 @serial
-def normal_equations_into(params, y, vol, const, a, g):
-    """:func:`normal_equations_voxel` at params = (cbf, att), written into ``a`` (2 x 2) and ``g``."""
-    cost, a00, a01, a11, g0, g1 = normal_equations_voxel(params[0], params[1], y, vol, const)
-    a[0, 0] = a00
-    a[0, 1] = a01
-    a[1, 0] = a01
-    a[1, 1] = a11
-    g[0] = g0
-    g[1] = g1
-    return cost
+def lm_start(cbf, abv, abat, att, lower, upper):
+    """LM's start q from a grid point (cbf in mL/100 g/min, att in s; abv and abat unused),
+    clipped into the model bounds ``lower``/``upper`` (tuples)."""
+    return min(max(cbf, lower[0]), upper[0]), min(max(att, lower[1]), upper[1])
+
+
+@serial
+def lm_att_offset(q):
+    """att (s) = q[1] + this offset: q holds att itself."""
+    return 0.0
+
+
+@serial
+def lm_project(q, att_max):
+    """q made feasible after a step: the bounds already are, nothing else to enforce."""
+    return q
+
+
+@serial
+def lm_params(q):
+    """Model parameters (cbf, att) from LM's q: the same."""
+    return q
+
+
+@serial
+def lm_stderr(cov, free):
+    """Standard errors (mL/100 g/min, s) from the covariance ``cov`` of q (NaN where not estimable)."""
+    return (math.sqrt(cov[0][0]) if cov[0][0] >= 0.0 else math.nan,
+            math.sqrt(cov[1][1]) if cov[1][1] >= 0.0 else math.nan)
 
 
 @serial

@@ -78,15 +78,21 @@ def arterial_voxel(abv, abat, vol, const, sig, jac, j_abv, j_abat, with_jac):
             jac[v, j_abat] = d_abat
 
 
-@serial
-def normal_equations_scalars(cbf, abv, abat, att, y, vol, const):
-    """Least-squares quantities of the 2C model at (cbf, abv, abat, att) for data ``y`` (ΔM/M0t), in one pass.
+# --- what Levenberg–Marquardt needs of this model (see aslbatch.estimators.lm) ----------------
+# LM's internal parameters are q = (cbf, abv, abat, gap = att - abat), so that the order
+# abat <= att is the plain bound gap >= 0.
 
-    Returns (cost, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3):
-    cost = |y - s|², the upper triangle of A = JᵀJ and g = Jᵀ(y - s), with J = ds/d(cbf,
-    abv, abat, att) per mL/100 g/min, per mL/mL, per s and per s. For fitting without
-    signal arrays.
+
+@serial
+def lm_normal_equations(q, y, vol, const):
+    """(cost, A, g) at q = (cbf, abv, abat, gap) for data ``y`` (ΔM/M0t), in one pass (no signal arrays).
+
+    cost = |y - s|², A = JᵀJ's upper triangle (a00, a01, a02, a03, a11, a12, a13, a22, a23, a33)
+    and g = Jᵀ(y - s), with respect to q: J = ds/d(cbf, abv, abat, att) per mL/100 g/min, per
+    mL/mL, per s and per s, then abat's column becomes d/dabat + d/datt (the gap held).
     """
+    cbf, abv, abat = q[0], q[1], q[2]
+    att = abat + q[3]
     label, t1b = const[LABEL], const[T1B]
     s_edge = const[EDGE_S]
     e_att = math.exp(-att / t1b)
@@ -137,35 +143,56 @@ def normal_equations_scalars(cbf, abv, abat, att, y, vol, const):
         a22 += j2 * j2
         a23 += j2 * j3
         a33 += j3 * j3
-    return cost, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3
+    # abat's row and column gain att's (row first, then column)
+    g2 += g3
+    a22 = (a22 + a23) + (a23 + a33)
+    a02 += a03
+    a12 += a13
+    a23 += a33
+    return cost, (a00, a01, a02, a03, a11, a12, a13, a22, a23, a33), (g0, g1, g2, g3)
 
 
 @serial
-def normal_equations_voxel(params, y, vol, const, a, g):
-    """:func:`normal_equations_scalars` at params = (cbf, abv, abat, att), written into ``a`` (4 x 4) and ``g``.
+def lm_start(cbf, abv, abat, att, lower, upper):
+    """LM's start q = (cbf, abv, abat, gap) from a grid point (mL/100 g/min, mL/mL, s, s),
+    clipped into the model bounds ``lower``/``upper`` (tuples, model order) with abat <= att."""
+    abat0 = min(max(abat, lower[2]), upper[2])
+    gap0 = max(min(max(att, lower[3]), upper[3]) - abat0, 0.0)
+    return min(max(cbf, lower[0]), upper[0]), min(max(abv, lower[1]), upper[1]), abat0, gap0
 
-    A = JᵀJ goes to ``a`` (both triangles), g = Jᵀ(y - s) to ``g``; returns the cost |y - s|².
-    """
-    cost, a00, a01, a02, a03, a11, a12, a13, a22, a23, a33, g0, g1, g2, g3 = normal_equations_scalars(
-        params[0], params[1], params[2], params[3], y, vol, const)
-    a[0, 0] = a00
-    a[0, 1] = a01
-    a[0, 2] = a02
-    a[0, 3] = a03
-    a[1, 1] = a11
-    a[1, 2] = a12
-    a[1, 3] = a13
-    a[2, 2] = a22
-    a[2, 3] = a23
-    a[3, 3] = a33
-    for i in range(4):
-        for j in range(i):
-            a[i, j] = a[j, i]
-    g[0] = g0
-    g[1] = g1
-    g[2] = g2
-    g[3] = g3
-    return cost
+
+@serial
+def lm_att_offset(q):
+    """att (s) = q[3] + this offset: abat (q[3] is the gap)."""
+    return q[2]
+
+
+@serial
+def lm_project(q, att_max):
+    """q made feasible after a step: att = abat + gap capped at ``att_max`` (s)."""
+    if q[2] + q[3] > att_max:
+        return q[0], q[1], q[2], max(att_max - q[2], 0.0)
+    return q
+
+
+@serial
+def lm_params(q):
+    """Model parameters (cbf, abv, abat, att) from LM's q = (cbf, abv, abat, gap)."""
+    return q[0], q[1], q[2], q[2] + q[3]
+
+
+@serial
+def lm_stderr(cov, free):
+    """Standard errors of (cbf, abv, abat, att) from the covariance ``cov`` of q (NaN where not
+    estimable): var(att) = var(abat) + var(gap) + 2 cov(abat, gap) when abat is free, else var(gap)."""
+    se = (math.sqrt(cov[0][0]) if cov[0][0] >= 0.0 else math.nan,
+          math.sqrt(cov[1][1]) if cov[1][1] >= 0.0 else math.nan,
+          math.sqrt(cov[2][2]) if cov[2][2] >= 0.0 else math.nan,
+          math.sqrt(cov[3][3]) if cov[3][3] >= 0.0 else math.nan)
+    if not free[2]:
+        return se
+    var = cov[2][2] + cov[3][3] + 2.0 * cov[2][3]
+    return se[0], se[1], se[2], math.sqrt(var) if var >= 0.0 else math.nan
 
 
 @serial
