@@ -373,7 +373,7 @@ def train(
     protocol: Annotated[Optional[list[Path]], typer.Option(help="A protocol JSON {label_duration, pld, crushed} in s, or the *_asl.json sidecar(s) of one acquisition (aslcontext beside; repeat for a non-crushed + DANTE pair; constants and SliceTiming come from them). Default: the model's default protocol.")] = None,
     method: Annotated[MethodName, typer.Option(help="Network estimator to train: supervised (loss on the parameters) or unsupervised (physics-informed: loss on the signal).")] = MethodName["supervised"],
     loss: Annotated[LossName, typer.Option(help="Mean squared (mse) or mean absolute (mae) error.")] = LossName.mse,
-    n_samples: Annotated[int, typer.Option(min=100, help="Simulated training samples.")] = 500_000,
+    n_samples: Annotated[Optional[int], typer.Option(min=100, help="Simulated training samples (default: the method's, supervised 250 000, unsupervised 500 000).")] = None,
     hidden_layers: Annotated[Optional[str], typer.Option(help="Hidden layer widths, comma-separated (default per model).")] = None,
     snr_min: Annotated[float, typer.Option(help="Lowest training SNR (S_ref / σ).")] = 2.0,
     snr_max: Annotated[float, typer.Option(help="Highest training SNR.")] = 50.0,
@@ -400,10 +400,11 @@ def train(
     except ValueError:
         fail(f"--hidden-layers must be comma-separated integers, got {hidden_layers!r}")
     try:
-        estimator = get_estimator(method.value, kinetic, hidden_layers=hidden, n_samples=n_samples,
-                                  snr_range=(snr_min, snr_max), noise=noise.value, max_epochs=max_epochs, seed=seed,
-                                  slice_offsets=offsets, loss=loss.value)
-        estimator.options()
+        samples = {"n_samples": n_samples} if n_samples is not None else {}
+        estimator = get_estimator(method.value, kinetic, hidden_layers=hidden, snr_range=(snr_min, snr_max),
+                                  noise=noise.value, max_epochs=max_epochs, seed=seed, slice_offsets=offsets,
+                                  loss=loss.value, **samples)
+        n_samples = estimator.options()["n_samples"]
     except ValueError as exc:
         fail(str(exc))
     typer.echo(f"training a {method.value} {model.value} network on {n_samples} simulated samples"

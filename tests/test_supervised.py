@@ -144,3 +144,28 @@ def test_training_is_reproducible(model_1c):
     b = get_estimator("supervised", model_1c, **opts).fit()
     signals = simulate(model_1c, 100, 10.0, seed=1).signals
     np.testing.assert_array_equal(a.predict(signals).params, b.predict(signals).params)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_mse_network_as_accurate_as_sklearn_mlpregressor(model_1c):
+    """The numba-trained MSE network (TRAINING_VERSION 2) against scikit-learn's MLPRegressor (the
+    trainer of version 1) fitted to the same simulated samples, architecture, Adam settings, L2 and
+    epoch count: the same test NRMSE within 10 %."""
+    from aslbatch.estimators.neural import constrain, training_set
+
+    opts = {**SMALL_NETWORK, "n_samples": 20_000, "snr_range": (5.0, 50.0), "max_epochs": 25, "patience": 25}
+    est = get_estimator("supervised", model_1c, **opts).fit()
+    assert est.training_["epochs"] == 25
+    train = training_set(model_1c, opts["n_samples"], opts["snr_range"], "rician", [],
+                         np.random.default_rng(opts["seed"]))  # fit()'s training samples: same seed, drawn first
+    xs, ys = StandardScaler().fit(train.inputs), StandardScaler().fit(train.params)
+    mlp = MLPRegressor(hidden_layer_sizes=opts["hidden_layers"], batch_size=opts["batch_size"],
+                       learning_rate_init=opts["learning_rate"], alpha=1e-4, max_iter=opts["max_epochs"], tol=0.0,
+                       n_iter_no_change=opts["max_epochs"] + 1, random_state=0)
+    mlp.fit(xs.transform(train.inputs), ys.transform(train.params))
+    data = simulate(model_1c, 10_000, 10.0, seed=12)
+    ours = nrmse(est.predict(data.signals).params, data.params)
+    theirs_params = ys.inverse_transform(mlp.predict(xs.transform(data.signals)))
+    constrain(model_1c, theirs_params)  # clipped into the bounds as predict() clips ours
+    theirs = nrmse(theirs_params, data.params)
+    assert np.all(ours < 1.1 * theirs), (ours, theirs)

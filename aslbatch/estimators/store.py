@@ -54,7 +54,7 @@ FORMAT = "aslbatch.network/1"
 #: environment variable overriding the cache folder
 CACHE_ENV = "ASLBATCH_CACHE_DIR"
 #: bump when training changes so that cached networks of older code are not reused
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2
 #: protocol times (s) and constants closer than this are the same
 MATCH_TOLERANCE = 1e-6
 log = logging.getLogger("aslbatch.networks")

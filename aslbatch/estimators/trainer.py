@@ -1,7 +1,7 @@
 """The numba network trainer: epochs of minibatch Adam (:mod:`._mlp`), validation, early stopping.
 
-Used by the physics-informed ``unsupervised`` network and by the supervised network's
-``loss="mae"`` (scikit-learn's MLPRegressor minimises squared error only). Every epoch
+Used by the physics-informed ``unsupervised`` network and by the supervised network (both
+losses; until TRAINING_VERSION 2 its MSE variant was trained by scikit-learn). Every epoch
 is one call of the compiled :func:`._mlp.train_epoch`; after it the loss on the held-out
 rows is computed with the same head, and training stops after ``patience`` epochs
 without a relative improvement of IMPROVEMENT, keeping the best epoch's weights.
