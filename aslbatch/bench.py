@@ -29,7 +29,6 @@ average before and after.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import platform
@@ -44,8 +43,6 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numba
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from scipy.optimize import least_squares
 from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -58,6 +55,7 @@ from .models import MODELS, KineticModel, get_model
 from .phantom import write_bids_dataset
 from .pipeline import Settings
 from .protocol import default_protocol
+from .report import figure_png, markdown_table, new_figure
 from .simulate import simulate
 
 __all__ = ["FULL", "QUICK", "BenchResult", "best_time", "coarse_start", "machine_info", "markdown", "plot", "run_bench",
@@ -415,11 +413,6 @@ def _num(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-
-
 def markdown(result: BenchResult) -> str:
     """bench.md: the machine, then the throughput, scipy, training and batch tables."""
     m, s = result.machine, result.settings
@@ -437,15 +430,15 @@ def markdown(result: BenchResult) -> str:
         f"thread count; fastest of >= {MIN_ROUNDS} calls after a warm-up call (numba compile time excluded). "
         f"× scipy and × LM: voxels/s over the scipy loop's and over LM's at the same model, threads and size.", "",
     ]
-    lines += _table(["model", "method", "threads", "voxels", "voxels/s", "× scipy", "× LM"], [
+    lines.append(markdown_table(["model", "method", "threads", "voxels", "voxels/s", "× scipy", "× LM"], [
         (r["model"], r["method"], r["threads"], f"{r['voxels']:,}", _num(r["voxels_per_s"]), _num(r["vs_scipy"]),
-         _num(r["vs_lm"])) for r in result.throughput])
+         _num(r["vs_lm"])) for r in result.throughput]))
     if s["skipped_threads"]:
         lines += ["", f"Thread counts {s['skipped_threads']} skipped: more than this machine's numba threads."]
     lines += ["", "scipy reference: bounded `least_squares` (trf, analytic Jacobian) per voxel in a Python loop, "
               "from the lookup table at LM's start-grid step, 1 thread, fastest pass over the voxels:", ""]
-    lines += _table(["model", "voxels", "s/voxel", "voxels/s"], [
-        (r["model"], r["voxels"], f"{r['seconds_per_voxel']:.3g}", _num(r["voxels_per_s"])) for r in result.scipy])
+    lines.append(markdown_table(["model", "voxels", "s/voxel", "voxels/s"], [
+        (r["model"], r["voxels"], f"{r['seconds_per_voxel']:.3g}", _num(r["voxels_per_s"])) for r in result.scipy]))
     if result.training:
         samples, seconds, cores = TRAINING_TARGET
         epochs = s["training_epochs"]
@@ -453,18 +446,18 @@ def markdown(result: BenchResult) -> str:
         lines += ["", "## Training", "", f"Default architecture and options ({stop}); s = the whole fit "
                   f"(simulation included), samples/s = epochs × samples / s of the epochs. Issue target: "
                   f"{samples:,} samples in < {seconds:.0f} s on {cores} cores.", ""]
-        lines += _table(["model", "method", "threads", "samples", "epochs", "s", "s/epoch", "samples/s"], [
+        lines.append(markdown_table(["model", "method", "threads", "samples", "epochs", "s", "s/epoch", "samples/s"], [
             (r["model"], r["method"], r["threads"], f"{r['samples']:,}", r["epochs"], f"{r['seconds']:.3g}",
-             f"{r['seconds_per_epoch']:.3g}", _num(r["samples_per_s"])) for r in result.training])
+             f"{r['seconds_per_epoch']:.3g}", _num(r["samples_per_s"])) for r in result.training]))
     if result.batch:
         lines += ["", "## Batch", "", f"`run_batch` (LM, QC pages, 1 job) on phantom sessions ({BATCH_REPEATS} "
                   "control/label pairs per PLD), after a warm-up run; mean seconds per session. I/O = reading and "
                   "hashing the inputs + writing the outputs.", ""]
-        lines += _table(["model", "sessions", "grid", "threads", "I/O s", "preprocessing s", "estimation s",
-                         "report s", "total s"], [
+        lines.append(markdown_table(["model", "sessions", "grid", "threads", "I/O s", "preprocessing s",
+                                     "estimation s", "report s", "total s"], [
             (r["model"], r["sessions"], "×".join(map(str, r["shape"])), r["threads"],
              *(f"{r['per_session_s'][k]:.3g}" for k in ("io", "prepare", "fit", "report", "total")))
-            for r in result.batch])
+            for r in result.batch]))
     return "\n".join(lines) + "\n"
 
 
@@ -482,7 +475,7 @@ def plot(result: BenchResult) -> bytes:
     models = result.settings["models"]
     methods = result.settings["methods"]
     styles = ["-", "--", "-.", ":"]
-    figure = Figure(figsize=(4.5 * len(models) + 2.0, 4.0), dpi=100, layout="constrained")
+    figure = new_figure(4.5 * len(models) + 2.0, 4.0, dpi=100)
     axes = figure.subplots(1, len(models), squeeze=False)[0]
     for ax, name in zip(axes, models):
         for i, method in enumerate(methods):
@@ -501,6 +494,4 @@ def plot(result: BenchResult) -> bytes:
         ax.set_title(f"{name.upper()} model")
         ax.grid(True, which="major", alpha=0.3)
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": None})
-    return buffer.getvalue()
+    return figure_png(figure)

@@ -544,6 +544,7 @@ def demo(
     from .batch import run_batch
     from .phantom import default_groundtruth_dir, write_bids_dataset
     from .pipeline import Settings
+    from .report import text_table
 
     if not snr > 0:
         fail(f"--snr must be > 0, got {snr}")
@@ -556,8 +557,8 @@ def demo(
     typer.echo(f"demo: phantom dataset in {raw} (SNR {snr:g}), ground truth in {truth_dir}", err=True)
     report = run_batch(raw, out, settings, jobs=jobs)
     typer.echo(report.one_line(), err=True)
-    typer.echo(f"{'subject':8} {'model':5} {'method':6} {'map':5} {'median |error|':>15} {'median error':>13}  unit")
     units = {"cbf": "mL/100 g/min", "att": "s", "abat": "s", "abv": "mL/mL"}
+    rows = []
     for k, name in enumerate(models, start=1):
         subject = f"sub-{k:02d}"
         mask = np.asarray(nib.load(truth_dir / subject / f"{subject}_mask.nii.gz").dataobj) > 0
@@ -566,12 +567,14 @@ def demo(
             for param in params:
                 path = out / subject / "perf" / f"{subject}_desc-{method}_{param}.nii.gz"
                 if not path.exists():
-                    typer.echo(f"{subject:8} {name:5} {method:6} {param:5} {'(failed)':>15}")
+                    rows.append([subject, name, method, param, "(failed)", "", units[param]])
                     continue
                 error = (np.asarray(nib.load(path).dataobj, dtype=float)[mask]
                          - np.asarray(nib.load(truth_dir / subject / f"{subject}_{param}.nii.gz").dataobj)[mask])
-                typer.echo(f"{subject:8} {name:5} {method:6} {param:5} {np.nanmedian(np.abs(error)):15.4g} "
-                           f"{np.nanmedian(error):13.3g}  {units[param]}")
+                rows.append([subject, name, method, param, f"{np.nanmedian(np.abs(error)):.4g}",
+                             f"{np.nanmedian(error):.3g}", units[param]])
+    typer.echo(text_table(["subject", "model", "method", "map", "median |error|", "median error", "unit"], rows,
+                          align="llllrrl"))
     typer.echo(f"demo: outputs in {out}, QC pages from {out / 'qc.html'}, logs in {out / 'logs'}", err=True)
     if report.exit_code:
         raise typer.Exit(report.exit_code)

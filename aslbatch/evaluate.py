@@ -40,10 +40,7 @@ Units: API units (cbf mL/100 g/min, att and abat s, abv mL/mL), fractions (not %
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import html
-import io
 import json
 import math
 import os
@@ -55,10 +52,6 @@ from typing import Any, Iterator, Sequence
 
 import numba
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from threadpoolctl import threadpool_limits
 
 from ._version import versions
@@ -68,6 +61,7 @@ from .estimators.store import NetworkCache
 from .metrics import MIN_RELATIVE, crlb, cv_net, metric_rows
 from .models import KineticModel, get_model
 from .protocol import Constants, Protocol, default_protocol
+from .report import escape, figure_png, html_page, html_table, img, markdown_table, new_figure
 from .simulate import NOISE_MODELS, SimulatedSet, noise_sigma, sample_parameters, simulate
 
 __all__ = [
@@ -601,12 +595,6 @@ class _Png:
     caption: str
 
 
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": None})
-    return buffer.getvalue()
-
-
 def _curve(table: dict, method: str, param: str, snrs: Sequence[float], metric: str) -> np.ndarray:
     values = np.array([table.get((method, param, s, metric), math.nan) for s in snrs], dtype=float)
     values[~np.isfinite(values)] = np.nan
@@ -618,8 +606,10 @@ def _against_snr(table: dict, model: KineticModel, methods: Sequence[str], snrs:
                  reference: float | None = None) -> bytes:
     """One panel per parameter, one line per method: ``metric`` × ``scale`` against SNR (log axis);
     the CRLB's ``crlb_metric`` dashed in black, a horizontal line at ``reference``."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     n = model.n_params
-    figure = Figure(figsize=(3.3 * n, 3.0), dpi=FIGURE_DPI, layout="constrained")
+    figure = new_figure(3.3 * n, 3.0, dpi=FIGURE_DPI)
     for ax, param, unit in zip(figure.subplots(1, n, squeeze=False)[0], model.param_names, model.param_units):
         for i, method in enumerate(methods):
             ax.plot(snrs, scale * _curve(table, method, param, snrs, metric), marker="o", markersize=3,
@@ -642,14 +632,16 @@ def _against_snr(table: dict, model: KineticModel, methods: Sequence[str], snrs:
         ax.set_ylabel(ylabel.format(unit=unit))
         ax.grid(alpha=0.3)
     figure.axes[0].legend(fontsize=7)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def _density(model: KineticModel, data: SimulatedSet, estimates: dict[str, np.ndarray]) -> bytes:
     """2D histograms of estimate against truth, one row per method and one column per parameter,
     over the training range widened by 10 % (values beyond it in the edge bins)."""
+    from matplotlib.colors import LogNorm
+
     rows, cols = len(estimates), model.n_params
-    figure = Figure(figsize=(2.7 * cols, 2.4 * rows), dpi=FIGURE_DPI, layout="constrained")
+    figure = new_figure(2.7 * cols, 2.4 * rows, dpi=FIGURE_DPI)
     axes = figure.subplots(rows, cols, squeeze=False)
     for r, (method, params) in enumerate(estimates.items()):
         for j, name in enumerate(model.param_names):
@@ -672,7 +664,7 @@ def _density(model: KineticModel, data: SimulatedSet, estimates: dict[str, np.nd
                 ax.set_xlabel(f"true {name}", fontsize=8)
             if j == 0:
                 ax.set_ylabel("estimate", fontsize=8)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def _figures(table: dict, model: KineticModel, labels: list[str], snrs: list[float], density_data: SimulatedSet,
@@ -835,21 +827,15 @@ def _snr_list(snrs: Sequence[float]) -> str:
     return ", ".join(f"{s:g}" for s in snrs)
 
 
+#: the report's rules after the shared stylesheet (aslbatch.report.CSS)
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1200px; }
-h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
-h3 { font-size: 1em; margin-bottom: 0.3em; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-li { margin: 0.4em 0; } figure { margin: 0.6em 0 1.2em 0; } figcaption { font-size: 0.85em; color: #444; }
-img { max-width: 100%; } pre { background: #f6f6f6; padding: 0.5em; font-size: 0.8em; overflow-x: auto; }
+li { margin: 0.4em 0; } img { max-width: 100%; }
 """
 
 
 def _html_text(text: str) -> str:
     """Escaped text with **bold** spans."""
-    parts = html.escape(text).split("**")
+    parts = escape(text).split("**")
     return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
 
 
@@ -861,24 +847,13 @@ def _html(doc: list[tuple]) -> str:
         elif kind == "list":
             body.append("<ul>" + "".join(f"<li>{_html_text(item)}</li>" for item in content[0]) + "</ul>")
         elif kind == "table":
-            header, rows = content
-            head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-            body.append(f"<table>{head}{cells}</table>")
+            body.append(html_table(*content))
         elif kind == "figure":
             fig = content[0]
-            uri = "data:image/png;base64," + base64.b64encode(fig.png).decode("ascii")
-            body.append(f'<figure><img src="{uri}" alt="{html.escape(fig.name)}">'
-                        f"<figcaption>{html.escape(fig.caption)}</figcaption></figure>")
+            body.append(f"<figure>{img(fig.png, fig.name)}<figcaption>{escape(fig.caption)}</figcaption></figure>")
         else:
-            body.append(f"<pre>{html.escape(content[0])}</pre>")
-    title = html.escape(doc[0][1])
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
+            body.append(f"<pre>{escape(content[0])}</pre>")
+    return html_page(doc[0][1], "\n".join(body), extra_css=_CSS)
 
 
 def _markdown(doc: list[tuple]) -> str:
@@ -891,10 +866,7 @@ def _markdown(doc: list[tuple]) -> str:
         elif kind == "list":
             out.append("\n".join(f"- {item}" for item in content[0]))
         elif kind == "table":
-            header, rows = content
-            lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-            out.append("\n".join(lines))
+            out.append(markdown_table(*content))
         elif kind == "figure":
             fig = content[0]
             out.append(f"![{fig.name}](figures/{fig.name}.png)\n\n*{fig.caption}*")
