@@ -53,6 +53,7 @@ from typing import Any, Iterator, Sequence
 import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from ._version import versions
 from .atomic import atomic_open
@@ -101,11 +102,21 @@ class Sizes:
 
 
 #: defaults: 50 000 rows per SNR and twelve networks of 200 000 samples (the estimators' own
-#: 500 000 would take 2.5x as long). Measured for 1c on 2 shared cores: 4-6 min training on an
-#: empty cache (load average 2-5), 30 s with the networks cached
+#: 500 000 would take 2.5x as long). With the networks cached a run takes under a minute on 2
+#: cores (2c: 40 s at load average 13); training them on an empty cache dominates a first run
+#: (2c: 551 s, issue 12), which is why the run states its expected duration before it starts
 DEFAULT_SIZES = Sizes((2.0, 3.0, 5.0, 10.0, 20.0, 50.0), 2000, 25, 3, {"n_samples": 200_000})
-#: ``quick=True``: a CI-sized run (small networks, three SNRs): 7-35 s for 1c, 1 min for 2c
+#: ``quick=True``: a CI-sized run (small networks, three SNRs) under 3 minutes on 2 cores from an
+#: empty cache: 2c 138 s and 1c 123 s (whole process) at load average 13-16, which slows them 2-3x
 QUICK_SIZES = Sizes((3.0, 5.0, 10.0), 300, 10, 2, {"n_samples": 30_000, "max_epochs": 30})
+#: rough wall times on 2 quiet cores for the duration a run states before it starts (s): training
+#: one network of ROUGH_SAMPLES samples to early stopping, per model; scoring 100 000 rows with one
+#: method (timing repeats and the other networks' predictions included); start-up, simulation
+#: and report. From the runs quoted above: scaled by samples and by max_epochs up to 50
+ROUGH_TRAINING_S = {"1c": 20.0, "2c": 45.0}
+ROUGH_SAMPLES, ROUGH_EPOCHS = 200_000, 50
+ROUGH_SCORING_S = {"1c": 0.5, "2c": 1.5}
+ROUGH_FIXED_S = 15.0
 #: SNRs of the report's tables (those of the sweep; all of the sweep if it has none of them)
 CLINICAL_SNRS = (3.0, 5.0, 10.0)
 #: SNR of the estimate-vs-truth density plots (or the sweep's nearest, on a log scale)
@@ -268,22 +279,39 @@ def _timed(durations: dict[str, float], stage: str) -> Iterator[None]:
         durations[stage] = durations.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(f"aslbatch evaluate: {message}", file=sys.stderr, flush=True)
+def _say(bar: tqdm, message: str) -> None:
+    """A line on stderr above the progress bar (nothing when the bar is disabled)."""
+    if not bar.disable:
+        bar.write(f"aslbatch evaluate: {message}", file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{max(seconds, 1):.0f} s"
+
+
+def expected_seconds(model_name: str, n_methods: int, rows: int, networks_to_train: int,
+                     network_options: dict[str, Any]) -> tuple[float, float]:
+    """Rough wall time (s) on 2 quiet cores of an evaluation of ``n_methods`` methods over ``rows``
+    rows in all (every SNR) that trains ``networks_to_train`` networks with ``network_options``:
+    (training, the rest). From ROUGH_TRAINING_S, ROUGH_SCORING_S and ROUGH_FIXED_S."""
+    samples = network_options.get("n_samples", 500_000) / ROUGH_SAMPLES
+    epochs = min(network_options.get("max_epochs", 100), ROUGH_EPOCHS) / ROUGH_EPOCHS
+    training = networks_to_train * ROUGH_TRAINING_S[model_name] * samples * epochs
+    return training, ROUGH_FIXED_S + n_methods * ROUGH_SCORING_S[model_name] * rows / 100_000
 
 
 def _networks(model: KineticModel, label: str, network_options: dict[str, Any], seeds: Sequence[int],
-              cache: NetworkCache, progress: bool) -> tuple[list[Estimator], list[dict[str, Any]]]:
+              cache: NetworkCache, bar: tqdm) -> tuple[list[Estimator], list[dict[str, Any]]]:
     """The trained networks of ``label``, one per seed, from ``cache`` (trained and stored on a miss),
     and a JSON-ready record of each."""
     estimators, records = [], []
     for seed in seeds:
         untrained = _estimator(model, label, network_options, seed)
         from_cache = cache.path(untrained).is_file()
-        _say(progress, f"{label} network, seed {seed}: " + ("from the cache" if from_cache else "training"))
+        bar.set_postfix_str(f"{label} network {seed}: " + ("from the cache" if from_cache else "training"))
         t0 = time.perf_counter()
-        trained = cache.get(untrained, progress)
+        trained = cache.get(untrained, not bar.disable)
+        bar.update()
         history = trained.training_
         estimators.append(trained)
         records.append({"method": label, "seed": seed, "file": trained.network_file_,
@@ -377,7 +405,9 @@ def run_evaluation(
     cache_dir : folder of trained networks (None: the per-user cache).
     quick : the CI-sized run of :data:`QUICK_SIZES` instead of :data:`DEFAULT_SIZES`.
     seed : integer >= 0 seeding the data and the first network.
-    progress : report each stage (and training progress bars) on stderr.
+    progress : on stderr: the expected duration before starting, a progress bar over the steps
+        (networks loaded or trained, then each method at each SNR) with training bars, a line
+        per method scored.
 
     Raises ValueError (with the reason) for an unknown method, model, noise or option.
     """
@@ -398,16 +428,27 @@ def run_evaluation(
         _estimator(model, label, net_opts, seed).options()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cache = NetworkCache(cache_dir)
+    seeds = range(seed, seed + retrainings)
+    nets = [label for label in labels if _is_network(label)]
+    to_train = sum(not cache.path(_estimator(model, label, net_opts, s)).is_file() for label in nets for s in seeds)
+    bar = tqdm(total=len(nets) * retrainings + len(labels) * len(snr_list), desc=f"evaluate {model.name}",
+               unit="step", disable=not progress, file=sys.stderr)
+    training_s, rest_s = expected_seconds(model.name, len(labels), len(snr_list) * n_sets * repeats, to_train,
+                                          net_opts)
+    _say(bar, f"{model.name} model, {len(labels)} methods, {len(snr_list)} SNRs x {n_sets} parameter sets x "
+              f"{repeats} repeats; expected duration about {_duration(training_s + rest_s)} on 2 quiet cores"
+              + (f" ({to_train} of {len(nets) * retrainings} networks to train first, about {_duration(training_s)}; "
+                 f"the cache keeps them for later runs)" if to_train else " (every network cached)")
+              + ("" if quick else "; --quick: a few minutes at most from an empty cache"))
 
     durations: dict[str, float] = {}
     with _timed(durations, "simulation_s"):
         sets = monte_carlo_sets(model, snr_list, n_sets=n_sets, repeats=repeats, noise=noise, seed=seed)
-    _say(progress, f"{len(snr_list)} SNRs x {n_sets} parameter sets x {repeats} repeats simulated")
     with _timed(durations, "crlb_s"):
         jacobian = model.jacobian(sets[0].params[_set_rows(sets[0])])
         bounds = [crlb(jacobian, noise_sigma(model, snr)) for snr in snr_list]
     density_snr = _nearest(snr_list, DENSITY_SNR)
-    cache = NetworkCache(cache_dir)
     rows: list[dict[str, Any]] = []
     networks: list[dict[str, Any]] = []
     density: dict[str, np.ndarray] = {}
@@ -415,8 +456,7 @@ def run_evaluation(
         for label in labels:
             if _is_network(label):
                 with _timed(durations, "networks_s"):
-                    estimators, records = _networks(model, label, net_opts, range(seed, seed + retrainings), cache,
-                                                    progress)
+                    estimators, records = _networks(model, label, net_opts, seeds, cache, bar)
                 networks += records
                 rows.append({"method": label, "parameter": "", "snr": None, "metric": "training_s",
                              "value": float(np.mean([r["training_s"] for r in records]))})
@@ -424,14 +464,17 @@ def run_evaluation(
                 estimators = [_estimator(model, label, net_opts, seed).fit()]
             with _timed(durations, "prediction_s"):
                 for snr, data, set_bounds in zip(snr_list, sets, bounds):
+                    bar.set_postfix_str(f"{label} at SNR {snr:g}")
                     method_rows, estimates = _method_rows(label, estimators, data, set_bounds, snr)
+                    bar.update()
                     rows += method_rows
                     if snr == density_snr:
                         density[label] = estimates
-            _say(progress, f"{label} scored at {len(snr_list)} SNRs")
+            _say(bar, f"{label} scored at {len(snr_list)} SNRs")
     for snr, data, set_bounds in zip(snr_list, sets, bounds):
         rows += _crlb_rows(data, set_bounds, snr)
 
+    bar.set_postfix_str("report")
     with _timed(durations, "report_s"):
         table = {(r["method"], r["parameter"], r["snr"], r["metric"]): r["value"] for r in rows}
         findings = _findings(table, model.name, labels, snr_list)
@@ -442,7 +485,9 @@ def run_evaluation(
         paths = _write(out, rows, figures, _document(table, model, labels, snr_list, findings, settings,
                                                      durations, figures))
     durations["total_s"] = time.perf_counter() - t_start
-    _say(progress, f"done in {durations['total_s']:.0f} s: {paths['report_html']}")
+    bar.close()
+    if progress:
+        print(f"aslbatch evaluate: done in {durations['total_s']:.0f} s: {paths['report_html']}", file=sys.stderr)
     return Evaluation(rows, findings, paths, settings, durations)
 
 
