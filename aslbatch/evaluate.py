@@ -73,6 +73,7 @@ __all__ = [
     "METHODS",
     "QUICK_SIZES",
     "Sizes",
+    "expected_seconds",
     "monte_carlo_sets",
     "run_evaluation",
 ]
@@ -440,7 +441,7 @@ def run_evaluation(
               f"{repeats} repeats; expected duration about {_duration(training_s + rest_s)} on 2 quiet cores"
               + (f" ({to_train} of {len(nets) * retrainings} networks to train first, about {_duration(training_s)}; "
                  f"the cache keeps them for later runs)" if to_train else " (every network cached)")
-              + ("" if quick else "; --quick: a few minutes at most from an empty cache"))
+              + ("" if quick else "; --quick: under 3 minutes from an empty cache"))
 
     durations: dict[str, float] = {}
     with _timed(durations, "simulation_s"):
