@@ -337,8 +337,8 @@ def _status_montage(codes: np.ndarray, grid: _Grid, alt: str) -> str:
     palette = _rgb([STATUS_COLOURS[c] for c in known] + [BACKGROUND])
     pixels = np.searchsorted(known, _mosaic(codes, grid.slices, known[0]))
     pixels[~_mosaic(grid.mask, grid.slices, False)] = len(known)
-    legend = "".join(f'<div><span class="box" style="background:{STATUS_COLOURS[c]}"></span>{escape(STATUS_NAMES[c])}</div>'
-                     for c in known)
+    legend = "".join(f'<div><span class="box" style="background:{STATUS_COLOURS[c]}"></span>'
+                     f"{escape(STATUS_NAMES[c])}</div>" for c in known)
     return _montage(pixels, palette, grid, alt, f'<div class="legend">{legend}</div>')
 
 
@@ -368,7 +368,8 @@ def _histogram(samples: Mapping[str, np.ndarray], quantity: str, alt: str) -> st
                                     transform=to_pixels))
         beyond = np.count_nonzero((values < scale.lo) | (values > scale.hi)) / values.size
         note = f" ({100 * beyond:.0f} % beyond the scale)" if beyond > 0 else ""
-        legend.append(f'<div><span class="line" style="background:{colour}"></span>{escape(method)}{escape(note)}</div>')
+        legend.append(f'<div><span class="line" style="background:{colour}"></span>'
+                      f"{escape(method)}{escape(note)}</div>")
     labels = [f'<span class="x" style="left:{_pct((x - scale.lo) / (scale.hi - scale.lo))}">{x:.4g}</span>'
               for x in xs]
     labels += [f'<span class="y" style="bottom:{_pct(y / top)}">{y:.0f}</span>' for y in ys]
@@ -500,8 +501,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
                              f"<figcaption>{escape(caption)}</figcaption></figure>")
             if samples:
                 parts.append(f"<figure>{_histogram(samples, quantity, quantity + ' histogram')}"
-                             f"<figcaption>{escape(quantity)} ({escape(units)}) within the brain mask, finite values: voxels "
-                             f"per bin ({HISTOGRAM_BINS} over the scale)</figcaption></figure>")
+                             f"<figcaption>{escape(quantity)} ({escape(units)}) within the brain mask, finite "
+                             f"values: voxels per bin ({HISTOGRAM_BINS} over the scale)</figcaption></figure>")
         sections.append("\n".join(parts))
 
     status_rows, status_figures = [], []
@@ -523,7 +524,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
             raise ValueError(f"{path}: unknown status code(s) {sorted(inside_codes - set(STATUS_COLOURS))} "
                              f"inside the mask ({OUTSIDE_STATUS} is for outside only)")
         status_figures.append(f"<figure>{_status_montage(codes, grid, method + ' status')}"
-                              f"<figcaption>{escape(method)} fit status per voxel; {escape(path.name)}</figcaption></figure>")
+                              f"<figcaption>{escape(method)} fit status per voxel; {escape(path.name)}"
+                              "</figcaption></figure>")
 
     preprocessing = provenance.get("preprocessing") or {}
     protocol = preprocessing.get("protocol", {})
@@ -580,7 +582,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
         f"<p>settings digest {escape(provenance.get('settings_digest'))}; "
         f"versions {escape(', '.join(f'{k} {v}' for k, v in (provenance.get('versions') or {}).items()))}</p>",
         "<h2>Inputs</h2>",
-        html_table(["file", "sha256"], [[i.get("path"), i.get("sha256") or "—"] for i in provenance.get("inputs", [])]),
+        html_table(["file", "sha256"],
+                   [[i.get("path"), i.get("sha256") or "—"] for i in provenance.get("inputs", [])]),
         '<h2 id="files">Files</h2>', f"<ul>{''.join(links)}</ul>",
         f'<p class="muted">Page written by aslbatch {escape(__version__)} on {escape(_now())}.</p>',
     ]

@@ -88,7 +88,8 @@ def test_markdown_table_escapes_pipes():
 
 
 def test_text_table_aligns_columns_whatever_the_width_of_a_cell():
-    rows = [["sub-01", "lm", "12.5", "s"], ["sub-01", "supervised-mae", "0.031", "mL/100 g/min"], ["sub-02", "lut", "7", ""]]
+    rows = [["sub-01", "lm", "12.5", "s"], ["sub-01", "supervised-mae", "0.031", "mL/100 g/min"],
+            ["sub-02", "lut", "7", ""]]
     lines = text_table(["subject", "method", "error", "unit"], rows, align="llrl").splitlines()
     assert len(lines) == 4
     starts = [lines[0].index(word) for word in ("subject", "method", "error", "unit")]
