@@ -15,22 +15,26 @@ What is measured (:func:`run_bench`)
   methods (after a one-voxel warm-up) and reported per voxel. Ratios: a method's voxels/s
   over the scipy loop's, and over LM's at the same model, thread count and size.
 - **Training**: each network method trained with its default options on
-  ``training_samples`` simulated samples on the largest thread count; samples/s =
-  epochs × samples / seconds of the epoch loop (validation after each epoch included).
+  ``training_samples`` simulated samples on the largest thread count, for exactly
+  ``training_epochs`` epochs (the default: the speed per epoch at full size, in seconds) or,
+  with ``early_stopping``, until early stopping ends it (the whole training: minutes per
+  network); samples/s = epochs × samples / seconds of the epoch loop (validation after each
+  epoch included).
 - **Batch**: :func:`aslbatch.batch.run_batch` (LM, QC pages on, one job on the largest thread
   count) on a phantom dataset per model, once to warm up, then timed with ``force``; the
   per-session mean of its stages: I/O (reading and hashing inputs + writing outputs),
   preprocessing, estimation and the QC report.
 
 Wall-clock figures on a shared machine vary with its load: ``bench.json`` records the load
-average before and after.
+average before and after. With ``progress``, the run states its expected duration before it
+starts (:func:`expected_seconds`) and shows a bar over its steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
+import math
 import os
 import platform
 import sys
@@ -44,10 +48,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numba
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from scipy.optimize import least_squares
 from threadpoolctl import threadpool_info, threadpool_limits
+from tqdm import tqdm
 
 from ._version import versions
 from .atomic import atomic_open
@@ -57,10 +60,11 @@ from .models import MODELS, KineticModel, get_model
 from .phantom import write_bids_dataset
 from .pipeline import Settings
 from .protocol import default_protocol
+from .report import figure_png, markdown_table, new_figure
 from .simulate import simulate
 
-__all__ = ["FULL", "QUICK", "BenchResult", "best_time", "coarse_start", "machine_info", "markdown", "plot", "run_bench",
-           "scipy_loop", "thread_limit", "write_outputs"]
+__all__ = ["FULL", "QUICK", "BenchResult", "best_time", "coarse_start", "expected_seconds", "machine_info", "markdown",
+           "plot", "run_bench", "scipy_loop", "thread_limit", "write_outputs"]
 
 #: identifies the layout of bench.json
 FORMAT = "aslbatch.bench/1"
@@ -77,9 +81,11 @@ INFERENCE_TRAINING = {"samples": 5000, "epochs": 1}
 BATCH_REPEATS = 4
 #: the issue's training target, quoted in bench.md: samples, seconds, cores
 TRAINING_TARGET = (10**6, 180.0, 2)
-#: settings that ``quick`` changes; None arguments of :func:`run_bench` take these
+#: settings that ``quick`` changes; None arguments of :func:`run_bench` take these. Training runs
+#: 3 epochs of 10^6 samples: the speed per epoch at full size; to early stopping (``early_stopping``)
+#: the four networks took most of the 215 s of a default run before (issue 12)
 FULL = {"sizes": (10**3, 10**4, 10**5, 10**6), "scipy_voxels": 200, "training_samples": 10**6,
-        "training_epochs": None, "batch_sessions": 4, "batch_shape": (64, 64, 20)}
+        "training_epochs": 3, "batch_sessions": 4, "batch_shape": (64, 64, 20)}
 QUICK = {"sizes": (10**3, 10**4), "scipy_voxels": 20, "training_samples": 2000, "training_epochs": 2,
          "batch_sessions": 2, "batch_shape": (24, 24, 8)}
 @dataclass(frozen=True)
@@ -282,12 +288,17 @@ def _is_int(value: Any) -> bool:
 
 
 def _config(models: Any, methods: Any, sizes: Any, threads: Any, scipy_voxels: Any, training_samples: Any,
-            training_epochs: Any, batch_sessions: Any, batch_shape: Any, quick: bool, seed: Any) -> dict[str, Any]:
+            training_epochs: Any, early_stopping: bool, batch_sessions: Any, batch_shape: Any, quick: bool,
+            seed: Any) -> dict[str, Any]:
     """Validated settings, with None arguments taken from QUICK or FULL."""
     preset = QUICK if quick else FULL
+    if early_stopping and training_epochs is not None:
+        raise ValueError(f"training_epochs ({training_epochs!r}) and early_stopping exclude each other")
     given = {"sizes": sizes, "scipy_voxels": scipy_voxels, "training_samples": training_samples,
              "training_epochs": training_epochs, "batch_sessions": batch_sessions, "batch_shape": batch_shape}
     cfg = {k: preset[k] if v is None else v for k, v in given.items()}
+    if early_stopping:
+        cfg["training_epochs"] = None
     asked = _integers(threads, "threads", 1)
     available = numba.config.NUMBA_NUM_THREADS
     usable = tuple(t for t in asked if t <= available)
@@ -338,6 +349,37 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+#: rough speeds on 2 quiet cores for the duration a run states before it starts: voxels/s of
+#: ``predict`` at 10^6 voxels (any thread count: the 1-thread figure, conservative) and of the
+#: scipy loop (both as in the README), training samples/s and epochs to early stopping (with the rest,
+#: the 215 s of a default run that trained to early stopping, issue 12), s per batch session of
+#: FULL's grid (each run twice), and start-up (imports, numba cache loads, simulation)
+ROUGH_VOXELS_PER_S = {"1c": {"lm": 3.0e6, "lut": 2.9e6, "network": 4.3e6},
+                      "2c": {"lm": 4.5e5, "lut": 3.1e5, "network": 2.3e6}}
+ROUGH_SCIPY_PER_S = {"1c": 2500.0, "2c": 1500.0}
+ROUGH_TRAINING_SAMPLES_PER_S = {"1c": 1.5e6, "2c": 8e5}
+ROUGH_EARLY_STOPPING_EPOCHS = 40
+ROUGH_SESSION_S = 1.5
+ROUGH_FIXED_S = 20.0
+
+
+def expected_seconds(cfg: dict[str, Any]) -> float:
+    """Rough wall time (s) of a run with the validated settings ``cfg`` on 2 quiet cores (ROUGH_*)."""
+    total = ROUGH_FIXED_S
+    for name in cfg["models"]:
+        total += MIN_ROUNDS * cfg["scipy_voxels"] / ROUGH_SCIPY_PER_S[name]
+        for method in cfg["methods"]:
+            rate = ROUGH_VOXELS_PER_S[name]["network" if _is_network(method) else method]
+            for n in cfg["sizes"]:
+                total += len(cfg["threads"]) * max(MIN_ROUNDS * n / rate, ROUND_BUDGET_S)
+            if _is_network(method):
+                epochs = cfg["training_epochs"] or ROUGH_EARLY_STOPPING_EPOCHS
+                total += epochs * cfg["training_samples"] / ROUGH_TRAINING_SAMPLES_PER_S[name]
+        cells = math.prod(cfg["batch_shape"]) / math.prod(FULL["batch_shape"])
+        total += 2 * cfg["batch_sessions"] * ROUGH_SESSION_S * max(cells, 0.1)
+    return total
+
+
 # --- the run -----------------------------------------------------------------------------
 
 
@@ -345,26 +387,41 @@ def run_bench(out_dir: str | os.PathLike, *, models: Sequence[str] = tuple(MODEL
               methods: Sequence[str] = tuple(ESTIMATORS),
               sizes: Sequence[int] | None = None, threads: Sequence[int] = (1, 2), scipy_voxels: int | None = None,
               training_samples: int | None = None, training_epochs: int | None = None,
-              batch_sessions: int | None = None, batch_shape: Sequence[int] | None = None, quick: bool = False,
-              seed: int = 0, progress: bool = False) -> BenchResult:
+              early_stopping: bool = False, batch_sessions: int | None = None,
+              batch_shape: Sequence[int] | None = None, quick: bool = False, seed: int = 0,
+              progress: bool = False) -> BenchResult:
     """Measure (module docstring) and write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``.
 
     models, methods : what to time; training covers the network methods among ``methods``.
     sizes : voxels per ``predict`` call. threads : numba/BLAS thread counts; counts above the
         machine's numba threads are skipped and listed in ``settings["skipped_threads"]``.
     scipy_voxels : voxels of the scipy loop. training_samples : simulated training samples.
-    training_epochs : None trains to early stopping (default options); an integer trains exactly
-        that many epochs. batch_sessions : phantom sessions per model (0 skips the batch);
-        batch_shape : their grid (voxels).
+    training_epochs : epochs each network trains (None: the preset's). early_stopping : train to
+        early stopping instead (the whole training; excludes ``training_epochs``).
+    batch_sessions : phantom sessions per model (0 skips the batch); batch_shape : their grid (voxels).
     quick : the QUICK presets (seconds, for CI) for the arguments left None, else FULL.
-    seed : of the simulated data, the networks and the phantoms. progress : a line per figure
-        and training bars on stderr (run_batch prints its line per session either way).
+    seed : of the simulated data, the networks and the phantoms. progress : on stderr, the expected
+        duration before starting, a bar over the steps (each figure, training, batch) with a line
+        per figure, and training bars (run_batch prints its line per session either way).
     Invalid arguments raise ValueError before anything is measured.
     """
-    cfg = _config(models, methods, sizes, threads, scipy_voxels, training_samples, training_epochs, batch_sessions,
-                  batch_shape, quick, seed)
+    cfg = _config(models, methods, sizes, threads, scipy_voxels, training_samples, training_epochs, early_stopping,
+                  batch_sessions, batch_shape, quick, seed)
     out = Path(out_dir)
-    say = (lambda line: print(f"bench: {line}", file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    networks = sum(map(_is_network, cfg["methods"]))
+    steps = len(cfg["models"]) * (1 + len(cfg["methods"]) * len(cfg["threads"]) * len(cfg["sizes"]) + networks
+                                  + bool(cfg["batch_sessions"]))
+    bar = tqdm(total=steps, desc="bench", unit="step", disable=not progress, file=sys.stderr)
+
+    def say(line: str) -> None:
+        """One step done: its figure as a line above the bar."""
+        bar.update()
+        if not bar.disable:
+            bar.write(f"bench: {line}", file=sys.stderr)
+
+    if progress:
+        bar.write(f"bench: expected duration about {expected_seconds(cfg) / 60:.1f} min on 2 quiet cores"
+                  + ("" if quick else "; --quick: under a minute"), file=sys.stderr)
     machine = machine_info()
     t0 = time.perf_counter()
     throughput, scipy_rows, training, batch = [], [], [], []
@@ -384,6 +441,7 @@ def run_bench(out_dir: str | os.PathLike, *, models: Sequence[str] = tuple(MODEL
             for name in cfg["models"]:
                 batch.append(_batch(name, cfg, Path(work)))
                 say(f"{name} batch: {batch[-1]['per_session_s']['total']:.2f} s per session")
+    bar.close()
     machine["threading_layer"] = numba.threading_layer()
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result = BenchResult(machine, {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, throughput,
@@ -414,11 +472,6 @@ def _num(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-
-
 def markdown(result: BenchResult) -> str:
     """bench.md: the machine, then the throughput, scipy, training and batch tables."""
     m, s = result.machine, result.settings
@@ -436,34 +489,36 @@ def markdown(result: BenchResult) -> str:
         f"thread count; fastest of >= {MIN_ROUNDS} calls after a warm-up call (numba compile time excluded). "
         f"× scipy and × LM: voxels/s over the scipy loop's and over LM's at the same model, threads and size.", "",
     ]
-    lines += _table(["model", "method", "threads", "voxels", "voxels/s", "× scipy", "× LM"], [
+    lines.append(markdown_table(["model", "method", "threads", "voxels", "voxels/s", "× scipy", "× LM"], [
         (r["model"], r["method"], r["threads"], f"{r['voxels']:,}", _num(r["voxels_per_s"]), _num(r["vs_scipy"]),
-         _num(r["vs_lm"])) for r in result.throughput])
+         _num(r["vs_lm"])) for r in result.throughput]))
     if s["skipped_threads"]:
         lines += ["", f"Thread counts {s['skipped_threads']} skipped: more than this machine's numba threads."]
     lines += ["", "scipy reference: bounded `least_squares` (trf, analytic Jacobian) per voxel in a Python loop, "
               "from the lookup table at LM's start-grid step, 1 thread, fastest pass over the voxels:", ""]
-    lines += _table(["model", "voxels", "s/voxel", "voxels/s"], [
-        (r["model"], r["voxels"], f"{r['seconds_per_voxel']:.3g}", _num(r["voxels_per_s"])) for r in result.scipy])
+    lines.append(markdown_table(["model", "voxels", "s/voxel", "voxels/s"], [
+        (r["model"], r["voxels"], f"{r['seconds_per_voxel']:.3g}", _num(r["voxels_per_s"])) for r in result.scipy]))
     if result.training:
         samples, seconds, cores = TRAINING_TARGET
         epochs = s["training_epochs"]
         stop = "early stopping" if epochs is None else f"exactly {epochs} epoch{'s' * (epochs != 1)}"
         lines += ["", "## Training", "", f"Default architecture and options ({stop}); s = the whole fit "
                   f"(simulation included), samples/s = epochs × samples / s of the epochs. Issue target: "
-                  f"{samples:,} samples in < {seconds:.0f} s on {cores} cores.", ""]
-        lines += _table(["model", "method", "threads", "samples", "epochs", "s", "s/epoch", "samples/s"], [
+                  f"{samples:,} samples in < {seconds:.0f} s on {cores} cores"
+                  + ("." if epochs is None else ": a whole training takes s/epoch × the epochs to early stopping "
+                     "(`aslbatch bench --early-stopping` measures it)."), ""]
+        lines.append(markdown_table(["model", "method", "threads", "samples", "epochs", "s", "s/epoch", "samples/s"], [
             (r["model"], r["method"], r["threads"], f"{r['samples']:,}", r["epochs"], f"{r['seconds']:.3g}",
-             f"{r['seconds_per_epoch']:.3g}", _num(r["samples_per_s"])) for r in result.training])
+             f"{r['seconds_per_epoch']:.3g}", _num(r["samples_per_s"])) for r in result.training]))
     if result.batch:
         lines += ["", "## Batch", "", f"`run_batch` (LM, QC pages, 1 job) on phantom sessions ({BATCH_REPEATS} "
                   "control/label pairs per PLD), after a warm-up run; mean seconds per session. I/O = reading and "
                   "hashing the inputs + writing the outputs.", ""]
-        lines += _table(["model", "sessions", "grid", "threads", "I/O s", "preprocessing s", "estimation s",
-                         "report s", "total s"], [
+        lines.append(markdown_table(["model", "sessions", "grid", "threads", "I/O s", "preprocessing s",
+                                     "estimation s", "report s", "total s"], [
             (r["model"], r["sessions"], "×".join(map(str, r["shape"])), r["threads"],
              *(f"{r['per_session_s'][k]:.3g}" for k in ("io", "prepare", "fit", "report", "total")))
-            for r in result.batch])
+            for r in result.batch]))
     return "\n".join(lines) + "\n"
 
 
@@ -481,7 +536,7 @@ def plot(result: BenchResult) -> bytes:
     models = result.settings["models"]
     methods = result.settings["methods"]
     styles = ["-", "--", "-.", ":"]
-    figure = Figure(figsize=(4.5 * len(models) + 2.0, 4.0), dpi=100, layout="constrained")
+    figure = new_figure(4.5 * len(models) + 2.0, 4.0, dpi=100)
     axes = figure.subplots(1, len(models), squeeze=False)[0]
     for ax, name in zip(axes, models):
         for i, method in enumerate(methods):
@@ -500,6 +555,4 @@ def plot(result: BenchResult) -> bytes:
         ax.set_title(f"{name.upper()} model")
         ax.grid(True, which="major", alpha=0.3)
     figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize="small")
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": None})
-    return buffer.getvalue()
+    return figure_png(figure)

@@ -436,12 +436,14 @@ def evaluate(
     retrainings: Annotated[Optional[int], typer.Option(help="Networks per network method, different seeds (CV_Net).")] = None,
     n_samples: Annotated[Optional[int], typer.Option(help="Training samples of every network.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Folder of cached networks (default $ASLBATCH_CACHE_DIR or the per-user cache).")] = None,
-    quick: Annotated[bool, typer.Option(help="A small run (about 2 minutes, small networks).")] = False,
+    quick: Annotated[bool, typer.Option(help="A small run: 3 SNRs, small networks, under 3 minutes on 2 cores from an empty cache.")] = False,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the data and the first network.")] = 0,
 ) -> None:
     """Compare methods on a Monte Carlo set: bias, NMAE, NRMSE, CoV over noise realisations,
     CV_Net, SD against the Cramér-Rao bound, time per voxel; and whether the research's
-    findings hold for this protocol. Networks are trained once into the cache."""
+    findings hold for this protocol. Networks are trained once into the cache: with them
+    cached a run takes about a minute on 2 cores; the first run trains twelve (minutes; it
+    states its expected duration before starting). --quick: under 3 minutes."""
     from .evaluate import METHODS, run_evaluation
 
     kinetic, offsets = _training_model(model, protocol, T1PrimeName.blood, 0.0)
@@ -465,18 +467,21 @@ def bench(
     model: Annotated[Optional[list[ModelName]], typer.Option(help="Models (repeatable; default 1c and 2c).")] = None,
     method: Annotated[Optional[list[MethodName]], typer.Option(help="Methods (repeatable; default all).")] = None,
     threads: Annotated[Optional[list[int]], typer.Option(help="Thread counts (repeatable; default 1 and 2).")] = None,
-    quick: Annotated[bool, typer.Option(help="Small sizes (seconds), for a smoke test.")] = False,
+    quick: Annotated[bool, typer.Option(help="Small sizes, for a smoke test (under a minute on 2 cores).")] = False,
+    early_stopping: Annotated[bool, typer.Option(help="Train each network to early stopping (the whole training: several minutes more) instead of 3 epochs.")] = False,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the data, networks and phantoms.")] = 0,
 ) -> None:
     """Throughput of every method (voxels/s, 10^3 to 10^6 voxels, 1C and 2C, 1 and 2 threads)
-    beside a per-voxel scipy least_squares loop, network training time, and per-session batch
-    time split into I/O, preprocessing, estimation and report."""
+    beside a per-voxel scipy least_squares loop, network training speed (3 epochs of 10^6
+    samples), and per-session batch time split into I/O, preprocessing, estimation and report.
+    States its expected duration (about 3 minutes on 2 cores) before it starts."""
     from .bench import run_bench
 
     try:
         result = run_bench(out, models=tuple(m.value for m in model) if model else tuple(MODELS),
                            methods=tuple(m.value for m in method) if method else tuple(ESTIMATORS),
-                           threads=tuple(threads) if threads else (1, 2), quick=quick, seed=seed, progress=True)
+                           threads=tuple(threads) if threads else (1, 2), early_stopping=early_stopping, quick=quick,
+                           seed=seed, progress=True)
     except ValueError as exc:
         fail(str(exc))
     typer.echo(Path(result.paths["md"]).read_text(encoding="utf-8"))
@@ -532,16 +537,22 @@ def demo(
     snr: Annotated[float, typer.Option(help="SNR of ΔM/M0t.")] = 5.0,
     jobs: Annotated[int, typer.Option(min=1, help="Sessions processed at once.")] = 1,
 ) -> None:
-    """The whole job on built-in data: a phantom BIDS dataset (two one-compartment subjects
-    and a two-compartment non-crushed + DANTE subject), processed by the batch with the
-    conventional methods and the supervised network (trained once into the cache on the
-    first run), and a table of each map's error against the ground truth."""
+    """The whole job on built-in data, in about 2 minutes on 2 cores the first time (most of it
+    training the two supervised networks once into the cache) and seconds after that.
+
+    Writes a phantom BIDS dataset into FOLDER/bids (two one-compartment multi-PLD subjects and
+    a two-compartment non-crushed + DANTE subject, 40x48x12 voxels, Rician noise at --snr, a
+    moyamoya-like delayed territory each), processes it with the batch of 'aslbatch run'
+    (Levenberg-Marquardt, the lookup table and the supervised network) into
+    FOLDER/bids/derivatives/aslbatch with a QC page per session, and prints each map's median
+    error against the ground truth (FOLDER/bids_groundtruth). Run again, it is up to date."""
     import numpy as np
     import nibabel as nib
 
     from .batch import run_batch
     from .phantom import default_groundtruth_dir, write_bids_dataset
     from .pipeline import Settings
+    from .report import text_table
 
     if not snr > 0:
         fail(f"--snr must be > 0, got {snr}")
@@ -554,22 +565,22 @@ def demo(
     typer.echo(f"demo: phantom dataset in {raw} (SNR {snr:g}), ground truth in {truth_dir}", err=True)
     report = run_batch(raw, out, settings, jobs=jobs)
     typer.echo(report.one_line(), err=True)
-    typer.echo(f"{'subject':8} {'model':5} {'method':6} {'map':5} {'median |error|':>15} {'median error':>13}  unit")
-    units = {"cbf": "mL/100 g/min", "att": "s", "abat": "s", "abv": "mL/mL"}
+    rows = []
     for k, name in enumerate(models, start=1):
         subject = f"sub-{k:02d}"
         mask = np.asarray(nib.load(truth_dir / subject / f"{subject}_mask.nii.gz").dataobj) > 0
-        params = ("cbf", "att") if name == "1c" else ("cbf", "abv", "abat", "att")
         for method in settings.methods:
-            for param in params:
+            for param, unit in zip(MODELS[name].param_names, MODELS[name].param_units):
                 path = out / subject / "perf" / f"{subject}_desc-{method}_{param}.nii.gz"
                 if not path.exists():
-                    typer.echo(f"{subject:8} {name:5} {method:6} {param:5} {'(failed)':>15}")
+                    rows.append([subject, name, method, param, "(failed)", "", unit])
                     continue
                 error = (np.asarray(nib.load(path).dataobj, dtype=float)[mask]
                          - np.asarray(nib.load(truth_dir / subject / f"{subject}_{param}.nii.gz").dataobj)[mask])
-                typer.echo(f"{subject:8} {name:5} {method:6} {param:5} {np.nanmedian(np.abs(error)):15.4g} "
-                           f"{np.nanmedian(error):13.3g}  {units[param]}")
+                rows.append([subject, name, method, param, f"{np.nanmedian(np.abs(error)):.4g}",
+                             f"{np.nanmedian(error):.3g}", unit])
+    typer.echo(text_table(["subject", "model", "method", "map", "median |error|", "median error", "unit"], rows,
+                          align="llllrrl"))
     typer.echo(f"demo: outputs in {out}, QC pages from {out / 'qc.html'}, logs in {out / 'logs'}", err=True)
     if report.exit_code:
         raise typer.Exit(report.exit_code)

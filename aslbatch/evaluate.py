@@ -40,10 +40,7 @@ Units: API units (cbf mL/100 g/min, att and abat s, abv mL/mL), fractions (not %
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import html
-import io
 import json
 import math
 import os
@@ -55,11 +52,8 @@ from typing import Any, Iterator, Sequence
 
 import numba
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
 
 from ._version import versions
 from .atomic import atomic_open
@@ -68,6 +62,7 @@ from .estimators.store import NetworkCache
 from .metrics import MIN_RELATIVE, crlb, cv_net, metric_rows
 from .models import KineticModel, get_model
 from .protocol import Constants, Protocol, default_protocol
+from .report import escape, figure_png, html_page, html_table, img, markdown_table, new_figure
 from .simulate import NOISE_MODELS, SimulatedSet, noise_sigma, sample_parameters, simulate
 
 __all__ = [
@@ -78,6 +73,7 @@ __all__ = [
     "METHODS",
     "QUICK_SIZES",
     "Sizes",
+    "expected_seconds",
     "monte_carlo_sets",
     "run_evaluation",
 ]
@@ -102,11 +98,21 @@ class Sizes:
 
 
 #: defaults: 50 000 rows per SNR and twelve networks of 200 000 samples (the estimators' own
-#: 500 000 would take 2.5x as long). Measured for 1c on 2 shared cores: 4-6 min training on an
-#: empty cache (load average 2-5), 30 s with the networks cached
+#: 500 000 would take 2.5x as long). With the networks cached a run takes under a minute on 2
+#: cores (2c: 40 s at load average 13); training them on an empty cache dominates a first run
+#: (2c: 551 s, issue 12), which is why the run states its expected duration before it starts
 DEFAULT_SIZES = Sizes((2.0, 3.0, 5.0, 10.0, 20.0, 50.0), 2000, 25, 3, {"n_samples": 200_000})
-#: ``quick=True``: a CI-sized run (small networks, three SNRs): 7-35 s for 1c, 1 min for 2c
+#: ``quick=True``: a CI-sized run (small networks, three SNRs) under 3 minutes on 2 cores from an
+#: empty cache: 2c 138 s and 1c 123 s (whole process) at load average 13-16, which slows them 2-3x
 QUICK_SIZES = Sizes((3.0, 5.0, 10.0), 300, 10, 2, {"n_samples": 30_000, "max_epochs": 30})
+#: rough wall times on 2 quiet cores for the duration a run states before it starts (s): training
+#: one network of ROUGH_SAMPLES samples to early stopping, per model; scoring 100 000 rows with one
+#: method (timing repeats and the other networks' predictions included); start-up, simulation
+#: and report. From the runs quoted above: scaled by samples and by max_epochs up to 50
+ROUGH_TRAINING_S = {"1c": 20.0, "2c": 45.0}
+ROUGH_SAMPLES, ROUGH_EPOCHS = 200_000, 50
+ROUGH_SCORING_S = {"1c": 0.5, "2c": 1.5}
+ROUGH_FIXED_S = 15.0
 #: SNRs of the report's tables (those of the sweep; all of the sweep if it has none of them)
 CLINICAL_SNRS = (3.0, 5.0, 10.0)
 #: SNR of the estimate-vs-truth density plots (or the sweep's nearest, on a log scale)
@@ -269,22 +275,39 @@ def _timed(durations: dict[str, float], stage: str) -> Iterator[None]:
         durations[stage] = durations.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(f"aslbatch evaluate: {message}", file=sys.stderr, flush=True)
+def _say(bar: tqdm, message: str) -> None:
+    """A line on stderr above the progress bar (nothing when the bar is disabled)."""
+    if not bar.disable:
+        bar.write(f"aslbatch evaluate: {message}", file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{max(seconds, 1):.0f} s"
+
+
+def expected_seconds(model_name: str, n_methods: int, rows: int, networks_to_train: int,
+                     network_options: dict[str, Any]) -> tuple[float, float]:
+    """Rough wall time (s) on 2 quiet cores of an evaluation of ``n_methods`` methods over ``rows``
+    rows in all (every SNR) that trains ``networks_to_train`` networks with ``network_options``:
+    (training, the rest). From ROUGH_TRAINING_S, ROUGH_SCORING_S and ROUGH_FIXED_S."""
+    samples = network_options.get("n_samples", 500_000) / ROUGH_SAMPLES
+    epochs = min(network_options.get("max_epochs", 100), ROUGH_EPOCHS) / ROUGH_EPOCHS
+    training = networks_to_train * ROUGH_TRAINING_S[model_name] * samples * epochs
+    return training, ROUGH_FIXED_S + n_methods * ROUGH_SCORING_S[model_name] * rows / 100_000
 
 
 def _networks(model: KineticModel, label: str, network_options: dict[str, Any], seeds: Sequence[int],
-              cache: NetworkCache, progress: bool) -> tuple[list[Estimator], list[dict[str, Any]]]:
+              cache: NetworkCache, bar: tqdm) -> tuple[list[Estimator], list[dict[str, Any]]]:
     """The trained networks of ``label``, one per seed, from ``cache`` (trained and stored on a miss),
     and a JSON-ready record of each."""
     estimators, records = [], []
     for seed in seeds:
         untrained = _estimator(model, label, network_options, seed)
         from_cache = cache.path(untrained).is_file()
-        _say(progress, f"{label} network, seed {seed}: " + ("from the cache" if from_cache else "training"))
+        bar.set_postfix_str(f"{label} network {seed}: " + ("from the cache" if from_cache else "training"))
         t0 = time.perf_counter()
-        trained = cache.get(untrained, progress)
+        trained = cache.get(untrained, not bar.disable)
+        bar.update()
         history = trained.training_
         estimators.append(trained)
         records.append({"method": label, "seed": seed, "file": trained.network_file_,
@@ -378,7 +401,9 @@ def run_evaluation(
     cache_dir : folder of trained networks (None: the per-user cache).
     quick : the CI-sized run of :data:`QUICK_SIZES` instead of :data:`DEFAULT_SIZES`.
     seed : integer >= 0 seeding the data and the first network.
-    progress : report each stage (and training progress bars) on stderr.
+    progress : on stderr: the expected duration before starting, a progress bar over the steps
+        (networks loaded or trained, then each method at each SNR) with training bars, a line
+        per method scored.
 
     Raises ValueError (with the reason) for an unknown method, model, noise or option.
     """
@@ -399,16 +424,27 @@ def run_evaluation(
         _estimator(model, label, net_opts, seed).options()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cache = NetworkCache(cache_dir)
+    seeds = range(seed, seed + retrainings)
+    nets = [label for label in labels if _is_network(label)]
+    to_train = sum(not cache.path(_estimator(model, label, net_opts, s)).is_file() for label in nets for s in seeds)
+    bar = tqdm(total=len(nets) * retrainings + len(labels) * len(snr_list), desc=f"evaluate {model.name}",
+               unit="step", disable=not progress, file=sys.stderr)
+    training_s, rest_s = expected_seconds(model.name, len(labels), len(snr_list) * n_sets * repeats, to_train,
+                                          net_opts)
+    _say(bar, f"{model.name} model, {len(labels)} methods, {len(snr_list)} SNRs x {n_sets} parameter sets x "
+              f"{repeats} repeats; expected duration about {_duration(training_s + rest_s)} on 2 quiet cores"
+              + (f" ({to_train} of {len(nets) * retrainings} networks to train first, about {_duration(training_s)}; "
+                 f"the cache keeps them for later runs)" if to_train else " (every network cached)")
+              + ("" if quick else "; --quick: under 3 minutes from an empty cache"))
 
     durations: dict[str, float] = {}
     with _timed(durations, "simulation_s"):
         sets = monte_carlo_sets(model, snr_list, n_sets=n_sets, repeats=repeats, noise=noise, seed=seed)
-    _say(progress, f"{len(snr_list)} SNRs x {n_sets} parameter sets x {repeats} repeats simulated")
     with _timed(durations, "crlb_s"):
         jacobian = model.jacobian(sets[0].params[_set_rows(sets[0])])
         bounds = [crlb(jacobian, noise_sigma(model, snr)) for snr in snr_list]
     density_snr = _nearest(snr_list, DENSITY_SNR)
-    cache = NetworkCache(cache_dir)
     rows: list[dict[str, Any]] = []
     networks: list[dict[str, Any]] = []
     density: dict[str, np.ndarray] = {}
@@ -416,8 +452,7 @@ def run_evaluation(
         for label in labels:
             if _is_network(label):
                 with _timed(durations, "networks_s"):
-                    estimators, records = _networks(model, label, net_opts, range(seed, seed + retrainings), cache,
-                                                    progress)
+                    estimators, records = _networks(model, label, net_opts, seeds, cache, bar)
                 networks += records
                 rows.append({"method": label, "parameter": "", "snr": None, "metric": "training_s",
                              "value": float(np.mean([r["training_s"] for r in records]))})
@@ -425,14 +460,17 @@ def run_evaluation(
                 estimators = [_estimator(model, label, net_opts, seed).fit()]
             with _timed(durations, "prediction_s"):
                 for snr, data, set_bounds in zip(snr_list, sets, bounds):
+                    bar.set_postfix_str(f"{label} at SNR {snr:g}")
                     method_rows, estimates = _method_rows(label, estimators, data, set_bounds, snr)
+                    bar.update()
                     rows += method_rows
                     if snr == density_snr:
                         density[label] = estimates
-            _say(progress, f"{label} scored at {len(snr_list)} SNRs")
+            _say(bar, f"{label} scored at {len(snr_list)} SNRs")
     for snr, data, set_bounds in zip(snr_list, sets, bounds):
         rows += _crlb_rows(data, set_bounds, snr)
 
+    bar.set_postfix_str("report")
     with _timed(durations, "report_s"):
         table = {(r["method"], r["parameter"], r["snr"], r["metric"]): r["value"] for r in rows}
         findings = _findings(table, model.name, labels, snr_list)
@@ -443,7 +481,9 @@ def run_evaluation(
         paths = _write(out, rows, figures, _document(table, model, labels, snr_list, findings, settings,
                                                      durations, figures))
     durations["total_s"] = time.perf_counter() - t_start
-    _say(progress, f"done in {durations['total_s']:.0f} s: {paths['report_html']}")
+    bar.close()
+    if progress:
+        print(f"aslbatch evaluate: done in {durations['total_s']:.0f} s: {paths['report_html']}", file=sys.stderr)
     return Evaluation(rows, findings, paths, settings, durations)
 
 
@@ -596,12 +636,6 @@ class _Png:
     caption: str
 
 
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": None})
-    return buffer.getvalue()
-
-
 def _curve(table: dict, method: str, param: str, snrs: Sequence[float], metric: str) -> np.ndarray:
     values = np.array([table.get((method, param, s, metric), math.nan) for s in snrs], dtype=float)
     values[~np.isfinite(values)] = np.nan
@@ -613,8 +647,10 @@ def _against_snr(table: dict, model: KineticModel, methods: Sequence[str], snrs:
                  reference: float | None = None) -> bytes:
     """One panel per parameter, one line per method: ``metric`` × ``scale`` against SNR (log axis);
     the CRLB's ``crlb_metric`` dashed in black, a horizontal line at ``reference``."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     n = model.n_params
-    figure = Figure(figsize=(3.3 * n, 3.0), dpi=FIGURE_DPI, layout="constrained")
+    figure = new_figure(3.3 * n, 3.0, dpi=FIGURE_DPI)
     for ax, param, unit in zip(figure.subplots(1, n, squeeze=False)[0], model.param_names, model.param_units):
         for i, method in enumerate(methods):
             ax.plot(snrs, scale * _curve(table, method, param, snrs, metric), marker="o", markersize=3,
@@ -637,14 +673,16 @@ def _against_snr(table: dict, model: KineticModel, methods: Sequence[str], snrs:
         ax.set_ylabel(ylabel.format(unit=unit))
         ax.grid(alpha=0.3)
     figure.axes[0].legend(fontsize=7)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def _density(model: KineticModel, data: SimulatedSet, estimates: dict[str, np.ndarray]) -> bytes:
     """2D histograms of estimate against truth, one row per method and one column per parameter,
     over the training range widened by 10 % (values beyond it in the edge bins)."""
+    from matplotlib.colors import LogNorm
+
     rows, cols = len(estimates), model.n_params
-    figure = Figure(figsize=(2.7 * cols, 2.4 * rows), dpi=FIGURE_DPI, layout="constrained")
+    figure = new_figure(2.7 * cols, 2.4 * rows, dpi=FIGURE_DPI)
     axes = figure.subplots(rows, cols, squeeze=False)
     for r, (method, params) in enumerate(estimates.items()):
         for j, name in enumerate(model.param_names):
@@ -667,7 +705,7 @@ def _density(model: KineticModel, data: SimulatedSet, estimates: dict[str, np.nd
                 ax.set_xlabel(f"true {name}", fontsize=8)
             if j == 0:
                 ax.set_ylabel("estimate", fontsize=8)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def _figures(table: dict, model: KineticModel, labels: list[str], snrs: list[float], density_data: SimulatedSet,
@@ -830,21 +868,15 @@ def _snr_list(snrs: Sequence[float]) -> str:
     return ", ".join(f"{s:g}" for s in snrs)
 
 
+#: the report's rules after the shared stylesheet (aslbatch.report.CSS)
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1200px; }
-h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
-h3 { font-size: 1em; margin-bottom: 0.3em; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-li { margin: 0.4em 0; } figure { margin: 0.6em 0 1.2em 0; } figcaption { font-size: 0.85em; color: #444; }
-img { max-width: 100%; } pre { background: #f6f6f6; padding: 0.5em; font-size: 0.8em; overflow-x: auto; }
+li { margin: 0.4em 0; } img { max-width: 100%; }
 """
 
 
 def _html_text(text: str) -> str:
     """Escaped text with **bold** spans."""
-    parts = html.escape(text).split("**")
+    parts = escape(text).split("**")
     return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(parts))
 
 
@@ -856,24 +888,13 @@ def _html(doc: list[tuple]) -> str:
         elif kind == "list":
             body.append("<ul>" + "".join(f"<li>{_html_text(item)}</li>" for item in content[0]) + "</ul>")
         elif kind == "table":
-            header, rows = content
-            head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-            cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-            body.append(f"<table>{head}{cells}</table>")
+            body.append(html_table(*content))
         elif kind == "figure":
             fig = content[0]
-            uri = "data:image/png;base64," + base64.b64encode(fig.png).decode("ascii")
-            body.append(f'<figure><img src="{uri}" alt="{html.escape(fig.name)}">'
-                        f"<figcaption>{html.escape(fig.caption)}</figcaption></figure>")
+            body.append(f"<figure>{img(fig.png, fig.name)}<figcaption>{escape(fig.caption)}</figcaption></figure>")
         else:
-            body.append(f"<pre>{html.escape(content[0])}</pre>")
-    title = html.escape(doc[0][1])
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
+            body.append(f"<pre>{escape(content[0])}</pre>")
+    return html_page(doc[0][1], "\n".join(body), extra_css=_CSS)
 
 
 def _markdown(doc: list[tuple]) -> str:
@@ -886,10 +907,7 @@ def _markdown(doc: list[tuple]) -> str:
         elif kind == "list":
             out.append("\n".join(f"- {item}" for item in content[0]))
         elif kind == "table":
-            header, rows = content
-            lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-            out.append("\n".join(lines))
+            out.append(markdown_table(*content))
         elif kind == "figure":
             fig = content[0]
             out.append(f"![{fig.name}](figures/{fig.name}.png)\n\n*{fig.caption}*")

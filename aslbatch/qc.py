@@ -43,10 +43,7 @@ provenance has changed since (outputs rewritten, page not).
 
 from __future__ import annotations
 
-import base64
 import functools
-import html
-import io
 import json
 import math
 import os
@@ -61,11 +58,8 @@ from urllib.parse import quote
 import matplotlib
 import nibabel as nib
 import numpy as np
-import PIL.Image
 from nibabel.filebasedimages import ImageFileError
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex, to_rgb
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import StepPatch
 from matplotlib.ticker import MaxNLocator
@@ -77,6 +71,7 @@ from .derivatives import (OUTPUTS, OUTSIDE_STATUS, QC_INDEX_NAME, QC_PAGE_SUFFIX
                           read_provenance, sha256_file)
 from .estimators.base import Status
 from .models import MODELS
+from .report import escape, figure_png, html_page, html_table, img, indexed_png, new_figure
 
 __all__ = [
     "IndexEntry",
@@ -288,21 +283,6 @@ def _enlarge(pixels: np.ndarray, px: int, height: int) -> np.ndarray:
     return pixels[rows].repeat(px, axis=1)
 
 
-def _png(pixels: np.ndarray, palette: np.ndarray) -> bytes:
-    """An indexed-colour PNG: ``pixels`` (rows × columns, uint8) index ``palette`` (n × 3, uint8)."""
-    image = PIL.Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
-    image.putpalette(palette.tobytes())
-    buffer = io.BytesIO()
-    image.save(buffer, format="png")
-    return buffer.getvalue()
-
-
-def _figure_png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    FigureCanvasAgg(figure).print_png(buffer, metadata={"Software": None})
-    return buffer.getvalue()
-
-
 def _ticks(lo: float, hi: float) -> list[float]:
     """The ends of ``[lo, hi]`` and the round values between them at least a tenth of it from either."""
     margin = 0.1 * (hi - lo)
@@ -312,7 +292,7 @@ def _ticks(lo: float, hi: float) -> list[float]:
 
 def _frame(png: bytes, alt: str, width: int, height: int, labels: Sequence[str], cls: str = "frame") -> str:
     """The image at its size with ``labels`` (absolutely placed spans) over and around it."""
-    return f'<div class="{cls}">{_img(png, alt, width, height)}{"".join(labels)}</div>'
+    return f'<div class="{cls}">{img(png, alt, width, height)}{"".join(labels)}</div>'
 
 
 def _montage(mosaic: np.ndarray, palette: np.ndarray, grid: _Grid, alt: str, side: str) -> str:
@@ -331,7 +311,7 @@ def _montage(mosaic: np.ndarray, palette: np.ndarray, grid: _Grid, alt: str, sid
                       f"z {z:.0f}</span>")
     labels += ['<span class="under" style="left:0">R</span>',
                f'<span class="under" style="right:{_pct(1 - nx / w)}">L</span>']
-    png = _png(_enlarge(mosaic, px, height), palette)
+    png = indexed_png(_enlarge(mosaic, px, height), palette)
     return f'<div class="plot">{_frame(png, alt, width, height, labels)}{side}</div>'
 
 
@@ -353,7 +333,7 @@ def _map_montage(values: np.ndarray, grid: _Grid, quantity: str, units: str, alt
     scale = SCALES[quantity]
     values = _mosaic(values, grid.slices, np.nan)
     inside = _mosaic(grid.mask, grid.slices, False)
-    bar = f'<div class="bar"><div>{_e(quantity)} ({_e(units)})</div>{_colour_bar(scale)}</div>'
+    bar = f'<div class="bar"><div>{escape(quantity)} ({escape(units)})</div>{_colour_bar(scale)}</div>'
     return _montage(_scale_pixels(values, inside, scale), _scale_palette(scale.cmap), grid, alt, bar)
 
 
@@ -362,8 +342,8 @@ def _status_montage(codes: np.ndarray, grid: _Grid, alt: str) -> str:
     palette = _rgb([STATUS_COLOURS[c] for c in known] + [BACKGROUND])
     pixels = np.searchsorted(known, _mosaic(codes, grid.slices, known[0]))
     pixels[~_mosaic(grid.mask, grid.slices, False)] = len(known)
-    legend = "".join(f'<div><span class="box" style="background:{STATUS_COLOURS[c]}"></span>{_e(STATUS_NAMES[c])}</div>'
-                     for c in known)
+    legend = "".join(f'<div><span class="box" style="background:{STATUS_COLOURS[c]}"></span>'
+                     f"{escape(STATUS_NAMES[c])}</div>" for c in known)
     return _montage(pixels, palette, grid, alt, f'<div class="legend">{legend}</div>')
 
 
@@ -377,7 +357,7 @@ def _histogram(samples: Mapping[str, np.ndarray], quantity: str, alt: str) -> st
     top = 1.05 * highest if highest else 1.0
     xs = _ticks(scale.lo, scale.hi)
     ys = [float(t) for t in MaxNLocator(3, integer=True).tick_values(0, top) if 0 < t <= top] if highest else []
-    figure = Figure(figsize=(width / 100, height / 100), dpi=100)
+    figure = new_figure(width / 100, height / 100, dpi=100, layout=None)
     to_pixels = BboxTransformFrom(Bbox([[scale.lo, 0], [scale.hi, top]])) + figure.transFigure
     grid_lines = [([x, x], [0, top]) for x in xs[1:-1]] + [([scale.lo, scale.hi], [y, y]) for y in ys]
     for x, y in grid_lines:
@@ -387,36 +367,30 @@ def _histogram(samples: Mapping[str, np.ndarray], quantity: str, alt: str) -> st
     for i, (method, values) in enumerate(samples.items()):
         colour = to_hex(f"C{i}")
         if values.size == 0:
-            legend.append(f'<div><span class="line"></span>{_e(method)}: no finite value</div>')
+            legend.append(f'<div><span class="line"></span>{escape(method)}: no finite value</div>')
             continue
         figure.add_artist(StepPatch(counts[method], edges, fill=False, edgecolor=colour, linewidth=1.3,
                                     transform=to_pixels))
         beyond = np.count_nonzero((values < scale.lo) | (values > scale.hi)) / values.size
         note = f" ({100 * beyond:.0f} % beyond the scale)" if beyond > 0 else ""
-        legend.append(f'<div><span class="line" style="background:{colour}"></span>{_e(method)}{_e(note)}</div>')
+        legend.append(f'<div><span class="line" style="background:{colour}"></span>'
+                      f"{escape(method)}{escape(note)}</div>")
     labels = [f'<span class="x" style="left:{_pct((x - scale.lo) / (scale.hi - scale.lo))}">{x:.4g}</span>'
               for x in xs]
     labels += [f'<span class="y" style="bottom:{_pct(y / top)}">{y:.0f}</span>' for y in ys]
     labels.append('<span class="title">voxels</span>')
     if not highest:
         labels.append('<span class="empty">no finite value in the brain mask</span>')
-    frame = _frame(_figure_png(figure), alt, width, height, labels, cls="frame hist")
+    frame = _frame(figure_png(figure), alt, width, height, labels, cls="frame hist")
     return f'<div class="plot">{frame}<div class="legend">{"".join(legend)}</div></div>'
 
 
 # --- HTML ------------------------------------------------------------------------------------
 
+#: the pages' rules after the shared stylesheet (aslbatch.report.CSS): montages, colour bars, histograms
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1100px; }
-h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
-h3 { font-size: 1em; margin-bottom: 0.3em; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-.failed { background: #fde0dc; } .warn { color: #b00020; font-weight: bold; } .muted { color: #777; }
-figure { margin: 0.4em 0 1em 0; } figcaption { font-size: 0.85em; color: #444; }
+.failed { background: #fde0dc; }
 .thumbs div { display: inline-block; margin: 0 0.6em 0.3em 0; text-align: center; font-size: 0.85em; }
-pre { background: #f6f6f6; padding: 0.5em; font-size: 0.8em; overflow-x: auto; }
 .plot { display: flex; align-items: center; gap: 16px; margin-bottom: 1.4em; font-size: 11px; }
 .frame { position: relative; flex: none; line-height: 0; }
 .frame img { display: block; image-rendering: pixelated; }
@@ -441,40 +415,16 @@ pre { background: #f6f6f6; padding: 0.5em; font-size: 0.8em; overflow-x: auto; }
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _href(relative: str) -> str:
-    return _e(quote(relative))
+    return escape(quote(relative))
 
 
 def _number(value: float) -> str:
     return "—" if not math.isfinite(value) else f"{value:.4g}"
 
 
-def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
-    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table>{head}{body}</table>"
-
-
 def _pct(fraction: float) -> str:
     return f"{100 * fraction:.2f}%"
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _img(png: bytes, alt: str, width: int | None = None, height: int | None = None) -> str:
-    size = f' width="{width}" height="{height}"' if width and height else ""
-    return f'<img src="{_data_uri(png)}" alt="{_e(alt)}"{size}>'
-
-
-def _page(title: str, body: str, meta: str = "") -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{meta}<title>{_e(title)}</title>'
-            f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
 def _stats(values: np.ndarray) -> tuple[int, float, float, float]:
@@ -486,7 +436,7 @@ def _stats(values: np.ndarray) -> tuple[int, float, float, float]:
 
 
 def _json_block(value: Any) -> str:
-    return f"<pre>{_e(json.dumps(value, indent=2, ensure_ascii=False))}</pre>"
+    return f"<pre>{escape(json.dumps(value, indent=2, ensure_ascii=False))}</pre>"
 
 
 # --- the session page ------------------------------------------------------------------------
@@ -533,7 +483,7 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
     for param in params:
         units = parameter_table()[param].units
         name = parameter_table()[param].names.get(model_name, param)
-        parts = [f'<h3 id="{_e(param)}">{_e(param)}: {_e(name)} ({_e(units)})</h3>']
+        parts = [f'<h3 id="{escape(param)}">{escape(param)}: {escape(name)} ({escape(units)})</h3>']
         for quantity, kind in ((param, "map"), (param + "se", "stderr")):
             samples: dict[str, np.ndarray] = {}
             for method in methods:
@@ -543,7 +493,7 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
                 label = f"{method} {quantity}"
                 if not path.is_file():
                     missing.append(path.name)
-                    parts.append(f'<p class="warn">{_e(label)}: {_e(path.name)} is missing</p>')
+                    parts.append(f'<p class="warn">{escape(label)}: {escape(path.name)} is missing</p>')
                     continue
                 values = _load_on(grid, path)
                 inside = values[grid.mask]
@@ -553,11 +503,11 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
                                    _number(q3), _number(q3 - q1)])
                 caption = f"{label} ({units}), scale {SCALES[quantity].lo:g}–{SCALES[quantity].hi:g}; {path.name}"
                 parts.append(f"<figure>{_map_montage(values, grid, quantity, units, label)}"
-                             f"<figcaption>{_e(caption)}</figcaption></figure>")
+                             f"<figcaption>{escape(caption)}</figcaption></figure>")
             if samples:
                 parts.append(f"<figure>{_histogram(samples, quantity, quantity + ' histogram')}"
-                             f"<figcaption>{_e(quantity)} ({_e(units)}) within the brain mask, finite values: voxels "
-                             f"per bin ({HISTOGRAM_BINS} over the scale)</figcaption></figure>")
+                             f"<figcaption>{escape(quantity)} ({escape(units)}) within the brain mask, finite "
+                             f"values: voxels per bin ({HISTOGRAM_BINS} over the scale)</figcaption></figure>")
         sections.append("\n".join(parts))
 
     status_rows, status_figures = [], []
@@ -571,7 +521,7 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
             continue
         if not path.is_file():
             missing.append(path.name)
-            status_figures.append(f'<p class="warn">{_e(method)} status: {_e(path.name)} is missing</p>')
+            status_figures.append(f'<p class="warn">{escape(method)} status: {escape(path.name)} is missing</p>')
             continue
         codes = _load_on(grid, path)
         inside_codes = set(np.unique(codes[grid.mask]).astype(int).tolist())
@@ -579,7 +529,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
             raise ValueError(f"{path}: unknown status code(s) {sorted(inside_codes - set(STATUS_COLOURS))} "
                              f"inside the mask ({OUTSIDE_STATUS} is for outside only)")
         status_figures.append(f"<figure>{_status_montage(codes, grid, method + ' status')}"
-                              f"<figcaption>{_e(method)} fit status per voxel; {_e(path.name)}</figcaption></figure>")
+                              f"<figcaption>{escape(method)} fit status per voxel; {escape(path.name)}"
+                              "</figcaption></figure>")
 
     preprocessing = provenance.get("preprocessing") or {}
     protocol = preprocessing.get("protocol", {})
@@ -592,8 +543,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
     for item in provenance["outputs"]:
         name = Path(str(item["path"])).name
         state = "" if (folder / name).is_file() else ' <span class="warn">(missing)</span>'
-        links.append(f'<li><a href="{_href(name)}">{_e(name)}</a>{state}</li>')
-    links.append(f'<li><a href="{_href(provenance_path.name)}">{_e(provenance_path.name)}</a></li>')
+        links.append(f'<li><a href="{_href(name)}">{escape(name)}</a>{state}</li>')
+    links.append(f'<li><a href="{_href(provenance_path.name)}">{escape(provenance_path.name)}</a></li>')
 
     session = provenance.get("session")
     header = [
@@ -606,43 +557,44 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
     ]
     status_header = ["method", "voxels"] + [f"{c} {STATUS_NAMES[c]}" for c in sorted(STATUS_NAMES)]
     body = [
-        f"<h1>QC: {_e(source)}</h1>",
-        _table(None, header),
-        "<p>" + " · ".join(f'<a href="#{_e(p)}">{_e(p)}</a>' for p in params)
+        f"<h1>QC: {escape(source)}</h1>",
+        html_table(None, header),
+        "<p>" + " · ".join(f'<a href="#{escape(p)}">{escape(p)}</a>' for p in params)
         + ' · <a href="#status">status</a> · <a href="#protocol">protocol</a> · <a href="#files">files</a></p>',
         '<p class="muted">Axial slices, radiological convention (R on the left), z = slice position in mm. '
         "White: outside the brain mask; grey: no value (NaN). Fixed colour scales; values beyond a scale "
         "take its end colours.</p>",
     ]
     if missing:
-        body.append(f'<p class="warn">Missing output file(s): {_e(", ".join(missing))}</p>')
+        body.append(f'<p class="warn">Missing output file(s): {escape(", ".join(missing))}</p>')
     body += [
         "<h2>Fit status (share of the brain mask)</h2>",
-        _table(status_header, status_rows),
-        "<ul>" + "".join(f"<li>{_e(code)}: {_e(text)}</li>" for code, text in STATUS_LEVELS.items()) + "</ul>",
+        html_table(status_header, status_rows),
+        "<ul>" + "".join(f"<li>{escape(code)}: {escape(text)}</li>" for code, text in STATUS_LEVELS.items()) + "</ul>",
         "<h2>Within the brain mask: median and interquartile range</h2>",
-        _table(["method", "map", "units", "finite / mask", "median", "Q1", "Q3", "IQR"], stats_rows),
+        html_table(["method", "map", "units", "finite / mask", "median", "Q1", "Q3", "IQR"], stats_rows),
         "<h2>Maps</h2>", *sections,
         '<h2 id="status">Status maps</h2>', *status_figures,
         '<h2 id="protocol">Protocol</h2>',
-        _table(["volume", "label duration τ (s)", "PLD (s)", "crushed"], protocol_rows),
-        *([f"<p>Notes: {_e('; '.join(str(n) for n in preprocessing['notes']))}</p>"]
+        html_table(["volume", "label duration τ (s)", "PLD (s)", "crushed"], protocol_rows),
+        *([f"<p>Notes: {escape('; '.join(str(n) for n in preprocessing['notes']))}</p>"]
           if preprocessing.get("notes") else []),
-        "<h2>Constants</h2>", _table(["constant", "value"], [[k, v] for k, v in constants.items()]),
+        "<h2>Constants</h2>", html_table(["constant", "value"], [[k, v] for k, v in constants.items()]),
         "<h2>Settings</h2>",
         "<h3>Model options</h3>", _json_block(model.get("options", {})),
         "<h3>Estimator options</h3>", _json_block(provenance.get("estimator_options", {})),
         "<h3>Run settings</h3>", _json_block(provenance.get("run_settings")),
-        f"<p>settings digest {_e(provenance.get('settings_digest'))}; "
-        f"versions {_e(', '.join(f'{k} {v}' for k, v in (provenance.get('versions') or {}).items()))}</p>",
+        f"<p>settings digest {escape(provenance.get('settings_digest'))}; "
+        f"versions {escape(', '.join(f'{k} {v}' for k, v in (provenance.get('versions') or {}).items()))}</p>",
         "<h2>Inputs</h2>",
-        _table(["file", "sha256"], [[i.get("path"), i.get("sha256") or "—"] for i in provenance.get("inputs", [])]),
+        html_table(["file", "sha256"],
+                   [[i.get("path"), i.get("sha256") or "—"] for i in provenance.get("inputs", [])]),
         '<h2 id="files">Files</h2>', f"<ul>{''.join(links)}</ul>",
-        f'<p class="muted">Page written by aslbatch {_e(__version__)} on {_e(_now())}.</p>',
+        f'<p class="muted">Page written by aslbatch {escape(__version__)} on {escape(_now())}.</p>',
     ]
     meta = f'<meta name="{_META}" content="{sha256_file(provenance_path)}">'
     with atomic_open(page_path, "w", encoding="utf-8") as fh:
-        fh.write(_page(f"QC {source}", "\n".join(body), meta))
+        fh.write(html_page(f"QC {source}", "\n".join(body), head=meta, extra_css=_CSS))
     return page_path
 
 
@@ -673,7 +625,7 @@ def _thumbnail(provenance: Mapping[str, Any], folder: Path) -> bytes:
     k = int(holding[holding.size // 2]) if holding.size else values.shape[2] // 2
     pixels = _scale_pixels(_tile(values, k), _tile(finite, k), SCALES["cbf"])
     px = max(1, 128 // pixels.shape[1])
-    return _png(_enlarge(pixels, px, pixels.shape[0] * px), _scale_palette(SCALES["cbf"].cmap))
+    return indexed_png(_enlarge(pixels, px, pixels.shape[0] * px), _scale_palette(SCALES["cbf"].cmap))
 
 
 def _converged(provenance: Mapping[str, Any]) -> str:
@@ -690,13 +642,13 @@ def _acquisition_cell(provenance_path: Path, out_dir: Path) -> str:
     """Thumbnail, converged shares and link of one acquisition; problems are shown in the cell."""
     name = provenance_path.name[: -len(PROVENANCE_SUFFIX)]
     if not provenance_path.is_file():
-        return f'<div><span class="muted">{_e(name)}: no outputs</span></div>'
+        return f'<div><span class="muted">{escape(name)}: no outputs</span></div>'
     try:
         provenance = read_provenance(provenance_path)
-        thumb = _img(_thumbnail(provenance, provenance_path.parent), f"{name} cbf")
-        label = f"{_e(name)}<br>{_e(_converged(provenance))}"
+        thumb = img(_thumbnail(provenance, provenance_path.parent), f"{name} cbf")
+        label = f"{escape(name)}<br>{escape(_converged(provenance))}"
     except (OSError, ValueError, ImageFileError) as exc:
-        thumb, label = f'<span class="warn">no thumbnail ({_e(exc)})</span>', _e(name)
+        thumb, label = f'<span class="warn">no thumbnail ({escape(exc)})</span>', escape(name)
     page = session_report_path(provenance_path)
     if not page.is_file():
         return f'<div>{thumb}<br>{label} <span class="warn">(no QC page)</span></div>'
@@ -729,13 +681,13 @@ def write_run_index(out_dir: str | os.PathLike, entries: Sequence[IndexEntry], *
     for entry in ordered:
         cells = "".join(_acquisition_cell(Path(p), out_dir) for p in entry.provenance)
         cls = ' class="failed"' if entry.status == "failed" else ""
-        rows.append(f"<tr{cls}><td>{_e(entry.session)}</td><td>{_e(_STATUS_TEXT[entry.status])}</td>"
-                    f'<td>{_e(entry.reason)}</td><td class="thumbs">{cells}</td></tr>')
+        rows.append(f"<tr{cls}><td>{escape(entry.session)}</td><td>{escape(_STATUS_TEXT[entry.status])}</td>"
+                    f'<td>{escape(entry.reason)}</td><td class="thumbs">{cells}</td></tr>')
     title = "aslbatch QC" + (f" — run {run_id}" if run_id else "")
     body = "\n".join([
-        f"<h1>{_e(title)}</h1>",
+        f"<h1>{escape(title)}</h1>",
         f"<p>{counts['done']} done, {counts['skipped']} up to date, {counts['failed']} failed; "
-        f"written {_e(_now())} by aslbatch {_e(__version__)}.</p>",
+        f"written {escape(_now())} by aslbatch {escape(__version__)}.</p>",
         '<p class="muted">Thumbnails: a central axial slice of cbf (first method), 0–100 mL/100 g/min, '
         "radiological convention. Click one for the acquisition's QC page.</p>",
         "<table><tr><th>session</th><th>status</th><th>reason</th><th>acquisitions</th></tr>",
@@ -744,5 +696,5 @@ def write_run_index(out_dir: str | os.PathLike, entries: Sequence[IndexEntry], *
     ])
     path = out_dir / QC_INDEX_NAME
     with atomic_open(path, "w", encoding="utf-8") as fh:
-        fh.write(_page(title, body))
+        fh.write(html_page(title, body, extra_css=_CSS))
     return path

@@ -17,7 +17,8 @@ import pytest
 from threadpoolctl import threadpool_info
 
 from aslbatch.atomic import stale_temporaries
-from aslbatch.bench import coarse_start, run_bench, scipy_loop, thread_limit
+from aslbatch.bench import (ROUGH_TRAINING_SAMPLES_PER_S, _config, coarse_start, expected_seconds, run_bench,
+                            scipy_loop, thread_limit)
 
 MODELS = ("1c", "2c")
 METHODS = ("lm", "lut", "supervised", "unsupervised")
@@ -142,6 +143,7 @@ def test_thread_counts_beyond_the_machine_are_skipped_and_said(tmp_path):
     ({"training_samples": 10}, "training_samples"),
     ({"training_epochs": 0}, "training_epochs"),
     ({"batch_sessions": -1}, "batch_sessions"),
+    ({"training_epochs": 2, "early_stopping": True}, "exclude"),
     ({"batch_shape": (4, 4, 4)}, "batch_shape"),
     ({"batch_shape": (16, 16)}, "batch_shape"),
     ({"seed": "0"}, "seed"),
@@ -151,6 +153,29 @@ def test_invalid_arguments_raise_before_anything_runs(tmp_path, kwargs, message)
     with pytest.raises(ValueError, match=message):
         run_bench(out, quick=True, **kwargs)
     assert not out.exists()
+
+
+def test_progress_states_the_expected_duration_and_counts_every_step(tmp_path, capsys):
+    run_bench(tmp_path, models="1c", methods=("lut",), sizes=(100, 200), threads=(1,), scipy_voxels=2,
+              batch_sessions=0, quick=True, progress=True)
+    err = capsys.readouterr().err
+    assert "bench: expected duration about" in err
+    assert "3/3" in err  # the scipy loop, then lut at two sizes
+
+
+def test_expected_duration_grows_with_the_work_asked_for():
+    def expected(**options):
+        settings = {"models": ("1c", "2c"), "methods": ("lm", "lut", "supervised", "unsupervised"), "sizes": None,
+                    "threads": (1, 2), "scipy_voxels": None, "training_samples": None, "training_epochs": None,
+                    "early_stopping": False, "batch_sessions": None, "batch_shape": None, "quick": False, "seed": 0}
+        return expected_seconds(_config(**{**settings, **options}))
+
+    default, quick = expected(), expected(quick=True)
+    assert quick < default < expected(early_stopping=True)
+    assert expected(models=("1c",)) < default and expected(threads=(1,)) < default
+    # training: two networks per model, epochs x samples at the model's rate
+    extra = expected(training_samples=2 * 10**6) - default
+    assert extra == pytest.approx(sum(2 * 3 * 10**6 / ROUGH_TRAINING_SAMPLES_PER_S[m] for m in ("1c", "2c")))
 
 
 def test_thread_limit_restores_numba_and_blas():

@@ -12,7 +12,8 @@ import PIL.Image
 import pytest
 
 from aslbatch.estimators import get_estimator
-from aslbatch.evaluate import CLAIMS, METHODS, _findings, monte_carlo_sets, run_evaluation
+from aslbatch.evaluate import (CLAIMS, METHODS, ROUGH_FIXED_S, ROUGH_SCORING_S, ROUGH_TRAINING_S, _findings,
+                               expected_seconds, monte_carlo_sets, run_evaluation)
 from aslbatch.models import get_model
 from aslbatch.protocol import default_protocol
 
@@ -208,6 +209,25 @@ def test_a_second_evaluation_reuses_the_cached_networks(evaluation, tsv, cache, 
         if row["metric"] not in ("time_per_voxel_s",):
             key = (row["method"], row["parameter"], "" if row["snr"] is None else f"{row['snr']:g}", row["metric"])
             assert row["value"] == pytest.approx(tsv[key], rel=1e-12, nan_ok=True), key
+
+
+def test_progress_states_the_expected_duration_and_counts_the_networks_to_train(evaluation, cache, tmp_path, capsys):
+    _evaluate(tmp_path / "warm", cache, progress=True)
+    warm = capsys.readouterr().err
+    assert "expected duration about" in warm and "(every network cached)" in warm
+    steps = 2 + len(LABELS) * len(SNRS)  # two networks, then every method at every SNR
+    assert f"{steps}/{steps}" in warm and "done in" in warm
+    _evaluate(tmp_path / "cold", tmp_path / "empty-cache", progress=True)
+    assert "(2 of 2 networks to train first, about" in capsys.readouterr().err
+
+
+def test_expected_seconds_scale_with_the_work():
+    options = {"n_samples": 100_000, "max_epochs": 100}
+    training, rest = expected_seconds("2c", 6, 300_000, 12, options)
+    assert training == pytest.approx(12 * ROUGH_TRAINING_S["2c"] * 0.5)  # half the samples of ROUGH_SAMPLES
+    assert rest == pytest.approx(ROUGH_FIXED_S + 6 * 3 * ROUGH_SCORING_S["2c"])
+    assert expected_seconds("2c", 6, 300_000, 0, options)[0] == 0.0
+    assert expected_seconds("2c", 6, 300_000, 12, {**options, "max_epochs": 25})[0] == pytest.approx(training / 2)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -176,8 +176,18 @@ def test_config_file_and_bad_settings(tmp_path):
 def test_demo_runs_and_scores_against_ground_truth(tmp_path):
     result = runner.invoke(app, ["demo", str(tmp_path / "demo"), "--snr", "20"])
     assert result.exit_code == 0, result.output
-    rows = [line.split() for line in result.output.splitlines() if line.startswith("sub-0")]
-    table = {(r[0], r[2], r[3]): float(r[4]) for r in rows if len(r) >= 6}
+    lines = result.output.splitlines()
+    header = next(line for line in lines if line.startswith("subject"))
+    body = [line for line in lines if line.startswith("sub-0")]
+    # aligned columns, "supervised" (10 characters) included: each cell starts under its header
+    for word in ("model", "method", "map", "unit"):  # left-aligned
+        start = header.index(word)
+        assert all(line[start - 1] == " " and line[start] != " " for line in body), word
+    for word in ("median |error|", "median error"):  # right-aligned numbers
+        end = header.index(word) + len(word)
+        assert all(line[end - 1].isdigit() and line[end] == " " for line in body), word
+    rows = [line.split() for line in body]
+    table = {(r[0], r[2], r[3]): float(r[4]) for r in rows if r[4] != "(failed)"}
     assert {k[0] for k in table} == {"sub-01", "sub-02", "sub-03"}
     assert ("sub-03", "lm", "abv") in table and ("sub-01", "lut", "att") in table
     # at SNR 20 the median CBF error in the brain is a few mL/100 g/min
