@@ -138,6 +138,35 @@ def signal_2c(
     return np.array(out)
 
 
+def pasl_point(
+    cbf: float, att: float, tau_b: float, ti: float, *, t1b: float, t1t: float, alpha: float, alpha_bs: float,
+    lam: float, t1_prime: str,
+) -> float:
+    """Pulsed-ASL (Buxton) ΔM/M0t of one volume read at TI = ``ti``, bolus duration ``tau_b``,
+    as ASL_MODELS.md writes it: (2 α α_BS f/λ) e^(−t/T1') (e^(k t_hi) − e^(k att))/k, or
+    (2 α α_BS f/λ)(t_hi − att) e^(−t/T1b) when k = 0."""
+    f = cbf / CBF_PER_F
+    t1p = t1_prime_value(f, t1b=t1b, t1t=t1t, lam=lam, t1_prime=t1_prime)
+    k = 1.0 / t1p - 1.0 / t1b
+    t = ti
+    if t < att:
+        return 0.0
+    t_hi = min(t, att + tau_b)
+    amp = 2.0 * alpha * alpha_bs * f / lam
+    if k == 0.0:
+        return amp * (t_hi - att) * math.exp(-t / t1b)
+    return amp * math.exp(-t / t1p) * (math.exp(k * t_hi) - math.exp(k * att)) / k
+
+
+def signal_pasl(cbf: float, att: float, tau_b: float | Sequence[float], ti: Sequence[float], *, t1b: float = 1.65,
+                t1t: float = 1.3, alpha: float = 0.98, alpha_bs: float = 1.0, lam: float = 0.9,
+                t1_prime: str = "blood") -> np.ndarray:
+    """PASL ΔM/M0t for every volume (per-volume bolus duration and TI)."""
+    taus, tis = _per_volume(tau_b, ti)
+    return np.array([pasl_point(cbf, att, x, t, t1b=t1b, t1t=t1t, alpha=alpha, alpha_bs=alpha_bs, lam=lam,
+                                t1_prime=t1_prime) for x, t in zip(taus, tis)])
+
+
 def constants_kwargs(constants) -> dict:
     """Keyword arguments of signal_1c / signal_2c from an object with the Constants attributes."""
     return {
