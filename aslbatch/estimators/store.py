@@ -40,6 +40,7 @@ import numpy as np
 
 from .._version import versions
 from ..atomic import atomic_path
+from ..derivatives import sha256_file as file_sha256
 from ..models import KineticModel, get_model
 from ..protocol import Constants, Protocol, ProtocolError
 from .network import Network
@@ -80,15 +81,6 @@ def _arrays_digest(arrays: dict[str, np.ndarray]) -> "hashlib._Hash":
 def _checksum(arrays: dict[str, np.ndarray], card_text: str) -> str:
     digest = _arrays_digest(arrays)
     digest.update(card_text.encode())
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a whole file (recorded in provenance for the network used)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
