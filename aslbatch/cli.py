@@ -88,7 +88,8 @@ def _edge_option(model: str, arterial_edge_s: float) -> dict:
     if "arterial_edge_s" in MODELS[model].option_names:
         return {"arterial_edge_s": arterial_edge_s}
     if arterial_edge_s:
-        fail(f"--arterial-edge-s applies to models with an arterial compartment, not {model}")
+        with_edge = [name for name in MODELS if "arterial_edge_s" in MODELS[name].option_names]
+        fail(f"--arterial-edge-s applies to the {', '.join(with_edge)} model only, not {model}")
     return {}
 
 
@@ -537,8 +538,8 @@ def demo(
     snr: Annotated[float, typer.Option(help="SNR of ΔM/M0t.")] = 5.0,
     jobs: Annotated[int, typer.Option(min=1, help="Sessions processed at once.")] = 1,
 ) -> None:
-    """The whole job on built-in data, in about 2 minutes on 2 cores the first time (most of it
-    training the two supervised networks once into the cache) and seconds after that.
+    """The whole job on built-in data: about half a minute on 2 quiet cores the first time (most
+    of it training the two supervised networks once into the cache), seconds after that.
 
     Writes a phantom BIDS dataset into FOLDER/bids (two one-compartment multi-PLD subjects and
     a two-compartment non-crushed + DANTE subject, 40x48x12 voxels, Rician noise at --snr, a

@@ -343,10 +343,10 @@ def test_an_unexpected_error_in_one_acquisition_fails_only_that_acquisition(tmp_
         (perf / path.name.replace("sub-01_", "sub-01_run-2_")).write_bytes(path.read_bytes())
     real = pipeline.prepare_acquisition
 
-    def broken(acquisition, **kwargs):
+    def broken(acquisition, *args, **kwargs):
         if "run-2" not in acquisition.source_name:
             raise FloatingPointError("overflow in a kernel")
-        return real(acquisition, **kwargs)
+        return real(acquisition, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "prepare_acquisition", broken)
     report = run_batch(raw, tmp_path / "out", Settings(methods=("lm",), report=False))

@@ -178,7 +178,7 @@ def test_demo_runs_and_scores_against_ground_truth(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     header = next(line for line in lines if line.startswith("subject"))
-    body = [line for line in lines if line.startswith("sub-0")]
+    body = [line for line in lines if line.split(" ", 1)[0] in ("sub-01", "sub-02", "sub-03")]  # not the log lines
     # aligned columns, "supervised" (10 characters) included: each cell starts under its header
     for word in ("model", "method", "map", "unit"):  # left-aligned
         start = header.index(word)

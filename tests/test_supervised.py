@@ -132,7 +132,7 @@ def test_option_errors(model_1c):
         get_estimator("supervised", model_1c, hidden_layers=(0,)).fit()
     with pytest.raises(ValueError, match="takes no data"):
         get_estimator("supervised", model_1c).fit(np.ones((3, 5)))
-    with pytest.raises(ValueError, match="no network yet"):
+    with pytest.raises(ValueError, match="not fitted yet"):  # the estimator contract: fit (or load) first
         get_estimator("supervised", model_1c).predict(np.ones((3, 5)))
     with pytest.raises(ValueError, match="invalid option"):
         get_estimator("supervised", model_1c, hidden=(3,))

@@ -55,8 +55,8 @@ are 2 and 4 (the dense solves of :func:`_damped_solve`). A model is registered i
 model keeps ``cache=True`` working: functions passed as arguments from Python would
 recompile in every process). A PASL model (cbf, att) thus needs its own
 ``lm_normal_equations``; its other five functions are those of the one-compartment model.
-The start grid (:func:`aslbatch.estimators.lookup.build_time_grid`) must also know the model:
-today it builds the tissue basis with the one-compartment model and branches on "1c"/"2c".
+The start grid (:func:`aslbatch.estimators.lookup.build_time_grid`) reads the model: its tissue
+basis comes from ``model.tissue_model()``, and an arterial basis is added for models with abat.
 """
 
 from __future__ import annotations
