@@ -27,7 +27,7 @@ from .models import MODELS, KineticModel, get_model
 from .preprocess import PreparedData, prepare_acquisition
 from .protocol import Constants
 
-__all__ = ["AcquisitionResult", "InputDigests", "Settings", "estimate_maps", "hash_inputs", "input_digests",
+__all__ = ["AcquisitionResult", "InputDigests", "Settings", "estimate_maps", "hash_inputs",
            "network_estimator", "process_acquisition", "process_session", "provenance_options", "write_report"]
 
 log = logging.getLogger("aslbatch.pipeline")
@@ -154,8 +154,10 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 def hash_inputs(acquisition: bids.Acquisition, known: InputDigests | None = None) -> InputDigests:
-    """:func:`input_digests` with the files' stamps; a file whose size and modification time
-    still match ``known`` (hashed earlier, e.g. by the batch's plan) keeps its digest unread."""
+    """sha256 of every file the acquisition depends on (the NIfTI series, their aslcontext, every
+    JSON sidecar that supplied metadata, separate M0 scans with theirs), keyed by dataset-relative
+    path, with the files' stamps; a file whose size and modification time still match ``known``
+    (hashed earlier, e.g. by the batch's plan) keeps its digest unread."""
     sha256, stamps = {}, {}
     for rel, path in _input_files(acquisition).items():
         stamps[rel] = _stamp(path)  # before reading: a change while hashing shows in the next check
@@ -166,15 +168,8 @@ def hash_inputs(acquisition: bids.Acquisition, known: InputDigests | None = None
     return InputDigests(sha256, stamps)
 
 
-def input_digests(acquisition: bids.Acquisition) -> dict[str, str]:
-    """sha256 of every file the acquisition depends on, keyed by dataset-relative path:
-    the NIfTI series, their aslcontext, every JSON sidecar that supplied metadata, and
-    separate M0 scans with theirs."""
-    return dict(hash_inputs(acquisition).sha256)
-
-
 def _input_files(acquisition: bids.Acquisition) -> dict[str, Path]:
-    """Every file the acquisition depends on (see :func:`input_digests`), sorted by relative path."""
+    """Every file the acquisition depends on (see :func:`hash_inputs`), sorted by relative path."""
     files: dict[str, Path] = {}
     for series in acquisition.series:
         root = series.bids_dir

@@ -105,9 +105,12 @@ class NeuralEstimator(Estimator):
     losses: ClassVar[tuple[str, ...]] = ("mse", "mae")
     #: output transform of the networks this estimator builds
     output_transform: ClassVar[str] = "affine"
-    #: default hidden layers per model
-    #: (``benchmarks/study_networks.py``: wider or deeper networks were no more accurate at SNR 3-10)
-    default_hidden_layers: ClassVar[dict[str, tuple[int, ...]]] = {"1c": (32, 32), "2c": (64, 64)}
+    @staticmethod
+    def default_hidden_layers(model: KineticModel) -> tuple[int, ...]:
+        """(32, 32) for a model of two parameters (1C), (64, 64) for more (2C): the smallest that
+        lost nothing (``benchmarks/study_networks.py``: wider or deeper networks were no more
+        accurate at SNR 3-10)."""
+        return (32, 32) if model.n_params <= 2 else (64, 64)
 
     def __init__(self, model: KineticModel, hidden_layers: Sequence[int] | None = None, n_samples: int = 500_000,
                  snr_range: Sequence[float] = (2.0, 50.0), noise: str = "rician", loss: str = "mse",
@@ -134,7 +137,7 @@ class NeuralEstimator(Estimator):
     # --- options ---------------------------------------------------------------------
     def options(self) -> dict[str, Any]:
         """Validated options, JSON-ready (hidden layers resolved to the model's default)."""
-        hidden = self.hidden_layers if self.hidden_layers is not None else self.default_hidden_layers[self.model.name]
+        hidden = self.hidden_layers if self.hidden_layers is not None else self.default_hidden_layers(self.model)
         try:
             hidden = [int(h) for h in hidden]
             snr = [float(v) for v in self.snr_range]
