@@ -41,6 +41,7 @@ Units: API units (cbf mL/100 g/min, att and abat s, abv mL/mL), fractions (not %
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import math
 import os
@@ -924,10 +925,11 @@ def _write(out: Path, rows: list[dict[str, Any]], figures: list[_Png], doc: list
     """Write every file atomically (the report last); returns their paths."""
     paths = {"metrics": out / "metrics.tsv"}
     with atomic_open(paths["metrics"], "w", encoding="utf-8", newline="") as fh:
-        fh.write("method\tparameter\tsnr\tmetric\tvalue\n")
+        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        writer.writerow(["method", "parameter", "snr", "metric", "value"])
         for r in rows:
             snr = "" if r["snr"] is None else f"{r['snr']:g}"
-            fh.write(f"{r['method']}\t{r['parameter']}\t{snr}\t{r['metric']}\t{_tsv_value(r['value'])}\n")
+            writer.writerow([r["method"], r["parameter"], snr, r["metric"], _tsv_value(r["value"])])
     for fig in figures:
         paths[f"figure_{fig.name}"] = out / "figures" / f"{fig.name}.png"
         with atomic_open(paths[f"figure_{fig.name}"], "wb") as fh:
