@@ -61,7 +61,7 @@ from .atomic import atomic_open
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.store import NetworkCache
 from .metrics import MIN_RELATIVE, crlb, cv_net, metric_rows
-from .models import KineticModel, get_model
+from .models import MODELS, KineticModel, get_model
 from .protocol import Constants, Protocol, default_protocol
 from .report import escape, figure_png, html_page, html_table, img, markdown_table, new_figure
 from .simulate import NOISE_MODELS, SimulatedSet, noise_sigma, sample_parameters, simulate
@@ -98,22 +98,23 @@ class Sizes:
     network_options: dict[str, Any]
 
 
-#: defaults: 50 000 rows per SNR and twelve networks of 200 000 samples (the estimators' own
-#: 500 000 would take 2.5x as long). With the networks cached a run takes under a minute on 2
-#: cores (2c: 40 s at load average 13); training them on an empty cache dominates a first run
-#: (2c: 551 s, issue 12), which is why the run states its expected duration before it starts
+#: defaults: 50 000 rows per SNR and twelve networks of 200 000 samples. With the networks cached
+#: a run takes seconds (2c: 12 s on 2 quiet cores); training them on an empty cache dominates a
+#: first run (1c: 60 s, 2c: 249 s), which is why the run states its expected duration first
 DEFAULT_SIZES = Sizes((2.0, 3.0, 5.0, 10.0, 20.0, 50.0), 2000, 25, 3, {"n_samples": 200_000})
 #: ``quick=True``: a CI-sized run (small networks, three SNRs) under 3 minutes on 2 cores from an
 #: empty cache: 2c 138 s and 1c 123 s (whole process) at load average 13-16, which slows them 2-3x
 QUICK_SIZES = Sizes((3.0, 5.0, 10.0), 300, 10, 2, {"n_samples": 30_000, "max_epochs": 30})
-#: rough wall times on 2 quiet cores for the duration a run states before it starts (s): training
-#: one network of ROUGH_SAMPLES samples to early stopping, per model; scoring 100 000 rows with one
-#: method (timing repeats and the other networks' predictions included); start-up, simulation
-#: and report. From the runs quoted above: scaled by samples and by max_epochs up to 50
-ROUGH_TRAINING_S = {"1c": 20.0, "2c": 45.0}
+#: rough wall times on 2 quiet cores for the duration a run states before it starts (s), by the
+#: model's number of parameters (2: 1C, 4: 2C): training one network of ROUGH_SAMPLES samples to
+#: early stopping; scoring 100 000 rows with one method (timing repeats and the other networks'
+#: predictions included); start-up, simulation and report. Measured with the numba trainer
+#: (training version 2) on an empty cache: 1c 60 s and 2c 249 s in all, 2c 12 s with the
+#: networks cached. Scaled by samples and by max_epochs up to 50
+ROUGH_TRAINING_S = {2: 4.0, 4: 20.0}
 ROUGH_SAMPLES, ROUGH_EPOCHS = 200_000, 50
-ROUGH_SCORING_S = {"1c": 0.5, "2c": 1.5}
-ROUGH_FIXED_S = 15.0
+ROUGH_SCORING_S = {2: 0.25, 4: 0.35}
+ROUGH_FIXED_S = 5.0
 #: SNRs of the report's tables (those of the sweep; all of the sweep if it has none of them)
 CLINICAL_SNRS = (3.0, 5.0, 10.0)
 #: SNR of the estimate-vs-truth density plots (or the sweep's nearest, on a log scale)
@@ -291,10 +292,11 @@ def expected_seconds(model_name: str, n_methods: int, rows: int, networks_to_tra
     """Rough wall time (s) on 2 quiet cores of an evaluation of ``n_methods`` methods over ``rows``
     rows in all (every SNR) that trains ``networks_to_train`` networks with ``network_options``:
     (training, the rest). From ROUGH_TRAINING_S, ROUGH_SCORING_S and ROUGH_FIXED_S."""
+    size = min(len(MODELS[model_name].param_names), 4)
     samples = network_options.get("n_samples", 500_000) / ROUGH_SAMPLES
     epochs = min(network_options.get("max_epochs", 100), ROUGH_EPOCHS) / ROUGH_EPOCHS
-    training = networks_to_train * ROUGH_TRAINING_S[model_name] * samples * epochs
-    return training, ROUGH_FIXED_S + n_methods * ROUGH_SCORING_S[model_name] * rows / 100_000
+    training = networks_to_train * ROUGH_TRAINING_S.get(size, ROUGH_TRAINING_S[4]) * samples * epochs
+    return training, ROUGH_FIXED_S + n_methods * ROUGH_SCORING_S.get(size, ROUGH_SCORING_S[4]) * rows / 100_000
 
 
 def _networks(model: KineticModel, label: str, network_options: dict[str, Any], seeds: Sequence[int],

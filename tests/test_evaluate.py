@@ -224,8 +224,9 @@ def test_progress_states_the_expected_duration_and_counts_the_networks_to_train(
 def test_expected_seconds_scale_with_the_work():
     options = {"n_samples": 100_000, "max_epochs": 100}
     training, rest = expected_seconds("2c", 6, 300_000, 12, options)
-    assert training == pytest.approx(12 * ROUGH_TRAINING_S["2c"] * 0.5)  # half the samples of ROUGH_SAMPLES
-    assert rest == pytest.approx(ROUGH_FIXED_S + 6 * 3 * ROUGH_SCORING_S["2c"])
+    assert expected_seconds("1c", 6, 300_000, 12, options)[0] == pytest.approx(12 * ROUGH_TRAINING_S[2] * 0.5)
+    assert training == pytest.approx(12 * ROUGH_TRAINING_S[4] * 0.5)  # half the samples of ROUGH_SAMPLES
+    assert rest == pytest.approx(ROUGH_FIXED_S + 6 * 3 * ROUGH_SCORING_S[4])
     assert expected_seconds("2c", 6, 300_000, 0, options)[0] == 0.0
     assert expected_seconds("2c", 6, 300_000, 12, {**options, "max_epochs": 25})[0] == pytest.approx(training / 2)
 
