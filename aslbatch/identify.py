@@ -15,7 +15,10 @@ import numpy as np
 from .bids.layout import MODELS, Acquisition, AslSeries, Session, pair_series
 from .bids.metadata import BidsError, vascular_crushing
 
-__all__ = ["choose_model", "group_acquisitions"]
+__all__ = ["choose_model", "group_acquisitions", "undetermined_reason"]
+
+#: volume types whose timing the kinetic models use
+_TIMED_TYPES = ("control", "label", "deltam")
 
 
 def choose_model(crushed: Sequence[bool] | np.ndarray, requested: str = "auto") -> str:
@@ -36,6 +39,31 @@ def choose_model(crushed: Sequence[bool] | np.ndarray, requested: str = "auto") 
     if requested == "auto":
         return "2c" if both else "1c"
     return requested
+
+
+def undetermined_reason(acquisition: Acquisition, records: Sequence) -> str | None:
+    """Why the acquisition's protocol cannot determine what every model fits, or None.
+
+    ``records``: the :class:`~aslbatch.bids.SeriesMetadata` of each series of the acquisition.
+    Every kinetic model estimates an arrival time beside CBF, which needs at least two
+    readout times (τ + PLD) over the label, control and ΔM volumes of all its series; with one,
+    only CBF is determined (assuming the label arrived before the PLD), and a fit would report
+    an arbitrary arrival time, and a CBF scaled by it, as converged.
+    """
+    times = set()
+    for record in records:
+        for kind, tau, pld in zip(record.volume_types, record.label_duration, record.pld):
+            if kind in _TIMED_TYPES:
+                times.add(round(float(tau) + float(pld), 6))
+    if len(times) != 1:
+        return None
+    record = next(r for r in records if any(k in _TIMED_TYPES for k in r.volume_types))
+    first = next(i for i, k in enumerate(record.volume_types) if k in _TIMED_TYPES)
+    return (f"{acquisition.source_name}: every label/control volume is read at one time (PLD "
+            f"{record.pld[first]:g} s after a {record.label_duration[first]:g} s label): a single-delay "
+            "acquisition determines CBF only, under the assumption that the label arrived before the PLD, "
+            "not the arrival time every kinetic model of aslbatch fits beside it; refused rather than "
+            "quantified wrongly (single-delay white-paper quantification is not in this version)")
 
 
 def _crushing(series: Sequence[AslSeries]) -> list[bool]:

@@ -22,7 +22,7 @@ import numpy as np
 from . import bids
 from .derivatives import run_settings_digest, sha256_file, write_session_outputs
 from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator
-from .identify import group_acquisitions
+from .identify import group_acquisitions, undetermined_reason
 from .models import MODELS, KineticModel, get_model
 from .preprocess import PreparedData, prepare_acquisition
 from .protocol import Constants
@@ -246,6 +246,11 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         problems.extend(series_problems)
     if problems:
         raise bids.BidsError("; ".join(str(p) for p in problems))
+    reason = undetermined_reason(acquisition, records)
+    if reason is not None:
+        raise bids.BidsError(reason)
+    log.info("%s: %s model, parameters %s", acquisition.source_name, acquisition.model,
+             ", ".join(MODELS[acquisition.model].param_names))
     timings = {}
     mark = time.perf_counter()
     digests = dict(hash_inputs(acquisition, inputs).sha256)

@@ -44,7 +44,7 @@ BASE = {
     "MagneticFieldStrength": 3,
     "M0Type": "Estimate",
     "M0Estimate": 1000.0,
-    "PostLabelingDelay": 1.5,
+    "PostLabelingDelay": [1.0, 1.0, 1.5, 1.5, 2.0, 2.0, 2.5, 2.5],  # four delays: CBF and arrival determined
     "LabelingDuration": 1.8,
     "RepetitionTimePreparation": 4.5,
     "BackgroundSuppression": False,
@@ -152,7 +152,7 @@ def test_discovery_without_sessions(root):
     assert series.n_volumes == 8 and series.shape == SHAPE
     assert series.volume_types == PAIRS
     assert series.problems == () and series.m0scan is None
-    assert series.metadata["PostLabelingDelay"] == 1.5
+    assert series.metadata["PostLabelingDelay"] == BASE["PostLabelingDelay"]
 
 
 def test_discovery_with_sessions_is_sorted_and_filtered(root):
@@ -198,7 +198,7 @@ def test_inheritance_most_specific_wins(root):
     assert dante.metadata["LabelingDuration"] == 2.0  # subject level overrides the dataset
     assert dante.metadata["VascularCrushing"] is True and nocrush.metadata["VascularCrushing"] is False
     assert nocrush.metadata["PostLabelingDelay"] == 1.8  # the sidecar beside the file is most specific
-    assert dante.metadata["PostLabelingDelay"] == 1.5
+    assert dante.metadata["PostLabelingDelay"] == BASE["PostLabelingDelay"]
     assert nocrush.metadata.source("MagneticFieldStrength") == "asl.json"
     assert nocrush.metadata.source("LabelingDuration") == "sub-01/sub-01_asl.json"
     assert nocrush.metadata.source("PostLabelingDelay") == "sub-01/perf/sub-01_acq-nocrush_asl.json"
@@ -350,10 +350,10 @@ TSV = "sub-01/perf/sub-01_aslcontext.tsv"
         ({"MagneticFieldStrength": 7}, f"{JSON}: MagneticFieldStrength is 7 T: aslbatch has a default T1 of blood only at 1.5 T and 3 T"),
         ({"LabelingEfficiency": 1.5}, f"{JSON}: LabelingEfficiency must be in (0, 1], got 1.5"),
         ({"LabelingDuration": [1.8, 0.0] * 4}, f"{JSON}: LabelingDuration must be > 0 s for control, label, deltam, cbf volumes; it is 0 at volume(s) [1, 3, 5, 7]"),
-        ({"n_volumes": 10}, f"{TSV}: volume_type has 8 rows but {NIFTI} has 10 volumes"),
-        ({"context": ("control", "label", "label", "label")}, f"{TSV}: volume_type has 1 control but 3 label volumes"),
-        ({"context": ("control", "lable")}, f"{TSV}: volume_type has invalid value(s) 'lable' (line 3); allowed: control, label, m0scan, deltam, cbf, noRF, n/a"),
-        ({"context": ("cbf",)}, f"{TSV}: volume_type lists no control/label pair and no deltam volume: nothing to fit"),
+        ({"PostLabelingDelay": 1.5, "n_volumes": 10}, f"{TSV}: volume_type has 8 rows but {NIFTI} has 10 volumes"),
+        ({"PostLabelingDelay": 1.5, "context": ("control", "label", "label", "label")}, f"{TSV}: volume_type has 1 control but 3 label volumes"),
+        ({"PostLabelingDelay": 1.5, "context": ("control", "lable")}, f"{TSV}: volume_type has invalid value(s) 'lable' (line 3); allowed: control, label, m0scan, deltam, cbf, noRF, n/a"),
+        ({"PostLabelingDelay": 1.5, "context": ("cbf",)}, f"{TSV}: volume_type lists no control/label pair and no deltam volume: nothing to fit"),
         ({"context": None}, f"{NIFTI}: no aslcontext.tsv applies to this series (expected {TSV})"),
     ],
 )
@@ -451,7 +451,7 @@ def test_two_m0_scans_pick_the_matching_phase_encoding(root):
 
 def test_included_m0(root):
     context = ("m0scan", *PAIRS)
-    add_series(root, context=context, M0Type="Included", PostLabelingDelay=[0.0] + [1.5] * 8,
+    add_series(root, context=context, M0Type="Included", PostLabelingDelay=[0.0] + BASE["PostLabelingDelay"],
                LabelingDuration=[0.0] + [1.8] * 8, RepetitionTimePreparation=[6.0] + [4.5] * 8)
     series = only_series(root)
     assert series.volume_types[0] == "m0scan" and series.m0scan is None

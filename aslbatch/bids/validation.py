@@ -267,10 +267,14 @@ def validate_session(
 ) -> list[BidsError]:
     """Every problem of a session's series, plus those of grouping them for ``model``."""
     problems: list[BidsError] = []
+    records = {}
     for series in session.series:
-        problems.extend(validate_series(
+        record, series_problems = check_series(
             series, overrides=overrides, background_suppression_correction=background_suppression_correction
-        ))
+        )
+        records[series.relpath] = None if series_problems else record
+        problems.extend(series_problems)
+    problems.extend(_undetermined(session, model, records))
     names = [series.name for series in session.series]
     for series in session.series:
         if names.count(series.name) > 1:
@@ -280,6 +284,25 @@ def validate_session(
     if model == "2c":
         problems.extend(reason for _, reason in pair_series(session.series)[1] if reason is not None)
     return _unique(problems)
+
+
+def _undetermined(session: Session, model: str, records: Mapping[str, SeriesMetadata | None]) -> list[BidsError]:
+    """The acquisitions ``run`` would refuse because their protocol cannot determine what the models
+    fit (judged once every series of the acquisition reads without a problem: ``records`` None)."""
+    from ..identify import group_acquisitions, undetermined_reason  # identify builds on this package
+
+    try:
+        acquisitions = group_acquisitions(session, model)
+    except (BidsError, ValueError):
+        return []  # the grouping's own problems are reported by validate_session
+    problems = []
+    for acquisition in acquisitions:
+        found = [records.get(series.relpath) for series in acquisition.series]
+        if all(record is not None for record in found):
+            reason = undetermined_reason(acquisition, found)
+            if reason is not None:
+                problems.append(BidsError(reason, path=acquisition.series[0].relpath, field="PostLabelingDelay"))
+    return problems
 
 
 def validate_dataset(
