@@ -265,12 +265,13 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     estimator_options: dict[str, dict[str, Any]] = {}
     for method in settings.methods:
         method_options = dict(settings.method_options.get(method, {}))
-        network = None
         if ESTIMATORS[method].trains:
-            network = network_estimator(method, model, method_options, settings, prepared.signals,
-                                        prepared.slice_offsets, progress)
-        estimates[method] = estimate_maps(model, prepared, method, method_options, progress, network)
-        estimator_options[method] = provenance_options(network or get_estimator(method, model, **method_options))
+            estimator = network_estimator(method, model, method_options, settings, prepared.signals,
+                                          prepared.slice_offsets, progress)
+        else:
+            estimator = get_estimator(method, model, **method_options).fit()
+        estimates[method] = estimate_maps(model, prepared, method, method_options, progress, estimator)
+        estimator_options[method] = provenance_options(estimator)
     timings["fit"], mark = time.perf_counter() - mark, time.perf_counter()
     outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
                                     bids_dir=acquisition.series[0].bids_dir, started_at=started,
