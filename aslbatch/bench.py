@@ -199,7 +199,7 @@ def _throughput(model: KineticModel, signals: np.ndarray, cfg: dict[str, Any], s
                 ) -> list[dict[str, Any]]:
     """Throughput rows of every method, thread count and size on the first rows of ``signals``."""
     rows = []
-    for method in cfg["methods"]:
+    for method in _served(cfg, model.name):
         if _is_network(method):
             est = _network(method, model, **INFERENCE_TRAINING, seed=cfg["seed"])
         else:
@@ -245,8 +245,11 @@ def _training(model: KineticModel, method: str, cfg: dict[str, Any], progress: b
 def _batch(name: str, cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     """Per-session stage times of an LM batch over a phantom dataset of ``name`` subjects."""
     sessions, shape, threads = cfg["batch_sessions"], cfg["batch_shape"], max(cfg["threads"])
-    raw = write_bids_dataset(work / f"raw-{name}", subjects=sessions, model=name, snr=SNR, seed=cfg["seed"],
-                             shape=shape, repeats=BATCH_REPEATS, groundtruth_dir=work / f"truth-{name}")
+    # a closed-form model's phantom is its time-resolved model's, read at the model's protocol
+    phantom = name if MODELS[name].time_resolved else get_model(name, default_protocol(name)).tissue_model().name
+    raw = write_bids_dataset(work / f"raw-{name}", subjects=sessions, model=phantom, snr=SNR, seed=cfg["seed"],
+                             shape=shape, repeats=BATCH_REPEATS, groundtruth_dir=work / f"truth-{name}",
+                             protocol=default_protocol(name))
     out, settings = work / f"out-{name}", Settings(methods=("lm",))
     with thread_limit(threads):  # run_batch sets the numba and BLAS threads of this process
         run_batch(raw, out, settings, jobs=1, threads=threads)
@@ -266,6 +269,11 @@ def _batch(name: str, cfg: dict[str, Any], work: Path) -> dict[str, Any]:
 
 
 # --- arguments and machine ---------------------------------------------------------------
+
+
+def _served(cfg: dict[str, Any], model_name: str) -> list[str]:
+    """The configured methods that serve the model ``model_name`` (in their order)."""
+    return [m for m in cfg["methods"] if ESTIMATORS[m].serves(MODELS[model_name])]
 
 
 def _names(value: str | Sequence[str], known: Sequence[str], what: str) -> tuple[str, ...]:
@@ -355,8 +363,9 @@ def machine_info() -> dict[str, Any]:
 #: the 215 s of a default run that trained to early stopping, issue 12), s per batch session of
 #: FULL's grid (each run twice), and start-up (imports, numba cache loads, simulation)
 ROUGH_VOXELS_PER_S = {"1c": {"lm": 3.0e6, "lut": 2.9e6, "network": 4.3e6},
-                      "2c": {"lm": 4.5e5, "lut": 3.1e5, "network": 2.3e6}}
-ROUGH_SCIPY_PER_S = {"1c": 2500.0, "2c": 1500.0}
+                      "2c": {"lm": 4.5e5, "lut": 3.1e5, "network": 2.3e6},
+                      "single": {"whitepaper": 3.0e7}}
+ROUGH_SCIPY_PER_S = {"1c": 2500.0, "2c": 1500.0, "single": 4000.0}
 ROUGH_TRAINING_SAMPLES_PER_S = {"1c": 1.5e6, "2c": 8e5}
 ROUGH_EARLY_STOPPING_EPOCHS = 40
 ROUGH_SESSION_S = 1.5
@@ -368,7 +377,7 @@ def expected_seconds(cfg: dict[str, Any]) -> float:
     total = ROUGH_FIXED_S
     for name in cfg["models"]:
         total += MIN_ROUNDS * cfg["scipy_voxels"] / ROUGH_SCIPY_PER_S[name]
-        for method in cfg["methods"]:
+        for method in _served(cfg, name):
             rate = ROUGH_VOXELS_PER_S[name]["network" if _is_network(method) else method]
             for n in cfg["sizes"]:
                 total += len(cfg["threads"]) * max(MIN_ROUNDS * n / rate, ROUND_BUDGET_S)
@@ -408,9 +417,8 @@ def run_bench(out_dir: str | os.PathLike, *, models: Sequence[str] = tuple(MODEL
     cfg = _config(models, methods, sizes, threads, scipy_voxels, training_samples, training_epochs, early_stopping,
                   batch_sessions, batch_shape, quick, seed)
     out = Path(out_dir)
-    networks = sum(map(_is_network, cfg["methods"]))
-    steps = len(cfg["models"]) * (1 + len(cfg["methods"]) * len(cfg["threads"]) * len(cfg["sizes"]) + networks
-                                  + bool(cfg["batch_sessions"]))
+    steps = sum(1 + len(_served(cfg, name)) * len(cfg["threads"]) * len(cfg["sizes"])
+                + sum(map(_is_network, _served(cfg, name))) + bool(cfg["batch_sessions"]) for name in cfg["models"])
     bar = tqdm(total=steps, desc="bench", unit="step", disable=not progress, file=sys.stderr)
 
     def say(line: str) -> None:
@@ -433,7 +441,7 @@ def run_bench(out_dir: str | os.PathLike, *, models: Sequence[str] = tuple(MODEL
         rows = _throughput(model, data.signals, cfg, say)
         _add_ratios(rows, scipy_rows[-1])
         throughput += rows
-        for method in filter(_is_network, cfg["methods"]):
+        for method in filter(_is_network, _served(cfg, name)):
             training.append(_training(model, method, cfg, progress))
             say(f"{name} {method} training: {training[-1]['seconds']:.1f} s, {training[-1]['epochs']} epoch(s)")
     if cfg["batch_sessions"]:

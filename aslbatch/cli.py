@@ -445,13 +445,13 @@ def evaluate(
     findings hold for this protocol. Networks are trained once into the cache: with them
     cached a run takes about a minute on 2 cores; the first run trains twelve (minutes; it
     states its expected duration before starting). --quick: under 3 minutes."""
-    from .evaluate import METHODS, run_evaluation
+    from .evaluate import run_evaluation
 
     kinetic, offsets = _training_model(model, protocol, T1PrimeName.blood, 0.0)
     try:
         result = run_evaluation(
             out, model_name=model.value, protocol=kinetic.protocol, constants=kinetic.constants,
-            methods=tuple(method) if method else tuple(METHODS), snrs=snr, noise=noise.value, n_sets=n_sets,
+            methods=tuple(method) if method else None, snrs=snr, noise=noise.value, n_sets=n_sets,
             repeats=repeats, retrainings=retrainings,
             network_options={"n_samples": n_samples} if n_samples is not None else None,
             cache_dir=cache_dir, quick=quick, seed=seed, progress=True)
@@ -494,16 +494,23 @@ def validate(
     participant_label: Annotated[Optional[list[str]], typer.Option(help="Check only these subjects (repeatable).")] = None,
     model: Annotated[ModelChoice, typer.Option(help="The model the run would use.")] = ModelChoice["auto"],
 ) -> None:
-    """Check a BIDS ASL dataset and print every problem found, without processing anything.
+    """Check a BIDS ASL dataset and print, per acquisition, the model and the parameters a run
+    would estimate (or that it is refused), then every problem found, without processing anything.
 
     Exit codes: 0 no problem; 1 problems found; 2 usage error (e.g. no such folder).
     """
     from . import bids
 
     try:
-        problems = bids.validate_dataset(bids_dir, participant_label, model=model.value)
+        problems, verdicts = bids.inspect_dataset(bids_dir, participant_label, model=model.value)
     except bids.BidsError as exc:
         fail(str(exc))
+    for verdict in verdicts:
+        if verdict.decision is not None:
+            decision = verdict.decision
+            typer.echo(f"{verdict.source_name}: model {decision.model}: {decision.reason}")
+        elif verdict.refusal is not None:
+            typer.echo(f"{verdict.source_name}: refused")
     for problem in problems:
         typer.echo(str(problem))
     typer.echo(f"aslbatch validate: {len(problems)} problem(s) in {bids_dir}", err=True)

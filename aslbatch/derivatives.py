@@ -583,6 +583,7 @@ def write_session_outputs(
     bids_dir: str | os.PathLike | None = None,
     started_at: datetime | None = None,
     run_settings: Mapping[str, Any] | None = None,
+    decision: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write every output of one acquisition; returns the files written, provenance last.
 
@@ -603,6 +604,9 @@ def write_session_outputs(
     started_at : when processing of the acquisition began (default: now).
     run_settings : the user's settings of the run (JSON-ready), recorded with their sha256
         as ``run_settings`` / ``run_settings_digest`` for the batch's up-to-date check.
+    decision : what the protocol determines (:meth:`aslbatch.identify.Decision.to_dict`: model,
+        parameters, reason), recorded in every map's sidecar (``Identifiability``) and the
+        provenance (``decision``).
 
     The provenance (see :func:`read_provenance`) records: format, aslbatch version and
     the versions of python, numpy, numba and nibabel; source name, subject, session;
@@ -672,6 +676,10 @@ def write_session_outputs(
         options = _jsonable(dict(estimator_options[method]))
         common = {"Sources": sources + [mask_uri], "Method": method, "EstimatorOptions": options,
                   "Model": model_dict}
+        if decision is not None:
+            common["Identifiability"] = _jsonable(dict(decision))
+        if model.assumptions() is not None:
+            common["ModelAssumptions"] = model.assumptions()
         for kind in ("map", "stderr"):
             item = _KINDS[kind]
             values = estimate.params if kind == "map" else estimate.stderr
@@ -710,6 +718,7 @@ def write_session_outputs(
         "subject": _source_entities(prepared.source_name)["sub"],
         "session": _source_entities(prepared.source_name).get("ses"),
         "model": model_dict,
+        "decision": _jsonable(dict(decision)) if decision is not None else None,
         "methods": methods,
         "estimator_options": {m: _jsonable(dict(estimator_options[m])) for m in methods},
         "settings_digest": settings_digest(model, {m: estimator_options[m] for m in methods}),

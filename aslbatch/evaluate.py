@@ -373,7 +373,7 @@ def run_evaluation(
     model_name: str = "1c",
     protocol: Protocol | None = None,
     constants: Constants | None = None,
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] | None = None,
     snrs: Sequence[float] | None = None,
     noise: str = "rician",
     n_sets: int | None = None,
@@ -394,7 +394,7 @@ def run_evaluation(
     model_name : "1c" or "2c".
     protocol : the acquisition; the model's default protocol if None.
     constants : physical constants; ``Constants()`` if None.
-    methods : labels of :data:`METHODS`.
+    methods : labels of :data:`METHODS`; None: every one whose method serves the model.
     snrs : test SNRs (S_ref / σ); None: :data:`DEFAULT_SIZES` (``quick``: :data:`QUICK_SIZES`).
     noise : "rician" or "gaussian" test noise.
     n_sets, repeats : parameter sets and noise realisations of each per SNR (None: the sizes').
@@ -413,7 +413,12 @@ def run_evaluation(
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
     sizes = QUICK_SIZES if quick else DEFAULT_SIZES
-    labels = _check_methods(methods)
+    served = [label for label in METHODS if ESTIMATORS[METHODS[label][0]].serves(MODELS[model_name])] \
+        if model_name in MODELS else list(METHODS)
+    labels = _check_methods(served if methods is None else methods)
+    unserved = [label for label in labels if label not in served]
+    if unserved:
+        raise ValueError(f"method(s) {unserved} do not serve the {model_name} model; those that do: {served}")
     snr_list = _check_snrs(sizes.snrs if snrs is None else snrs)
     n_sets = _check_int("n_sets", sizes.n_sets if n_sets is None else n_sets, 2)
     repeats = _check_int("repeats", sizes.repeats if repeats is None else repeats, 2)

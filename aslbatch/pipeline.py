@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,8 +21,8 @@ import numpy as np
 
 from . import bids
 from .derivatives import run_settings_digest, sha256_file, write_session_outputs
-from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator
-from .identify import group_acquisitions, undetermined_reason
+from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator, served_methods
+from .identify import decide, group_acquisitions
 from .models import MODELS, KineticModel, get_model
 from .preprocess import PreparedData, prepare_acquisition
 from .protocol import Constants
@@ -222,7 +222,24 @@ def estimate_maps(model: KineticModel, prepared: PreparedData, method: str, opti
     if estimator is None:
         estimator = get_estimator(method, model, **options).fit()
     return estimator.predict_image(prepared.signals, prepared.mask, slice_offsets=prepared.slice_offsets,
-                                   progress=progress, label=prepared.source_name)
+                                   progress=progress, label=prepared.source_name, signal_se=prepared.signal_se)
+
+
+def methods_for(model_name: str, requested: Sequence[str], source_name: str = "") -> tuple[str, ...]:
+    """The methods run for an acquisition decided to be ``model_name``: the requested ones that
+    serve it, in order; where none does (a closed-form model such as ``single``), the methods that
+    do, each requested method logged as answered by them (LM or a lookup table would reduce to
+    the closed form exactly; a network trained on one input value is no better than it)."""
+    model = MODELS[model_name]
+    kept = tuple(m for m in requested if ESTIMATORS[m].serves(model))
+    answer = kept or tuple(served_methods(model_name))
+    for method in requested:
+        if method not in kept:
+            why = ("a network trained on one readout time is no better than the formula: not applicable"
+                   if ESTIMATORS[method].trains else "it would reduce to that closed form exactly")
+            log.info("%s: method %s does not serve the %s model (%s); written instead: %s", source_name, method,
+                     model_name, why, ", ".join(f"desc-{m}" for m in answer))
+    return answer
 
 
 def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, settings: Settings,
@@ -246,11 +263,11 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         problems.extend(series_problems)
     if problems:
         raise bids.BidsError("; ".join(str(p) for p in problems))
-    reason = undetermined_reason(acquisition, records)
-    if reason is not None:
-        raise bids.BidsError(reason)
-    log.info("%s: %s model, parameters %s", acquisition.source_name, acquisition.model,
-             ", ".join(MODELS[acquisition.model].param_names))
+    decision = decide(acquisition, records, settings.model)
+    acquisition = replace(acquisition, model=decision.model)
+    log.info("%s: %s model, estimating %s: %s", acquisition.source_name, decision.model,
+             ", ".join(decision.parameters), decision.reason)
+    methods = methods_for(decision.model, settings.methods, acquisition.source_name)
     timings = {}
     mark = time.perf_counter()
     digests = dict(hash_inputs(acquisition, inputs).sha256)
@@ -259,11 +276,13 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
                                    mask_path=settings.mask_path(acquisition.subject, acquisition.session),
                                    background_suppression_correction=settings.background_suppression_correction)
     timings["prepare"], mark = time.perf_counter() - mark, time.perf_counter()
-    options = {"arterial_edge_s": settings.arterial_edge_s} if "arterial_edge_s" in MODELS[acquisition.model].option_names else {}
-    model = get_model(acquisition.model, prepared.protocol, prepared.constants, **options)
+    options = dict(decision.options)
+    if "arterial_edge_s" in MODELS[decision.model].option_names:
+        options["arterial_edge_s"] = settings.arterial_edge_s
+    model = get_model(decision.model, prepared.protocol, prepared.constants, **options)
     estimates: dict[str, Estimate] = {}
     estimator_options: dict[str, dict[str, Any]] = {}
-    for method in settings.methods:
+    for method in methods:
         method_options = dict(settings.method_options.get(method, {}))
         if ESTIMATORS[method].trains:
             estimator = network_estimator(method, model, method_options, settings, prepared.signals,
@@ -275,7 +294,7 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     timings["fit"], mark = time.perf_counter() - mark, time.perf_counter()
     outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
                                     bids_dir=acquisition.series[0].bids_dir, started_at=started,
-                                    run_settings=settings.to_dict())
+                                    run_settings=settings.to_dict(), decision=decision.to_dict())
     timings["write"], mark = time.perf_counter() - mark, time.perf_counter()
     if settings.report:
         write_report(outputs[-1])
@@ -284,7 +303,7 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         source_name=acquisition.source_name,
         subject=acquisition.subject,
         session=acquisition.session,
-        model=acquisition.model,
+        model=decision.model,
         status="done",
         duration_s=time.perf_counter() - t0,
         outputs=tuple(str(p) for p in outputs),

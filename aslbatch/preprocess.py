@@ -84,6 +84,7 @@ __all__ = [
     "SidecarProtocol",
     "TIME_DECIMALS",
     "average_repeats",
+    "repeat_standard_error",
     "brain_mask",
     "load_mask",
     "m0_from_series",
@@ -143,6 +144,8 @@ class PreparedData:
     source_files : the files read (dataset-relative for BIDS files).
     model : ``"1c"`` or ``"2c"`` (the acquisition's).
     source_name : the base of output names (the acquisition's).
+    signal_se : standard error of each averaged signal from the spread of its repeats
+        (:func:`repeat_standard_error`), like ``signals``; NaN where a condition was read once.
     """
 
     signals: np.ndarray
@@ -157,6 +160,7 @@ class PreparedData:
     source_files: tuple[str, ...]
     model: str = "1c"
     source_name: str = ""
+    signal_se: np.ndarray | None = None
 
     @property
     def n_voxels(self) -> int:
@@ -217,6 +221,21 @@ def pair_difference(
     return deltam, pairs
 
 
+def _conditions(n: int, label_duration, pld, crushed, decimals: int):
+    """Group ``n`` volumes by (crushed, PLD, τ) rounded to ``decimals`` decimals of a second:
+    ``(inverse (n,) condition of each volume, protocol, counts)``, conditions sorted ascending."""
+    tau = np.broadcast_to(np.asarray(label_duration, dtype=np.float64), (n,))
+    delay = np.broadcast_to(np.asarray(pld, dtype=np.float64), (n,))
+    flags = np.broadcast_to(np.asarray(crushed, dtype=bool), (n,))
+    if n == 0:
+        raise ProtocolError("no volume to average: a protocol needs at least one volume")
+    keys = np.stack([flags.astype(np.float64), np.round(delay, decimals), np.round(tau, decimals)])
+    # np.unique sorts rows lexicographically: (crushed, PLD, τ) ascending
+    _, first, inverse, counts = np.unique(keys.T, axis=0, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    return inverse.reshape(-1), Protocol(tau[first], delay[first], flags[first]), counts
+
+
 def average_repeats(
     volumes: np.ndarray,
     label_duration: Sequence[float] | np.ndarray,
@@ -234,20 +253,28 @@ def average_repeats(
     PLD as first met. Raises ProtocolError for τ ≤ 0.
     """
     volumes = np.asarray(volumes, dtype=np.float64)
-    n = volumes.shape[-1]
-    tau = np.broadcast_to(np.asarray(label_duration, dtype=np.float64), (n,))
-    delay = np.broadcast_to(np.asarray(pld, dtype=np.float64), (n,))
-    flags = np.broadcast_to(np.asarray(crushed, dtype=bool), (n,))
-    if n == 0:
-        raise ProtocolError("no volume to average: a protocol needs at least one volume")
-    keys = np.stack([flags.astype(np.float64), np.round(delay, decimals), np.round(tau, decimals)])
-    unique, first, inverse, counts = np.unique(keys.T, axis=0, return_index=True, return_inverse=True,
-                                               return_counts=True)
-    inverse = inverse.reshape(-1)
-    # np.unique sorts rows lexicographically: (crushed, PLD, τ) ascending
-    averaged = np.stack([volumes[..., inverse == k].mean(axis=-1) for k in range(unique.shape[0])], axis=-1)
-    protocol = Protocol(tau[first], delay[first], flags[first])
+    inverse, protocol, counts = _conditions(volumes.shape[-1], label_duration, pld, crushed, decimals)
+    averaged = np.stack([volumes[..., inverse == k].mean(axis=-1) for k in range(counts.size)], axis=-1)
     return averaged, protocol, counts
+
+
+def repeat_standard_error(
+    volumes: np.ndarray,
+    label_duration: Sequence[float] | np.ndarray,
+    pld: Sequence[float] | np.ndarray,
+    crushed: Sequence[bool] | np.ndarray | bool = False,
+    *,
+    decimals: int = TIME_DECIMALS,
+) -> np.ndarray:
+    """Standard error of each mean of :func:`average_repeats`, from the spread of its repeats:
+    sample SD (ddof 1) / √n, same units as ``volumes``, (..., n_conditions) in the same order;
+    NaN for a condition read once."""
+    volumes = np.asarray(volumes, dtype=np.float64)
+    inverse, _, counts = _conditions(volumes.shape[-1], label_duration, pld, crushed, decimals)
+    out = np.full(volumes.shape[:-1] + (counts.size,), np.nan)
+    for k in np.flatnonzero(counts > 1):
+        out[..., k] = volumes[..., inverse == k].std(axis=-1, ddof=1) / np.sqrt(counts[k])
+    return out
 
 
 def saturation_recovery_factor(repetition_time: float | None, t1t: float, *, short_tr: float = M0_SHORT_TR_S) -> float:
@@ -681,6 +708,7 @@ def prepare_acquisition(
     except ProtocolError as exc:  # not expected after the checks above
         raise BidsError(str(exc), path=first.series.relpath, field="protocol") from exc
     signals = np.ascontiguousarray(signals, dtype=np.float64)
+    signal_se = repeat_standard_error(volumes, tau, pld, crushed)
     notes.append(
         f"{volumes.shape[1]} ΔM volume(s) averaged into {protocol.n_volumes} condition(s) (τ, PLD, crushed), "
         f"ordered non-crushed first then by ascending PLD; repeats per condition {counts.tolist()}"
@@ -705,6 +733,7 @@ def prepare_acquisition(
         source_files=tuple(dict.fromkeys(files)),
         model=acquisition.model,
         source_name=acquisition.source_name,
+        signal_se=signal_se,
     )
 
 

@@ -253,11 +253,14 @@ class Protocol:
 
 
 def default_protocol(model: str) -> Protocol:
-    """The default protocol of ASL_MODELS.md for ``"1c"`` or ``"2c"`` (PCASL, τ = 1.8 s).
+    """The default protocol of a model (PCASL, τ = 1.8 s): ASL_MODELS.md's for ``"1c"`` and ``"2c"``.
 
     1C: PLD 1.0, 1.5, 2.0, 2.5, 3.0 s. 2C: non-crushed PLD 0.2, 0.5, 0.8, 1.1, 1.4 s
-    then crushed PLD 1.0, 1.6, 2.2, 2.8 s.
+    then crushed PLD 1.0, 1.6, 2.2, 2.8 s. ``"single"``: the white paper's recommended
+    adult single-delay protocol, PLD 1.8 s (Alsop 2015).
     """
+    if model == "single":
+        return Protocol(1.8, [1.8])
     if model == "1c":
         return Protocol(1.8, [1.0, 1.5, 2.0, 2.5, 3.0])
     if model == "2c":
@@ -266,4 +269,4 @@ def default_protocol(model: str) -> Protocol:
             [0.2, 0.5, 0.8, 1.1, 1.4, 1.0, 1.6, 2.2, 2.8],
             [False] * 5 + [True] * 4,
         )
-    raise ProtocolError(f"no default protocol for model {model!r}; choose '1c' or '2c'")
+    raise ProtocolError(f"no default protocol for model {model!r}; choose '1c', '2c' or 'single'")

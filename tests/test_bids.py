@@ -527,7 +527,7 @@ def test_no_pair_when_shapes_differ(root):
     add_series(root, "sub-01_acq-dante", VascularCrushing=True, shape=(4, 4, 2))
     (session,) = find_sessions(root)
     assert [a.model for a in group_acquisitions(session)] == ["1c", "1c"]
-    with pytest.raises(ValueError, match="model must be one of"):
+    with pytest.raises(ValueError, match="model must be auto or one of"):
         group_acquisitions(session, model="3c")
 
 

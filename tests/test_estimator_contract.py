@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from aslbatch.estimators import ESTIMATORS, get_estimator
-from aslbatch.models import get_model
+from aslbatch.models import MODELS, get_model
 from aslbatch.protocol import Protocol, default_protocol
 
-CONVENTIONAL = [m for m in ESTIMATORS if not ESTIMATORS[m].trains]
+#: the methods that fit a time course without training
+CONVENTIONAL = [m for m in ESTIMATORS if not ESTIMATORS[m].trains and ESTIMATORS[m].serves(MODELS["1c"])]
 
 
 def _data(model, n=200, seed=0):
@@ -30,6 +31,33 @@ def test_every_registered_method_declares_the_contract():
         cls = ESTIMATORS[name]
         assert cls.name == name and isinstance(cls.trains, bool) and cls.title
         assert name in cls.evaluation_variants()
+        assert any(cls.serves(MODELS[model]) for model in MODELS)
+
+
+def test_the_closed_form_serves_only_the_single_delay_model():
+    served = {name: [m for m in MODELS if ESTIMATORS[name].serves(MODELS[m])] for name in ESTIMATORS}
+    assert served["whitepaper"] == ["single"]
+    assert all("single" not in models for name, models in served.items() if name != "whitepaper")
+    with pytest.raises(ValueError, match="does not serve the single model.*whitepaper"):
+        get_estimator("lm", get_model("single", Protocol(1.8, [1.8])))
+
+
+def test_the_closed_form_follows_the_contract_and_the_shifted_protocol():
+    """Refused before fit; each offset group equals the estimate on a single-delay model built by
+    hand on the shifted protocol; the estimate inverts the 1C signal of a delivered bolus."""
+    model = get_model("single", Protocol(1.8, [1.8]))
+    with pytest.raises(ValueError, match="not fitted"):
+        get_estimator("whitepaper", model).predict(np.ones((2, 1)))
+    rng = np.random.default_rng(0)
+    truth = np.column_stack([rng.uniform(20, 100, 50), rng.uniform(0.3, 1.7, 50)])
+    offsets = rng.choice([0.0, 0.05, 0.1], 50)
+    signals = np.vstack([get_model("1c", Protocol(1.8, 1.8 + o)).signal(p) for p, o in zip(truth, offsets)])
+    est = get_estimator("whitepaper", model).fit().predict(signals, slice_offsets=offsets)
+    for offset in np.unique(offsets):
+        rows = offsets == offset
+        by_hand = get_estimator("whitepaper", get_model("single", Protocol(1.8, 1.8 + offset))).fit()
+        np.testing.assert_allclose(est.params[rows], by_hand.predict(signals[rows]).params, rtol=1e-12)
+    np.testing.assert_allclose(est["cbf"], truth[:, 0], rtol=1e-12)
 
 
 @pytest.mark.parametrize("method", CONVENTIONAL)

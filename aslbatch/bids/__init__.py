@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 from .layout import (
-    MODELS,
     NIFTI_EXTENSIONS,
     Acquisition,
     AslSeries,
@@ -56,6 +55,9 @@ from .metadata import (
     vascular_crushing,
 )
 from .validation import (
+    AcquisitionVerdict,
+    inspect_dataset,
+    inspect_session,
     SeriesMetadata,
     check_series,
     m0_repetition_time,
@@ -72,7 +74,6 @@ __all__ = [
     "BidsError",
     "M0Scan",
     "M0_TYPES",
-    "MODELS",
     "NIFTI_EXTENSIONS",
     "SeriesMetadata",
     "Session",
@@ -103,6 +104,9 @@ __all__ = [
     "slice_axis",
     "slice_offsets",
     "validate_dataset",
+    "AcquisitionVerdict",
+    "inspect_dataset",
+    "inspect_session",
     "validate_series",
     "validate_session",
     "vascular_crushing",

@@ -30,7 +30,6 @@ __all__ = [
     "Acquisition",
     "AslSeries",
     "M0Scan",
-    "MODELS",
     "NIFTI_EXTENSIONS",
     "Session",
     "find_sessions",
@@ -42,8 +41,6 @@ __all__ = [
 ]
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
-#: the kinetic models a user can ask for: ``auto`` lets :func:`aslbatch.identify.choose_model` decide
-MODELS = ("auto", "1c", "2c")
 
 
 # --- files --------------------------------------------------------------------------------

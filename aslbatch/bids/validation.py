@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .layout import MODELS, AslSeries, Session, _rel, find_sessions, pair_series
+from .layout import AslSeries, Session, _rel, find_sessions, pair_series
 from .metadata import (
     ASL_VOLUME_TYPES,
     VOLUME_TYPES,
@@ -42,8 +42,11 @@ from .metadata import (
 from ..protocol import Constants
 
 __all__ = [
+    "AcquisitionVerdict",
     "SeriesMetadata",
     "check_series",
+    "inspect_dataset",
+    "inspect_session",
     "m0_repetition_time",
     "series_metadata",
     "validate_dataset",
@@ -258,6 +261,17 @@ def _check_volume_types(series: AslSeries, tau: np.ndarray | None, context: str 
     return problems
 
 
+@dataclass(frozen=True)
+class AcquisitionVerdict:
+    """What ``run`` would do with one acquisition: ``decision`` (an
+    :class:`aslbatch.identify.Decision`: the model and the parameters estimated) or ``refusal``
+    (why it is not quantified); both None when its series have problems of their own."""
+
+    source_name: str
+    decision: Any = None
+    refusal: BidsError | None = None
+
+
 def validate_session(
     session: Session,
     *,
@@ -266,6 +280,19 @@ def validate_session(
     background_suppression_correction: bool = False,
 ) -> list[BidsError]:
     """Every problem of a session's series, plus those of grouping them for ``model``."""
+    return inspect_session(session, model=model, overrides=overrides,
+                           background_suppression_correction=background_suppression_correction)[0]
+
+
+def inspect_session(
+    session: Session,
+    *,
+    model: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
+    background_suppression_correction: bool = False,
+) -> tuple[list[BidsError], list[AcquisitionVerdict]]:
+    """The problems of :func:`validate_session` (refusals included) and what ``run`` would do
+    with each acquisition (:class:`AcquisitionVerdict`)."""
     problems: list[BidsError] = []
     records = {}
     for series in session.series:
@@ -274,7 +301,8 @@ def validate_session(
         )
         records[series.relpath] = None if series_problems else record
         problems.extend(series_problems)
-    problems.extend(_undetermined(session, model, records))
+    verdicts = _verdicts(session, model, records)
+    problems.extend(v.refusal for v in verdicts if v.refusal is not None)
     names = [series.name for series in session.series]
     for series in session.series:
         if names.count(series.name) > 1:
@@ -283,26 +311,62 @@ def validate_session(
             ))
     if model == "2c":
         problems.extend(reason for _, reason in pair_series(session.series)[1] if reason is not None)
-    return _unique(problems)
+    return _unique(problems), verdicts
 
 
-def _undetermined(session: Session, model: str, records: Mapping[str, SeriesMetadata | None]) -> list[BidsError]:
-    """The acquisitions ``run`` would refuse because their protocol cannot determine what the models
-    fit (judged once every series of the acquisition reads without a problem: ``records`` None)."""
-    from ..identify import group_acquisitions, undetermined_reason  # identify builds on this package
+def _verdicts(session: Session, model: str, records: Mapping[str, SeriesMetadata | None]) -> list[AcquisitionVerdict]:
+    """The decision on each acquisition (:func:`aslbatch.identify.decide`), judged once every
+    series of the acquisition reads without a problem (``records`` not None)."""
+    from ..identify import decide, group_acquisitions  # identify builds on this package
 
     try:
         acquisitions = group_acquisitions(session, model)
     except (BidsError, ValueError):
         return []  # the grouping's own problems are reported by validate_session
-    problems = []
+    verdicts = []
     for acquisition in acquisitions:
         found = [records.get(series.relpath) for series in acquisition.series]
-        if all(record is not None for record in found):
-            reason = undetermined_reason(acquisition, found)
-            if reason is not None:
-                problems.append(BidsError(reason, path=acquisition.series[0].relpath, field="PostLabelingDelay"))
-    return problems
+        if any(record is None for record in found):
+            verdicts.append(AcquisitionVerdict(acquisition.source_name))
+            continue
+        try:
+            verdicts.append(AcquisitionVerdict(acquisition.source_name, decision=decide(acquisition, found, model)))
+        except BidsError as exc:
+            verdicts.append(AcquisitionVerdict(acquisition.source_name, refusal=exc))
+    return verdicts
+
+
+def inspect_dataset(
+    bids_dir: str | Path,
+    participant_labels: Sequence[str] | None = None,
+    *,
+    model: str = "auto",
+    overrides: Mapping[str, Any] | None = None,
+    background_suppression_correction: bool = False,
+) -> tuple[list[BidsError], list[AcquisitionVerdict]]:
+    """:func:`validate_dataset`'s problems and every acquisition's :class:`AcquisitionVerdict`."""
+    from ..identify import _check_requested
+
+    _check_requested(model)
+    try:
+        sessions = find_sessions(bids_dir, participant_labels)
+    except BidsError as exc:
+        return [exc], []
+    if not sessions:
+        return [BidsError(
+            "no ASL series found (expected sub-<label>[/ses-<label>]/perf/*_asl.nii[.gz])",
+            path=str(bids_dir), field="asl",
+        )], []
+    problems: list[BidsError] = []
+    verdicts: list[AcquisitionVerdict] = []
+    for session in sessions:
+        found, session_verdicts = inspect_session(
+            session, model=model, overrides=overrides,
+            background_suppression_correction=background_suppression_correction,
+        )
+        problems.extend(found)
+        verdicts.extend(session_verdicts)
+    return _unique(problems), verdicts
 
 
 def validate_dataset(
@@ -322,21 +386,5 @@ def validate_dataset(
     ``overrides`` and ``background_suppression_correction`` are those of
     :func:`constants_from_metadata`.
     """
-    if model not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-    try:
-        sessions = find_sessions(bids_dir, participant_labels)
-    except BidsError as exc:
-        return [exc]
-    if not sessions:
-        return [BidsError(
-            "no ASL series found (expected sub-<label>[/ses-<label>]/perf/*_asl.nii[.gz])",
-            path=str(bids_dir), field="asl",
-        )]
-    problems: list[BidsError] = []
-    for session in sessions:
-        problems.extend(validate_session(
-            session, model=model, overrides=overrides,
-            background_suppression_correction=background_suppression_correction,
-        ))
-    return _unique(problems)
+    return inspect_dataset(bids_dir, participant_labels, model=model, overrides=overrides,
+                           background_suppression_correction=background_suppression_correction)[0]

@@ -20,14 +20,26 @@ ESTIMATORS: Registry[Estimator] = Registry("method", {
     "lut": "aslbatch.estimators.lookup:LookupTableEstimator",
     "supervised": "aslbatch.estimators.supervised:SupervisedEstimator",
     "unsupervised": "aslbatch.estimators.unsupervised:UnsupervisedEstimator",
+    "whitepaper": "aslbatch.estimators.white_paper:WhitePaperEstimator",
 })
 
-__all__ = ["ESTIMATORS", "Estimate", "Estimator", "Status", "get_estimator"]
+__all__ = ["ESTIMATORS", "Estimate", "Estimator", "Status", "get_estimator", "served_methods"]
+
+
+def served_methods(model_name: str) -> list[str]:
+    """The registered methods that estimate the model ``model_name`` (a key of MODELS)."""
+    from ..models import MODELS
+
+    model = MODELS.get_class(model_name)
+    return [name for name in ESTIMATORS if ESTIMATORS.get_class(name).serves(model)]
 
 
 def get_estimator(name: str, model: KineticModel, **options) -> Estimator:
     """The estimator ``name`` (a key of :data:`ESTIMATORS`) for ``model``, with method ``options``."""
     cls = ESTIMATORS.get_class(name)
+    if not cls.serves(type(model)):
+        raise ValueError(f"method {name!r} does not serve the {model.name} model ({model.title}); "
+                         f"methods that do: {served_methods(model.name)}")
     try:
         return cls(model, **options)
     except TypeError as exc:

@@ -154,6 +154,12 @@ class Estimator:
         self.model = model
 
     @classmethod
+    def serves(cls, model: type[KineticModel]) -> bool:
+        """Whether this method estimates the parameters of ``model`` (a model class): every
+        method fits a time course (``model.time_resolved``) unless it says otherwise."""
+        return model.time_resolved
+
+    @classmethod
     def evaluation_variants(cls) -> dict[str, dict[str, Any]]:
         """``{label: fixed options}`` of this method in ``aslbatch evaluate`` (default: the method alone)."""
         return {cls.name: {}}
@@ -207,9 +213,11 @@ class Estimator:
         raise NotImplementedError
 
     def predict_image(self, signals: np.ndarray, mask: np.ndarray, *, slice_offsets: np.ndarray | None = None,
-                      progress: bool = False, label: str = "") -> Estimate:
+                      progress: bool = False, label: str = "", signal_se: np.ndarray | None = None) -> Estimate:
         """A whole acquisition: ``signals`` (n_voxels, n_volumes) ΔM/M0t of the voxels of the 3-D
         boolean ``mask`` in C order (``mask.nonzero()``), with per-voxel ``slice_offsets`` (s).
+        ``signal_se``: the standard error of each averaged signal from its repeats (NaN where a
+        volume was read once), for methods that derive their uncertainty from it.
 
         Voxelwise methods fit the rows independently (in chunks of PROGRESS_CHUNK behind a
         progress bar when ``progress``, labelled ``label``); a method that uses each voxel's

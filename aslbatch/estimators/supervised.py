@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.preprocessing import StandardScaler
 
 from ..models import KineticModel
 from . import _mlp
@@ -61,6 +60,8 @@ class SupervisedEstimator(NeuralEstimator):
 
     def _train(self, train: TrainingSet, val: TrainingSet, opts: dict[str, Any], rng: np.random.Generator,
                progress: bool) -> tuple[Network, dict[str, Any]]:
+        from sklearn.preprocessing import StandardScaler  # scikit-learn only when training
+
         x_scaler = StandardScaler().fit(train.inputs)
         y_scaler = StandardScaler().fit(train.params)
         x, y = x_scaler.transform(train.inputs), y_scaler.transform(train.params)

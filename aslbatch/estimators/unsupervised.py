@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.preprocessing import StandardScaler
 
 from ..models import KineticModel, get_model
 from ..simulate import reference_signal_level
@@ -110,6 +109,8 @@ class UnsupervisedEstimator(NeuralEstimator):
     def _train_on(self, x: np.ndarray, x_val: np.ndarray, opts: dict[str, Any],
                   progress: bool) -> tuple[Network, dict[str, Any]]:
         code = _mlp.HEAD_SIGNAL_MSE if opts["loss"] == "mse" else _mlp.HEAD_SIGNAL_MAE
+        from sklearn.preprocessing import StandardScaler  # scikit-learn only when training
+
         scaler = StandardScaler().fit(x)
         edge_epochs = opts["edge_epochs"]
         if edge_epochs:

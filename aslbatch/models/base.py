@@ -117,6 +117,9 @@ class KineticModel:
     ordered_times: ClassVar[tuple[tuple[str, str, tuple[float, float]], ...]] = ()
     #: keyword options of the constructor that change the physics (e.g. ``arterial_edge_s``)
     option_names: ClassVar[tuple[str, ...]] = ()
+    #: the parameters are read from a time course (several readout times), as the fitting
+    #: methods and networks need; False for a closed form at one readout time
+    time_resolved: ClassVar[bool] = True
     #: derived from ``parameters``: names, units, (lower, upper) bounds, training ranges
     param_names: ClassVar[tuple[str, ...]]
     param_units: ClassVar[tuple[str, ...]]
@@ -192,6 +195,10 @@ class KineticModel:
     def options(self) -> dict[str, Any]:
         """Model options that change the physics (recorded in provenance)."""
         return {}
+
+    def assumptions(self) -> str | None:
+        """What the estimates assume beyond the data, in words (maps' sidecars), or None."""
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """Everything that defines this model's physics, JSON-ready."""

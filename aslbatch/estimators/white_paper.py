@@ -1,0 +1,74 @@
+"""The white-paper single-delay formula (Alsop 2015): CBF in closed form, for data read at one time.
+
+Serves :class:`~aslbatch.models.single_delay.SingleDelayModel` only, whose signal is linear
+in CBF, s_v = cbf · g_v. With one condition this is the white-paper formula
+cbf = s / g; with several conditions read at the same time (e.g. two label durations)
+it is their least-squares combination Σ g s / Σ g², which is what Levenberg–Marquardt or
+a lookup table would converge to exactly: one method answers for all of them. A 2D
+readout's slice read δ s after the nominal PLD/TI has g multiplied by e^(−δ/T1b).
+
+The standard error comes from the spread of the repeated pairs (the standard error of
+each averaged signal), propagated through the linear formula: se = √(Σ g² se_v²) / Σ g².
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..models import KineticModel
+from .base import Estimate, Estimator, Status, check_signals, check_slice_offsets
+
+__all__ = ["WhitePaperEstimator"]
+
+
+class WhitePaperEstimator(Estimator):
+    """CBF (mL/100 g/min) by the white-paper formula; no options, nothing to train."""
+
+    name = "whitepaper"
+    title = "the white-paper single-delay formula (Alsop et al. 2015), a closed form"
+    stderr_method = ("the spread of the repeated control/label pairs: the standard error of each averaged "
+                     "ΔM/M0t (sample standard deviation / √n) propagated through the linear formula")
+    takes_slice_offsets = True
+
+    @classmethod
+    def serves(cls, model: type[KineticModel]) -> bool:
+        """Only models read at one time (``time_resolved`` False), whose signal is linear in CBF."""
+        return not model.time_resolved
+
+    def _gain(self, n: int, slice_offsets: np.ndarray | None) -> np.ndarray:
+        """ΔM/M0t per mL/100 g/min, (n, n_volumes) or (1, n_volumes) without offsets."""
+        gain = self.model.gain[np.newaxis, :]
+        if slice_offsets is None or not np.any(slice_offsets):
+            return gain
+        return gain * np.exp(-slice_offsets / self.model.constants.t1b)[:, np.newaxis]
+
+    def _predict(self, signals: np.ndarray, slice_offsets: np.ndarray | None,
+                 signal_se: np.ndarray | None = None) -> Estimate:
+        gain = self._gain(signals.shape[0], slice_offsets)
+        norm = np.einsum("ij,ij->i", np.broadcast_to(gain, signals.shape), np.broadcast_to(gain, signals.shape))
+        invalid = ~np.isfinite(signals).all(axis=1) | ~np.any(signals, axis=1)
+        with np.errstate(invalid="ignore"):
+            cbf = np.einsum("ij,ij->i", signals, np.broadcast_to(gain, signals.shape)) / norm
+            rss = np.einsum("ij,ij->i", *(signals - cbf[:, np.newaxis] * gain,) * 2)
+        cbf[invalid] = np.nan
+        stderr = None
+        if signal_se is not None and np.isfinite(signal_se).any():
+            weighted = np.broadcast_to(gain, signals.shape) * signal_se
+            stderr = (np.sqrt(np.einsum("ij,ij->i", weighted, weighted)) / norm)[:, np.newaxis]
+            stderr[invalid] = np.nan
+        status = np.where(invalid, Status.INVALID_INPUT, Status.CONVERGED).astype(np.int8)
+        return Estimate(cbf[:, np.newaxis], status, stderr, rss, self.model.param_names, self.name)
+
+    def predict_image(self, signals: np.ndarray, mask: np.ndarray, *, slice_offsets: np.ndarray | None = None,
+                      progress: bool = False, label: str = "", signal_se: np.ndarray | None = None) -> Estimate:
+        """The whole acquisition in one vectorised pass (memory-bound: no progress bar needed);
+        ``signal_se`` (like ``signals``) gives the CBF standard error."""
+        if not self.is_fitted:
+            raise ValueError(f"this {self.name} estimator is not fitted yet: call fit() first")
+        y = check_signals(signals, self.model)
+        se = None
+        if signal_se is not None:
+            se = np.asarray(signal_se, dtype=np.float64)
+            if se.shape != y.shape:
+                raise ValueError(f"signal_se must have the shape of signals {y.shape}, got {se.shape}")
+        return self._predict(y, check_slice_offsets(slice_offsets, y.shape[0]), se)
