@@ -57,7 +57,7 @@ from .atomic import atomic_open
 from .batch import run_batch
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .models import MODELS, KineticModel, get_model
-from .phantom import write_bids_dataset
+from .phantom import phantom_for, write_bids_dataset
 from .pipeline import Settings
 from .protocol import default_protocol
 from .report import figure_png, markdown_table, new_figure
@@ -145,7 +145,9 @@ def best_time(call: Callable[[], Any]) -> tuple[float, int]:
 
 def coarse_start(model: KineticModel, signals: np.ndarray) -> np.ndarray:
     """Start of the scipy loop (n, n_params), API units: the lookup table at LM's start-grid step,
-    inside the bounds (LM starts from the same grid)."""
+    inside the bounds (LM starts from the same grid); zero for a closed-form model."""
+    if not model.time_resolved:
+        return np.zeros((signals.shape[0], model.n_params))
     step = get_estimator("lm", model).grid_step_s
     params = get_estimator("lut", model, resolution_s=step).fit().predict(signals).params
     return np.clip(params, *model.bounds)
@@ -245,11 +247,10 @@ def _training(model: KineticModel, method: str, cfg: dict[str, Any], progress: b
 def _batch(name: str, cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     """Per-session stage times of an LM batch over a phantom dataset of ``name`` subjects."""
     sessions, shape, threads = cfg["batch_sessions"], cfg["batch_shape"], max(cfg["threads"])
-    # a closed-form model's phantom is its time-resolved model's, read at the model's protocol
-    phantom = name if MODELS[name].time_resolved else get_model(name, default_protocol(name)).tissue_model().name
+    phantom, protocol = phantom_for(name)
     raw = write_bids_dataset(work / f"raw-{name}", subjects=sessions, model=phantom, snr=SNR, seed=cfg["seed"],
                              shape=shape, repeats=BATCH_REPEATS, groundtruth_dir=work / f"truth-{name}",
-                             protocol=default_protocol(name))
+                             protocol=protocol)
     out, settings = work / f"out-{name}", Settings(methods=("lm",))
     with thread_limit(threads):  # run_batch sets the numba and BLAS threads of this process
         run_batch(raw, out, settings, jobs=1, threads=threads)

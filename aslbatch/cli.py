@@ -522,18 +522,20 @@ def validate(
 def simulate_dataset(
     out_dir: Annotated[Path, typer.Argument(help="Folder of the new BIDS dataset (must be empty or absent).")],
     subjects: Annotated[int, typer.Option(min=1, help="Number of subjects.")] = 2,
-    model: Annotated[ModelName, typer.Option(help="1c: one multi-PLD series; 2c: a non-crushed + DANTE pair.")] = ModelName["1c"],
+    model: Annotated[ModelName, typer.Option(help="1c: one multi-PLD series; 2c: a non-crushed + DANTE pair; single: one single-PLD series (PLD 1.8 s).")] = ModelName["1c"],
     snr: Annotated[float, typer.Option(help="SNR of ΔM/M0t (S_ref / σ, ASL_MODELS.md).")] = 10.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     noise: Annotated[NoiseName, typer.Option(help="Noise of the magnitude images.")] = NoiseName.rician,
 ) -> None:
     """Write a BIDS ASL dataset of brain-like digital phantoms; the ground truth goes beside it."""
-    from .phantom import default_groundtruth_dir, write_bids_dataset
+    from .phantom import default_groundtruth_dir, phantom_for, write_bids_dataset
 
     if not snr > 0:
         fail(f"--snr must be > 0, got {snr}")
     try:
-        path = write_bids_dataset(out_dir, subjects=subjects, model=model.value, snr=snr, seed=seed, noise=noise.value)
+        phantom, protocol = phantom_for(model.value)
+        path = write_bids_dataset(out_dir, subjects=subjects, model=phantom, snr=snr, seed=seed, noise=noise.value,
+                                  protocol=protocol)
     except (FileExistsError, ValueError) as exc:
         fail(str(exc))
     typer.echo(json.dumps({"dataset": str(path), "groundtruth": str(default_groundtruth_dir(path))}))
@@ -558,7 +560,7 @@ def demo(
     import nibabel as nib
 
     from .batch import run_batch
-    from .phantom import default_groundtruth_dir, write_bids_dataset
+    from .phantom import default_groundtruth_dir, phantom_for, write_bids_dataset
     from .pipeline import Settings
     from .report import text_table
 

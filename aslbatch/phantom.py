@@ -399,6 +399,19 @@ def _noisy(clean: np.ndarray, sigma_img: np.ndarray, noise: str, rng: np.random.
     return add_noise(flat, sig, noise, rng).reshape(clean.shape)
 
 
+def phantom_for(model_name: str) -> tuple[str, Protocol | None]:
+    """The phantom model and protocol that stand for the model ``model_name`` in a dataset: the
+    model itself at its default protocol (None) when it is time-resolved; for a closed-form model
+    (``single``), its time-resolved tissue model read at the closed form's default protocol."""
+    from .models import MODELS, get_model
+    from .protocol import default_protocol
+
+    if MODELS.get_class(model_name).time_resolved:
+        return model_name, None
+    protocol = default_protocol(model_name)
+    return get_model(model_name, protocol).tissue_model().name, protocol
+
+
 def write_bids_dataset(
     out_dir: str | os.PathLike,
     *,

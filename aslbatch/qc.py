@@ -559,6 +559,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
     body = [
         f"<h1>QC: {escape(source)}</h1>",
         html_table(None, header),
+        *([f"<p><b>What the protocol determines:</b> {escape(str(provenance['decision'].get('reason')))}</p>"]
+          if provenance.get("decision") else []),
         "<p>" + " · ".join(f'<a href="#{escape(p)}">{escape(p)}</a>' for p in params)
         + ' · <a href="#status">status</a> · <a href="#protocol">protocol</a> · <a href="#files">files</a></p>',
         '<p class="muted">Axial slices, radiological convention (R on the left), z = slice position in mm. '

@@ -247,6 +247,7 @@ def test_session_page_lists_protocol_and_settings_and_links_every_output(run):
     assert {r["constant"]: r["value"] for r in page.table("constant")}["t1b"] == "1.65"
     text = " ".join(page.text)
     assert '"resolution_s": 0.05' in text and provenance["settings_digest"] in text
+    assert provenance["decision"]["reason"] in text  # what the protocol determines, as decided
     files = [href for href in page.links if not href.startswith("#")]
     targets = {(page_path.parent / unquote(href)).resolve() for href in files}
     assert all(t.is_file() for t in targets)
