@@ -449,6 +449,47 @@ def test_two_m0_scans_pick_the_matching_phase_encoding(root):
     assert str(problem).startswith(f"{NIFTI}: IntendedFor of several m0scan files names this series")
 
 
+def add_fmap_m0(root: Path, name: str, **fields) -> Path:
+    """Write ``sub-01/fmap/<name>_m0scan.nii.gz`` (a pepolar M0: BIDS requires its dir entity) and its sidecar."""
+    folder = root / "sub-01" / "fmap"
+    write_json(folder / f"{name}_m0scan.json", {"RepetitionTimePreparation": 6.0, **fields})
+    return write_nifti(folder / f"{name}_m0scan.nii.gz", SHAPE)
+
+
+def test_m0_of_a_pepolar_pair_in_fmap(root):
+    # BIDS: an m0scan may be stored in fmap/ (with a dir entity) when the pepolar approach is used
+    add_series(root, M0Type="Separate", PhaseEncodingDirection="j-")
+    target = "bids::sub-01/perf/sub-01_asl.nii.gz"
+    add_fmap_m0(root, "sub-01_dir-PA", IntendedFor=target, PhaseEncodingDirection="j")
+    add_fmap_m0(root, "sub-01_dir-AP", IntendedFor=target, PhaseEncodingDirection="j-")
+    # the image read with the series' phase encoding (distorted as the series is) is its M0
+    assert only_series(root).m0scan.relpath == "sub-01/fmap/sub-01_dir-AP_m0scan.nii.gz"
+    assert validate_dataset(root) == []
+    # an m0scan in perf/ comes first, whatever fmap/ holds
+    add_m0(root, "sub-01_acq-calib", IntendedFor="perf/sub-01_asl.nii.gz", PhaseEncodingDirection="j")
+    assert only_series(root).m0scan.relpath == "sub-01/perf/sub-01_acq-calib_m0scan.nii.gz"
+
+
+def test_fmap_m0_that_names_another_file_is_not_the_m0(root):
+    # bids-examples asl004: the reversed-phase-encoding M0 in fmap/ names the perf/ M0 (distortion correction)
+    add_series(root, M0Type="Separate")
+    add_fmap_m0(root, "sub-01_dir-PA", IntendedFor="perf/sub-01_m0scan.nii.gz", PhaseEncodingDirection="j")
+    assert only_series(root).m0scan is None
+    (problem,) = validate_dataset(root)
+    assert "no m0scan was found" in str(problem) and "fmap/" in str(problem)
+    add_m0(root, "sub-01", PhaseEncodingDirection="j-")
+    assert only_series(root).m0scan.relpath == "sub-01/perf/sub-01_m0scan.nii.gz"
+
+
+def test_two_fmap_m0_alike_are_ambiguous(root):
+    add_series(root, M0Type="Separate", PhaseEncodingDirection="j-")
+    for name in ("sub-01_dir-AP_run-1", "sub-01_dir-AP_run-2"):
+        add_fmap_m0(root, name, IntendedFor="perf/sub-01_asl.nii.gz", PhaseEncodingDirection="j-")
+    assert only_series(root).m0scan is None
+    (problem,) = validate_dataset(root)
+    assert str(problem).startswith(f"{NIFTI}: IntendedFor of several m0scan files names this series")
+
+
 def test_included_m0(root):
     context = ("m0scan", *PAIRS)
     add_series(root, context=context, M0Type="Included", PostLabelingDelay=[0.0] + BASE["PostLabelingDelay"],
