@@ -67,7 +67,7 @@ import logging
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,9 @@ class PreparedData:
     source_files : the files read (dataset-relative for BIDS files).
     model : ``"1c"`` or ``"2c"`` (the acquisition's).
     source_name : the base of output names (the acquisition's).
+    background_suppression : what the outputs say about background suppression: whether the
+        acquisition used it, its pulses, whether α_BS entered the model and its value
+        (:func:`aslbatch.bids.background_suppression_summary`; empty when not known).
     """
 
     signals: np.ndarray
@@ -157,6 +160,7 @@ class PreparedData:
     source_files: tuple[str, ...]
     model: str = "1c"
     source_name: str = ""
+    background_suppression: Mapping[str, Any] = dataclass_field(default_factory=dict)
 
     @property
     def n_voxels(self) -> int:
@@ -705,6 +709,9 @@ def prepare_acquisition(
         source_files=tuple(dict.fromkeys(files)),
         model=acquisition.model,
         source_name=acquisition.source_name,
+        background_suppression=bids.background_suppression_summary(
+            [record.background_suppression for record in metadata], constants.alpha_bs,
+            correction=background_suppression_correction, user_factor="alpha_bs" in (overrides or {})),
     )
 
 

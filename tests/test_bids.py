@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 from aslbatch.bids import (
+    BackgroundSuppression,
     BidsError,
     Sidecar,
+    background_suppression,
     background_suppression_factor,
+    background_suppression_summary,
     blood_t1,
     constants_from_metadata,
     find_sessions,
@@ -312,6 +315,49 @@ def test_constants_by_field_strength_and_overrides():
         constants_from_metadata({"ArterialSpinLabelingType": "PCASL"})
     with pytest.raises(ProtocolError, match="unknown Constants field"):
         constants_from_metadata(meta, {"T1b": 1.6})
+
+
+def test_background_suppression_as_the_sidecar_states_it():
+    assert background_suppression({"BackgroundSuppression": True, "BackgroundSuppressionNumberPulses": 4}) == \
+        BackgroundSuppression(True, 4)
+    assert background_suppression({"BackgroundSuppression": True}) == BackgroundSuppression(True, None)
+    # BIDS defines the number of pulses only with background suppression
+    assert background_suppression({"BackgroundSuppression": False, "BackgroundSuppressionNumberPulses": 2}) == \
+        BackgroundSuppression(False, None)
+    assert background_suppression({}) == BackgroundSuppression(None, None)
+    assert BackgroundSuppression(True, 3).factor() == pytest.approx(0.95**3)
+    assert BackgroundSuppression(False, None).factor() == 1.0 and BackgroundSuppression(True, None).factor() is None
+    with pytest.raises(BidsError, match="BackgroundSuppressionNumberPulses must be a whole number >= 0, got 2.5"):
+        background_suppression({"BackgroundSuppression": True, "BackgroundSuppressionNumberPulses": 2.5})
+    with pytest.raises(BidsError, match="BackgroundSuppression must be true or false, got 'yes'"):
+        background_suppression({"BackgroundSuppression": "yes"})
+    with pytest.raises(BidsError, match="BackgroundSuppression is missing"):
+        background_suppression_factor({})
+
+
+def test_background_suppression_summary_says_what_the_model_used():
+    with_bs = [BackgroundSuppression(True, 4)]
+    off = background_suppression_summary(with_bs, 1.0, correction=False)
+    assert {k: off[k] for k in list(off)[:4]} == {
+        "BackgroundSuppression": True, "BackgroundSuppressionNumberPulses": 4,
+        "BackgroundSuppressionCorrection": False, "BackgroundSuppressionFactor": 1.0}
+    assert off["BackgroundSuppressionCorrectionDescription"].startswith("not applied")
+    assert f"{1 / 0.95**4:.4g} times" in off["BackgroundSuppressionCorrectionDescription"]
+    on = background_suppression_summary(with_bs, 0.95**4, correction=True)
+    assert on["BackgroundSuppressionCorrection"] is True and on["BackgroundSuppressionFactor"] == 0.95**4
+    assert on["BackgroundSuppressionCorrectionDescription"].startswith("applied (background_suppression_correction on)")
+    none = background_suppression_summary([BackgroundSuppression(False, None)], 1.0, correction=True)
+    assert none["BackgroundSuppression"] is False and none["BackgroundSuppressionNumberPulses"] is None
+    assert none["BackgroundSuppressionCorrection"] is False
+    assert none["BackgroundSuppressionCorrectionDescription"].startswith("not applicable")
+    user = background_suppression_summary(with_bs, 0.8, correction=False, user_factor=True)
+    assert user["BackgroundSuppressionFactor"] == 0.8 and "constant alpha_bs" in user["BackgroundSuppressionCorrectionDescription"]
+    pair = background_suppression_summary([BackgroundSuppression(True, 4), BackgroundSuppression(True, 2)], 1.0,
+                                          correction=False)
+    assert pair["BackgroundSuppression"] is True and pair["BackgroundSuppressionNumberPulses"] == [4, 2]
+    unknown = background_suppression_summary([], 1.0, correction=False)
+    assert unknown["BackgroundSuppression"] is None and "does not state" in unknown[
+        "BackgroundSuppressionCorrectionDescription"]
 
 
 # --- validation: one rule at a time ---------------------------------------------------------------
