@@ -65,6 +65,8 @@ class VendorTruth:
         att (s) : the true maps (NaN in the background).
     labeling : "PCASL" or "PASL"; single_delay : one PLD (or TI): CBF only, no arrival time;
     repeated : the ASL condition was acquired more than once (a per-voxel spread exists).
+    m0_file : the dataset-relative path of the M0 image that quantifies the series (None when
+        its M0 volumes are in the series).
     """
 
     kind: str
@@ -76,6 +78,7 @@ class VendorTruth:
     labeling: str
     single_delay: bool
     repeated: bool
+    m0_file: str | None
 
     @property
     def grey(self) -> np.ndarray:
@@ -370,7 +373,10 @@ def make_vendor_dataset(kind: str, root: str | Path, snr: float | None = None, s
     _write_json(perf / "sub-01_asl.json", asl)
     (perf / "sub-01_aslcontext.tsv").write_text("\n".join(["volume_type", *context]) + "\n")
     _write_nifti(perf / "sub-01_asl.nii.gz", data, voxel)
+    m0_file = None
     for stem, (meta, scale) in spec.get("m0", {}).items():
+        if scale == 1.0:  # the M0 of the series (a reversed-phase-encoding twin is scaled)
+            m0_file = f"sub-01/{stem}.nii.gz"
         path = root / "sub-01" / stem
         _write_json(path.with_name(path.name + ".json"), meta)
         image = scale * m0t * _saturation(float(meta["RepetitionTimePreparation"]))
@@ -380,4 +386,5 @@ def make_vendor_dataset(kind: str, root: str | Path, snr: float | None = None, s
     n_asl = sum(k in ("control", "label", "deltam") for k in context)
     per_condition = (n_asl // 2 if "control" in context else n_asl) // len(asl_delays)
     return VendorTruth(kind=kind, root=root, source_name="sub-01", tissue=tissue, cbf=cbf, att=att,
-                       labeling=labeling, single_delay=len(asl_delays) == 1, repeated=per_condition > 1)
+                       labeling=labeling, single_delay=len(asl_delays) == 1, repeated=per_condition > 1,
+                       m0_file=m0_file)
