@@ -157,3 +157,34 @@ def test_single_delay_fixtures_follow_the_white_paper_formula(kind, tmp_path):
     with np.errstate(invalid="ignore", divide="ignore"):
         cbf = deltam / m0t * scale[None, None, :]
     np.testing.assert_allclose(cbf[inside], truth.cbf[inside], rtol=1e-4)  # images are float32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fixture_sidecars_follow_the_bids_dependency_table(kind, tmp_path):
+    # the ASL field dependencies of the BIDS specification (MRI, "ASL": the table after the m0scan fields)
+    truth = make_vendor_dataset(kind, tmp_path)
+    sidecar, context, data = _read_series(tmp_path)
+    assert len(context) == data.shape[3]
+    if sidecar["MRAcquisitionType"] == "2D":
+        assert len(sidecar["SliceTiming"]) == data.shape[2]
+    else:
+        assert "SliceTiming" not in sidecar
+    if sidecar["ArterialSpinLabelingType"] == "PASL":
+        assert "LabelingDuration" not in sidecar and sidecar["BolusCutOffFlag"] is True
+        assert sidecar["BolusCutOffTechnique"] == "Q2TIPS" and len(sidecar["BolusCutOffDelayTime"]) == 2
+    else:
+        assert "LabelingDuration" in sidecar and "BolusCutOffFlag" not in sidecar
+    for field in ("PostLabelingDelay", "LabelingDuration", "RepetitionTimePreparation"):
+        if isinstance(sidecar.get(field), list):
+            assert len(sidecar[field]) == len(context), field
+    if sidecar["M0Type"] == "Included":
+        assert "m0scan" in context and truth.m0_file is None
+    else:
+        assert sidecar["M0Type"] == "Separate" and "m0scan" not in context
+        m0 = json.loads((tmp_path / truth.m0_file.replace(".nii.gz", ".json")).read_text())
+        assert "IntendedFor" in m0 and "RepetitionTimePreparation" in m0 and "EchoTime" in m0
+        assert truth.m0_file.split("/")[1] in ("perf", "fmap")
+        if truth.m0_file.split("/")[1] == "fmap":  # BIDS: an fmap/ m0scan is a pepolar image, with dir
+            assert "_dir-" in truth.m0_file
+    if not sidecar["BackgroundSuppression"]:
+        assert "BackgroundSuppressionNumberPulses" not in sidecar
