@@ -456,9 +456,9 @@ def background_suppression_summary(
     if applied and user_factor:
         text = f"applied: α_BS = {alpha_bs:.4g}, given as the constant alpha_bs, multiplies the labeling efficiency"
     elif applied:
-        text = (f"applied (background_suppression_correction on): α_BS = {BS_PULSE_EFFICIENCY:g} per pulse ^ "
-                f"{pulses} pulse(s) = {alpha_bs:.4g} multiplies the labeling efficiency, so CBF is "
-                f"{1 / alpha_bs:.4g} times the uncorrected value")
+        text = (f"applied (background_suppression_correction on): α_BS = {BS_PULSE_EFFICIENCY:g}^{pulses} = "
+                f"{alpha_bs:.4g} ({BS_PULSE_EFFICIENCY:g} per background-suppression pulse) multiplies the "
+                f"labeling efficiency, so CBF is {1 / alpha_bs:.4g} times the uncorrected value")
     elif used is None:
         text = "not applied (α_BS = 1): the input does not state BackgroundSuppression"
     elif used is False:
