@@ -560,7 +560,7 @@ def demo(
     import nibabel as nib
 
     from .batch import run_batch
-    from .phantom import default_groundtruth_dir, phantom_for, write_bids_dataset
+    from .phantom import default_groundtruth_dir, write_bids_dataset
     from .pipeline import Settings
     from .report import text_table
 

@@ -20,8 +20,13 @@ ASL_MODELS.md and ASLPrep), ``<method>`` the estimator's registry name (``lm``,
 ``lut``, ...). Every map has a JSON sidecar (same name, ``.json``) with ``Units``,
 a one-sentence ``Description`` that names the research's term for the quantity,
 ``Sources``, ``Model`` (the model's :meth:`~aslbatch.models.KineticModel.to_dict`:
-name, protocol, constants, options), ``Method`` and ``EstimatorOptions``. Maps are
-on the source grid, with the source affine (qform and sform, code 1).
+name, protocol, constants, options), ``Method``, ``EstimatorOptions`` and what was done
+about background suppression (:func:`aslbatch.bids.background_suppression_summary`:
+``BackgroundSuppression`` and ``BackgroundSuppressionNumberPulses`` as the input states
+them, ``BackgroundSuppressionCorrection``, ``BackgroundSuppressionFactor`` α_BS and a
+``BackgroundSuppressionCorrectionDescription``), so a map compares with another tool's
+whichever convention it follows. Maps are on the source grid, with the source affine
+(qform and sform, code 1).
 
 Everything a writer needs is in one table, :data:`OUTPUTS` (one :class:`OutputKind`
 per kind of file: name pattern, extension, dtype, units, description template,
@@ -90,7 +95,7 @@ import numpy as np
 
 from ._version import __version__, versions
 from .atomic import atomic_open, atomic_path
-from .bids import parse_filename
+from .bids import background_suppression_summary, parse_filename
 from .estimators import ESTIMATORS
 from .estimators.base import Estimate, Status
 from .models import MODELS, KineticModel
@@ -612,7 +617,8 @@ def write_session_outputs(
     the versions of python, numpy, numba and nibabel; source name, subject, session;
     the model (``to_dict``), methods, estimator options and :func:`settings_digest`;
     the inputs with their sha256 and :func:`inputs_digest`; the preprocessing
-    (protocol, constants, shape, voxel count, notes); start and end time; status
+    (protocol, constants, shape, voxel count, background suppression as in the map
+    sidecars, notes); start and end time; status
     counts per method; and every file of the acquisition written by this call
     (maps, sidecars, mask; not the dataset-level files) with its sha256. NIfTI files
     are byte-reproducible (nibabel writes gzip without a time stamp), so the same
@@ -636,6 +642,8 @@ def write_session_outputs(
     digests = _input_digests(prepared, input_digests, bids_dir)
     sources = [_uri(name) for name in prepared.source_files]
     model_dict = _jsonable(model.to_dict())
+    suppression = _jsonable(dict(prepared.background_suppression) or background_suppression_summary(
+        [], prepared.constants.alpha_bs, correction=False, user_factor=True))
 
     provenance_path = paths["provenance"]
     provenance_path.unlink(missing_ok=True)  # the old commit marker goes first
@@ -675,7 +683,7 @@ def write_session_outputs(
         estimate = estimates[method]
         options = _jsonable(dict(estimator_options[method]))
         common = {"Sources": sources + [mask_uri], "Method": method, "EstimatorOptions": options,
-                  "Model": model_dict}
+                  "Model": model_dict, **suppression}
         if decision is not None:
             common["Identifiability"] = _jsonable(dict(decision))
         if model.assumptions() is not None:
@@ -731,6 +739,7 @@ def write_session_outputs(
             "constants": prepared.constants.to_dict(),
             "shape": list(prepared.shape),
             "n_voxels": prepared.n_voxels,
+            "background_suppression": suppression,
             "notes": list(prepared.notes),
         },
         "started": _iso(started_at),

@@ -67,7 +67,7 @@ import logging
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,9 @@ class PreparedData:
     source_name : the base of output names (the acquisition's).
     signal_se : standard error of each averaged signal from the spread of its repeats
         (:func:`repeat_standard_error`), like ``signals``; NaN where a condition was read once.
+    background_suppression : what the outputs say about background suppression: whether the
+        acquisition used it, its pulses, whether α_BS entered the model and its value
+        (:func:`aslbatch.bids.background_suppression_summary`; empty when not known).
     """
 
     signals: np.ndarray
@@ -161,6 +164,7 @@ class PreparedData:
     model: str = "1c"
     source_name: str = ""
     signal_se: np.ndarray | None = None
+    background_suppression: Mapping[str, Any] = dataclass_field(default_factory=dict)
 
     @property
     def n_voxels(self) -> int:
@@ -734,6 +738,9 @@ def prepare_acquisition(
         model=acquisition.model,
         source_name=acquisition.source_name,
         signal_se=signal_se,
+        background_suppression=bids.background_suppression_summary(
+            [record.background_suppression for record in metadata], constants.alpha_bs,
+            correction=background_suppression_correction, user_factor="alpha_bs" in (overrides or {})),
     )
 
 

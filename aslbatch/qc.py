@@ -442,6 +442,28 @@ def _json_block(value: Any) -> str:
 # --- the session page ------------------------------------------------------------------------
 
 
+def _suppression_section(summary: Mapping[str, Any]) -> list[str]:
+    """The page's background-suppression table (:func:`aslbatch.bids.background_suppression_summary`)."""
+    if not summary:
+        return []
+
+    def shown(value: Any) -> str:
+        if value is None:
+            return "not stated in the input"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    rows = [
+        ["used in the acquisition (BackgroundSuppression)", shown(summary.get("BackgroundSuppression"))],
+        ["pulses (BackgroundSuppressionNumberPulses)", shown(summary.get("BackgroundSuppressionNumberPulses"))],
+        ["correction applied", shown(summary.get("BackgroundSuppressionCorrection"))],
+        ["α_BS in the model", _number(float(summary.get("BackgroundSuppressionFactor", 1.0)))],
+    ]
+    return ['<h2 id="background-suppression">Background suppression</h2>', html_table(None, rows),
+            f"<p>{escape(str(summary.get('BackgroundSuppressionCorrectionDescription', '')))}</p>"]
+
+
 def write_session_report(provenance_path: str | os.PathLike) -> Path:
     """Write the QC page of one acquisition beside its maps; returns its path (``<src>_qc.html``).
 
@@ -450,7 +472,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
     the model: montages of each method's map and standard error on :data:`SCALES`, and
     histograms within the brain mask; the median and IQR of every map within the mask;
     the share of mask voxels per status code per method and status montages; the
-    protocol (per volume τ, PLD in s, crushing), constants, estimator options and run
+    protocol (per volume τ, PLD in s, crushing), constants, background suppression (used,
+    pulses, whether α_BS was applied and its value), estimator options and run
     settings; the inputs; relative links to every output. A listed file that is missing
     is reported as missing on the page. Raises FileNotFoundError for a missing
     provenance or brain mask, ValueError for an unreadable provenance or a map off the
@@ -562,7 +585,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
         *([f"<p><b>What the protocol determines:</b> {escape(str(provenance['decision'].get('reason')))}</p>"]
           if provenance.get("decision") else []),
         "<p>" + " · ".join(f'<a href="#{escape(p)}">{escape(p)}</a>' for p in params)
-        + ' · <a href="#status">status</a> · <a href="#protocol">protocol</a> · <a href="#files">files</a></p>',
+        + ' · <a href="#status">status</a> · <a href="#protocol">protocol</a> · '
+        '<a href="#background-suppression">background suppression</a> · <a href="#files">files</a></p>',
         '<p class="muted">Axial slices, radiological convention (R on the left), z = slice position in mm. '
         "White: outside the brain mask; grey: no value (NaN). Fixed colour scales; values beyond a scale "
         "take its end colours.</p>",
@@ -582,6 +606,7 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
         *([f"<p>Notes: {escape('; '.join(str(n) for n in preprocessing['notes']))}</p>"]
           if preprocessing.get("notes") else []),
         "<h2>Constants</h2>", html_table(["constant", "value"], [[k, v] for k, v in constants.items()]),
+        *_suppression_section(preprocessing.get("background_suppression") or {}),
         "<h2>Settings</h2>",
         "<h3>Model options</h3>", _json_block(model.get("options", {})),
         "<h3>Estimator options</h3>", _json_block(provenance.get("estimator_options", {})),

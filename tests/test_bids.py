@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 from aslbatch.bids import (
+    BackgroundSuppression,
     BidsError,
     Sidecar,
+    background_suppression,
     background_suppression_factor,
+    background_suppression_summary,
     blood_t1,
     constants_from_metadata,
     find_sessions,
@@ -314,6 +317,49 @@ def test_constants_by_field_strength_and_overrides():
         constants_from_metadata(meta, {"T1b": 1.6})
 
 
+def test_background_suppression_as_the_sidecar_states_it():
+    assert background_suppression({"BackgroundSuppression": True, "BackgroundSuppressionNumberPulses": 4}) == \
+        BackgroundSuppression(True, 4)
+    assert background_suppression({"BackgroundSuppression": True}) == BackgroundSuppression(True, None)
+    # BIDS defines the number of pulses only with background suppression
+    assert background_suppression({"BackgroundSuppression": False, "BackgroundSuppressionNumberPulses": 2}) == \
+        BackgroundSuppression(False, None)
+    assert background_suppression({}) == BackgroundSuppression(None, None)
+    assert BackgroundSuppression(True, 3).factor() == pytest.approx(0.95**3)
+    assert BackgroundSuppression(False, None).factor() == 1.0 and BackgroundSuppression(True, None).factor() is None
+    with pytest.raises(BidsError, match="BackgroundSuppressionNumberPulses must be a whole number >= 0, got 2.5"):
+        background_suppression({"BackgroundSuppression": True, "BackgroundSuppressionNumberPulses": 2.5})
+    with pytest.raises(BidsError, match="BackgroundSuppression must be true or false, got 'yes'"):
+        background_suppression({"BackgroundSuppression": "yes"})
+    with pytest.raises(BidsError, match="BackgroundSuppression is missing"):
+        background_suppression_factor({})
+
+
+def test_background_suppression_summary_says_what_the_model_used():
+    with_bs = [BackgroundSuppression(True, 4)]
+    off = background_suppression_summary(with_bs, 1.0, correction=False)
+    assert {k: off[k] for k in list(off)[:4]} == {
+        "BackgroundSuppression": True, "BackgroundSuppressionNumberPulses": 4,
+        "BackgroundSuppressionCorrection": False, "BackgroundSuppressionFactor": 1.0}
+    assert off["BackgroundSuppressionCorrectionDescription"].startswith("not applied")
+    assert f"{1 / 0.95**4:.4g} times" in off["BackgroundSuppressionCorrectionDescription"]
+    on = background_suppression_summary(with_bs, 0.95**4, correction=True)
+    assert on["BackgroundSuppressionCorrection"] is True and on["BackgroundSuppressionFactor"] == 0.95**4
+    assert on["BackgroundSuppressionCorrectionDescription"].startswith("applied (background_suppression_correction on)")
+    none = background_suppression_summary([BackgroundSuppression(False, None)], 1.0, correction=True)
+    assert none["BackgroundSuppression"] is False and none["BackgroundSuppressionNumberPulses"] is None
+    assert none["BackgroundSuppressionCorrection"] is False
+    assert none["BackgroundSuppressionCorrectionDescription"].startswith("not applicable")
+    user = background_suppression_summary(with_bs, 0.8, correction=False, user_factor=True)
+    assert user["BackgroundSuppressionFactor"] == 0.8 and "constant alpha_bs" in user["BackgroundSuppressionCorrectionDescription"]
+    pair = background_suppression_summary([BackgroundSuppression(True, 4), BackgroundSuppression(True, 2)], 1.0,
+                                          correction=False)
+    assert pair["BackgroundSuppression"] is True and pair["BackgroundSuppressionNumberPulses"] == [4, 2]
+    unknown = background_suppression_summary([], 1.0, correction=False)
+    assert unknown["BackgroundSuppression"] is None and "does not state" in unknown[
+        "BackgroundSuppressionCorrectionDescription"]
+
+
 # --- validation: one rule at a time ---------------------------------------------------------------
 
 JSON = "sub-01/perf/sub-01_asl.json"
@@ -445,6 +491,47 @@ def test_two_m0_scans_pick_the_matching_phase_encoding(root):
     assert only_series(root).m0scan.entities == {"sub": "01", "dir": "AP"}
     write_json(perf_dir(root, "sub-01") / "sub-01_dir-PA_m0scan.json",
                {"RepetitionTimePreparation": 6.0, "IntendedFor": "perf/sub-01_asl.nii.gz", "PhaseEncodingDirection": "j-"})
+    (problem,) = validate_dataset(root)
+    assert str(problem).startswith(f"{NIFTI}: IntendedFor of several m0scan files names this series")
+
+
+def add_fmap_m0(root: Path, name: str, **fields) -> Path:
+    """Write ``sub-01/fmap/<name>_m0scan.nii.gz`` (a pepolar M0: BIDS requires its dir entity) and its sidecar."""
+    folder = root / "sub-01" / "fmap"
+    write_json(folder / f"{name}_m0scan.json", {"RepetitionTimePreparation": 6.0, **fields})
+    return write_nifti(folder / f"{name}_m0scan.nii.gz", SHAPE)
+
+
+def test_m0_of_a_pepolar_pair_in_fmap(root):
+    # BIDS: an m0scan may be stored in fmap/ (with a dir entity) when the pepolar approach is used
+    add_series(root, M0Type="Separate", PhaseEncodingDirection="j-")
+    target = "bids::sub-01/perf/sub-01_asl.nii.gz"
+    add_fmap_m0(root, "sub-01_dir-PA", IntendedFor=target, PhaseEncodingDirection="j")
+    add_fmap_m0(root, "sub-01_dir-AP", IntendedFor=target, PhaseEncodingDirection="j-")
+    # the image read with the series' phase encoding (distorted as the series is) is its M0
+    assert only_series(root).m0scan.relpath == "sub-01/fmap/sub-01_dir-AP_m0scan.nii.gz"
+    assert validate_dataset(root) == []
+    # an m0scan in perf/ comes first, whatever fmap/ holds
+    add_m0(root, "sub-01_acq-calib", IntendedFor="perf/sub-01_asl.nii.gz", PhaseEncodingDirection="j")
+    assert only_series(root).m0scan.relpath == "sub-01/perf/sub-01_acq-calib_m0scan.nii.gz"
+
+
+def test_fmap_m0_that_names_another_file_is_not_the_m0(root):
+    # bids-examples asl004: the reversed-phase-encoding M0 in fmap/ names the perf/ M0 (distortion correction)
+    add_series(root, M0Type="Separate")
+    add_fmap_m0(root, "sub-01_dir-PA", IntendedFor="perf/sub-01_m0scan.nii.gz", PhaseEncodingDirection="j")
+    assert only_series(root).m0scan is None
+    (problem,) = validate_dataset(root)
+    assert "no m0scan was found" in str(problem) and "fmap/" in str(problem)
+    add_m0(root, "sub-01", PhaseEncodingDirection="j-")
+    assert only_series(root).m0scan.relpath == "sub-01/perf/sub-01_m0scan.nii.gz"
+
+
+def test_two_fmap_m0_alike_are_ambiguous(root):
+    add_series(root, M0Type="Separate", PhaseEncodingDirection="j-")
+    for name in ("sub-01_dir-AP_run-1", "sub-01_dir-AP_run-2"):
+        add_fmap_m0(root, name, IntendedFor="perf/sub-01_asl.nii.gz", PhaseEncodingDirection="j-")
+    assert only_series(root).m0scan is None
     (problem,) = validate_dataset(root)
     assert str(problem).startswith(f"{NIFTI}: IntendedFor of several m0scan files names this series")
 

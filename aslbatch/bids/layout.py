@@ -3,7 +3,7 @@
 A BIDS dataset holds ASL series as ``sub-<label>[/ses-<label>]/perf/*_asl.nii[.gz]``
 with JSON sidecar metadata (merged by the BIDS inheritance principle), an
 ``_aslcontext.tsv`` naming every volume's type, and an M0 image when the sidecar's
-``M0Type`` is Separate. This module finds the sessions and series
+``M0Type`` is Separate (in ``perf/``, or in ``fmap/`` when it is one of a pepolar pair). This module finds the sessions and series
 (:func:`find_sessions`), reads their sidecars, aslcontext and NIfTI headers
 (:func:`read_series`; no image data), finds separate M0 scans and pairs a non-crushed
 series with its crushed twin (:func:`pair_series`). Reading problems are kept in
@@ -277,20 +277,17 @@ def _same_phase_encoding(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return direction is not None and direction == b.get("PhaseEncodingDirection")
 
 
-def _find_m0scan(
-    asl_path: Path, root: Path, entities: Mapping[str, str], meta: Sidecar, cache: dict[Path, Any]
-) -> tuple[M0Scan | None, list[BidsError]]:
-    """The M0 image for a series: the ``_m0scan`` with the same entities in the same folder,
-    else the one whose IntendedFor names the series (ranked by shared entities, then by
-    PhaseEncodingDirection equal to the series'). Returns it (or None) and the problems met."""
-    relpath = _rel(asl_path, root)
-    subject = Path(relpath).parts[0][len("sub-"):]
+def _m0scans_naming(
+    folder: Path, root: Path, relpath: str, subject: str, entities: Mapping[str, str] | None, cache: dict[Path, Any]
+) -> tuple[tuple[M0Scan, list[BidsError]] | None, list[tuple[M0Scan, list[BidsError]]], list[BidsError]]:
+    """The ``_m0scan`` files of ``folder``: the one with exactly ``entities`` (None: no such
+    match is looked for), those whose IntendedFor names the series ``relpath``, and the
+    problems of the others."""
     candidates = sorted(
-        path for extension in NIFTI_EXTENSIONS for path in asl_path.parent.glob(f"*_m0scan{extension}") if path.is_file()
+        path for extension in NIFTI_EXTENSIONS for path in folder.glob(f"*_m0scan{extension}") if path.is_file()
     )
     problems: list[BidsError] = []
     named: list[tuple[M0Scan, list[BidsError]]] = []
-    exact = None
     for path in candidates:
         try:
             m0_entities, _, _ = parse_filename(path.name)
@@ -298,9 +295,8 @@ def _find_m0scan(
             continue
         m0_meta, m0_problems = _read_sidecar(path, root, m0_entities, "m0scan", cache)
         m0 = M0Scan(path, _rel(path, root), m0_entities, m0_meta, None, None)
-        if m0_entities == dict(entities):
-            exact = (m0, m0_problems)
-            break
+        if entities is not None and m0_entities == dict(entities):
+            return (m0, m0_problems), [], problems
         try:
             targets = intended_for(m0_meta, subject)
         except BidsError as exc:
@@ -309,12 +305,34 @@ def _find_m0scan(
         if relpath in targets:
             named.append((m0, m0_problems))
         problems.extend(m0_problems)
-    if exact is None and named:
-        def rank(item: tuple[M0Scan, list[BidsError]]) -> tuple[int, bool]:
-            m0 = item[0]
-            shared = sum(entities.get(key) == label for key, label in m0.entities.items())
-            return shared, _same_phase_encoding(m0.metadata, meta)
+    return None, named, problems
 
+
+def _find_m0scan(
+    asl_path: Path, root: Path, entities: Mapping[str, str], meta: Sidecar, cache: dict[Path, Any]
+) -> tuple[M0Scan | None, list[BidsError]]:
+    """The M0 image for a series: the ``_m0scan`` with the same entities in the same folder,
+    else the one there whose IntendedFor names the series (ranked by shared entities, then by
+    PhaseEncodingDirection equal to the series'), else one in the ``fmap/`` folder beside it
+    whose IntendedFor names the series (BIDS stores an M0 there when it is one of a pepolar
+    pair; ranked by PhaseEncodingDirection equal to the series' first: the image distorted as
+    the series is, then by shared entities). Returns it (or None) and the problems met."""
+    relpath = _rel(asl_path, root)
+    subject = Path(relpath).parts[0][len("sub-"):]
+    exact, named, problems = _m0scans_naming(asl_path.parent, root, relpath, subject, entities, cache)
+
+    in_fmap = exact is None and not named
+    if in_fmap:
+        _, named, fmap_problems = _m0scans_naming(asl_path.parent.parent / "fmap", root, relpath, subject, None, cache)
+        problems.extend(fmap_problems)
+
+    def rank(item: tuple[M0Scan, list[BidsError]]) -> tuple[int, int]:
+        m0 = item[0]
+        shared = sum(entities.get(key) == label for key, label in m0.entities.items())
+        same = int(_same_phase_encoding(m0.metadata, meta))
+        return (same, shared) if in_fmap else (shared, same)
+
+    if exact is None and named:
         named.sort(key=rank, reverse=True)
         if len(named) > 1 and rank(named[0]) == rank(named[1]):
             names = ", ".join(m0.relpath for m0, _ in named)
@@ -402,7 +420,7 @@ def read_series(bids_dir: str | Path, path: str | Path, *, cache: dict[Path, Any
             problems.append(_error(
                 metadata, "M0Type",
                 f"M0Type is Separate but no m0scan was found for {relpath}: expected {expected} "
-                "or an m0scan whose IntendedFor names the series",
+                "or an m0scan (in perf/, or fmap/ for a pepolar pair) whose IntendedFor names the series",
             ))
     return AslSeries(
         path, root, relpath, entities, metadata, aslcontext, volume_types, shape, n_volumes, m0scan, tuple(problems)

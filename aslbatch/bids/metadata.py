@@ -5,7 +5,9 @@ mapping) and returns one checked value, or raises a :class:`BidsError` that name
 file that set the field and the field itself (ASLPrep's habit, ``utils/asl.py``):
 per-volume timing (:func:`post_labeling_delays`, :func:`labeling_durations`,
 :func:`repetition_time_preparation`), the labeling and M0 kinds, vascular crushing,
-slice timing (:func:`slice_offsets`) and the model constants
+slice timing (:func:`slice_offsets`), background suppression
+(:func:`background_suppression`, and what the outputs say of it:
+:func:`background_suppression_summary`) and the model constants
 (:func:`constants_from_metadata`). Nothing here touches the file system.
 
 Units: every time is in seconds (BIDS convention); values above
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import math
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,11 +29,14 @@ from ..protocol import MAX_TIME_S, Constants, ProtocolError
 
 __all__ = [
     "ASL_VOLUME_TYPES",
+    "BackgroundSuppression",
     "BidsError",
     "M0_TYPES",
     "Sidecar",
     "VOLUME_TYPES",
+    "background_suppression",
     "background_suppression_factor",
+    "background_suppression_summary",
     "blood_t1",
     "constants_from_metadata",
     "intended_for",
@@ -379,22 +385,98 @@ def labeling_efficiency(meta: Mapping[str, Any]) -> float:
     return DEFAULT_LABELING_EFFICIENCY[labeling_type(meta)]
 
 
-def background_suppression_factor(meta: Mapping[str, Any]) -> float:
-    """α_BS = 0.95 ** BackgroundSuppressionNumberPulses, 1.0 without background suppression."""
-    enabled = _require(meta, "BackgroundSuppression")
-    if not isinstance(enabled, bool):
+@dataclass(frozen=True)
+class BackgroundSuppression:
+    """Background suppression of a series as its sidecar states it.
+
+    used : BackgroundSuppression (None when the sidecar does not say; BIDS requires it).
+    pulses : BackgroundSuppressionNumberPulses (a whole number >= 0), None when not given
+        or when ``used`` is not True (BIDS defines it only with background suppression).
+    """
+
+    used: bool | None
+    pulses: int | None
+
+    def factor(self) -> float | None:
+        """α_BS = 0.95 ** pulses with background suppression, 1.0 without; None when unknown."""
+        if self.used is False:
+            return 1.0
+        return BS_PULSE_EFFICIENCY**self.pulses if self.pulses is not None else None
+
+
+def background_suppression(meta: Mapping[str, Any]) -> BackgroundSuppression:
+    """BackgroundSuppression and BackgroundSuppressionNumberPulses of a series (see
+    :class:`BackgroundSuppression`); a value of the wrong type raises BidsError."""
+    enabled = meta.get("BackgroundSuppression")
+    if enabled is not None and not isinstance(enabled, bool):
         raise _error(meta, "BackgroundSuppression", f"BackgroundSuppression must be true or false, got {_short(enabled)}")
-    if not enabled:
-        return 1.0
-    pulses = _require(
-        meta, "BackgroundSuppressionNumberPulses", "needed for the background-suppression correction"
-    )
-    if not (isinstance(pulses, int) and not isinstance(pulses, bool) and pulses >= 0):
+    pulses = meta.get("BackgroundSuppressionNumberPulses") if enabled else None
+    if pulses is not None and not (isinstance(pulses, int) and not isinstance(pulses, bool) and pulses >= 0):
         raise _error(
             meta, "BackgroundSuppressionNumberPulses",
             f"BackgroundSuppressionNumberPulses must be a whole number >= 0, got {_short(pulses)}",
         )
-    return BS_PULSE_EFFICIENCY**pulses
+    return BackgroundSuppression(enabled, pulses)
+
+
+def background_suppression_factor(meta: Mapping[str, Any]) -> float:
+    """α_BS = 0.95 ** BackgroundSuppressionNumberPulses, 1.0 without background suppression.
+
+    Both fields are then required: BackgroundSuppression, and the number of pulses when it is true.
+    """
+    _require(meta, "BackgroundSuppression")
+    found = background_suppression(meta)
+    if found.used:
+        _require(meta, "BackgroundSuppressionNumberPulses", "needed for the background-suppression correction")
+    return found.factor()
+
+
+def background_suppression_summary(
+    states: Sequence[BackgroundSuppression], alpha_bs: float, *, correction: bool, user_factor: bool = False
+) -> dict[str, Any]:
+    """What an acquisition's outputs say about background suppression (JSON-ready, BIDS-style keys).
+
+    ``states``: each series' :class:`BackgroundSuppression` (empty: not known); ``alpha_bs``:
+    the α_BS of the model's Constants; ``correction``: the ``background_suppression_correction``
+    setting; ``user_factor``: α_BS was given as the constant ``alpha_bs``. Keys:
+    ``BackgroundSuppression`` and ``BackgroundSuppressionNumberPulses`` as the input states them
+    (None when not stated; a list, one per series, when the series of a pair differ),
+    ``BackgroundSuppressionCorrection`` (α_BS ≠ 1 entered the model), ``BackgroundSuppressionFactor``
+    (α_BS, dimensionless: 0.95 ** pulses when the correction is applied, else 1) and
+    ``BackgroundSuppressionCorrectionDescription`` (one sentence).
+    """
+    def common(values: list[Any]) -> Any:
+        if not values:
+            return None
+        return values[0] if all(v == values[0] for v in values) else values
+
+    used = common([state.used for state in states])
+    pulses = common([state.pulses for state in states])
+    applied = alpha_bs != 1.0
+    if applied and user_factor:
+        text = f"applied: α_BS = {alpha_bs:.4g}, given as the constant alpha_bs, multiplies the labeling efficiency"
+    elif applied:
+        text = (f"applied (background_suppression_correction on): α_BS = {BS_PULSE_EFFICIENCY:g}^{pulses} = "
+                f"{alpha_bs:.4g} ({BS_PULSE_EFFICIENCY:g} per background-suppression pulse) multiplies the "
+                f"labeling efficiency, so CBF is {1 / alpha_bs:.4g} times the uncorrected value")
+    elif used is None:
+        text = "not applied (α_BS = 1): the input does not state BackgroundSuppression"
+    elif used is False:
+        text = "not applicable (α_BS = 1): the acquisition used no background suppression"
+    else:
+        counts = pulses if isinstance(pulses, list) else [pulses]
+        would = ", ".join(f"{1 / BS_PULSE_EFFICIENCY ** n:.4g}" for n in counts if n is not None)
+        text = ("not applied (background_suppression_correction off, the default): α_BS = 1, the label is "
+                "taken as not attenuated by the background-suppression pulses")
+        text += (f"; with the correction ({BS_PULSE_EFFICIENCY:g} per pulse, as ASLPrep applies it) CBF would be "
+                 f"{would} times this" if would else "; the number of pulses is not stated")
+    return {
+        "BackgroundSuppression": used,
+        "BackgroundSuppressionNumberPulses": pulses,
+        "BackgroundSuppressionCorrection": applied,
+        "BackgroundSuppressionFactor": float(alpha_bs),
+        "BackgroundSuppressionCorrectionDescription": text,
+    }
 
 
 def constants_from_metadata(

@@ -25,8 +25,10 @@ from .layout import AslSeries, Session, _rel, find_sessions, pair_series
 from .metadata import (
     ASL_VOLUME_TYPES,
     VOLUME_TYPES,
+    BackgroundSuppression,
     BidsError,
     _error,
+    background_suppression,
     constants_from_metadata,
     labeling_durations,
     labeling_type,
@@ -73,6 +75,8 @@ class SeriesMetadata:
     slice_offsets : per slice along ``slice_axis`` (s), the time after the PLD the slice
         was read (zeros for 3D readouts).
     constants : the model constants from the metadata and the user's overrides.
+    background_suppression : BackgroundSuppression and its number of pulses as the sidecar
+        states them (None where it does not).
     """
 
     volume_types: tuple[str, ...]
@@ -86,6 +90,7 @@ class SeriesMetadata:
     slice_axis: int
     slice_offsets: np.ndarray
     constants: Constants
+    background_suppression: BackgroundSuppression = BackgroundSuppression(None, None)
 
     @property
     def n_volumes(self) -> int:
@@ -164,6 +169,7 @@ def check_series(
     kind = attempt(m0_type, meta)
     crushed = attempt(vascular_crushing, meta)
     attempt(magnetic_field_strength, meta)
+    suppression = attempt(background_suppression, meta)
     constants = attempt(
         constants_from_metadata, meta, overrides, background_suppression_correction=background_suppression_correction
     )
@@ -194,14 +200,14 @@ def check_series(
         estimate = attempt(m0_estimate, meta)
     problems = _unique(problems)
 
-    read = (labeling, kind, crushed, constants, pld, tau, axis, offsets)
+    read = (labeling, kind, crushed, constants, pld, tau, axis, offsets, suppression)
     m0_read = estimate is not None if kind == "Estimate" else repetition_time is not None
     if any(value is None for value in read) or not m0_read or not types or len(types) != n:
         return None, problems
     record = SeriesMetadata(
         volume_types=tuple(types), label_duration=tau, pld=pld, crushed=crushed, labeling_type=labeling,
         m0_type=kind, m0_estimate=estimate, m0_repetition_time=repetition_time, slice_axis=axis,
-        slice_offsets=offsets, constants=constants,
+        slice_offsets=offsets, constants=constants, background_suppression=suppression,
     )
     return record, problems
 
