@@ -35,26 +35,25 @@ class WhitePaperEstimator(Estimator):
         """Only models read at one time (``time_resolved`` False), whose signal is linear in CBF."""
         return not model.time_resolved
 
-    def _gain(self, n: int, slice_offsets: np.ndarray | None) -> np.ndarray:
-        """ΔM/M0t per mL/100 g/min, (n, n_volumes) or (1, n_volumes) without offsets."""
-        gain = self.model.gain[np.newaxis, :]
-        if slice_offsets is None or not np.any(slice_offsets):
-            return gain
-        return gain * np.exp(-slice_offsets / self.model.constants.t1b)[:, np.newaxis]
-
     def _predict(self, signals: np.ndarray, slice_offsets: np.ndarray | None,
                  signal_se: np.ndarray | None = None) -> Estimate:
-        gain = self._gain(signals.shape[0], slice_offsets)
-        norm = np.einsum("ij,ij->i", np.broadcast_to(gain, signals.shape), np.broadcast_to(gain, signals.shape))
-        invalid = ~np.isfinite(signals).all(axis=1) | ~np.any(signals, axis=1)
-        with np.errstate(invalid="ignore"):
-            cbf = np.einsum("ij,ij->i", signals, np.broadcast_to(gain, signals.shape)) / norm
-            rss = np.einsum("ij,ij->i", *(signals - cbf[:, np.newaxis] * gain,) * 2)
+        # a voxel read δ s late has gain g e^(−δ/T1b): a factor k per voxel on one gain vector g,
+        # so cbf = (y·g) / (k |g|²) and rss = |y|² − (y·g)²/|g|² (independent of k); one volume
+        # (the usual single-delay series after averaging) fits exactly: rss 0, two passes in all
+        gain = self.model.gain
+        norm = float(gain @ gain)
+        one = signals.shape[1] == 1
+        projection = signals[:, 0] * gain[0] if one else signals @ gain
+        scale = norm if slice_offsets is None else norm * np.exp(-slice_offsets / self.model.constants.t1b)
+        with np.errstate(invalid="ignore", over="ignore"):
+            cbf = np.divide(projection, scale, out=projection)
+            rss = np.zeros(signals.shape[0]) if one else np.maximum(
+                np.einsum("ij,ij->i", signals, signals) - cbf * cbf * (scale * scale / norm), 0.0)
+        invalid = ~np.isfinite(cbf) | ~signals.any(axis=1)
         cbf[invalid] = np.nan
         stderr = None
         if signal_se is not None and np.isfinite(signal_se).any():
-            weighted = np.broadcast_to(gain, signals.shape) * signal_se
-            stderr = (np.sqrt(np.einsum("ij,ij->i", weighted, weighted)) / norm)[:, np.newaxis]
+            stderr = (np.sqrt((signal_se * signal_se) @ (gain * gain)) / scale)[:, np.newaxis]
             stderr[invalid] = np.nan
         status = np.where(invalid, Status.INVALID_INPUT, Status.CONVERGED).astype(np.int8)
         return Estimate(cbf[:, np.newaxis], status, stderr, rss, self.model.param_names, self.name)
