@@ -43,7 +43,7 @@ __all__ = [
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 #: the kinetic models a user can ask for: ``auto`` lets :func:`aslbatch.identify.choose_model` decide
-MODELS = ("auto", "1c", "2c")
+MODELS = ("auto", "1c", "2c", "pasl")
 
 
 # --- files --------------------------------------------------------------------------------

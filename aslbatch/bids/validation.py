@@ -28,7 +28,7 @@ from .metadata import (
     BidsError,
     _error,
     constants_from_metadata,
-    labeling_durations,
+    label_durations,
     labeling_type,
     m0_estimate,
     m0_type,
@@ -59,10 +59,12 @@ class SeriesMetadata:
     Attributes
     ----------
     volume_types : the aslcontext ``volume_type`` of every volume.
-    label_duration : τ per volume (s), float64 ``(n_volumes,)``.
-    pld : PostLabelingDelay per volume (s), float64 ``(n_volumes,)``.
+    label_duration : τ per volume (s), float64 ``(n_volumes,)``: LabelingDuration for (P)CASL,
+        the bolus duration τ_b on every volume for PASL.
+    pld : PostLabelingDelay per volume (s), float64 ``(n_volumes,)``: the PLD for (P)CASL, the
+        inversion time TI for PASL (there the readout time is ``pld``, not τ + PLD).
     crushed : VascularCrushing of the series.
-    labeling_type : ``"PCASL"`` or ``"CASL"``.
+    labeling_type : ``"PCASL"``, ``"CASL"`` or ``"PASL"``.
     m0_type : ``"Separate"``, ``"Included"`` or ``"Estimate"``.
     m0_estimate : M0Estimate (the M0 of blood, scanner units) for Estimate, else None.
     m0_repetition_time : RepetitionTimePreparation (s) of the M0 volumes, None for Estimate.
@@ -135,6 +137,7 @@ def check_series(
     *,
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> tuple[SeriesMetadata | None, list[BidsError]]:
     """Read and check a series' metadata once: its :class:`SeriesMetadata` and every problem.
 
@@ -145,7 +148,9 @@ def check_series(
     not enter it (e.g. unpaired control volumes, or a missing MagneticFieldStrength when
     ``overrides`` give t1b). ``overrides`` and ``background_suppression_correction`` are
     those of :func:`~aslbatch.bids.metadata.constants_from_metadata`; invalid overrides
-    (the user's settings, not the data) raise ProtocolError.
+    (the user's settings, not the data) raise ProtocolError. ``bolus_duration`` (s): the
+    user's PASL bolus duration, which wins over the sidecar's
+    (:func:`~aslbatch.bids.metadata.bolus_duration`); unused for (P)CASL.
     """
     problems = list(series.problems)
     meta, n = series.metadata, series.n_volumes
@@ -169,7 +174,7 @@ def check_series(
     types = series.volume_types
     if n is not None:
         pld = attempt(post_labeling_delays, meta, n)
-        tau = attempt(labeling_durations, meta, n)
+        tau = attempt(label_durations, meta, n, bolus_duration)
         attempt(repetition_time_preparation, meta, n)
         axis = attempt(slice_axis, meta)
         if axis is not None and series.shape is not None:
@@ -208,11 +213,13 @@ def series_metadata(
     *,
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> SeriesMetadata:
     """The :class:`SeriesMetadata` of :func:`check_series`; its first problem (BidsError)
     when the record cannot be read."""
     record, problems = check_series(
-        series, overrides=overrides, background_suppression_correction=background_suppression_correction
+        series, overrides=overrides, background_suppression_correction=background_suppression_correction,
+        bolus_duration=bolus_duration,
     )
     if record is None:
         raise problems[0] if problems else BidsError("metadata cannot be read", path=series.relpath)
@@ -224,10 +231,12 @@ def validate_series(
     *,
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> list[BidsError]:
     """Every problem of one series (:func:`check_series` without the record)."""
     return check_series(
-        series, overrides=overrides, background_suppression_correction=background_suppression_correction
+        series, overrides=overrides, background_suppression_correction=background_suppression_correction,
+        bolus_duration=bolus_duration,
     )[1]
 
 
@@ -264,13 +273,15 @@ def validate_session(
     model: str = "auto",
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> list[BidsError]:
     """Every problem of a session's series, plus those of grouping them for ``model``."""
     problems: list[BidsError] = []
     records = {}
     for series in session.series:
         record, series_problems = check_series(
-            series, overrides=overrides, background_suppression_correction=background_suppression_correction
+            series, overrides=overrides, background_suppression_correction=background_suppression_correction,
+            bolus_duration=bolus_duration,
         )
         records[series.relpath] = None if series_problems else record
         problems.extend(series_problems)
@@ -312,6 +323,7 @@ def validate_dataset(
     model: str = "auto",
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> list[BidsError]:
     """Every input problem in a dataset (empty when it is ready to process).
 
@@ -320,7 +332,7 @@ def validate_dataset(
     required fields, per-volume lengths and units, the M0 by M0Type (including a
     missing m0scan for Separate), and, with ``model="2c"``, series left unpaired.
     ``overrides`` and ``background_suppression_correction`` are those of
-    :func:`constants_from_metadata`.
+    :func:`constants_from_metadata`, ``bolus_duration`` that of :func:`check_series`.
     """
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
@@ -337,6 +349,6 @@ def validate_dataset(
     for session in sessions:
         problems.extend(validate_session(
             session, model=model, overrides=overrides,
-            background_suppression_correction=background_suppression_correction,
+            background_suppression_correction=background_suppression_correction, bolus_duration=bolus_duration,
         ))
     return _unique(problems)
