@@ -20,7 +20,7 @@ from aslbatch.atomic import stale_temporaries
 from aslbatch.bench import (ROUGH_TRAINING_SAMPLES_PER_S, _config, coarse_start, expected_seconds, run_bench,
                             scipy_loop, thread_limit)
 
-MODELS = ("1c", "2c")
+MODELS = ("1c", "2c", "pasl")  # every registered model: the bench's default
 METHODS = ("lm", "lut", "supervised", "unsupervised")
 SIZES = (200, 1000)
 THREADS = tuple(t for t in (1, 2) if t <= numba.config.NUMBA_NUM_THREADS)
@@ -101,7 +101,7 @@ def test_batch_split_adds_up(bench):
 def test_markdown_lists_every_method_and_section(bench):
     out, _, data = bench
     text = (out / "bench.md").read_text(encoding="utf-8")
-    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(("| 1c |", "| 2c |"))]
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith(tuple(f"| {m} |" for m in MODELS))]
     listed = {(cells[0].strip(), cells[1].strip()) for cells in rows}
     assert set(itertools.product(MODELS, METHODS)) <= listed
     for heading in ("## Throughput", "## Training", "## Batch"):
