@@ -5,9 +5,9 @@ A slab of blood is inverted at t = 0 and the bolus is cut to a duration τ_b (BI
 ``BolusCutOffDelayTime``); the readout time is t = TI (BIDS ``PostLabelingDelay`` for PASL).
 The protocol of a PASL model therefore holds τ_b as ``label_duration`` and TI as ``pld``;
 its per-volume table has TIME = TI and PLD = TI − τ_b (the readout's delay after the bolus
-end, where the signal has its second kink: Levenberg–Marquardt's kink handling reads it). With f = cbf/6000, 1/T1' the tissue relaxation rate
-(T1b, or Buxton's 1/T1t + f/λ), k = 1/T1' − 1/T1b and t_hi = min(t, att + τ_b)
-(ASL_MODELS.md, PASL):
+end, where the signal has its second kink: Levenberg–Marquardt's kink handling reads it).
+With f = cbf/6000, 1/T1' the tissue relaxation rate (T1b, or Buxton's 1/T1t + f/λ),
+k = 1/T1' − 1/T1b and t_hi = min(t, att + τ_b) (ASL_MODELS.md, PASL):
 
     ΔM/M0t = 0                                                     t < att
            = (2 α α_BS f / λ) e^(−t/T1') (e^(k t_hi) − e^(k att)) / k   t ≥ att
@@ -153,8 +153,9 @@ class PulsedModel(KineticModel):
     #: the white paper's PASL labeling efficiency (Alsop 2015), when no constants are given
     default_alpha = 0.98
     # the short bolus read every 0.3 s gives the cost several local minima in att: from a 0.1 s
-    # start grid LM reached the multi-start scipy optimum in 92-98 % of voxels at SNR 3-10, from
-    # 0.025 s in 98.5-100 % (tests/test_pasl_estimators.py), for ~25 % of its speed
+    # start grid LM reached the optimum of the multi-start scipy oracle of
+    # tests/test_pasl_estimators.py in 92-98 % of 200 voxels at SNR 3-10, from 0.025 s in
+    # 98.5-100 %, for about a quarter of its voxels/s
     lm_grid_step_s = 0.025
     kernel_id = 2  # aslbatch.models.kernels.PULSED
     _batch_kernel = staticmethod(batch_pasl)
