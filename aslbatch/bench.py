@@ -251,7 +251,8 @@ def _batch(name: str, cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     raw = write_bids_dataset(work / f"raw-{name}", subjects=sessions, model=phantom, snr=SNR, seed=cfg["seed"],
                              shape=shape, repeats=BATCH_REPEATS, groundtruth_dir=work / f"truth-{name}",
                              protocol=protocol)
-    out, settings = work / f"out-{name}", Settings(methods=("lm",))
+    # the model named, not "auto": the phantom is written for it
+    out, settings = work / f"out-{name}", Settings(methods=("lm",), model=name)
     with thread_limit(threads):  # run_batch sets the numba and BLAS threads of this process
         run_batch(raw, out, settings, jobs=1, threads=threads)
         report = run_batch(raw, out, settings, jobs=1, threads=threads, force=True)
@@ -365,9 +366,10 @@ def machine_info() -> dict[str, Any]:
 #: FULL's grid (each run twice), and start-up (imports, numba cache loads, simulation)
 ROUGH_VOXELS_PER_S = {"1c": {"lm": 3.0e6, "lut": 2.9e6, "network": 4.3e6},
                       "2c": {"lm": 4.5e5, "lut": 3.1e5, "network": 2.3e6},
+                      "pasl": {"lm": 1.8e6, "lut": 2.3e6, "network": 3.2e6},
                       "single": {"whitepaper": 3.0e7}}
-ROUGH_SCIPY_PER_S = {"1c": 2500.0, "2c": 1500.0, "single": 4000.0}
-ROUGH_TRAINING_SAMPLES_PER_S = {"1c": 1.5e6, "2c": 8e5}
+ROUGH_SCIPY_PER_S = {"1c": 2500.0, "2c": 1500.0, "pasl": 2800.0, "single": 4000.0}
+ROUGH_TRAINING_SAMPLES_PER_S = {"1c": 1.5e6, "2c": 8e5, "pasl": 1.5e6}
 ROUGH_EARLY_STOPPING_EPOCHS = 40
 ROUGH_SESSION_S = 1.5
 ROUGH_FIXED_S = 20.0

@@ -128,7 +128,7 @@ def simulate(
     clean and noisy signals, sigma, snr, group, the protocol and constants.
     """
     from .models import get_model
-    from .protocol import Constants, ProtocolError
+    from .protocol import ProtocolError
     from .simulate import set_summary
     from .simulate import simulate as run_simulation
 
@@ -136,7 +136,7 @@ def simulate(
         fail(f"--snr must be > 0, got {snr}")
     prot = _load_protocol(protocol, model.value)
     try:
-        constants = Constants(t1_prime=t1_prime.value)
+        constants = MODELS[model.value].default_constants(t1_prime=t1_prime.value)
         kinetic = get_model(model.value, prot, constants, **_edge_option(model.value, arterial_edge_s))
     except (ProtocolError, ValueError) as exc:
         fail(str(exc))
@@ -221,7 +221,7 @@ def _network_or_fit(method: str, model, network: Optional[Path], cache_dir: Opti
 
 def _read_config(path: Path) -> dict:
     """Settings from a TOML file: the keys of :class:`aslbatch.pipeline.Settings`
-    (``methods``, ``model``, ``background_suppression_correction``, ``arterial_edge_s``),
+    (``methods``, ``model``, ``background_suppression_correction``, ``arterial_edge_s``, ``bolus_duration``),
     ``participant_label``, ``cache_dir``, ``report``, a ``[constants]`` table (Constants fields),
     ``[method_options.<method>]`` tables and a ``[networks]`` table (method = file)."""
     try:
@@ -236,7 +236,7 @@ def _read_config(path: Path) -> dict:
     except tomllib.TOMLDecodeError as exc:
         fail(f"{path}: not valid TOML ({exc})")
     known = {"methods", "model", "participant_label", "constants", "background_suppression_correction",
-             "arterial_edge_s", "method_options", "mask", "networks", "cache_dir", "report"}
+             "arterial_edge_s", "bolus_duration", "method_options", "mask", "networks", "cache_dir", "report"}
     unknown = set(data) - known
     if unknown:
         fail(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -257,6 +257,7 @@ def run(
     partition_coefficient: Annotated[Optional[float], typer.Option(help="λ (mL/g); default 0.9.")] = None,
     background_suppression_correction: Annotated[Optional[bool], typer.Option(help="α_BS = 0.95 per pulse (default off).")] = None,
     arterial_edge_s: Annotated[Optional[float], typer.Option(help="2c: smoothed arterial window (s); 0 = hard edges.")] = None,
+    bolus_duration: Annotated[Optional[float], typer.Option(help="PASL: bolus duration (s) instead of the sidecar's first BolusCutOffDelayTime; needed for PASL without bolus cut-off.")] = None,
     mask: Annotated[Optional[str], typer.Option(help="Brain mask NIfTI instead of the one from M0; {subject} and {session} are filled in.")] = None,
     jobs: Annotated[int, typer.Option(min=1, help="Sessions processed at once, in worker processes.")] = 1,
     threads: Annotated[Optional[int], typer.Option(min=1, help="Numba threads per job (default: cores / jobs).")] = None,
@@ -309,6 +310,7 @@ def run(
                                                if background_suppression_correction is not None
                                                else bool(cfg.get("background_suppression_correction", False))),
             arterial_edge_s=arterial_edge_s if arterial_edge_s is not None else float(cfg.get("arterial_edge_s", 0.0)),
+            bolus_duration=bolus_duration if bolus_duration is not None else cfg.get("bolus_duration"),
             method_options=cfg.get("method_options", {}),
             mask=mask if mask is not None else cfg.get("mask"),
             networks=networks,
@@ -348,7 +350,7 @@ def _training_model(model: ModelName, protocol: Optional[list[Path]], t1_prime: 
     from .bids import BidsError
     from .models import get_model
     from .preprocess import protocol_from_sidecars
-    from .protocol import Constants, ProtocolError
+    from .protocol import ProtocolError
 
     files = protocol or []
     offsets: tuple[float, ...] = ()
@@ -361,7 +363,7 @@ def _training_model(model: ModelName, protocol: Optional[list[Path]], t1_prime: 
             fail("give one protocol JSON, or the *_asl.json sidecar(s) of one acquisition")
         else:
             prot = _load_protocol(files[0] if files else None, model.value)
-            constants = Constants(t1_prime=t1_prime.value)
+            constants = MODELS[model.value].default_constants(t1_prime=t1_prime.value)
         return get_model(model.value, prot, constants, **_edge_option(model.value, arterial_edge_s)), offsets
     except (BidsError, ProtocolError, ValueError) as exc:
         fail(str(exc))
@@ -465,14 +467,14 @@ def evaluate(
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option("--out", help="Folder of bench.json, bench.md and bench.png.")] = Path("aslbatch-bench"),
-    model: Annotated[Optional[list[ModelName]], typer.Option(help="Models (repeatable; default 1c and 2c).")] = None,
+    model: Annotated[Optional[list[ModelName]], typer.Option(help="Models (repeatable; default every model: 1c, 2c and pasl).")] = None,
     method: Annotated[Optional[list[MethodName]], typer.Option(help="Methods (repeatable; default all).")] = None,
     threads: Annotated[Optional[list[int]], typer.Option(help="Thread counts (repeatable; default 1 and 2).")] = None,
     quick: Annotated[bool, typer.Option(help="Small sizes, for a smoke test (under a minute on 2 cores).")] = False,
     early_stopping: Annotated[bool, typer.Option(help="Train each network to early stopping (the whole training: several minutes more) instead of 3 epochs.")] = False,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the data, networks and phantoms.")] = 0,
 ) -> None:
-    """Throughput of every method (voxels/s, 10^3 to 10^6 voxels, 1C and 2C, 1 and 2 threads)
+    """Throughput of every method (voxels/s, 10^3 to 10^6 voxels, every model, 1 and 2 threads)
     beside a per-voxel scipy least_squares loop, network training speed (3 epochs of 10^6
     samples), and per-session batch time split into I/O, preprocessing, estimation and report.
     States its expected duration (about 3 minutes on 2 cores) before it starts."""
@@ -493,6 +495,7 @@ def validate(
     bids_dir: Annotated[Path, typer.Argument(help="The raw BIDS dataset.")],
     participant_label: Annotated[Optional[list[str]], typer.Option(help="Check only these subjects (repeatable).")] = None,
     model: Annotated[ModelChoice, typer.Option(help="The model the run would use.")] = ModelChoice["auto"],
+    bolus_duration: Annotated[Optional[float], typer.Option(help="PASL: the bolus duration (s) the run would be given (--bolus-duration).")] = None,
 ) -> None:
     """Check a BIDS ASL dataset and print, per acquisition, the model and the parameters a run
     would estimate (or that it is refused), then every problem found, without processing anything.
@@ -500,9 +503,13 @@ def validate(
     Exit codes: 0 no problem; 1 problems found; 2 usage error (e.g. no such folder).
     """
     from . import bids
+    from .protocol import MAX_TIME_S
 
+    if bolus_duration is not None and not 0 < bolus_duration <= MAX_TIME_S:
+        fail(f"--bolus-duration must be a time in seconds in (0, {MAX_TIME_S:g}], got {bolus_duration!r}")
     try:
-        problems, verdicts = bids.inspect_dataset(bids_dir, participant_label, model=model.value)
+        problems, verdicts = bids.inspect_dataset(bids_dir, participant_label, model=model.value,
+                                                  bolus_duration=bolus_duration)
     except bids.BidsError as exc:
         fail(str(exc))
     for verdict in verdicts:
@@ -522,7 +529,7 @@ def validate(
 def simulate_dataset(
     out_dir: Annotated[Path, typer.Argument(help="Folder of the new BIDS dataset (must be empty or absent).")],
     subjects: Annotated[int, typer.Option(min=1, help="Number of subjects.")] = 2,
-    model: Annotated[ModelName, typer.Option(help="1c: one multi-PLD series; 2c: a non-crushed + DANTE pair; single: one single-PLD series (PLD 1.8 s).")] = ModelName["1c"],
+    model: Annotated[ModelName, typer.Option(help="1c: one multi-PLD series; 2c: a non-crushed + DANTE pair; pasl: one multi-TI FAIR Q2TIPS series; single: one single-PLD series (PLD 1.8 s).")] = ModelName["1c"],
     snr: Annotated[float, typer.Option(help="SNR of ΔM/M0t (S_ref / σ, ASL_MODELS.md).")] = 10.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     noise: Annotated[NoiseName, typer.Option(help="Noise of the magnitude images.")] = NoiseName.rician,

@@ -113,6 +113,11 @@ READOUT_S = 0.7
 FIELD_STRENGTH_T = 3
 MANUFACTURER = "aslbatch (digital phantom)"
 PULSE_SEQUENCE_DETAILS = "simulated sequential multi-delay PCASL, aslbatch.phantom"
+PASL_SEQUENCE_DETAILS = "simulated multi-TI FAIR PASL with Q2TIPS bolus cut-off, aslbatch.phantom"
+#: Q2TIPS saturates the labeled slab from τ_b to τ_b + this (s): BIDS example asl003 gives [0.7, 1.6]
+Q2TIPS_TRAIN_S = 0.9
+#: the models a phantom can be written for
+PHANTOM_MODELS = ("1c", "2c", "pasl")
 M0_SIDECAR = {"Units": "arbitrary units", "Description": "tissue M0 (M0t) without noise: the m0scan images are this plus noise"}
 
 
@@ -235,7 +240,8 @@ def make_phantom(
     voxel_size_mm: float = VOXEL_SIZE_MM,
     prolonged_transit: bool = True,
 ) -> Phantom:
-    """A brain-like phantom with ground-truth maps for ``model`` (``"1c"`` or ``"2c"``).
+    """A brain-like phantom with ground-truth maps for ``model`` (``"1c"``, ``"2c"`` or ``"pasl"``,
+    whose maps are the 1C phantom's: cbf and att).
 
     Geometry (world mm, grid centre at 0): an ellipsoidal brain (semi-axes about
     0.43, 0.45 and 0.8 of the grid's extent, the last larger than the slab so that
@@ -259,8 +265,8 @@ def make_phantom(
     the same phantom; for one seed, the 1C and 2C phantoms share cbf, att, m0 and
     the geometry. ``seed`` is an int or a sequence of ints (numpy ``default_rng``).
     """
-    if model not in ("1c", "2c"):
-        raise ValueError(f"model must be '1c' or '2c', got {model!r}")
+    if model not in PHANTOM_MODELS:
+        raise ValueError(f"model must be one of {PHANTOM_MODELS}, got {model!r}")
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be 3 positive ints, got {shape}")
@@ -385,7 +391,7 @@ def _series_plan(model: str, protocol: Protocol) -> list[tuple[str | None, np.nd
             raise ValueError("model 2c needs a protocol with both non-crushed and crushed volumes")
         return [(ACQ_LABELS[flag], idx, flag) for flag, idx in parts]
     if len(parts) != 1:
-        raise ValueError("model 1c needs a protocol whose volumes are all crushed or all non-crushed")
+        raise ValueError(f"model {model} needs a protocol whose volumes are all crushed or all non-crushed")
     flag, idx = parts[0]
     return [(None, idx, flag)]
 
@@ -440,7 +446,9 @@ def write_bids_dataset(
     subjects : number of subjects ``sub-01`` … ; subject k (0-based) is
         ``make_phantom(shape, model, seed=(seed, k))``.
     model : ``"1c"``: one series per subject (the default 1C protocol, PLD 1.0–3.0 s,
-        τ 1.8 s). ``"2c"``: two series, ``acq-nocrush`` (the protocol's non-crushed
+        τ 1.8 s). ``"pasl"``: one multi-TI FAIR Q2TIPS series (the default PASL protocol:
+        PostLabelingDelay = TI, BolusCutOffDelayTime [τ_b, τ_b + 0.9 s]).
+        ``"2c"``: two series, ``acq-nocrush`` (the protocol's non-crushed
         volumes) and ``acq-dante`` (its crushed volumes, VascularCrushing true),
         which :func:`aslbatch.identify.group_acquisitions` pairs into one 2C acquisition.
     snr : S_ref / σ of ΔM/M0t after averaging the repeats (module docstring); ``inf``: no noise.
@@ -476,8 +484,9 @@ def write_bids_dataset(
     (float32 weight of the delayed territory). Sessions share their subject's truth.
     """
     models = [model] * int(subjects) if isinstance(model, str) else [str(m) for m in model]
-    if len(models) != subjects or not all(m in ("1c", "2c") for m in models):
-        raise ValueError(f"model must be '1c' or '2c', or one of them per subject ({subjects}), got {model!r}")
+    if len(models) != subjects or not all(m in PHANTOM_MODELS for m in models):
+        raise ValueError(f"model must be one of {PHANTOM_MODELS}, or one of them per subject ({subjects}), "
+                         f"got {model!r}")
     if protocol is not None and len(set(models)) > 1:
         raise ValueError("a protocol can only be given when every subject has the same model")
     model = models[0]  # the dataset-level description names the first subject's model
@@ -505,13 +514,14 @@ def write_bids_dataset(
     if len(set(session_labels)) != len(session_labels):
         raise ValueError(f"sessions must be distinct, got {sessions!r}")
 
-    constants = Constants()  # what aslbatch.bids derives from the sidecars written below
+    # what aslbatch.bids derives from the sidecars written below (α 0.98 for PASL)
+    constants = MODELS[model].default_constants()
     given_protocol = protocol
 
     def acquisition(name: str) -> tuple[Protocol, KineticModel, list, float, float]:
         """Protocol, model, series plan, σ and S_ref of a subject with model ``name``."""
         prot = given_protocol if given_protocol is not None else default_protocol(name)
-        kin = get_model(name, prot, constants)
+        kin = get_model(name, prot, MODELS[name].default_constants())
         return prot, kin, _series_plan(name, prot), (0.0 if snr == math.inf else float(noise_sigma(kin, snr))), \
             reference_signal_level(kin)
 
@@ -563,8 +573,8 @@ def write_bids_dataset(
             _write_session(
                 root, label, session, phantom, delta, sub_protocol, sub_plan,
                 sigma=sub_sigma, noise=noise, m0_type=m0_type, repeats=repeats, m0_volumes=m0_volumes,
-                dtype=np.dtype(dtype), seed_key=(seed, k, s_index), constants=constants,
-                slice_timing=slice_timing,
+                dtype=np.dtype(dtype), seed_key=(seed, k, s_index), constants=sub_kinetic.constants,
+                slice_timing=slice_timing, pulsed=models[k] == "pasl",
             )
 
     _write_json(truth_root / "groundtruth.json", {
@@ -649,8 +659,10 @@ def _write_session(
     seed_key: tuple[int, int, int],
     constants: Constants,
     slice_timing: Sequence[float] | None = None,
+    pulsed: bool = False,
 ) -> None:
-    """The ASL series (and m0scan) of one subject and session."""
+    """The ASL series (and m0scan) of one subject and session; ``pulsed``: PASL, whose protocol
+    holds the bolus duration as τ and TI as PLD."""
     subject_dir = root / f"sub-{label}"
     folder = (subject_dir / f"ses-{session}" if session is not None else subject_dir) / "perf"
     stem = f"sub-{label}" + (f"_ses-{session}" if session is not None else "")
@@ -662,7 +674,8 @@ def _write_session(
         name = stem + (f"_acq-{acq}" if acq else "")
         tau = protocol.label_duration[idx]
         pld = protocol.pld[idx]
-        baseline = -np.expm1(-(tau + pld) / constants.t1t)  # control / M0t: saturation recovery since labeling began
+        readout = pld if pulsed else tau + pld
+        baseline = -np.expm1(-readout / constants.t1t)  # control / M0t: saturation recovery since labeling began
         control = m0t[..., None] * baseline
         label_img = control - m0t[..., None] * delta[..., idx]
         # volume order: [M0 ...], then per repeat, per PLD: control, label
@@ -671,7 +684,7 @@ def _write_session(
         types = ["control", "label"] * (idx.size * repeats)
         vol_pld = np.repeat(pld, 2).tolist() * repeats
         vol_tau = np.repeat(tau, 2).tolist() * repeats
-        tr_asl = math.ceil(round((float((tau + pld).max()) + READOUT_S) * 10.0, 6)) / 10.0
+        tr_asl = math.ceil(round((float(readout.max()) + READOUT_S) * 10.0, 6)) / 10.0
         vol_tr: list[float] = [tr_asl] * len(types)
         if m0_type == "Included":
             volumes.insert(0, np.repeat(m0t[..., None], m0_volumes, axis=-1))
@@ -686,11 +699,16 @@ def _write_session(
         data = _noisy(clean, sigma_img, noise, rng).astype(dtype)
         _write_nifti(folder / f"{name}_asl.nii.gz", data, phantom.affine, tr_s=tr_asl)
         _write_text(folder / f"{name}_aslcontext.tsv", "volume_type\n" + "".join(f"{t}\n" for t in types))
+        if pulsed:
+            tau_b = float(tau[0])
+            labeling = {"ArterialSpinLabelingType": "PASL", "PASLType": "FAIR", "BolusCutOffFlag": True,
+                        "BolusCutOffTechnique": "Q2TIPS", "BolusCutOffDelayTime": [tau_b, tau_b + Q2TIPS_TRAIN_S]}
+        else:
+            labeling = {"ArterialSpinLabelingType": "PCASL", "PCASLType": "balanced"}
         _write_json(folder / f"{name}_asl.json", {
-            "ArterialSpinLabelingType": "PCASL",
-            "PCASLType": "balanced",
+            **labeling,
             **_readout(slice_timing),
-            "PulseSequenceDetails": PULSE_SEQUENCE_DETAILS,
+            "PulseSequenceDetails": PASL_SEQUENCE_DETAILS if pulsed else PULSE_SEQUENCE_DETAILS,
             "Manufacturer": MANUFACTURER,
             "MagneticFieldStrength": FIELD_STRENGTH_T,
             "EchoTime": ECHO_TIME_S,
@@ -698,7 +716,7 @@ def _write_session(
             "RepetitionTimePreparation": vol_tr if m0_type == "Included" else tr_asl,
             "M0Type": m0_type,
             "PostLabelingDelay": [float(v) for v in vol_pld],
-            "LabelingDuration": [float(v) for v in vol_tau],
+            **({} if pulsed else {"LabelingDuration": [float(v) for v in vol_tau]}),
             "BackgroundSuppression": False,
             "VascularCrushing": bool(crushed),
             "LabelingEfficiency": constants.alpha,

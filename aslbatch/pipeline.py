@@ -25,7 +25,7 @@ from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator, served_m
 from .identify import decide, group_acquisitions
 from .models import MODELS, KineticModel, get_model
 from .preprocess import PreparedData, prepare_acquisition
-from .protocol import Constants
+from .protocol import MAX_TIME_S, Constants
 
 __all__ = ["AcquisitionResult", "InputDigests", "Settings", "estimate_maps", "hash_inputs",
            "network_estimator", "process_acquisition", "process_session", "provenance_options", "write_report"]
@@ -43,6 +43,8 @@ class Settings:
     constants : overrides of :class:`~aslbatch.protocol.Constants` fields (their units).
     background_suppression_correction : apply α_BS = 0.95 per pulse (ASL_MODELS.md: off).
     arterial_edge_s : the 2C model's smoothed arterial window (s); 0 = hard edges.
+    bolus_duration : PASL bolus duration τ_b (s) instead of the sidecars' BolusCutOffDelayTime;
+        the only way to quantify PASL without a bolus cut-off. None: from the sidecars.
     method_options : ``{method: {option: value}}`` passed to the estimators.
     mask : a brain mask NIfTI for every acquisition instead of the one computed from M0; a
         path template where ``{subject}`` and ``{session}`` (empty without sessions) are
@@ -60,6 +62,7 @@ class Settings:
     constants: Mapping[str, Any] = field(default_factory=dict)
     background_suppression_correction: bool = False
     arterial_edge_s: float = 0.0
+    bolus_duration: float | None = None
     method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     mask: str | None = None
     networks: Mapping[str, str] = field(default_factory=dict)
@@ -79,6 +82,11 @@ class Settings:
             raise ValueError(f"unknown constant(s) {sorted(unknown_constants)}; "
                              f"known: {sorted(Constants.__dataclass_fields__)}")
         Constants(**self.constants)  # each value checked, with a message naming the field
+        if self.bolus_duration is not None and not (isinstance(self.bolus_duration, (int, float))
+                                                    and not isinstance(self.bolus_duration, bool)
+                                                    and 0 < self.bolus_duration <= MAX_TIME_S):
+            raise ValueError(f"bolus_duration must be a time in seconds in (0, {MAX_TIME_S:g}], "
+                             f"got {self.bolus_duration!r}")
         if self.model != "auto" and self.model not in MODELS:
             raise ValueError(f"model must be auto or one of {list(MODELS)}, got {self.model!r}")
         unknown = set(self.method_options) - set(self.methods)
@@ -100,6 +108,7 @@ class Settings:
             "constants": dict(self.constants),
             "background_suppression_correction": self.background_suppression_correction,
             "arterial_edge_s": self.arterial_edge_s,
+            "bolus_duration": self.bolus_duration,
             "method_options": {k: dict(v) for k, v in self.method_options.items()},
             "mask": self.mask,
             "networks": {m: {"path": str(p), "sha256": sha256_file(p)} for m, p in sorted(self.networks.items())},
@@ -258,7 +267,8 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     for series in acquisition.series:
         record, series_problems = bids.check_series(
             series, overrides=settings.constants,
-            background_suppression_correction=settings.background_suppression_correction)
+            background_suppression_correction=settings.background_suppression_correction,
+            bolus_duration=settings.bolus_duration)
         records.append(record)
         problems.extend(series_problems)
     if problems:

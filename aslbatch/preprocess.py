@@ -621,6 +621,22 @@ def _check_pair(first: _SeriesDeltaM, other: _SeriesDeltaM) -> None:
 # --- the acquisition --------------------------------------------------------------------------
 
 
+def _check_labeling(acquisition: Acquisition, metadata: Sequence[SeriesMetadata]) -> None:
+    """PASL data go to the PASL model and only they do: the protocol's times mean different
+    things (PASL: ``pld`` is TI, the readout time; (P)CASL: the readout is at τ + PLD). The
+    single-delay model serves both: its ``labeling`` option is decided from the same records
+    (:func:`aslbatch.identify.decide`)."""
+    for series, record in zip(acquisition.series, metadata):
+        pulsed = record.labeling_type == "PASL"
+        if acquisition.model != "single" and pulsed != (acquisition.model == "pasl"):
+            raise BidsError(
+                f"ArterialSpinLabelingType is {record.labeling_type} but the acquisition was given the "
+                f"{acquisition.model} model; " + ("PASL data need the pasl model" if pulsed else
+                                                   "the pasl model describes PASL data only"),
+                path=series.metadata.source("ArterialSpinLabelingType"), field="ArterialSpinLabelingType",
+            )
+
+
 def prepare_acquisition(
     acquisition: Acquisition,
     metadata: Sequence[SeriesMetadata] | None = None,
@@ -628,6 +644,7 @@ def prepare_acquisition(
     overrides: Mapping[str, Any] | None = None,
     mask_path: str | Path | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> PreparedData:
     """Signals (ΔM/M0t), protocol, mask and constants of one acquisition (see the module doc).
 
@@ -636,8 +653,8 @@ def prepare_acquisition(
     once and passes them on); None reads them here (:func:`aslbatch.bids.series_metadata`)
     with ``overrides``, the Constants fields that win over the metadata (invalid ones
     raise ProtocolError), and ``background_suppression_correction``, α_BS from the
-    metadata into ``constants.alpha_bs`` (the data are not rescaled; a note says so).
-    ``mask_path``: a NIfTI brain mask on the ASL grid; None computes one from M0
+    metadata into ``constants.alpha_bs`` (the data are not rescaled; a note says so), and
+    ``bolus_duration`` (s), the user's PASL bolus duration. ``mask_path``: a NIfTI brain mask on the ASL grid; None computes one from M0
     (:func:`brain_mask`).
     """
     series_list = list(acquisition.series)
@@ -648,10 +665,12 @@ def prepare_acquisition(
             if series.problems:
                 raise series.problems[0]
         metadata = [bids.series_metadata(series, overrides=overrides,
-                                         background_suppression_correction=background_suppression_correction)
+                                         background_suppression_correction=background_suppression_correction,
+                                         bolus_duration=bolus_duration)
                     for series in series_list]
     elif len(metadata) != len(series_list):
         raise ValueError(f"{len(metadata)} metadata records for {len(series_list)} series")
+    _check_labeling(acquisition, metadata)
     constants = None
     for series, record in zip(series_list, metadata):
         these = record.constants
@@ -756,12 +775,14 @@ class SidecarProtocol:
 
 
 def protocol_from_sidecars(paths: Sequence[str | Path], overrides: Mapping[str, Any] | None = None,
-                           background_suppression_correction: bool = False) -> SidecarProtocol:
+                           background_suppression_correction: bool = False,
+                           bolus_duration: float | None = None) -> SidecarProtocol:
     """The protocol of one acquisition from its ``*_asl.json`` sidecar(s) (two for a
     non-crushed + crushed pair), each with its ``*_aslcontext.tsv`` beside it; no image is read.
 
-    Only the sidecar's own fields are used (no inheritance from higher folders). Errors
-    (BidsError) name the file and the field.
+    Only the sidecar's own fields are used (no inheritance from higher folders); PASL: τ is the
+    bolus duration (``bolus_duration``, s, the user's, wins) and PLD the TI. Errors (BidsError)
+    name the file and the field.
     """
     if not paths:
         raise ValueError("at least one *_asl.json is needed")
@@ -780,7 +801,7 @@ def protocol_from_sidecars(paths: Sequence[str | Path], overrides: Mapping[str, 
         context = path.with_name(path.name[: -len("_asl.json")] + "_aslcontext.tsv")
         types = list(bids.read_aslcontext(context))
         n = len(types)
-        pld, tau = bids.post_labeling_delays(meta, n), bids.labeling_durations(meta, n)
+        pld, tau = bids.post_labeling_delays(meta, n), bids.label_durations(meta, n, bolus_duration)
         chosen = [i for i, kind in enumerate(types) if kind == "deltam"]
         if "control" in types or "label" in types:
             chosen = list(pair_difference(np.zeros((1, n)), types, source=str(context))[1][:, 0]) + chosen

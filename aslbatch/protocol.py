@@ -253,14 +253,22 @@ class Protocol:
 
 
 def default_protocol(model: str) -> Protocol:
-    """The default protocol of a model (PCASL, τ = 1.8 s): ASL_MODELS.md's for ``"1c"`` and ``"2c"``.
+    """The default protocol of ``model``: ASL_MODELS.md's for ``"1c"`` and ``"2c"`` (PCASL,
+    τ = 1.8 s), a multi-TI FAIR Q2TIPS protocol for ``"pasl"``, the white paper's for ``"single"``.
 
     1C: PLD 1.0, 1.5, 2.0, 2.5, 3.0 s. 2C: non-crushed PLD 0.2, 0.5, 0.8, 1.1, 1.4 s
-    then crushed PLD 1.0, 1.6, 2.2, 2.8 s. ``"single"``: the white paper's recommended
-    adult single-delay protocol, PLD 1.8 s (Alsop 2015).
+    then crushed PLD 1.0, 1.6, 2.2, 2.8 s. PASL: bolus duration τ_b = 0.7 s (held in
+    ``label_duration``), TI = 0.3, 0.6, ..., 3.0 s (held in ``pld``). Single: the white paper's
+    recommended adult single-delay PCASL protocol, τ = PLD = 1.8 s (Alsop 2015).
     """
     if model == "single":
         return Protocol(1.8, [1.8])
+    if model == "pasl":
+        # the Siemens 3D GRASE multi-TI FAIR Q2TIPS protocol of the BIDS example dataset asl003
+        # (BolusCutOffDelayTime [0.7, 1.6] s: τ_b = 0.7 s; PostLabelingDelay = TI 0.3 to 3.0 s by
+        # 0.3 s) and of ASL_MODELS.md's PASL check values: the TIs span the arrival (att 0.2-2.5 s
+        # in training) and the decay after the bolus has passed, every 0.3 s
+        return Protocol(0.7, np.round(np.arange(1, 11) * 0.3, 10))
     if model == "1c":
         return Protocol(1.8, [1.0, 1.5, 2.0, 2.5, 3.0])
     if model == "2c":
@@ -269,4 +277,4 @@ def default_protocol(model: str) -> Protocol:
             [0.2, 0.5, 0.8, 1.1, 1.4, 1.0, 1.6, 2.2, 2.8],
             [False] * 5 + [True] * 4,
         )
-    raise ProtocolError(f"no default protocol for model {model!r}; choose '1c', '2c' or 'single'")
+    raise ProtocolError(f"no default protocol for model {model!r}; choose '1c', '2c', 'pasl' or 'single'")

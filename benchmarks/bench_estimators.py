@@ -13,11 +13,11 @@ from aslbatch.models import get_model
 from aslbatch.protocol import default_protocol
 from aslbatch.simulate import simulate
 
-N = {"1c": 200_000, "2c": 50_000}
+N = {"1c": 200_000, "2c": 50_000, "pasl": 200_000}
 N_SCIPY = 200
 
 
-@pytest.fixture(scope="module", params=["1c", "2c"])
+@pytest.fixture(scope="module", params=["1c", "2c", "pasl"])
 def case(request):
     model = get_model(request.param, default_protocol(request.param))
     data = simulate(model, N[request.param], 5.0, seed=0)

@@ -259,8 +259,9 @@ def test_milliseconds_are_refused(function):
 def test_labeling_type_and_crushing():
     assert labeling_type({"ArterialSpinLabelingType": "PCASL"}) == "PCASL"
     assert labeling_type({"ArterialSpinLabelingType": "CASL"}) == "CASL"
-    with pytest.raises(BidsError, match="ArterialSpinLabelingType is PASL: PASL is not supported"):
-        labeling_type({"ArterialSpinLabelingType": "PASL"})
+    assert labeling_type({"ArterialSpinLabelingType": "PASL"}) == "PASL"
+    with pytest.raises(BidsError, match="ArterialSpinLabelingType must be PCASL, CASL or PASL, got 'VSASL'"):
+        labeling_type({"ArterialSpinLabelingType": "VSASL"})
     with pytest.raises(BidsError, match="ArterialSpinLabelingType is missing"):
         labeling_type({})
     assert vascular_crushing({"VascularCrushing": True}) is True
@@ -384,7 +385,19 @@ TSV = "sub-01/perf/sub-01_aslcontext.tsv"
         ({"MagneticFieldStrength": None}, f"{JSON}: MagneticFieldStrength is missing (required by BIDS for ASL)"),
         ({"RepetitionTimePreparation": None}, f"{JSON}: RepetitionTimePreparation is missing (required by BIDS for ASL)"),
         ({"MRAcquisitionType": None}, f"{JSON}: MRAcquisitionType is missing (required by BIDS for ASL)"),
-        ({"ArterialSpinLabelingType": "PASL"}, f"{JSON}: ArterialSpinLabelingType is PASL: PASL is not supported"),
+        ({"ArterialSpinLabelingType": "PASL"}, f"{JSON}: BolusCutOffFlag is missing (required by BIDS for PASL)"),
+        ({"ArterialSpinLabelingType": "PASL", "BolusCutOffFlag": False},
+         f"{JSON}: BolusCutOffFlag is false: this PASL series has no bolus cut-off (QUIPSS II or Q2TIPS), so the "
+         "duration of its labeled bolus is unknown and CBF cannot be quantified; give it in seconds with "
+         "--bolus-duration (or bolus_duration in the config) if it is known"),
+        ({"ArterialSpinLabelingType": "PASL", "BolusCutOffFlag": True},
+         f"{JSON}: BolusCutOffDelayTime is missing (required by BIDS when BolusCutOffFlag is true)"),
+        ({"ArterialSpinLabelingType": "PASL", "BolusCutOffFlag": True, "BolusCutOffDelayTime": [1.6, 0.7]},
+         f"{JSON}: BolusCutOffDelayTime must increase from the first bolus cut-off pulse to the last"),
+        ({"ArterialSpinLabelingType": "PASL", "BolusCutOffFlag": True, "BolusCutOffDelayTime": [700, 1600]},
+         f"{JSON}: BolusCutOffDelayTime must be in seconds; value(s) [700.0, 1600.0] exceed 10 s"),
+        ({"ArterialSpinLabelingType": "PASL", "BolusCutOffFlag": True, "BolusCutOffDelayTime": "0.7"},
+         f"{JSON}: BolusCutOffDelayTime must be a number or a list of numbers, got '0.7'"),
         ({"M0Type": "Absent"}, f"{JSON}: M0Type is Absent: aslbatch needs an M0"),
         ({"M0Type": "Sometimes"}, f"{JSON}: M0Type must be one of Separate, Included, Estimate, Absent, got 'Sometimes'"),
         ({"M0Estimate": None}, f"{JSON}: M0Estimate is missing (required by BIDS when M0Type is Estimate)"),
@@ -662,3 +675,84 @@ def test_check_series_without_a_record_when_a_value_it_holds_is_unreadable(root)
     record, problems = check_series(series, overrides={"t1b": 1.6})
     assert record.constants.t1b == 1.6 and len(problems) == 1
     assert series_metadata(series, overrides={"t1b": 1.6}).constants.t1b == 1.6
+
+
+# --- PASL ----------------------------------------------------------------------------------------
+
+#: the BIDS example dataset asl003 (bids-examples, sub-Sub1_asl.json): Siemens 3D GRASE multi-TI
+#: FAIR with Q2TIPS; PostLabelingDelay is TI (0.3 to 3.0 s, a control and a label at each)
+ASL003 = {
+    "Manufacturer": "Siemens", "MagneticFieldStrength": 3, "MRAcquisitionType": "3D", "PulseSequenceType": "3Dgrase",
+    "RepetitionTimePreparation": 3.5, "ArterialSpinLabelingType": "PASL",
+    "PostLabelingDelay": [0.3, 0.3, 0.6, 0.6, 0.9, 0.9, 1.2, 1.2, 1.5, 1.5, 1.8, 1.8, 2.1, 2.1, 2.4, 2.4, 2.7, 2.7,
+                          3, 3],
+    "BackgroundSuppression": True, "M0Type": "Separate", "TotalAcquiredPairs": 10, "VascularCrushing": False,
+    "BackgroundSuppressionNumberPulses": 2, "BackgroundSuppressionPulseTime": [0.15, 0.2], "PASLType": "FAIR",
+    "LabelingSlabThickness": 115.5, "BolusCutOffFlag": True, "BolusCutOffDelayTime": [0.7, 1.6],
+    "BolusCutOffTechnique": "Q2TIPS",
+}
+ASL003_TI = [0.3, 0.6, 0.9, 1.2, 1.5, 1.8, 2.1, 2.4, 2.7, 3.0]
+
+
+def add_pasl(root: Path, **fields) -> None:
+    """The asl003 series (``fields`` update its sidecar; None removes a field) with its m0scan
+    (RepetitionTimePreparation 6 s, as asl003's)."""
+    meta = {**{k: None for k in BASE}, **ASL003, **fields}
+    add_series(root, context=("control", "label") * 10, **meta)
+    add_m0(root, "sub-01")
+
+
+def test_pasl_sidecar_of_the_bids_example_reads_ti_and_the_q2tips_bolus(root):
+    from aslbatch.bids import check_series
+
+    add_pasl(root)
+    assert validate_dataset(root) == []
+    record, problems = check_series(only_series(root))
+    assert problems == [] and record.labeling_type == "PASL"
+    # PostLabelingDelay is TI, the readout time; τ_b is the first Q2TIPS BolusCutOffDelayTime
+    np.testing.assert_array_equal(record.pld, np.repeat(ASL003_TI, 2))
+    np.testing.assert_array_equal(record.label_duration, np.full(20, 0.7))
+    # no LabelingEfficiency: the white paper's PASL α; background suppression off by default
+    assert record.constants == Constants(alpha=0.98)
+    record, _ = check_series(only_series(root), background_suppression_correction=True)
+    assert record.constants.alpha_bs == pytest.approx(0.95 ** 2)
+
+
+def test_pasl_quipss_ii_scalar_cut_off_and_labeling_efficiency_from_the_sidecar(root):
+    from aslbatch.bids import check_series
+
+    add_pasl(root, BolusCutOffTechnique="QUIPSSII", BolusCutOffDelayTime=0.8, LabelingEfficiency=0.95)
+    record, problems = check_series(only_series(root))
+    assert problems == []
+    np.testing.assert_array_equal(record.label_duration, np.full(20, 0.8))
+    assert record.constants.alpha == 0.95
+
+
+def test_pasl_without_bolus_cut_off_is_refused_unless_the_user_gives_the_bolus_duration(root):
+    from aslbatch.bids import bolus_duration, check_series
+
+    add_pasl(root, BolusCutOffFlag=False, BolusCutOffDelayTime=None, BolusCutOffTechnique=None)
+    series = only_series(root)
+    record, problems = check_series(series)
+    assert record is None
+    assert messages(problems) == [
+        f"{JSON}: BolusCutOffFlag is false: this PASL series has no bolus cut-off (QUIPSS II or Q2TIPS), so the "
+        "duration of its labeled bolus is unknown and CBF cannot be quantified; give it in seconds with "
+        "--bolus-duration (or bolus_duration in the config) if it is known"]
+    assert problems[0].field == "BolusCutOffFlag"
+    assert messages(validate_dataset(root)) == messages(problems)
+    assert validate_dataset(root, bolus_duration=0.75) == []
+    record, problems = check_series(series, bolus_duration=0.75)
+    assert problems == []
+    np.testing.assert_array_equal(record.label_duration, np.full(20, 0.75))
+    # the user's value also wins over a sidecar's cut-off
+    assert bolus_duration(ASL003, 0.65) == 0.65 and bolus_duration(ASL003) == 0.7
+
+
+def test_labeling_duration_is_neither_required_nor_read_for_pasl(root):
+    from aslbatch.bids import check_series, label_durations
+
+    add_pasl(root, LabelingDuration=1.8)  # a stray (P)CASL field: ignored
+    record, problems = check_series(only_series(root))
+    assert problems == [] and np.all(record.label_duration == 0.7)
+    np.testing.assert_array_equal(label_durations({**BASE}, 8), labeling_durations(BASE, 8))

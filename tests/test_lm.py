@@ -576,7 +576,7 @@ def test_valid_options_fit(m1):
 
 
 # --- 7. what each model provides to LM (the lm_* functions of its module) ---------------------
-@pytest.mark.parametrize("name,edge", [("1c", 0.0), ("2c", 0.0), ("2c", 0.1)])
+@pytest.mark.parametrize("name,edge", [("1c", 0.0), ("2c", 0.0), ("2c", 0.1), ("pasl", 0.0)])
 @pytest.mark.parametrize("t1_prime", ["blood", "tissue"])
 def test_model_lm_functions_match_signal_and_jacobian(name, edge, t1_prime):
     """A model module's fused normal equations (cost, JᵀJ, Jᵀr in LM's internal parameters q)

@@ -74,3 +74,24 @@ def test_volume_table_reads_ti_as_the_readout_time():
     model = _model("blood")
     np.testing.assert_allclose(model.vol[:, 2], TI)  # TIME = TI, not τ_b + TI
     assert model.param_names == ("cbf", "att") and model.tissue_model() is model
+
+
+def test_kinks_sit_in_the_table_where_lm_looks_for_them():
+    """The signal has one-sided derivatives at att = TI (arrival) and att = TI − τ_b (bolus end):
+    the table's TIME and PLD columns, which LM's kink handling reads."""
+    model = _model("blood")
+    np.testing.assert_allclose(model.vol[:, 1], TI - 0.7)
+    for ti in (1.2, 1.2 - 0.7):
+        h = 1e-7
+        left = model.jacobian([[60.0, ti - h]])[0, :, 1]
+        right = model.jacobian([[60.0, ti + h]])[0, :, 1]
+        assert np.abs(left - right).max() > 1e-3
+
+
+def test_alpha_defaults_to_the_white_paper_pasl_value():
+    assert PulsedModel(Protocol(0.7, TI)).constants == Constants(alpha=0.98)
+    assert PulsedModel.default_constants(t1_prime="tissue") == Constants(alpha=0.98, t1_prime="tissue")
+    assert PulsedModel.default_constants(alpha=0.9).alpha == 0.9
+    from aslbatch.models.one_compartment import OneCompartmentModel
+
+    assert OneCompartmentModel(Protocol(1.8, [1.0, 2.0])).constants == Constants()

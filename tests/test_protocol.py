@@ -343,6 +343,15 @@ def test_default_protocol_2c():
     assert p.crushed.tolist() == [False] * 5 + [True] * 4
 
 
+def test_default_protocol_pasl_is_the_bids_example_asl003():
+    """Siemens multi-TI FAIR Q2TIPS (bids-examples asl003): τ_b = the first BolusCutOffDelayTime
+    0.7 s, TI = PostLabelingDelay 0.3 to 3.0 s by 0.3 s, one value per TI."""
+    p = default_protocol("pasl")
+    assert p.pld.tolist() == [0.3, 0.6, 0.9, 1.2, 1.5, 1.8, 2.1, 2.4, 2.7, 3.0]
+    assert p.label_duration.tolist() == [0.7] * 10
+    assert p.crushed.tolist() == [False] * 10
+
+
 def test_default_protocol_unknown_model():
     with pytest.raises(ProtocolError, match=r"no default protocol for model '3c'"):
         default_protocol("3c")

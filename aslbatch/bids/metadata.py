@@ -3,10 +3,10 @@
 Each reader takes the merged sidecar metadata of one series (a :class:`Sidecar`, or any
 mapping) and returns one checked value, or raises a :class:`BidsError` that names the
 file that set the field and the field itself (ASLPrep's habit, ``utils/asl.py``):
-per-volume timing (:func:`post_labeling_delays`, :func:`labeling_durations`,
-:func:`repetition_time_preparation`), the labeling and M0 kinds, vascular crushing,
-slice timing (:func:`slice_offsets`), background suppression
-(:func:`background_suppression`, and what the outputs say of it:
+per-volume timing (:func:`post_labeling_delays`, :func:`label_durations`: the
+LabelingDuration of (P)CASL or the bolus duration of PASL, :func:`repetition_time_preparation`),
+the labeling and M0 kinds, vascular crushing, slice timing (:func:`slice_offsets`), background
+suppression (:func:`background_suppression`, and what the outputs say of it:
 :func:`background_suppression_summary`) and the model constants
 (:func:`constants_from_metadata`). Nothing here touches the file system.
 
@@ -38,8 +38,10 @@ __all__ = [
     "background_suppression_factor",
     "background_suppression_summary",
     "blood_t1",
+    "bolus_duration",
     "constants_from_metadata",
     "intended_for",
+    "label_durations",
     "labeling_durations",
     "labeling_efficiency",
     "labeling_type",
@@ -60,16 +62,17 @@ VOLUME_TYPES = ("control", "label", "m0scan", "deltam", "cbf", "noRF", "n/a")
 ASL_VOLUME_TYPES = ("control", "label", "deltam", "cbf")
 #: the values of the ``M0Type`` field
 M0_TYPES = ("Separate", "Included", "Estimate", "Absent")
-#: labeling schemes the kinetic models describe (a bolus of duration LabelingDuration)
-SUPPORTED_LABELING = ("PCASL", "CASL")
+#: labeling schemes the kinetic models describe: a bolus of duration LabelingDuration ((P)CASL)
+#: or, for PASL, a bolus cut to a known duration by QUIPSS II / Q2TIPS
+SUPPORTED_LABELING = ("PCASL", "CASL", "PASL")
 #: T1 of arterial blood (s) by field strength (T), ASL_MODELS.md / Alsop 2015
 T1B_BY_FIELD = {3.0: 1.65, 1.5: 1.35}
 #: a field strength within this many tesla of a key of T1B_BY_FIELD counts as it
 #: (Siemens 3 T systems report 2.89 T)
 FIELD_TOLERANCE_T = 0.15
 #: labeling efficiency α when the sidecar has no LabelingEfficiency (ASLPrep's
-#: defaults: PCASL from Alsop 2015, CASL from Wang 2005)
-DEFAULT_LABELING_EFFICIENCY = {"PCASL": 0.85, "CASL": 0.68}
+#: defaults: PCASL and PASL from Alsop 2015, CASL from Wang 2005)
+DEFAULT_LABELING_EFFICIENCY = {"PCASL": 0.85, "CASL": 0.68, "PASL": 0.98}
 #: efficiency per background-suppression pulse (the common 0.95 convention)
 BS_PULSE_EFFICIENCY = 0.95
 #: a RepetitionTimePreparation above this (s) is taken for milliseconds
@@ -217,7 +220,8 @@ def _check_seconds(
 
 
 def post_labeling_delays(meta: Mapping[str, Any], n_volumes: int) -> np.ndarray:
-    """PostLabelingDelay per volume (s), float64 (n_volumes,).
+    """PostLabelingDelay per volume (s), float64 (n_volumes,): the delay after the end of the
+    labeling for (P)CASL, the inversion time TI (from the labeling pulse to the readout) for PASL.
 
     A scalar applies to every volume; a list needs one value per volume (0 for
     m0scan volumes is allowed). Values above 10 s are refused as milliseconds.
@@ -234,6 +238,51 @@ def labeling_durations(meta: Mapping[str, Any], n_volumes: int) -> np.ndarray:
     """
     _require(meta, "LabelingDuration", "required by BIDS for (P)CASL")
     return _check_seconds(meta, "LabelingDuration", _per_volume(meta, "LabelingDuration", n_volumes))
+
+
+def bolus_duration(meta: Mapping[str, Any], given: float | None = None) -> float:
+    """The PASL bolus duration τ_b (s): the first BolusCutOffDelayTime when BolusCutOffFlag is true.
+
+    BIDS: BolusCutOffDelayTime is the time from the labeling pulse to the (first) bolus
+    cut-off saturation pulse: one value for QUIPSS II, [first, last] for Q2TIPS; the bolus
+    is cut at the first. ``given`` (s, the user's ``--bolus-duration``) wins over the sidecar
+    and is the only way to quantify a series without a bolus cut-off (BolusCutOffFlag false),
+    whose bolus duration is unknown: such a series is refused with that reason.
+    """
+    if given is not None:
+        return float(given)
+    flag = _require(meta, "BolusCutOffFlag", "required by BIDS for PASL")
+    if not isinstance(flag, bool):
+        raise _error(meta, "BolusCutOffFlag", f"BolusCutOffFlag must be true or false, got {_short(flag)}")
+    if not flag:
+        raise _error(
+            meta, "BolusCutOffFlag",
+            "BolusCutOffFlag is false: this PASL series has no bolus cut-off (QUIPSS II or Q2TIPS), so the "
+            "duration of its labeled bolus is unknown and CBF cannot be quantified; give it in seconds with "
+            "--bolus-duration (or bolus_duration in the config) if it is known",
+        )
+    value = _require(meta, "BolusCutOffDelayTime", "required by BIDS when BolusCutOffFlag is true")
+    values = [value] if _is_number(value) else value
+    if not (isinstance(values, list) and values and all(_is_number(v) and math.isfinite(v) for v in values)):
+        raise _error(meta, "BolusCutOffDelayTime",
+                     f"BolusCutOffDelayTime must be a number or a list of numbers, got {_short(value)}")
+    times = _check_seconds(meta, "BolusCutOffDelayTime", np.array(values, dtype=np.float64), unit="pulse")
+    if (np.diff(times) < 0).any():
+        raise _error(meta, "BolusCutOffDelayTime",
+                     f"BolusCutOffDelayTime must increase from the first bolus cut-off pulse to the last, got {values}")
+    if not times[0] > 0:
+        raise _error(meta, "BolusCutOffDelayTime",
+                     f"BolusCutOffDelayTime must start after the labeling (> 0 s), got {values}")
+    return float(times[0])
+
+
+def label_durations(meta: Mapping[str, Any], n_volumes: int, bolus: float | None = None) -> np.ndarray:
+    """The label duration τ per volume (s), float64 (n_volumes,), by ArterialSpinLabelingType:
+    LabelingDuration for (P)CASL (:func:`labeling_durations`), the bolus duration τ_b for PASL
+    (:func:`bolus_duration`; ``bolus``, s, the user's value, wins) on every volume."""
+    if labeling_type(meta) == "PASL":
+        return np.full(n_volumes, bolus_duration(meta, bolus))
+    return labeling_durations(meta, n_volumes)
 
 
 def repetition_time_preparation(meta: Mapping[str, Any], n_volumes: int) -> np.ndarray:
@@ -255,18 +304,13 @@ def repetition_time_preparation(meta: Mapping[str, Any], n_volumes: int) -> np.n
 
 
 def labeling_type(meta: Mapping[str, Any]) -> str:
-    """ArterialSpinLabelingType as ``"PCASL"`` or ``"CASL"``; PASL and others are refused."""
+    """ArterialSpinLabelingType as ``"PCASL"``, ``"CASL"`` or ``"PASL"``; others are refused."""
     value = _require(meta, "ArterialSpinLabelingType")
     name = value.upper() if isinstance(value, str) else value
-    if name == "PASL":
-        raise _error(
-            meta, "ArterialSpinLabelingType",
-            "ArterialSpinLabelingType is PASL: PASL is not supported (aslbatch's kinetic models "
-            "describe (P)CASL, a bolus of duration LabelingDuration)",
-        )
     if name not in SUPPORTED_LABELING:
         raise _error(
-            meta, "ArterialSpinLabelingType", f"ArterialSpinLabelingType must be PCASL or CASL, got {_short(value)}"
+            meta, "ArterialSpinLabelingType",
+            f"ArterialSpinLabelingType must be PCASL, CASL or PASL, got {_short(value)}",
         )
     return name
 
@@ -376,7 +420,7 @@ def blood_t1(meta: Mapping[str, Any]) -> float:
 
 
 def labeling_efficiency(meta: Mapping[str, Any]) -> float:
-    """Labeling efficiency α: LabelingEfficiency if given, else 0.85 (PCASL) or 0.68 (CASL)."""
+    """Labeling efficiency α: LabelingEfficiency if given, else 0.85 (PCASL), 0.68 (CASL) or 0.98 (PASL)."""
     if meta.get("LabelingEfficiency") is not None:
         value = _number(meta, "LabelingEfficiency", meta["LabelingEfficiency"])
         if not 0 < value <= 1:

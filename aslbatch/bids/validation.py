@@ -30,7 +30,7 @@ from .metadata import (
     _error,
     background_suppression,
     constants_from_metadata,
-    labeling_durations,
+    label_durations,
     labeling_type,
     m0_estimate,
     m0_type,
@@ -64,10 +64,12 @@ class SeriesMetadata:
     Attributes
     ----------
     volume_types : the aslcontext ``volume_type`` of every volume.
-    label_duration : τ per volume (s), float64 ``(n_volumes,)``.
-    pld : PostLabelingDelay per volume (s), float64 ``(n_volumes,)``.
+    label_duration : τ per volume (s), float64 ``(n_volumes,)``: LabelingDuration for (P)CASL,
+        the bolus duration τ_b on every volume for PASL.
+    pld : PostLabelingDelay per volume (s), float64 ``(n_volumes,)``: the PLD for (P)CASL, the
+        inversion time TI for PASL (there the readout time is ``pld``, not τ + PLD).
     crushed : VascularCrushing of the series.
-    labeling_type : ``"PCASL"`` or ``"CASL"``.
+    labeling_type : ``"PCASL"``, ``"CASL"`` or ``"PASL"``.
     m0_type : ``"Separate"``, ``"Included"`` or ``"Estimate"``.
     m0_estimate : M0Estimate (the M0 of blood, scanner units) for Estimate, else None.
     m0_repetition_time : RepetitionTimePreparation (s) of the M0 volumes, None for Estimate.
@@ -143,6 +145,7 @@ def check_series(
     *,
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> tuple[SeriesMetadata | None, list[BidsError]]:
     """Read and check a series' metadata once: its :class:`SeriesMetadata` and every problem.
 
@@ -153,7 +156,9 @@ def check_series(
     not enter it (e.g. unpaired control volumes, or a missing MagneticFieldStrength when
     ``overrides`` give t1b). ``overrides`` and ``background_suppression_correction`` are
     those of :func:`~aslbatch.bids.metadata.constants_from_metadata`; invalid overrides
-    (the user's settings, not the data) raise ProtocolError.
+    (the user's settings, not the data) raise ProtocolError. ``bolus_duration`` (s): the
+    user's PASL bolus duration, which wins over the sidecar's
+    (:func:`~aslbatch.bids.metadata.bolus_duration`); unused for (P)CASL.
     """
     problems = list(series.problems)
     meta, n = series.metadata, series.n_volumes
@@ -178,7 +183,7 @@ def check_series(
     types = series.volume_types
     if n is not None:
         pld = attempt(post_labeling_delays, meta, n)
-        tau = attempt(labeling_durations, meta, n)
+        tau = attempt(label_durations, meta, n, bolus_duration)
         attempt(repetition_time_preparation, meta, n)
         axis = attempt(slice_axis, meta)
         if axis is not None and series.shape is not None:
@@ -217,11 +222,13 @@ def series_metadata(
     *,
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> SeriesMetadata:
     """The :class:`SeriesMetadata` of :func:`check_series`; its first problem (BidsError)
     when the record cannot be read."""
     record, problems = check_series(
-        series, overrides=overrides, background_suppression_correction=background_suppression_correction
+        series, overrides=overrides, background_suppression_correction=background_suppression_correction,
+        bolus_duration=bolus_duration,
     )
     if record is None:
         raise problems[0] if problems else BidsError("metadata cannot be read", path=series.relpath)
@@ -233,10 +240,12 @@ def validate_series(
     *,
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> list[BidsError]:
     """Every problem of one series (:func:`check_series` without the record)."""
     return check_series(
-        series, overrides=overrides, background_suppression_correction=background_suppression_correction
+        series, overrides=overrides, background_suppression_correction=background_suppression_correction,
+        bolus_duration=bolus_duration,
     )[1]
 
 
@@ -284,10 +293,12 @@ def validate_session(
     model: str = "auto",
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> list[BidsError]:
     """Every problem of a session's series, plus those of grouping them for ``model``."""
     return inspect_session(session, model=model, overrides=overrides,
-                           background_suppression_correction=background_suppression_correction)[0]
+                           background_suppression_correction=background_suppression_correction,
+                           bolus_duration=bolus_duration)[0]
 
 
 def inspect_session(
@@ -296,6 +307,7 @@ def inspect_session(
     model: str = "auto",
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> tuple[list[BidsError], list[AcquisitionVerdict]]:
     """The problems of :func:`validate_session` (refusals included) and what ``run`` would do
     with each acquisition (:class:`AcquisitionVerdict`)."""
@@ -303,7 +315,8 @@ def inspect_session(
     records = {}
     for series in session.series:
         record, series_problems = check_series(
-            series, overrides=overrides, background_suppression_correction=background_suppression_correction
+            series, overrides=overrides, background_suppression_correction=background_suppression_correction,
+            bolus_duration=bolus_duration,
         )
         records[series.relpath] = None if series_problems else record
         problems.extend(series_problems)
@@ -349,6 +362,7 @@ def inspect_dataset(
     model: str = "auto",
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> tuple[list[BidsError], list[AcquisitionVerdict]]:
     """:func:`validate_dataset`'s problems and every acquisition's :class:`AcquisitionVerdict`."""
     from ..identify import _check_requested
@@ -368,7 +382,7 @@ def inspect_dataset(
     for session in sessions:
         found, session_verdicts = inspect_session(
             session, model=model, overrides=overrides,
-            background_suppression_correction=background_suppression_correction,
+            background_suppression_correction=background_suppression_correction, bolus_duration=bolus_duration,
         )
         problems.extend(found)
         verdicts.extend(session_verdicts)
@@ -382,6 +396,7 @@ def validate_dataset(
     model: str = "auto",
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
+    bolus_duration: float | None = None,
 ) -> list[BidsError]:
     """Every input problem in a dataset (empty when it is ready to process).
 
@@ -390,7 +405,8 @@ def validate_dataset(
     required fields, per-volume lengths and units, the M0 by M0Type (including a
     missing m0scan for Separate), and, with ``model="2c"``, series left unpaired.
     ``overrides`` and ``background_suppression_correction`` are those of
-    :func:`constants_from_metadata`.
+    :func:`constants_from_metadata`, ``bolus_duration`` that of :func:`check_series`.
     """
     return inspect_dataset(bids_dir, participant_labels, model=model, overrides=overrides,
-                           background_suppression_correction=background_suppression_correction)[0]
+                           background_suppression_correction=background_suppression_correction,
+                           bolus_duration=bolus_duration)[0]

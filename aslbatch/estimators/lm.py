@@ -53,8 +53,8 @@ the gap att − abat at att's index, so the order is the bound gap >= 0. Support
 are 2 and 4 (the dense solves of :func:`_damped_solve`). A model is registered in
 ``_LM_KERNELS`` below with a compiled entry naming its module's six functions (an entry per
 model keeps ``cache=True`` working: functions passed as arguments from Python would
-recompile in every process). A PASL model (cbf, att) thus needs its own
-``lm_normal_equations``; its other five functions are those of the one-compartment model.
+recompile in every process). The PASL model (cbf, att) has its own ``lm_normal_equations``;
+its other five functions are those of the one-compartment model.
 The start grid (:func:`aslbatch.estimators.lookup.build_time_grid`) reads the model: its tissue
 basis comes from ``model.tissue_model()``, and an arterial basis is added for models with abat.
 """
@@ -71,6 +71,7 @@ from numba.extending import intrinsic, overload
 from .._numba import parallel, serial
 from ..models import KineticModel
 from ..models import one_compartment as one_c
+from ..models import pasl
 from ..models import two_compartment as two_c
 from ..models.base import PLD, TIME
 from .base import Estimate, Estimator, Status, check_signals
@@ -390,7 +391,8 @@ def _on_bound(x, lo, hi):
 @serial
 def kink_near(att, vol):
     """The kink of the model that the tissue arrival ``att`` (s) sits on, else NaN: a readout
-    time t = τ + w (arrival) or a PLD w (end of the bolus), where the Jacobian is one-sided."""
+    time t = τ + w (arrival) or a PLD w = t − τ (end of the bolus; PASL: TI and TI − τ_b),
+    where the Jacobian is one-sided."""
     for v in range(vol.shape[0]):
         if abs(att - vol[v, TIME]) <= KINK_S:
             return vol[v, TIME]
@@ -664,8 +666,17 @@ def _lm_two_compartment(signals, grid, starts, from_grid, bounds, j_att, att_max
                    j_att, att_max, vol, const, options, out)
 
 
+@parallel
+def _lm_pasl(signals, grid, starts, from_grid, bounds, j_att, att_max, vol, const, options, n_chunks, out):
+    """LM over voxels for the PASL model: a chunk of voxels per work item (see :func:`_fit_chunk`)."""
+    for chunk in prange(n_chunks):
+        _fit_chunk(pasl.lm_normal_equations, pasl.lm_start, pasl.lm_att_offset, pasl.lm_project, pasl.lm_params,
+                   pasl.lm_stderr, chunk, n_chunks, signals, grid, starts, from_grid, bounds, j_att, att_max, vol,
+                   const, options, out)
+
+
 #: model name -> its compiled LM kernel
-_LM_KERNELS = {"1c": _lm_one_compartment, "2c": _lm_two_compartment}
+_LM_KERNELS = {"1c": _lm_one_compartment, "2c": _lm_two_compartment, "pasl": _lm_pasl}
 
 
 def _internal_bounds(model: KineticModel) -> tuple[np.ndarray, np.ndarray, int, float]:
@@ -748,7 +759,8 @@ class LevenbergMarquardtEstimator(Estimator):
     Parameters
     ----------
     model : the kinetic model (with its protocol).
-    grid_step_s : step (s) of the start grid over the arrival times (default 0.1 s).
+    grid_step_s : step (s) of the start grid over the arrival times (default: the model's
+        ``lm_grid_step_s``, 0.1 s; PASL 0.025 s).
     max_iter : iteration limit per voxel (default 100).
     xtol : relative step tolerance (default 1e-8).
     ftol : relative cost-decrease tolerance (default 1e-10).
@@ -762,10 +774,10 @@ class LevenbergMarquardtEstimator(Estimator):
                      "Jacobian and RSS the residual sum of squares; NaN where a parameter is held fixed or the data "
                      "do not inform it (e.g. 2C abat with hard arterial edges, 1C att below the shortest PLD)")
 
-    def __init__(self, model: KineticModel, *, grid_step_s: float = 0.1, max_iter: int = 100,
+    def __init__(self, model: KineticModel, *, grid_step_s: float | None = None, max_iter: int = 100,
                  xtol: float = 1e-8, ftol: float = 1e-10, fast_path: bool = True) -> None:
         super().__init__(model)
-        self.grid_step_s = grid_step_s
+        self.grid_step_s = model.lm_grid_step_s if grid_step_s is None else grid_step_s
         self.max_iter = max_iter
         self.xtol = xtol
         self.ftol = ftol

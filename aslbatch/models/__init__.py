@@ -15,6 +15,7 @@ from .base import KineticModel, Parameter
 MODELS: Registry[KineticModel] = Registry("model", {
     "1c": "aslbatch.models.one_compartment:OneCompartmentModel",
     "2c": "aslbatch.models.two_compartment:TwoCompartmentModel",
+    "pasl": "aslbatch.models.pasl:PulsedModel",
     "single": "aslbatch.models.single_delay:SingleDelayModel",
 })
 

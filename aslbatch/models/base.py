@@ -104,7 +104,8 @@ class KineticModel:
     Parameters
     ----------
     protocol : the acquisition, one entry per (subtracted) volume.
-    constants : physical constants; ``Constants()`` (ASL_MODELS.md defaults) if None.
+    constants : physical constants; if None, ``Constants()`` (ASL_MODELS.md defaults) with the
+        model's ``default_alpha`` (0.98 for PASL).
     """
 
     #: registry name ("1c", "2c")
@@ -115,6 +116,10 @@ class KineticModel:
     parameters: ClassVar[tuple[Parameter, ...]]
     #: (earlier, later, (min gap, max gap)): ordered arrival times sampled as later = earlier + gap
     ordered_times: ClassVar[tuple[tuple[str, str, tuple[float, float]], ...]] = ()
+    #: labeling efficiency α of the constants used when none are given (PCASL: Constants' 0.85)
+    default_alpha: ClassVar[float] = Constants.alpha
+    #: default step (s) of Levenberg–Marquardt's start grid over the arrival times
+    lm_grid_step_s: ClassVar[float] = 0.1
     #: keyword options of the constructor that change the physics (e.g. ``arterial_edge_s``)
     option_names: ClassVar[tuple[str, ...]] = ()
     #: the parameters are read from a time course (several readout times), as the fitting
@@ -150,13 +155,18 @@ class KineticModel:
     def __init__(self, protocol: Protocol, constants: Constants | None = None) -> None:
         if not isinstance(protocol, Protocol):
             raise TypeError(f"protocol must be an aslbatch.Protocol, got {type(protocol).__name__}")
-        constants = Constants() if constants is None else constants
+        constants = self.default_constants() if constants is None else constants
         if not isinstance(constants, Constants):
             raise TypeError(f"constants must be an aslbatch.Constants, got {type(constants).__name__}")
         self.protocol = protocol
         self.constants = constants
         self.vol = self._volume_table(protocol, constants)
         self.const = constant_vector(constants, self._edge_s())
+
+    @classmethod
+    def default_constants(cls, **fields: Any) -> Constants:
+        """:class:`Constants` with ``fields`` and, unless given, the model's ``default_alpha``."""
+        return Constants(**{"alpha": cls.default_alpha, **fields})
 
     def _edge_s(self) -> float:
         return 0.0

@@ -8,10 +8,12 @@ functions of each model module (:mod:`aslbatch.estimators.lm`).
 
 from .._numba import serial
 from .one_compartment import one_compartment_voxel
+from .pasl import pasl_voxel
 from .two_compartment import two_compartment_voxel
 
 ONE_COMPARTMENT = 0
 TWO_COMPARTMENT = 1
+PULSED = 2
 
 
 @serial
@@ -22,5 +24,7 @@ def model_signal_jacobian(kernel_id, params, vol, const, sig, jac):
     """
     if kernel_id == ONE_COMPARTMENT:
         one_compartment_voxel(params, vol, const, sig, jac, True)
+    elif kernel_id == PULSED:
+        pasl_voxel(params, vol, const, sig, jac, True)
     else:
         two_compartment_voxel(params, vol, const, sig, jac, True)
