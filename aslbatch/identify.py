@@ -146,8 +146,8 @@ def decide(acquisition: Acquisition, records: Sequence, requested: str = "auto")
         chosen, options, reason = _pcasl_model(records)
     if requested not in ("auto", chosen):
         raise BidsError(
-            f"the {requested} model was asked for, but {reason[0].lower()}{reason[1:]} (the {chosen} model); "
-            "it would fit parameters the protocol cannot determine (use --model auto)",
+            f"the {requested} model was asked for, but this acquisition's protocol calls for the {chosen} model "
+            f"({reason}); refused rather than fitted with a model its data do not fit (use --model auto)",
             path=where, field="model")
     return Decision(chosen, options, reason)
 

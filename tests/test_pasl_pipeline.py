@@ -79,7 +79,7 @@ def test_pasl_data_need_the_pasl_model(raw, tmp_path):
     result = runner.invoke(app, ["run", str(raw), str(tmp_path / "out"), "--model", "1c", "--method", "lut"])
     assert result.exit_code == EXIT_FAILED
     log = next((tmp_path / "out" / "logs").glob("run-*.log")).read_text()
-    assert "ArterialSpinLabelingType is PASL but the acquisition was given the 1c model" in log
+    assert "the 1c model was asked for, but this acquisition's protocol calls for the pasl model" in log
 
 
 def test_without_bolus_cut_off_refused_with_the_reason_unless_the_user_gives_the_duration(raw, tmp_path):
