@@ -86,15 +86,18 @@ def flag_undetermined(model: KineticModel, params: np.ndarray, status: np.ndarra
     """
     if "att" not in model.param_names:
         return status
-    att = params[:, model.param_names.index("att")]
     flat_below, blind_from = arrival_limits(model)
-    if slice_offsets is not None:
-        att = att - slice_offsets
+    att = params[:, model.param_names.index("att")]
+    att = np.ascontiguousarray(att) if slice_offsets is None else att - slice_offsets
     with np.errstate(invalid="ignore"):  # NaN att (invalid input) is neither
-        blind = (att >= blind_from) & (status != Status.INVALID_INPUT)
-        flat = (att <= flat_below) & (status == Status.CONVERGED)
-    status[flat] = Status.ATT_UNDETERMINED
-    status[blind] = Status.CBF_UNDETERMINED
+        blind = att >= blind_from
+        flat = att <= flat_below
+    blind &= status != np.int8(Status.INVALID_INPUT)  # int8 scalars: no upcast of the status array
+    flat &= status == np.int8(Status.CONVERGED)
+    flat &= ~blind
+    # arithmetic select (branch-free: several times faster than a scattered mask or np.where)
+    status *= ~(blind | flat)
+    status += flat * np.int8(Status.ATT_UNDETERMINED) + blind * np.int8(Status.CBF_UNDETERMINED)
     return status
 
 

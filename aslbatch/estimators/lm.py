@@ -2,7 +2,7 @@
 
 Algorithm (per voxel):
 - start: the best point of a coarse lookup-table grid over the arrival times with
-  closed-form non-negative amplitudes (:mod:`aslbatch.estimators.lookup`), so the start is
+  closed-form amplitudes within their bounds (:mod:`aslbatch.estimators.lookup`), so the start is
   global, not one fixed guess. Where the grid's best points form a flat run (a direction
   the data do not inform), a second start just past the run lets LM leave it; a fit whose
   tissue arrival ends on a kink of the model (att at a PLD or readout time, where the
