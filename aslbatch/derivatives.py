@@ -186,6 +186,12 @@ STATUS_LEVELS: dict[int, str] = {
     int(Status.AT_BOUND): "at_bound: converged (or chosen) with a parameter on a bound (or clipped to it, "
     "or abat = att)",
     int(Status.INVALID_INPUT): "invalid_input: NaN, Inf or all-zero signal; the parameters are NaN",
+    int(Status.ATT_UNDETERMINED): "att_undetermined: with T1' = T1b the fitted att is at or before the shortest PLD "
+    "(TI - bolus duration for PASL): every volume sees the fully delivered bolus, whose signal does not depend on "
+    "att; cbf is determined, att is only known to be at most that time",
+    int(Status.CBF_UNDETERMINED): "cbf_undetermined: the fitted att is at or after the second-latest readout time "
+    "(label duration + PLD; TI for PASL): at most one readout sees the label, so cbf and att are not determined "
+    "(any cbf fits once att passes the last readout); neither value is to be trusted (abv and abat still are)",
     OUTSIDE_STATUS: "outside the brain mask: not fitted",
 }
 

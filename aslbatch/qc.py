@@ -95,6 +95,8 @@ STATUS_COLOURS = {
     int(Status.MAX_ITERATIONS): "#ff7f00",
     int(Status.AT_BOUND): "#377eb8",
     int(Status.INVALID_INPUT): "#e41a1c",
+    int(Status.ATT_UNDETERMINED): "#4daf4a",
+    int(Status.CBF_UNDETERMINED): "#984ea3",
 }
 BACKGROUND = "#ffffff"  # outside the brain mask
 NO_VALUE = "#8c8c8c"  # inside the mask, NaN

@@ -5,6 +5,11 @@
    bound, negative and invalid voxels; see tests/lm_regression_cases.py) with the params,
    standard errors, rss, status and evaluation count that LM produced before its fast paths
    became one algorithm. A restructuring of LM must reproduce them to rounding (1e-12).
+   Two deliberate changes since (issue 13.4) are accounted for, not re-pinned: the status codes
+   ATT_UNDETERMINED and CBF_UNDETERMINED, a relabelling by the closed-form rule applied to the
+   pinned parameters; and the start grid's amplitudes bounded by their upper bounds (before, a
+   start with cbf above 300 was only clipped after the grid had chosen it), which moves the
+   start of a few voxels: those must reach a cost no higher than the pinned one on most of them.
    A pin alone cannot say the pinned numbers are right, hence 2.
 2. Oracle: on the same voxels, ``scipy.optimize.least_squares`` (bounded trf) on the numpy
    models of tests/reference.py (nothing from aslbatch.models), started from the best points
@@ -16,6 +21,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +29,8 @@ import pytest
 from scipy.optimize import least_squares
 
 from aslbatch.estimators import Status, get_estimator
+from aslbatch.estimators.base import flag_undetermined
+from aslbatch.estimators.lookup import grid_search
 
 from . import reference
 from .lm_regression_cases import regression_models
@@ -47,14 +55,42 @@ def lm_results(pinned):
             for name, model in MODELS.items()}
 
 
+def _start_moved(name, y: np.ndarray) -> np.ndarray:
+    """Voxels whose LM start (best and second grid point, amplitudes clipped into the bounds as LM
+    clips them) differs between the start grid with bounded amplitudes and the same grid without
+    upper bounds, the pinned LM's."""
+    model = MODELS[name]
+    grid = get_estimator("lm", model).fit().grid_
+    unbounded = replace(grid, amp_max=np.full(2, np.inf))
+    lo = np.zeros(2)
+    (best, alt, amp, _, _), (best0, alt0, amp0, _, _) = grid_search(grid, y), grid_search(unbounded, y)
+    clipped = np.clip(amp, lo, grid.amp_max), np.clip(amp0, lo, grid.amp_max)
+    return (best != best0) | (alt != alt0) | ~np.all(clipped[0] == clipped[1], axis=1)
+
+
+#: share of the voxels whose start moved that must reach a cost no higher than the pinned one:
+#: all for 1C and hard-edged 2C; with smooth arterial edges the 2C cost surface has local minima
+#: (see NO_WORSE below), measured 51 of 59 and 34 of 37 voxels no worse; thresholds sit below
+MOVED_NO_WORSE = {"1c_default": 1.0, "1c_shifted_tissue": 1.0, "2c_default": 1.0, "2c_edge_shifted_tissue": 0.8,
+                  "2c_edge_default": 0.8}
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_lm_reproduces_pinned_results(name, pinned, lm_results):
     est = lm_results[name]
-    np.testing.assert_array_equal(est.status, pinned[f"{name}/status"].astype(np.int8))
-    np.testing.assert_array_equal(est.info["n_eval"], pinned[f"{name}/n_eval"].astype(np.int64))
+    y = pinned[f"{name}/signals"]
+    moved = _start_moved(name, y)
+    assert moved.mean() < 0.25, moved.mean()  # the signals built beyond the bounds, and a few noisy ones
+    same = ~moved
+    status = flag_undetermined(MODELS[name], pinned[f"{name}/params"], pinned[f"{name}/status"].astype(np.int8))
+    np.testing.assert_array_equal(est.status[same], status[same])
+    np.testing.assert_array_equal(est.info["n_eval"][same], pinned[f"{name}/n_eval"].astype(np.int64)[same])
     for field in ("params", "stderr", "rss"):
-        np.testing.assert_allclose(getattr(est, field), pinned[f"{name}/{field}"], rtol=1e-12, atol=0.0,
+        np.testing.assert_allclose(getattr(est, field)[same], pinned[f"{name}/{field}"][same], rtol=1e-12, atol=0.0,
                                    equal_nan=True, err_msg=f"{name} {field}")
+    rss_pinned = pinned[f"{name}/rss"][moved]
+    no_worse = est.rss[moved] <= rss_pinned * (1 + 1e-9)
+    assert no_worse.mean() >= MOVED_NO_WORSE[name], (no_worse.mean(), np.flatnonzero(moved)[~no_worse])
 
 
 # --- the oracle --------------------------------------------------------------------------------

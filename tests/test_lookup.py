@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from scipy.optimize import nnls
+from scipy.optimize import lsq_linear, nnls
 
 from aslbatch.estimators import Status, get_estimator
 from aslbatch.estimators.lookup import build_time_grid, grid_search
@@ -28,6 +28,42 @@ def test_grid_search_matches_brute_force_nnls(name):
             _, res = nnls(np.column_stack(cols), y)
             best = min(best, res**2)
         assert rss[i] == pytest.approx(best, rel=1e-9, abs=1e-18)
+
+
+@pytest.mark.parametrize("name", ["1c", "2c"])
+def test_grid_search_is_bounded_least_squares(name):
+    """Signals whose best non-negative amplitudes exceed their upper bounds (cbf 300, abv 0.1):
+    the kernel's choice is the minimum over the grid of scipy's bounded least squares
+    (lsq_linear) at each pair, with amplitudes inside the bounds."""
+    model = get_model(name, default_protocol(name))
+    grid = build_time_grid(model, 0.2)
+    lo, hi = model.bounds
+    names = model.param_names
+    caps = [hi[names.index("cbf")]] + ([hi[names.index("abv")]] if "abv" in names else [])
+    data = simulate(model, 12, 3.0, seed=4, noise="gaussian")
+    top = data.params.copy()
+    top[:, 0] = caps[0]
+    if "abv" in names:
+        top[:, 1] = caps[1]
+    signals = np.vstack([data.signals, 2.5 * model.signal(top[:6]) + data.signals[:6] - data.clean[:6],
+                         -data.signals[:3]])
+    best_pair, _, amp, rss, invalid = grid_search(grid, signals)
+    assert not invalid.any()
+    exceeded = 0
+    for i, y in enumerate(signals):
+        costs = []
+        for k in range(grid.n_pairs):
+            cols = [grid.tissue[grid.pair_att[k]]]
+            if grid.pair_abat[k] >= 0:
+                cols.append(grid.arterial[grid.pair_abat[k]])
+            a = np.column_stack(cols)
+            fit = lsq_linear(a, y, bounds=(0.0, caps[: a.shape[1]]), method="bvls", tol=1e-14)
+            costs.append(2.0 * fit.cost)
+            exceeded += bool(np.any(nnls(a, y)[0] > caps[: a.shape[1]]))
+        assert rss[i] == pytest.approx(min(costs), rel=1e-9, abs=1e-18)
+        assert costs[best_pair[i]] == pytest.approx(min(costs), rel=1e-9, abs=1e-18)
+        assert 0.0 <= amp[i, 0] <= caps[0] and (len(caps) == 1 or 0.0 <= amp[i, 1] <= caps[1])
+    assert exceeded > 0  # the premise: the bounds mattered somewhere
 
 
 def test_noise_free_error_is_bounded_by_the_grid_step_and_shrinks_with_it(model_1c):

@@ -48,7 +48,8 @@ def test_recovers_parameters_far_better_than_trivial(fixture, request):
     # measured: 1C cbf 0.03 att 0.08; 2C 0.03 0.06 0.10 0.06; the trivial predictor 0.33-0.59
     assert np.all(net_error < 0.15), net_error
     assert np.all(net_error < trivial_error / 3), (net_error, trivial_error)
-    assert np.all(np.isin(result.status, [Status.CONVERGED, Status.AT_BOUND]))
+    assert np.all(np.isin(result.status, [Status.CONVERGED, Status.AT_BOUND, Status.ATT_UNDETERMINED,
+                                          Status.CBF_UNDETERMINED]))
 
 
 def test_beats_lm_at_low_snr_when_trained_for_it(model_1c):
@@ -81,7 +82,10 @@ def test_out_of_range_predictions_clipped_and_flagged(supervised_1c, model_1c):
     huge = model_1c.signal([[150.0, 1.0]]) * 20.0  # a signal far beyond any training sample
     result = supervised_1c.predict(np.vstack([huge, -huge]))
     lower, upper = model_1c.bounds
-    assert np.all(result.status == Status.AT_BOUND)
+    # both clipped; the second to an arrival after the second-latest readout time (4.3 s), where
+    # the data determine neither cbf nor att: that code replaces at_bound
+    att_late = result["att"] >= 4.3
+    np.testing.assert_array_equal(result.status, np.where(att_late, Status.CBF_UNDETERMINED, Status.AT_BOUND))
     assert np.all((result.params >= lower) & (result.params <= upper))
     assert result["cbf"][0] == upper[0]
 

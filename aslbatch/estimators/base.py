@@ -15,12 +15,18 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..models import KineticModel
+from ..models.base import TAU, TIME
 
-__all__ = ["PROGRESS_CHUNK", "Estimate", "Estimator", "Status", "check_signals", "check_slice_offsets", "merge_estimates"]
+__all__ = ["PROGRESS_CHUNK", "Estimate", "Estimator", "Status", "arrival_limits", "check_signals", "check_slice_offsets",
+           "flag_undetermined", "merge_estimates"]
 
 
 class Status(IntEnum):
-    """Per-voxel outcome of an estimate (stored as int8 in :attr:`Estimate.status`)."""
+    """Per-voxel outcome of an estimate (stored as int8 in :attr:`Estimate.status`).
+
+    ATT_UNDETERMINED and CBF_UNDETERMINED are set from the estimate and the protocol alone,
+    the same rule for every method (:func:`flag_undetermined`).
+    """
 
     #: the fit converged inside the bounds (relative step or cost change below tolerance)
     CONVERGED = 0
@@ -30,6 +36,69 @@ class Status(IntEnum):
     AT_BOUND = 2
     #: the input was unusable (NaN or Inf in any volume, or all zeros): parameters are NaN
     INVALID_INPUT = 3
+    #: (replaces CONVERGED) with T1' = T1b the fitted arrival att is at or before the end of the
+    #: bolus at every volume (att <= the shortest t − τ, the PLD for PCASL): every volume sees the
+    #: fully delivered bolus, whose signal does not depend on att. cbf (and abv, abat) are
+    #: determined; att is only bounded above by that time
+    ATT_UNDETERMINED = 4
+    #: (replaces CONVERGED, MAX_ITERATIONS, AT_BOUND) the fitted arrival att is at or after every
+    #: distinct readout time but the last (att >= the second-latest t = τ + w): at most one
+    #: readout time sees the label, so cbf and att are not determined, only a combination of the
+    #: two (nothing at all when att >= the last readout time, where any cbf fits); abv and abat
+    #: (2C) keep their meaning
+    CBF_UNDETERMINED = 5
+
+
+# --- which fitted values the data determine -----------------------------------------------------
+# The tissue signal of every model with an arrival time att (1C, PASL, the tissue part of 2C) is
+# zero at a readout time t <= att and, with T1' = T1b, independent of att once the whole bolus has
+# arrived (att <= t − τ: the PLD for PCASL, TI − τ_b for PASL). Hence, with the readout times
+# shifted by the voxel's slice offset: att >= the second-latest distinct readout time leaves at
+# most one time that sees the label (Jacobian in (cbf, att) of rank <= 1; none at all from the
+# last readout time on, where any cbf fits, and a noise fit there often ends with cbf on its
+# upper bound: a hot spot) -> CBF_UNDETERMINED; att <= the shortest t − τ with T1' = T1b ->
+# ATT_UNDETERMINED (cbf determined). The rule reads only the estimate and the protocol, so every
+# method gets the same one.
+
+
+def arrival_limits(model: KineticModel) -> tuple[float, float]:
+    """(flat_below, blind_from) in s for a voxel read at the protocol's nominal times.
+
+    att <= flat_below: att not determined (T1' = T1b only; -inf otherwise);
+    att >= blind_from: cbf and att not determined (-inf with a single readout time).
+    Add a voxel's slice offset (s) to both.
+    """
+    times = np.unique(model.vol[:, TIME])
+    blind_from = float(times[-2]) if times.size >= 2 else -np.inf
+    flat_below = -np.inf
+    if model.constants.t1_prime == "blood":
+        flat_below = float(np.min(model.vol[:, TIME] - model.vol[:, TAU]))
+    return flat_below, blind_from
+
+
+def flag_undetermined(model: KineticModel, params: np.ndarray, status: np.ndarray,
+                      slice_offsets: np.ndarray | None = None) -> np.ndarray:
+    """``status`` (n,) int8 with ATT_UNDETERMINED and CBF_UNDETERMINED set, in place and returned.
+
+    ``params`` (n, n_params) in API units (att in s); ``slice_offsets`` (n,) s or None (all 0):
+    how much later than the protocol's nominal times each voxel was read. Models without an
+    ``att`` parameter are left as they are.
+    """
+    if "att" not in model.param_names:
+        return status
+    flat_below, blind_from = arrival_limits(model)
+    att = params[:, model.param_names.index("att")]
+    att = np.ascontiguousarray(att) if slice_offsets is None else att - slice_offsets
+    with np.errstate(invalid="ignore"):  # NaN att (invalid input) is neither
+        blind = att >= blind_from
+        flat = att <= flat_below
+    blind &= status != np.int8(Status.INVALID_INPUT)  # int8 scalars: no upcast of the status array
+    flat &= status == np.int8(Status.CONVERGED)
+    flat &= ~blind
+    # arithmetic select (branch-free: several times faster than a scattered mask or np.where)
+    status *= ~(blind | flat)
+    status += flat * np.int8(Status.ATT_UNDETERMINED) + blind * np.int8(Status.CBF_UNDETERMINED)
+    return status
 
 
 @dataclass(frozen=True)
@@ -187,18 +256,22 @@ class Estimator:
 
     def predict(self, signals: np.ndarray, *, slice_offsets: np.ndarray | float | None = None) -> Estimate:
         """Estimate parameters from ``signals`` (n_voxels, n_volumes) ΔM/M0t; ``slice_offsets``
-        (s, a scalar or one per voxel): when each voxel's slice was read after the nominal PLD."""
+        (s, a scalar or one per voxel): when each voxel's slice was read after the nominal PLD.
+        Values the data do not determine get their status code (:func:`flag_undetermined`)."""
         if not self.is_fitted:
             raise ValueError(f"this {self.name} estimator is not fitted yet: call fit() first")
         y = check_signals(signals, self.model)
         offsets = check_slice_offsets(slice_offsets, y.shape[0])
         if self.takes_slice_offsets:
-            return self._predict(y, offsets)
-        if offsets is None or not np.any(offsets):
-            return self._predict(y, None)
-        parts = [(rows, self._at_offset(float(offset))._predict(np.ascontiguousarray(y[rows]), None))
-                 for offset in np.unique(offsets) for rows in (np.flatnonzero(offsets == offset),)]
-        return merge_estimates(parts, y.shape[0], self.model.param_names, self.name)
+            estimate = self._predict(y, offsets)
+        elif offsets is None or not np.any(offsets):
+            estimate = self._predict(y, None)
+        else:
+            parts = [(rows, self._at_offset(float(offset))._predict(np.ascontiguousarray(y[rows]), None))
+                     for offset in np.unique(offsets) for rows in (np.flatnonzero(offsets == offset),)]
+            estimate = merge_estimates(parts, y.shape[0], self.model.param_names, self.name)
+        flag_undetermined(self.model, estimate.params, estimate.status, offsets)
+        return estimate
 
     def _at_offset(self, offset_s: float) -> "Estimator":
         """This estimator for voxels read ``offset_s`` s after the nominal PLD (fitted, cached)."""

@@ -2,7 +2,7 @@
 
 Algorithm (per voxel):
 - start: the best point of a coarse lookup-table grid over the arrival times with
-  closed-form non-negative amplitudes (:mod:`aslbatch.estimators.lookup`), so the start is
+  closed-form amplitudes within their bounds (:mod:`aslbatch.estimators.lookup`), so the start is
   global, not one fixed guess. Where the grid's best points form a flat run (a direction
   the data do not inform), a second start just past the run lets LM leave it; a fit whose
   tissue arrival ends on a kink of the model (att at a PLD or readout time, where the
@@ -74,7 +74,7 @@ from ..models import one_compartment as one_c
 from ..models import pasl
 from ..models import two_compartment as two_c
 from ..models.base import PLD, TIME
-from .base import Estimate, Estimator, Status, check_signals
+from .base import Estimate, Estimator, Status, check_signals, flag_undetermined
 from .lookup import build_time_grid, grid_search_voxel, is_invalid, n_chunks_for
 
 MU_START = 1e-3
@@ -540,12 +540,12 @@ def _fit_chunk(lm_normal_equations, lm_start, lm_att_offset, lm_project, lm_para
     """Start and fit the voxels of work item ``chunk`` of ``n_chunks``, with second starts.
 
     ``grid`` is the start grid's arrays (tissue_by_volume, arterial, norms, pair_abat, pair_att,
-    pair_alt, pairs, att, abat); with ``from_grid`` False the starts are the rows of
+    pair_alt, pairs, amp_max, att, abat); with ``from_grid`` False the starts are the rows of
     ``starts`` = (start, alt_start) instead, internal parameters, NaN rows for none.
     ``bounds`` = (model lower, model upper, internal lower, internal upper, free);
     ``options`` = (max_iter, xtol, ftol); ``out`` = (params, stderr, status, rss, n_eval).
     """
-    tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, att_grid, abat_grid = grid
+    tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, amp_max, att_grid, abat_grid = grid
     model_lower, model_upper, lower_arr, upper_arr, free_arr = bounds
     max_iter, xtol, ftol = options
     params, stderr, status, rss, n_eval = out
@@ -572,7 +572,7 @@ def _fit_chunk(lm_normal_equations, lm_start, lm_att_offset, lm_project, lm_para
             continue
         if from_grid:
             k, alt, c, a_amp, _ = grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att,
-                                                    pair_alt, pairs, ty, ay)
+                                                    pair_alt, pairs, amp_max, ty, ay)
             q0 = lm_start(c, a_amp, abat_grid[pair_abat[k]] if pair_abat[k] >= 0 else 0.0, att_grid[pair_att[k]],
                           model_lo, model_hi)
             has_alt = alt >= 0
@@ -698,7 +698,7 @@ def _empty_grid(n_volumes: int) -> tuple:
     """Start-grid arrays of the right types for a run from given starts (not read)."""
     ints = np.zeros(0, dtype=np.int64)
     return (np.zeros((n_volumes, 0)), np.zeros((0, n_volumes)), np.zeros((4, 0)), ints, ints.copy(), ints.copy(),
-            np.zeros((2, 0)), np.zeros(0), np.zeros(0))
+            np.zeros((2, 0)), np.zeros(2), np.zeros(0), np.zeros(0))
 
 
 def _run(model: KineticModel, y: np.ndarray, grid: tuple, starts: tuple, from_grid: bool, free: np.ndarray,
@@ -731,7 +731,8 @@ def levenberg_marquardt(model: KineticModel, signals: np.ndarray, start: np.ndar
     ``alt_start`` (rows of NaN for none) adds a second start per voxel; ``free`` (n_params
     booleans) holds parameters fixed at their start where False. Bounds are the model's;
     for 2C, abat <= att. Start values are clipped into the feasible set. Rows whose
-    signal has a NaN/Inf or is all zeros get status INVALID_INPUT and NaN outputs.
+    signal has a NaN/Inf or is all zeros get status INVALID_INPUT and NaN outputs; values the
+    data do not determine get their status (:func:`~aslbatch.estimators.base.flag_undetermined`).
     """
     y = check_signals(signals, model)
     names = model.param_names
@@ -750,7 +751,9 @@ def levenberg_marquardt(model: KineticModel, signals: np.ndarray, start: np.ndar
     if q_start.shape != (y.shape[0], n_p):
         raise ValueError(f"start must have shape ({y.shape[0]}, {n_p}), got {np.shape(start)}")
     q_alt = np.full_like(q_start, np.nan) if alt_start is None else internal(alt_start)
-    return _run(model, y, _empty_grid(model.n_volumes), (q_start, q_alt), False, free_arr, max_iter, xtol, ftol)
+    estimate = _run(model, y, _empty_grid(model.n_volumes), (q_start, q_alt), False, free_arr, max_iter, xtol, ftol)
+    flag_undetermined(model, estimate.params, estimate.status)
+    return estimate
 
 
 class LevenbergMarquardtEstimator(Estimator):
@@ -805,7 +808,8 @@ class LevenbergMarquardtEstimator(Estimator):
     def _predict(self, y: np.ndarray, slice_offsets: None) -> Estimate:
         """Fit every voxel of ``y`` (n_voxels, n_volumes) ΔM/M0t from the grid start."""
         g = self.grid_
-        grid = (g.tissue_by_volume, g.arterial, g.norms, g.pair_abat, g.pair_att, g.pair_alt, g.pairs, g.att, g.abat)
+        grid = (g.tissue_by_volume, g.arterial, g.norms, g.pair_abat, g.pair_att, g.pair_alt, g.pairs, g.amp_max, g.att,
+                g.abat)
         no_starts = np.empty((0, self.model.n_params))
         return _run(self.model, y, grid, (no_starts, no_starts), True, self.free_, self.max_iter, self.xtol,
                     self.ftol)

@@ -3,8 +3,10 @@
 For fixed arrival times the amplitudes are linear: the signal is
 cbf · T(att) [+ abv · A(abat)], with T the tissue signal per mL/100 g/min and A the
 arterial signal per unit abv. So a grid over the time parameters, with a
-closed-form non-negative least-squares solve for the amplitudes at each grid point,
-finds the globally best grid point without any iteration.
+closed-form least-squares solve for the amplitudes at each grid point, each between 0 and
+its upper bound, finds the globally best grid point of the bounded problem without any
+iteration. (Unbounded above, a noise fit could choose an arrival near the last readout with a
+cbf far above 300 that the clip to the bound then made a poor fit, and LM started from it.)
 
 Grids (all in s, inside the model's bounds):
 - att: uniform with step ``resolution_s``.
@@ -63,6 +65,7 @@ class TimeGrid:
     pair_att: np.ndarray  #: (n_pairs,) index into att
     pair_alt: np.ndarray  #: (n_pairs,) for a point standing for a collapsed flat run, the next pair; else -1
     pairs: np.ndarray  #: (2, n_pairs): T·A and 1/(|T|²|A|² - (T·A)²) (0 where near-singular)
+    amp_max: np.ndarray  #: (2,) upper bounds of the amplitudes: cbf (mL/100 g/min) and abv (mL/mL; inf for 1C)
 
     @property
     def n_pairs(self) -> int:
@@ -150,6 +153,7 @@ def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
         det = tn * an - cross * cross
         pairs[0] = cross
         pairs[1] = np.divide(1.0, det, out=np.zeros_like(det), where=det > 1e-12 * tn * an)
+    amp_max = np.array([upper[names.index("cbf")], upper[names.index("abv")] if "abv" in names else np.inf])
     return TimeGrid(
         att=att,
         tissue=np.ascontiguousarray(tissue),
@@ -161,11 +165,44 @@ def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
         pair_att=pair_att,
         pair_alt=pair_alt,
         pairs=pairs,
+        amp_max=amp_max,
     )
 
 
 @serial
-def _amplitudes(yy, ty, tn, inv_tn, ay, an, inv_an, tx, inv_det, two):
+def _residual(yy, ty, tn, ay, an, tx, c, a):
+    """|y − c T − a A|² from the projections (see :func:`_amplitudes`)."""
+    return yy - 2.0 * (c * ty + a * ay) + c * c * tn + a * a * an + 2.0 * c * a * tx
+
+
+@serial
+def _boxed_amplitudes(yy, ty, tn, inv_tn, ay, an, inv_an, tx, c_max, a_max):
+    """Least-squares amplitudes within 0 <= c <= c_max, 0 <= a <= a_max when the optimum over
+    c, a >= 0 lies outside the box: the best of the four edges, each solved in closed form
+    (the problem is convex, so that is the box optimum). Returns (c, a, rss)."""
+    best_c = min(max(ty * inv_tn, 0.0), c_max)
+    best_a = 0.0
+    best = _residual(yy, ty, tn, ay, an, tx, best_c, best_a)
+    for edge in range(3):
+        if edge == 0:  # c = 0
+            c = 0.0
+            a = min(max(ay * inv_an, 0.0), a_max)
+        elif edge == 1:  # c = c_max
+            c = c_max
+            a = min(max((ay - c_max * tx) * inv_an, 0.0), a_max)
+        else:  # a = a_max
+            if not math.isfinite(a_max):
+                continue
+            a = a_max
+            c = min(max((ty - a_max * tx) * inv_tn, 0.0), c_max)
+        rss = _residual(yy, ty, tn, ay, an, tx, c, a)
+        if rss < best:
+            best_c, best_a, best = c, a, rss
+    return best_c, best_a, best
+
+
+@serial
+def _orthant_amplitudes(yy, ty, tn, inv_tn, ay, an, inv_an, tx, inv_det, two):
     """Non-negative least-squares amplitudes (c, a) and residual for one grid pair.
 
     yy = y·y, ty = T·y, tn = T·T, ay = A·y, an = A·A, tx = T·A, with the precomputed
@@ -189,24 +226,116 @@ def _amplitudes(yy, ty, tn, inv_tn, ay, an, inv_an, tx, inv_det, two):
 
 
 @serial
-def _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two):
-    """Amplitudes and residual at grid pair ``k`` from the projections ty, ay (see TimeGrid)."""
-    i = pair_att[k]
-    if two:
-        j = pair_abat[k]
-        return _amplitudes(yy, ty[i], norms[0, i], norms[1, i], ay[j], norms[2, j], norms[3, j], pairs[0, k],
-                           pairs[1, k], True)
-    return _amplitudes(yy, ty[i], norms[0, i], norms[1, i], 0.0, 0.0, 0.0, 0.0, 0.0, False)
+def _residual(yy, ty, tn, ay, an, tx, c, a):
+    """|y − c T − a A|² from the projections (see :func:`_orthant_amplitudes`)."""
+    return yy - 2.0 * (c * ty + a * ay) + c * c * tn + a * a * an + 2.0 * c * a * tx
 
 
 @serial
-def grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, ty, ay):
-    """Best grid pair for signal ``y``: returns (pair index, alternative pair, c, a, rss).
+def _boxed_amplitudes(yy, ty, tn, inv_tn, ay, an, inv_an, tx, inv_det, two, c_max, a_max):
+    """Least-squares amplitudes (c, a) within 0 <= c <= c_max, 0 <= a <= a_max and residual for
+    one grid pair (arguments as :func:`_orthant_amplitudes`). The non-negative optimum when it
+    lies inside the box; else the best of the box's edges, each solved in closed form (the
+    problem is convex, so that is the box optimum)."""
+    c, a, rss = _orthant_amplitudes(yy, ty, tn, inv_tn, ay, an, inv_an, tx, inv_det, two)
+    if c <= c_max and a <= a_max:
+        return c, a, rss
+    best_c = min(max(ty * inv_tn, 0.0), c_max)
+    best_a = 0.0
+    best = _residual(yy, ty, tn, ay, an, tx, best_c, best_a)
+    if not two:
+        return best_c, best_a, best
+    for edge in range(3):
+        if edge == 0:  # c = 0
+            c = 0.0
+            a = min(max(ay * inv_an, 0.0), a_max)
+        elif edge == 1:  # c = c_max
+            c = c_max
+            a = min(max((ay - c_max * tx) * inv_an, 0.0), a_max)
+        else:  # a = a_max
+            if not math.isfinite(a_max):
+                continue
+            a = a_max
+            c = min(max((ty - a_max * tx) * inv_tn, 0.0), c_max)
+        rss = _residual(yy, ty, tn, ay, an, tx, c, a)
+        if rss < best:
+            best_c, best_a, best = c, a, rss
+    return best_c, best_a, best
+
+
+@serial
+def _pair_orthant(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two, amp_max):
+    """Non-negative amplitudes and residual at grid pair ``k`` from the projections ty, ay (see TimeGrid)."""
+    i = pair_att[k]
+    if two:
+        j = pair_abat[k]
+        return _orthant_amplitudes(yy, ty[i], norms[0, i], norms[1, i], ay[j], norms[2, j], norms[3, j], pairs[0, k],
+                                   pairs[1, k], True)
+    return _orthant_amplitudes(yy, ty[i], norms[0, i], norms[1, i], 0.0, 0.0, 0.0, 0.0, 0.0, False)
+
+
+@serial
+def _pair_boxed(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two, amp_max):
+    """Amplitudes within (0, amp_max) and residual at grid pair ``k`` (see :func:`_pair_orthant`)."""
+    i = pair_att[k]
+    if two:
+        j = pair_abat[k]
+        return _boxed_amplitudes(yy, ty[i], norms[0, i], norms[1, i], ay[j], norms[2, j], norms[3, j], pairs[0, k],
+                                 pairs[1, k], True, amp_max[0], amp_max[1])
+    return _boxed_amplitudes(yy, ty[i], norms[0, i], norms[1, i], 0.0, 0.0, 0.0, 0.0, 0.0, False, amp_max[0],
+                             amp_max[1])
+
+
+@serial
+def _best_run_1c(rss, n_att, tie):
+    """(first, last) of the run of grid points within ``tie`` of the lowest ``rss``, around its
+    first occurrence."""
+    k = 0
+    for i in range(1, n_att):
+        if rss[i] < rss[k]:
+            k = i
+    first = k
+    while first > 0 and rss[first - 1] <= rss[k] + tie:
+        first -= 1
+    last = k
+    while last + 1 < n_att and rss[last + 1] <= rss[k] + tie:
+        last += 1
+    return first, last
+
+
+@serial
+def _best_run_pairs(boxed, yy, ty, ay, norms, pair_abat, pair_att, pairs, amp_max, tie):
+    """(first, last) of the first run of consecutive pairs within ``tie`` of the lowest residual,
+    with amplitudes from :func:`_pair_boxed` if ``boxed``, else :func:`_pair_orthant`."""
+    best = np.inf
+    first = 0
+    last = 0
+    for k in range(pair_att.shape[0]):
+        if boxed:
+            c, a, rss = _pair_boxed(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, True, amp_max)
+        else:
+            c, a, rss = _pair_orthant(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, True, amp_max)
+        if rss < best - tie:
+            best = rss
+            first = k
+            last = k
+        elif rss <= best + tie and last == k - 1:
+            last = k
+            best = min(best, rss)
+    return first, last
+
+
+@serial
+def grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, amp_max, ty, ay):
+    """Best grid pair for signal ``y``: returns (pair index, alternative pair, c, a, rss), with the
+    amplitudes within their bounds ``amp_max`` (c, a), so the choice is a bounded least-squares one.
 
     ``ty`` and ``ay`` are scratch arrays of lengths n_att and max(n_att, n_abat). Ties (within
     TIE_TOLERANCE |y|²) over consecutive pairs (flat directions) resolve to the middle of
     the run; the alternative is then the first pair past the run (else -1), for a second
-    local start.
+    local start. The search runs on non-negative amplitudes first (fast); only when an amplitude
+    of the chosen run exceeds its bound is it repeated with bounded ones. That gives the bounded
+    search's answer: bounding raises no residual of the run and lowers none elsewhere.
     """
     n_vol = y.shape[0]
     two = arterial.shape[0] > 0
@@ -228,43 +357,38 @@ def grid_search_voxel(y, tissue_by_volume, arterial, norms, pair_abat, pair_att,
         for v in range(n_vol):
             s += arterial[j, v] * y[v]
         ay[j] = s
+    c_max = amp_max[0]
     if not two:
         # one basis (pair k = att k): every residual in a branch-free loop, then the minimum
         # and the run of ties around it (scratch ``ay`` holds the residuals)
         for k in range(n_att):
             ay[k] = yy - max(ty[k], 0.0) * norms[1, k] * ty[k]
-        k = 0
-        for i in range(1, n_att):
-            if ay[i] < ay[k]:
-                k = i
-        first = k
-        while first > 0 and ay[first - 1] <= ay[k] + tie:
-            first -= 1
-        last = k
-        while last + 1 < n_att and ay[last + 1] <= ay[k] + tie:
-            last += 1
+        first, last = _best_run_1c(ay, n_att, tie)
+        exceeded = False
+        for k in range(first, last + 1):
+            exceeded = exceeded or max(ty[k], 0.0) * norms[1, k] > c_max
+        if exceeded:
+            for k in range(n_att):
+                c = max(ty[k], 0.0) * norms[1, k]
+                ay[k] = yy - c * ty[k] if c <= c_max else yy - c_max * (2.0 * ty[k] - c_max * norms[0, k])
+            first, last = _best_run_1c(ay, n_att, tie)
         k = (first + last) // 2
         alt = last + 1 if last > first and last + 1 < n_att else pair_alt[k]
-        c, a, rss = _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, False)
+        c, a, rss = _pair_boxed(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, False, amp_max)
         return k, alt, c, a, max(rss, 0.0)
-    best = np.inf
-    first = 0
-    last = 0
-    for k in range(pair_att.shape[0]):
-        c, a, rss = _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two)
-        if rss < best - tie:
-            best = rss
-            first = k
-            last = k
-        elif rss <= best + tie and last == k - 1:
-            last = k
-            best = min(best, rss)
+    first, last = _best_run_pairs(False, yy, ty, ay, norms, pair_abat, pair_att, pairs, amp_max, tie)
+    exceeded = False
+    for k in range(first, last + 1):
+        c, a, _ = _pair_orthant(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, True, amp_max)
+        exceeded = exceeded or c > c_max or a > amp_max[1]
+    if exceeded:
+        first, last = _best_run_pairs(True, yy, ty, ay, norms, pair_abat, pair_att, pairs, amp_max, tie)
     k = (first + last) // 2
     # the first pair past a flat run, on the same abat: a start from which LM can leave it
     alt = last + 1 if last > first and last + 1 < pair_att.shape[0] and pair_abat[last + 1] == pair_abat[last] else -1
     if alt < 0:
         alt = pair_alt[k]
-    c, a, rss = _pair_fit(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, two)
+    c, a, rss = _pair_boxed(k, yy, ty, ay, norms, pair_abat, pair_att, pairs, True, amp_max)
     return k, alt, c, a, max(rss, 0.0)
 
 
@@ -281,8 +405,8 @@ def is_invalid(y):
 
 
 @parallel
-def lookup_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, n_chunks, best_pair,
-                 alt_pair, amp, rss, invalid):
+def lookup_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att, pair_alt, pairs, amp_max, n_chunks,
+                 best_pair, alt_pair, amp, rss, invalid):
     """Grid search over voxels (chunks of voxels per thread): best and alternative pair, amplitudes (c, a), rss."""
     n = signals.shape[0]
     for chunk in prange(n_chunks):
@@ -296,7 +420,7 @@ def lookup_batch(signals, tissue_by_volume, arterial, norms, pair_abat, pair_att
                 continue
             invalid[i] = False
             k, alt, c, a, r = grid_search_voxel(signals[i], tissue_by_volume, arterial, norms, pair_abat, pair_att,
-                                                pair_alt, pairs, ty, ay)
+                                                pair_alt, pairs, amp_max, ty, ay)
             best_pair[i] = k
             alt_pair[i] = alt
             amp[i, 0] = c
@@ -322,7 +446,7 @@ def grid_search(grid: TimeGrid, signals: np.ndarray) -> tuple[np.ndarray, np.nda
     rss = np.full(n, np.nan)
     invalid = np.empty(n, dtype=np.bool_)
     lookup_batch(signals, grid.tissue_by_volume, grid.arterial, grid.norms, grid.pair_abat, grid.pair_att, grid.pair_alt,
-                 grid.pairs, n_chunks_for(n), best_pair, alt_pair, amp, rss, invalid)
+                 grid.pairs, grid.amp_max, n_chunks_for(n), best_pair, alt_pair, amp, rss, invalid)
     return best_pair, alt_pair, amp, rss, invalid
 
 
