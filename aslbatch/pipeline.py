@@ -1,9 +1,11 @@
 """One acquisition end to end: validate, prepare, fit every requested method, write derivatives.
 
-:func:`process_session` runs every acquisition of a BIDS session (see
-:func:`aslbatch.identify.group_acquisitions`, which also chooses each one's model) with the
-:class:`Settings`; the batch layer calls it once per session, with the grouping and input
-digests of its plan. Per-slice timing of 2D readouts is honoured exactly: voxels
+:func:`process_session` runs every acquisition of a BIDS session (grouped by
+:func:`aslbatch.identify.group_acquisitions`) with the :class:`Settings`; the batch layer calls
+it once per session, with the grouping and input digests of its plan. Before any fit,
+:func:`aslbatch.identify.decide` chooses from the checked metadata the model whose parameters
+the protocol determines (or refuses the acquisition with the reason), and the methods that
+serve it run (:func:`methods_for`). Per-slice timing of 2D readouts is honoured exactly: voxels
 are grouped by their slice's time offset and each group is fitted with the protocol's
 PLDs shifted by that offset.
 """
@@ -39,7 +41,8 @@ class Settings:
 
     methods : estimator names, each written as ``desc-<method>`` maps; default the supervised
         network, the most accurate at clinical SNR in ``aslbatch evaluate`` (README).
-    model : ``"auto"`` (2C for a crushed + non-crushed pair, else 1C) or a model's name (:data:`~aslbatch.models.MODELS`).
+    model : ``"auto"`` (the model each acquisition's protocol determines: :func:`aslbatch.identify.decide`)
+        or a model's name (:data:`~aslbatch.models.MODELS`), refused where the protocol calls for another.
     constants : overrides of :class:`~aslbatch.protocol.Constants` fields (their units).
     background_suppression_correction : apply α_BS = 0.95 per pulse (ASL_MODELS.md: off).
     arterial_edge_s : the 2C model's smoothed arterial window (s); 0 = hard edges.

@@ -466,6 +466,12 @@ def _suppression_section(summary: Mapping[str, Any]) -> list[str]:
             f"<p>{escape(str(summary.get('BackgroundSuppressionCorrectionDescription', '')))}</p>"]
 
 
+def _timing_headers(model: dict) -> tuple[str, str]:
+    """The protocol table's two timing columns: PASL's protocol holds the bolus duration and TI."""
+    pulsed = model.get("model") == "pasl" or (model.get("options") or {}).get("labeling") == "pasl"
+    return ("bolus duration τ_b (s)", "TI (s)") if pulsed else ("label duration τ (s)", "PLD (s)")
+
+
 def write_session_report(provenance_path: str | os.PathLike) -> Path:
     """Write the QC page of one acquisition beside its maps; returns its path (``<src>_qc.html``).
 
@@ -604,7 +610,7 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
         "<h2>Maps</h2>", *sections,
         '<h2 id="status">Status maps</h2>', *status_figures,
         '<h2 id="protocol">Protocol</h2>',
-        html_table(["volume", "label duration τ (s)", "PLD (s)", "crushed"], protocol_rows),
+        html_table(["volume", *_timing_headers(model), "crushed"], protocol_rows),
         *([f"<p>Notes: {escape('; '.join(str(n) for n in preprocessing['notes']))}</p>"]
           if preprocessing.get("notes") else []),
         "<h2>Constants</h2>", html_table(["constant", "value"], [[k, v] for k, v in constants.items()]),

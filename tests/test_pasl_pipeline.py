@@ -56,9 +56,8 @@ def test_phantom_sidecar_is_a_siemens_like_multi_ti_fair_q2tips_series(raw):
 
 
 def test_run_recovers_noise_free_pasl_maps(raw, tmp_path):
-    result = runner.invoke(app, ["run", str(raw), str(tmp_path / "out"), "--model", "pasl", "--method", "lm",
-                                 "--method", "lut"])
-    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["run", str(raw), str(tmp_path / "out"), "--method", "lm", "--method", "lut"])
+    assert result.exit_code == 0, result.output  # --model auto: the protocol (ten TIs) calls for pasl
     perf = tmp_path / "out" / "sub-01" / "perf"
     mask = _truth(raw, "mask") > 0
     true_cbf, true_att = _truth(raw, "cbf"), _truth(raw, "att")
@@ -73,6 +72,9 @@ def test_run_recovers_noise_free_pasl_maps(raw, tmp_path):
     provenance = json.loads((perf / "sub-01_provenance.json").read_text())
     text = json.dumps(provenance)
     assert '"alpha": 0.98' in text and '"bolus_duration": null' in text
+    assert provenance["decision"]["model"] == "pasl" and provenance["decision"]["parameters"] == ["cbf", "att"]
+    page = (perf / "sub-01_qc.html").read_text(encoding="utf-8")  # PASL's protocol is τ_b and TI
+    assert "<th>bolus duration τ_b (s)</th>" in page and "<th>TI (s)</th>" in page and "<th>PLD (s)</th>" not in page
 
 
 def test_pasl_data_need_the_pasl_model(raw, tmp_path):
