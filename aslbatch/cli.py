@@ -44,6 +44,8 @@ def _choices(name: str, values) -> type[Enum]:
 ModelName = _choices("ModelName", MODELS)
 ModelChoice = _choices("ModelChoice", ["auto", *MODELS])
 MethodName = _choices("MethodName", ESTIMATORS)
+#: aslbatch.preprocess.GRID_POLICIES (not imported here: nibabel stays out of --help)
+GridPolicy = _choices("GridPolicy", ["resample", "refuse"])
 
 
 class T1PrimeName(str, Enum):
@@ -236,7 +238,8 @@ def _read_config(path: Path) -> dict:
     except tomllib.TOMLDecodeError as exc:
         fail(f"{path}: not valid TOML ({exc})")
     known = {"methods", "model", "participant_label", "constants", "background_suppression_correction",
-             "arterial_edge_s", "bolus_duration", "method_options", "mask", "networks", "cache_dir", "report"}
+             "arterial_edge_s", "bolus_duration", "method_options", "mask", "networks", "cache_dir", "report",
+             "on_grid_mismatch"}
     unknown = set(data) - known
     if unknown:
         fail(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -268,6 +271,7 @@ def run(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Folder of cached networks (default $ASLBATCH_CACHE_DIR or the per-user cache).")] = None,
     report: Annotated[Optional[bool], typer.Option(help="QC pages: one per acquisition beside its maps and OUT_DIR/qc.html for the run (default on).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with the same settings (options given here win).")] = None,
+    on_grid_mismatch: Annotated[Optional[GridPolicy], typer.Option(help="An M0, mask or paired series on another grid than the ASL series (the same grid stored flipped or permuted is reoriented exactly): resample it (default; a warning and a note) or refuse the acquisition.")] = None,
 ) -> None:
     """Process every session of a BIDS ASL dataset into BIDS-derivative perfusion maps.
 
@@ -316,6 +320,7 @@ def run(
             networks=networks,
             cache_dir=str(cache_dir) if cache_dir is not None else cfg.get("cache_dir"),
             report=report if report is not None else bool(cfg.get("report", True)),
+            on_grid_mismatch=on_grid_mismatch.value if on_grid_mismatch else cfg.get("on_grid_mismatch", "resample"),
         )
     except (ValueError, TypeError) as exc:
         fail(str(exc))

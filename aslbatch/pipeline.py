@@ -26,7 +26,7 @@ from .derivatives import run_settings_digest, sha256_file, write_session_outputs
 from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator, served_methods
 from .identify import decide, group_acquisitions
 from .models import MODELS, KineticModel, get_model
-from .preprocess import PreparedData, prepare_acquisition
+from .preprocess import DEFAULT_GRID_POLICY, GRID_POLICIES, PreparedData, prepare_acquisition
 from .protocol import MAX_TIME_S, Constants
 
 __all__ = ["AcquisitionResult", "InputDigests", "Settings", "estimate_maps", "hash_inputs",
@@ -58,6 +58,9 @@ class Settings:
         cache); where networks live does not change the outputs, so it is not in ``to_dict``.
     report : write each acquisition's QC page and the run's index (:mod:`aslbatch.qc`);
         not in ``to_dict`` either (pages are regenerated without refitting).
+    on_grid_mismatch : an M0, mask or paired series on another grid than the ASL series (not the
+        same grid stored with other axes, which is reoriented exactly): ``"resample"`` (with a
+        warning and a note) or ``"refuse"`` (:func:`aslbatch.preprocess.onto_grid`).
     """
 
     methods: tuple[str, ...] = ("supervised",)
@@ -71,8 +74,11 @@ class Settings:
     networks: Mapping[str, str] = field(default_factory=dict)
     cache_dir: str | None = None
     report: bool = True
+    on_grid_mismatch: str = DEFAULT_GRID_POLICY
 
     def __post_init__(self) -> None:
+        if self.on_grid_mismatch not in GRID_POLICIES:
+            raise ValueError(f"on_grid_mismatch must be one of {list(GRID_POLICIES)}, got {self.on_grid_mismatch!r}")
         if not self.methods:
             raise ValueError("at least one method is needed")
         if len(set(self.methods)) != len(self.methods):
@@ -115,6 +121,7 @@ class Settings:
             "method_options": {k: dict(v) for k, v in self.method_options.items()},
             "mask": self.mask,
             "networks": {m: {"path": str(p), "sha256": sha256_file(p)} for m, p in sorted(self.networks.items())},
+            "on_grid_mismatch": self.on_grid_mismatch,
         }
 
     def mask_path(self, subject: str, session: str | None) -> Path | None:
@@ -287,7 +294,8 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     timings["inputs"], mark = time.perf_counter() - mark, time.perf_counter()
     prepared = prepare_acquisition(acquisition, records, overrides=settings.constants,
                                    mask_path=settings.mask_path(acquisition.subject, acquisition.session),
-                                   background_suppression_correction=settings.background_suppression_correction)
+                                   background_suppression_correction=settings.background_suppression_correction,
+                                   on_grid_mismatch=settings.on_grid_mismatch)
     timings["prepare"], mark = time.perf_counter() - mark, time.perf_counter()
     options = dict(decision.options)
     if "arterial_edge_s" in MODELS[decision.model].option_names:
