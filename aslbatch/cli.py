@@ -501,6 +501,7 @@ def validate(
     participant_label: Annotated[Optional[list[str]], typer.Option(help="Check only these subjects (repeatable).")] = None,
     model: Annotated[ModelChoice, typer.Option(help="The model the run would use.")] = ModelChoice["auto"],
     bolus_duration: Annotated[Optional[float], typer.Option(help="PASL: the bolus duration (s) the run would be given (--bolus-duration).")] = None,
+    on_grid_mismatch: Annotated[GridPolicy, typer.Option(help="The run's --on-grid-mismatch: with refuse, images on another grid than their ASL series are problems.")] = GridPolicy["resample"],
 ) -> None:
     """Check a BIDS ASL dataset and print, per acquisition, the model and the parameters a run
     would estimate (or that it is refused), then every problem found, without processing anything.
@@ -514,7 +515,8 @@ def validate(
         fail(f"--bolus-duration must be a time in seconds in (0, {MAX_TIME_S:g}], got {bolus_duration!r}")
     try:
         problems, verdicts = bids.inspect_dataset(bids_dir, participant_label, model=model.value,
-                                                  bolus_duration=bolus_duration)
+                                                  bolus_duration=bolus_duration,
+                                                  on_grid_mismatch=on_grid_mismatch.value)
     except bids.BidsError as exc:
         fail(str(exc))
     for verdict in verdicts:

@@ -126,7 +126,8 @@ DEFAULT_GRID_POLICY = "resample"
 
 log = logging.getLogger("aslbatch.preprocess")
 
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError,
+                nib.spatialimages.HeaderDataError)
 
 
 # --- the result ------------------------------------------------------------------------------

@@ -1,0 +1,222 @@
+"""Fault catalogue (issue 14 points 3, 5, 6): images on different grids, implausible sessions,
+duplicate series, and what ``validate`` finds from headers and sidecars.
+
+Every case asserts the exit code, the named message, that the other subjects finished, that the
+raw dataset is byte-for-byte unchanged and that no stray file remains (tests/faults.py).
+
+The grid cases use a phantom whose M0 is a smooth analytic field g(world) and whose ASL series
+is scaled to it (ΔM/M0t, hence CBF, unchanged): an M0 on any grid is then g sampled at that
+grid's voxel centres, the truth a correct pipeline must reproduce. Flipped and permuted storage
+is made with nibabel's ``as_reoriented``, independently of aslbatch's code (not with ``slicer[::-1]``:
+nibabel 5.4's slicer gives a reversed axis without a start the wrong affine).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from aslbatch.cli import app
+from aslbatch.exitcodes import EXIT_FAILED, EXIT_OK
+from aslbatch.phantom import write_bids_dataset
+
+from .faults import assert_no_stray_files, assert_untouched, tree_digest
+
+runner = CliRunner()
+SHAPE = (16, 18, 6)
+
+
+def smooth_m0(world: np.ndarray) -> np.ndarray:
+    """M0t at world points (3, ...) in mm: 1000 with ±30 % smooth, asymmetric variation
+    (length scales of 25-40 mm, several voxels of 3 mm)."""
+    x, y, z = world
+    return 1000.0 * (1.0 + 0.2 * np.sin(x / 25.0 + 0.4) + 0.1 * np.cos(y / 30.0) + 0.05 * z / 10.0 + 0.002 * x)
+
+
+def world_of(affine: np.ndarray, shape) -> np.ndarray:
+    index = np.indices(tuple(shape), dtype=np.float64)
+    return np.tensordot(affine[:3, :3], index, axes=1) + affine[:3, 3].reshape(3, 1, 1, 1)
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    image = nib.Nifti1Image(np.asarray(data, dtype=np.float64), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+
+
+def m0_path(root: Path, subject: str = "01") -> Path:
+    return root / f"sub-{subject}" / "perf" / f"sub-{subject}_m0scan.nii.gz"
+
+
+def asl_path(root: Path, subject: str = "01") -> Path:
+    return root / f"sub-{subject}" / "perf" / f"sub-{subject}_asl.nii.gz"
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> Path:
+    """Three noise-free 1C phantom subjects, float64, each with the smooth M0 of :func:`smooth_m0`."""
+    root = write_bids_dataset(tmp_path / "raw", subjects=3, model="1c", snr=np.inf, seed=5, shape=SHAPE,
+                              dtype="float64", groundtruth_dir=tmp_path / "truth")
+    for subject in ("01", "02", "03"):
+        asl, m0 = nib.load(str(asl_path(root, subject))), nib.load(str(m0_path(root, subject)))
+        g = smooth_m0(world_of(asl.affine, SHAPE))
+        ratio = np.asarray(asl.dataobj) / np.asarray(m0.dataobj)[..., None]  # ΔM/M0t and control/M0t
+        save(asl_path(root, subject), ratio * g[..., None], asl.affine)
+        save(m0_path(root, subject), g, m0.affine)
+    return root
+
+
+def run(root: Path, out: Path, *extra: str):
+    return runner.invoke(app, ["run", "--method", "lm", str(root), str(out), *extra])
+
+
+def cbf(out: Path, subject: str = "01") -> np.ndarray:
+    return np.asarray(nib.load(str(out / f"sub-{subject}" / "perf" / f"sub-{subject}_desc-lm_cbf.nii.gz")).dataobj,
+                      dtype=np.float64)
+
+
+def provenance(out: Path, subject: str = "01") -> dict:
+    return json.loads((out / f"sub-{subject}" / "perf" / f"sub-{subject}_provenance.json").read_text())
+
+
+def summary(out: Path) -> dict:
+    return {s["session"]: s for s in json.loads((out / "logs" / "latest_summary.json").read_text())["sessions"]}
+
+
+def other_grid_affine(affine: np.ndarray) -> np.ndarray:
+    """2 mm voxels (the series: 3 mm), rotated 5° about z and shifted 1.3 mm: nothing in common."""
+    angle = np.deg2rad(5.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    out = np.eye(4)
+    out[:3, :3] = rotation @ np.diag([2.0, 2.0, 2.0])
+    out[:3, 3] = rotation @ affine[:3, 3] + np.array([-1.3, 0.7, -1.0])
+    return out
+
+
+@pytest.fixture()
+def reference(dataset, tmp_path) -> np.ndarray:
+    """CBF of sub-01 with its M0 on the series' grid (copied, so the raw tree stays as given)."""
+    copy = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(dataset, copy)
+    result = run(copy, tmp_path / "ref", "--participant-label", "01")
+    assert result.exit_code == EXIT_OK, result.output
+    return cbf(tmp_path / "ref")
+
+
+def _check_others_and_tree(root: Path, out: Path, before: dict) -> None:
+    sessions = summary(out)
+    assert sessions["sub-02"]["status"] == sessions["sub-03"]["status"] == "done"
+    assert_untouched(root, before)
+    assert_no_stray_files(out)
+
+
+# --- point 3: grids ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("storage", ["flipped", "permuted"])
+def test_m0_stored_flipped_or_permuted_gives_the_same_cbf_exactly(dataset, reference, tmp_path, storage):
+    """The same physical grid stored with other axes is reoriented exactly: CBF equal to the
+    original's to float precision (before: divided voxel by voxel, errors of tens of mL/100 g/min)."""
+    image = nib.load(str(m0_path(dataset)))
+    if storage == "flipped":
+        stored = image.as_reoriented(np.array([[0, -1], [1, 1], [2, -1]]))  # x and z reversed
+    else:
+        stored = image.as_reoriented(np.array([[1, 1], [0, -1], [2, 1]]))  # x<->y swapped, one flipped
+    assert stored.shape != image.shape or not np.allclose(stored.affine, image.affine)
+    save(m0_path(dataset), np.asarray(stored.dataobj), stored.affine)
+    before = tree_digest(dataset)
+    out = tmp_path / "out"
+    result = run(dataset, out)
+    assert result.exit_code == EXIT_OK, result.output
+    mine = cbf(out)
+    finite = np.isfinite(reference)
+    np.testing.assert_array_equal(np.isfinite(mine), finite)
+    np.testing.assert_allclose(mine[finite], reference[finite], rtol=1e-6, atol=1e-6)
+    notes = provenance(out)["preprocessing"]["notes"]
+    assert any("sub-01_m0scan.nii.gz: the m0scan is the ASL series' grid stored with other axes" in n and
+               "reoriented exactly" in n for n in notes)
+    _check_others_and_tree(dataset, out, before)
+
+
+def test_m0_on_another_grid_is_resampled_with_a_warning_and_a_note(dataset, reference, tmp_path):
+    """M0 at 2 mm, rotated 5° and shifted (the physical g sampled there): resampled onto the
+    ASL grid, CBF within 1 % of the original in 95 % of the brain (trilinear interpolation of g)."""
+    asl = nib.load(str(asl_path(dataset)))
+    affine = other_grid_affine(asl.affine)
+    shape = (28, 30, 12)  # covers the series' field of view
+    save(m0_path(dataset), smooth_m0(world_of(affine, shape)), affine)
+    before = tree_digest(dataset)
+    out = tmp_path / "out"
+    result = run(dataset, out)
+    assert result.exit_code == EXIT_OK, result.output
+    mine = cbf(out)
+    both = np.isfinite(reference) & np.isfinite(mine) & (reference > 5)
+    assert both.sum() >= 0.95 * (np.isfinite(reference) & (reference > 5)).sum()
+    error = np.abs(mine[both] / reference[both] - 1)
+    assert np.percentile(error, 95) < 0.01 and error.max() < 0.03
+    notes = provenance(out)["preprocessing"]["notes"]
+    assert any("sub-01_m0scan.nii.gz: the m0scan is on another grid" in n and "resampled onto the ASL grid" in n
+               for n in notes)
+    log = next((out / "logs").glob("run-*.log")).read_text()
+    assert "WARNING sub-01/perf/sub-01_m0scan.nii.gz: the m0scan is on another grid" in log
+    _check_others_and_tree(dataset, out, before)
+
+
+def test_m0_on_another_grid_is_refused_with_the_option(dataset, tmp_path):
+    asl = nib.load(str(asl_path(dataset)))
+    affine = other_grid_affine(asl.affine)
+    save(m0_path(dataset), smooth_m0(world_of(affine, (28, 30, 12))), affine)
+    before = tree_digest(dataset)
+    out = tmp_path / "out"
+    result = run(dataset, out, "--on-grid-mismatch", "refuse")
+    assert result.exit_code == EXIT_FAILED, result.output
+    reason = summary(out)["sub-01"]["reason"]
+    assert "sub-01/perf/sub-01_m0scan.nii.gz: the m0scan is on another grid (shape (28, 30, 12), voxel 2x2x2 mm" \
+        in reason and "refused" in reason
+    assert not (out / "sub-01" / "perf" / "sub-01_provenance.json").exists()
+    _check_others_and_tree(dataset, out, before)
+
+
+def test_user_mask_flipped_is_reoriented_and_on_another_grid_is_resampled(dataset, tmp_path):
+    """A mask file stored flipped selects exactly the voxels it names; on a 1.5 mm grid it is
+    resampled by nearest neighbour (the voxel centres it covers)."""
+    asl = nib.load(str(asl_path(dataset)))
+    wanted = np.zeros(SHAPE, dtype=np.uint8)
+    wanted[3:11, 4:9, 1:4] = 1
+    flipped = nib.Nifti1Image(wanted, asl.affine).as_reoriented(np.array([[0, -1], [1, -1], [2, 1]]))
+    mask_file = tmp_path / "mask_flipped.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(flipped.dataobj), flipped.affine), str(mask_file))
+    before = tree_digest(dataset)
+    out = tmp_path / "out"
+    result = run(dataset, out, "--mask", str(mask_file))
+    assert result.exit_code == EXIT_OK, result.output
+    written = np.asarray(nib.load(str(out / "sub-01" / "perf" / "sub-01_desc-brain_mask.nii.gz")).dataobj)
+    np.testing.assert_array_equal(written, wanted)
+    # the same box on a 1.5 mm grid: a box in world space, whose nearest-neighbour resampling is that box
+    fine = asl.affine.copy()
+    fine[:3, :3] /= 2
+    fine[:3, 3] -= 0.75  # fine voxel centres at ±0.75 mm of the coarse ones
+    fine_mask = np.zeros((32, 36, 12), dtype=np.uint8)
+    fine_mask[6:22, 8:18, 2:8] = 1  # the same 8x5x3 coarse voxels
+    mask_fine = tmp_path / "mask_fine.nii.gz"
+    nib.save(nib.Nifti1Image(fine_mask, fine), str(mask_fine))
+    out2 = tmp_path / "out2"
+    result = run(dataset, out2, "--mask", str(mask_fine))
+    assert result.exit_code == EXIT_OK, result.output
+    written = np.asarray(nib.load(str(out2 / "sub-01" / "perf" / "sub-01_desc-brain_mask.nii.gz")).dataobj)
+    np.testing.assert_array_equal(written, wanted)
+    assert any("the mask is on another grid" in n for n in provenance(out2)["preprocessing"]["notes"])
+    result = run(dataset, tmp_path / "out3", "--mask", str(mask_fine), "--on-grid-mismatch", "refuse")
+    assert result.exit_code == EXIT_FAILED
+    assert "mask_fine.nii.gz: the mask is on another grid" in summary(tmp_path / "out3")["sub-01"]["reason"]
+    assert_untouched(dataset, before)
+    for folder in (out, out2, tmp_path / "out3"):
+        assert_no_stray_files(folder)
