@@ -100,6 +100,8 @@ class SessionOutcome:
     outputs: tuple[str, ...] = ()
     #: seconds per stage, summed over the session's acquisitions (see AcquisitionResult.timings)
     timings: dict = field(default_factory=dict)
+    #: why a done session's results are implausible, per acquisition (AcquisitionResult.flags)
+    flags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -197,10 +199,11 @@ def _run_session(plan: SessionPlan, out_dir: Path, settings: Settings, progress:
     for r in results:
         for stage, seconds in r.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
+    flags = tuple(f"{r.source_name}: {flag}" for r in results for flag in r.flags)
     if failed:
         reason = "; ".join(f"{r.source_name}: {r.error}" for r in failed)
-        return SessionOutcome(session.name, "failed", reason, time.perf_counter() - t0, outputs, timings)
-    return SessionOutcome(session.name, "done", "", time.perf_counter() - t0, outputs, timings)
+        return SessionOutcome(session.name, "failed", reason, time.perf_counter() - t0, outputs, timings, flags)
+    return SessionOutcome(session.name, "done", "", time.perf_counter() - t0, outputs, timings, flags)
 
 
 def _log_handlers(log_file: Path) -> list[logging.Handler]:
@@ -255,9 +258,9 @@ def _write_reports(report: BatchReport, logs: Path) -> None:
     text = json.dumps(summary, indent=2)
     rows = io.StringIO()
     writer = csv.writer(rows, delimiter="\t", lineterminator="\n")
-    writer.writerow(["session", "status", "reason", "duration_s", "n_outputs"])
+    writer.writerow(["session", "status", "reason", "duration_s", "n_outputs", "flags"])
     for o in report.outcomes:
-        writer.writerow([o.session, o.status, o.reason, f"{o.duration_s:.2f}", len(o.outputs)])
+        writer.writerow([o.session, o.status, o.reason, f"{o.duration_s:.2f}", len(o.outputs), "; ".join(o.flags)])
     for name, content in ((f"run-{report.run_id}_summary.json", text), (f"run-{report.run_id}_summary.tsv", rows.getvalue()),
                           ("latest_summary.json", text), ("latest_summary.tsv", rows.getvalue())):
         with atomic_open(logs / name, "w", encoding="utf-8") as fh:

@@ -24,8 +24,10 @@ import numpy as np
 from . import bids
 from .derivatives import run_settings_digest, sha256_file, write_session_outputs
 from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator, served_methods
+from .estimators.base import Status
 from .identify import decide, group_acquisitions
 from .models import MODELS, KineticModel, get_model
+from .plausibility import judge, unusable_reason
 from .preprocess import DEFAULT_GRID_POLICY, GRID_POLICIES, PreparedData, prepare_acquisition
 from .protocol import MAX_TIME_S, Constants
 
@@ -155,6 +157,8 @@ class AcquisitionResult:
     #: (loading images and preprocessing), "fit" (every method), "write" (outputs) and
     #: "report" (the QC page)
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: why a done acquisition's result is implausible (:mod:`aslbatch.plausibility`); empty when it is not
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -297,6 +301,9 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
                                    background_suppression_correction=settings.background_suppression_correction,
                                    on_grid_mismatch=settings.on_grid_mismatch)
     timings["prepare"], mark = time.perf_counter() - mark, time.perf_counter()
+    unusable = unusable_reason(prepared.signals)
+    if unusable is not None:
+        raise bids.BidsError(unusable, path=acquisition.series[0].relpath, field="NIfTI data")
     options = dict(decision.options)
     if "arterial_edge_s" in MODELS[decision.model].option_names:
         options["arterial_edge_s"] = settings.arterial_edge_s
@@ -313,9 +320,16 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         estimates[method] = estimate_maps(model, prepared, method, method_options, progress, estimator)
         estimator_options[method] = provenance_options(estimator)
     timings["fit"], mark = time.perf_counter() - mark, time.perf_counter()
+    if all((np.asarray(e.status) == Status.INVALID_INPUT).all() for e in estimates.values()):
+        raise bids.BidsError("every map is invalid: no brain voxel had a usable ΔM/M0t",
+                             path=acquisition.series[0].relpath, field="NIfTI data")
+    plausibility = judge(prepared.signals, estimates)
+    if plausibility.flagged:
+        log.warning("%s: %s", acquisition.source_name, plausibility.message())
     outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
                                     bids_dir=acquisition.series[0].bids_dir, started_at=started,
-                                    run_settings=settings.to_dict(), decision=decision.to_dict())
+                                    run_settings=settings.to_dict(), decision=decision.to_dict(),
+                                    plausibility=plausibility.to_dict())
     timings["write"], mark = time.perf_counter() - mark, time.perf_counter()
     if settings.report:
         write_report(outputs[-1])
@@ -330,6 +344,7 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         outputs=tuple(str(p) for p in outputs),
         status_counts={m: e.status_counts() for m, e in estimates.items()},
         timings=timings,
+        flags=(plausibility.message(),) if plausibility.flagged else (),
     )
 
 
@@ -361,8 +376,15 @@ def process_session(session: bids.Session, out_dir: str | Path, settings: Settin
             return [AcquisitionResult(session.name, session.subject, session.session, settings.model, "failed", 0.0,
                                       error=str(exc))]
     inputs = inputs or {}
+    duplicated = {problem.path: problem for problem in bids.duplicate_series(session.series)}
     for acquisition in acquisitions:
         t0 = time.perf_counter()
+        twice = [duplicated[s.relpath] for s in acquisition.series if s.relpath in duplicated]
+        if twice:  # a .nii beside a .nii.gz of one name: never processed twice into the same outputs
+            results.append(AcquisitionResult(acquisition.source_name, acquisition.subject, acquisition.session,
+                                             acquisition.model, "failed", 0.0,
+                                             error=f"BidsError: {'; '.join(str(p) for p in twice)}"))
+            continue
         try:
             results.append(process_acquisition(acquisition, out_dir, settings, progress,
                                                inputs=inputs.get(acquisition.source_name)))

@@ -47,6 +47,7 @@ __all__ = [
     "AcquisitionVerdict",
     "SeriesMetadata",
     "check_series",
+    "duplicate_series",
     "inspect_dataset",
     "inspect_session",
     "m0_repetition_time",
@@ -317,7 +318,7 @@ def _check_volume_types(series: AslSeries, tau: np.ndarray | None, context: str 
                 path=context, field="volume_type",
             ))
             break
-        if tau is not None and pld is not None and not np.array_equal(
+        if tau is not None and pld is not None and tau[first] > 0 and tau[second] > 0 and not np.array_equal(
                 np.round([tau[first], pld[first]], 6), np.round([tau[second], pld[second]], 6)):
             problems.append(_error(
                 series.metadata, "PostLabelingDelay",
@@ -385,15 +386,18 @@ def inspect_session(
         problems.extend(series_problems)
     verdicts = _verdicts(session, model, records, on_grid_mismatch)
     problems.extend(v.refusal for v in verdicts if v.refusal is not None)
-    names = [series.name for series in session.series]
-    for series in session.series:
-        if names.count(series.name) > 1:
-            problems.append(BidsError(
-                f"{series.name} exists both as .nii and .nii.gz; keep one", path=series.relpath, field="file name"
-            ))
+    problems.extend(duplicate_series(session.series))
     if model == "2c":
         problems.extend(reason for _, reason in pair_series(session.series)[1] if reason is not None)
     return _unique(problems), verdicts
+
+
+def duplicate_series(series: Sequence[AslSeries]) -> list[BidsError]:
+    """One problem per series whose name another series shares (``.nii`` beside ``.nii.gz``):
+    both would be written to the same outputs, so run fails them and validate reports them."""
+    names = [item.name for item in series]
+    return [BidsError(f"{item.name} exists both as .nii and .nii.gz; keep one", path=item.relpath,
+                      field="file name") for item in series if names.count(item.name) > 1]
 
 
 def _verdicts(session: Session, model: str, records: Mapping[str, SeriesMetadata | None],
