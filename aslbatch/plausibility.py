@@ -34,7 +34,8 @@ MAX_SHARE_AT_BOUND_OR_INVALID = 0.5
 #: median CBF over the brain mask (mL/100 g/min) outside which the result is implausible: adult grey
 #: and white matter together lie around 20-80; a wrong M0 scaling moves it by its factor
 PLAUSIBLE_MEDIAN_CBF = (5.0, 200.0)
-#: share of brain voxels with a negative mean ΔM/M0t above which labels and controls are likely swapped
+#: share of brain voxels (of those with a non-zero mean ΔM/M0t) with a negative mean above which labels
+#: and controls are likely swapped
 NEGATIVE_SHARE = 0.5
 
 _BAD = (int(Status.AT_BOUND), int(Status.INVALID_INPUT))
@@ -69,7 +70,8 @@ class Plausibility:
         AT_BOUND or INVALID_INPUT.
     median_cbf : per method, the median finite CBF over the brain (mL/100 g/min); absent for
         methods without a cbf map.
-    negative_share : share (0-1) of brain voxels whose mean ΔM/M0t over the volumes is < 0.
+    negative_share : share (0-1) of the brain voxels with a non-zero mean ΔM/M0t over the volumes
+        whose mean is < 0.
     causes : the likely causes, one sentence each (empty when not flagged).
     """
 
@@ -99,7 +101,9 @@ def judge(signals: np.ndarray, estimates: Mapping[str, Estimate]) -> Plausibilit
     signals = np.asarray(signals, dtype=np.float64)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN row has no mean: not negative
-        negative_share = float(np.mean(np.nanmean(signals, axis=1) < 0)) if signals.size else 0.0
+        mean = np.nanmean(signals, axis=1) if signals.size else np.zeros(0)
+    signed = mean[np.isfinite(mean) & (mean != 0)]
+    negative_share = float(np.mean(signed < 0)) if signed.size else 0.0
     shares, medians = {}, {}
     for method, estimate in estimates.items():
         status = np.asarray(estimate.status)

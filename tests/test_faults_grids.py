@@ -72,6 +72,14 @@ def dataset(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture()
+def phantom(tmp_path) -> Path:
+    """Three noise-free 1C phantom subjects with the phantom's own M0 (tissue contrast: the brain
+    mask drawn from it is the brain)."""
+    return write_bids_dataset(tmp_path / "raw", subjects=3, model="1c", snr=np.inf, seed=5, shape=SHAPE,
+                              dtype="float64", groundtruth_dir=tmp_path / "truth")
+
+
 def run(root: Path, out: Path, *extra: str):
     return runner.invoke(app, ["run", "--method", "lm", str(root), str(out), *extra])
 
@@ -220,3 +228,170 @@ def test_user_mask_flipped_is_reoriented_and_on_another_grid_is_resampled(datase
     assert_untouched(dataset, before)
     for folder in (out, out2, tmp_path / "out3"):
         assert_no_stray_files(folder)
+
+
+# --- point 5: plausibility ---------------------------------------------------------------------
+
+
+def _scale_series(root: Path, factor: float) -> None:
+    image = nib.load(str(asl_path(root)))
+    save(asl_path(root), np.asarray(image.dataobj) * factor, image.affine)
+
+
+def _swap_labels(root: Path) -> None:
+    context = root / "sub-01" / "perf" / "sub-01_aslcontext.tsv"
+    swap = {"control": "label", "label": "control"}
+    lines = context.read_text().splitlines()
+    context.write_text("\n".join(lines[:1] + [swap.get(line, line) for line in lines[1:]]) + "\n")
+
+
+def _scale_m0(root: Path, factor: float) -> None:
+    image = nib.load(str(m0_path(root)))
+    save(m0_path(root), np.asarray(image.dataobj) * factor, image.affine)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("zero", "sub-01/perf/sub-01_asl.nii.gz: every map would be invalid: ΔM = control − label is zero in every "
+             "brain voxel"),
+    ("nan", "sub-01/perf/sub-01_asl.nii.gz: every map would be invalid: ΔM/M0t is NaN or infinite in every brain "
+            "voxel"),
+])
+def test_a_series_whose_maps_would_all_be_invalid_fails_with_the_reason(dataset, tmp_path, how, message):
+    """An all-zero or all-NaN series (before: all-NaN maps and "done", exit 0)."""
+    _scale_series(dataset, 0.0 if how == "zero" else np.nan)
+    before = tree_digest(dataset)
+    out = tmp_path / "out"
+    result = run(dataset, out)
+    assert result.exit_code == EXIT_FAILED, result.output
+    assert message in summary(out)["sub-01"]["reason"]
+    assert not (out / "sub-01" / "perf" / "sub-01_provenance.json").exists()
+    assert "Traceback" not in result.output and "RuntimeWarning" not in result.output
+    _check_others_and_tree(dataset, out, before)
+
+
+@pytest.mark.parametrize("how, cause", [
+    ("swapped", "ΔM = control − label is negative in 100% of brain voxels: labels and controls swapped"),
+    ("m0_small", "is implausibly high (> 200): M0 too small for the ASL series (scaled wrongly"),
+    ("m0_large", "is implausibly low (< 5): M0 too large for the ASL series (scaled wrongly)"),
+])
+def test_an_implausible_session_is_done_but_flagged_with_the_likely_cause(phantom, tmp_path, how, cause):
+    """Labels and controls swapped, or the M0 scaled by 1/100 or 100 (the CBF scales by its inverse):
+    done (exit 0), flagged in the summary (JSON and TSV), the provenance, the QC page and the run
+    index; the untouched subjects are not flagged."""
+    {"swapped": _swap_labels, "m0_small": lambda r: _scale_m0(r, 0.01),
+     "m0_large": lambda r: _scale_m0(r, 100.0)}[how](phantom)
+    dataset = phantom
+    before = tree_digest(dataset)
+    out = tmp_path / "out"
+    result = run(dataset, out)
+    assert result.exit_code == EXIT_OK, result.output
+    sessions = summary(out)
+    assert sessions["sub-01"]["status"] == "done"
+    (flag,) = sessions["sub-01"]["flags"]
+    assert flag.startswith("sub-01: implausible result: ") and cause in flag
+    assert sessions["sub-02"]["flags"] == sessions["sub-03"]["flags"] == []
+    rows = {line.split("\t")[0]: line.split("\t") for line in (out / "logs" / "latest_summary.tsv").read_text().splitlines()}
+    assert rows["session"][-1] == "flags" and cause in rows["sub-01"][-1] and rows["sub-02"][-1] == ""
+    judgement = provenance(out)["plausibility"]
+    assert judgement["flagged"] and cause in judgement["message"]
+    assert not provenance(out, "02")["plausibility"]["flagged"]
+    page = (out / "sub-01" / "perf" / "sub-01_qc.html").read_text()
+    assert "Flagged:" in page and "implausible result" in page
+    assert "Flagged:" not in (out / "sub-02" / "perf" / "sub-02_qc.html").read_text()
+    index = (out / "qc.html").read_text()
+    assert index.count("flagged: implausible result") == 1
+    _check_others_and_tree(dataset, out, before)
+
+
+def test_plausibility_thresholds_against_status_counts():
+    """judge() against hand-made estimates: 60 % at a bound is flagged, 40 % is not; the median
+    CBF rule; invalid voxels count with those at a bound."""
+    from aslbatch.estimators.base import Estimate, Status
+    from aslbatch.plausibility import judge, unusable_reason
+
+    def estimate(cbf, status):
+        n = len(cbf)
+        return Estimate(np.column_stack([cbf, np.full(n, 1.2)]), np.asarray(status, dtype=np.int8), None,
+                        np.zeros(n), ("cbf", "att"), "lm")
+
+    signals = np.full((10, 3), 0.01)
+    ok = judge(signals, {"lm": estimate([50.0] * 10, [Status.CONVERGED] * 6 + [Status.AT_BOUND] * 4)})
+    assert not ok.flagged and ok.share_at_bound_or_invalid == {"lm": 0.4} and ok.message() == ""
+    bad = judge(signals, {"lm": estimate([50.0] * 10, [Status.CONVERGED] * 4 + [Status.AT_BOUND] * 3
+                                         + [Status.INVALID_INPUT] * 3)})
+    assert bad.flagged and "60% of brain voxels end at a bound or invalid" in bad.message()
+    high = judge(signals, {"lm": estimate([250.0] * 10, [Status.CONVERGED] * 10)})
+    assert high.flagged and high.median_cbf == {"lm": 250.0} and "implausibly high" in high.message()
+    assert unusable_reason(signals) is None
+    assert "zero in every brain voxel" in unusable_reason(np.zeros((4, 3)))
+    assert "NaN or infinite" in unusable_reason(np.full((4, 3), np.nan))
+
+
+# --- duplicates and what validate finds (point 6) --------------------------------------------------
+
+
+def _duplicate(root: Path) -> None:
+    import gzip
+
+    asl_path(root).with_suffix("").write_bytes(gzip.decompress(asl_path(root).read_bytes()))  # sub-01_asl.nii
+
+
+def _unpairable(root: Path) -> None:
+    context = root / "sub-01" / "perf" / "sub-01_aslcontext.tsv"
+    lines = context.read_text().splitlines()
+    lines[1], lines[2] = "control", "control"
+    lines[3], lines[4] = "label", "label"
+    context.write_text("\n".join(lines) + "\n")
+
+
+def _nan_scl_inter(root: Path) -> None:
+    image = nib.load(str(asl_path(root)))
+    broken = nib.Nifti1Image(np.asarray(image.dataobj).astype(np.int16), image.affine)
+    broken.header["scl_slope"] = 2.0
+    broken.header["scl_inter"] = np.nan
+    nib.save(broken, str(asl_path(root)))
+
+
+def _m0_other_grid(root: Path) -> None:
+    affine = other_grid_affine(nib.load(str(asl_path(root))).affine)
+    save(m0_path(root), smooth_m0(world_of(affine, (28, 30, 12))), affine)
+
+
+VALIDATE_CASES = {
+    "duplicate": (_duplicate, (), "sub-01/perf/sub-01_asl.nii: sub-01 exists both as .nii and .nii.gz; keep one"),
+    "unpairable": (_unpairable, (), "sub-01/perf/sub-01_aslcontext.tsv: volumes 0 and 1 (counting from 0) are both "
+                                    "control: control/label pair 0 cannot be formed"),
+    "nan_scl_inter": (_nan_scl_inter, (), "sub-01/perf/sub-01_asl.nii.gz: the NIfTI header's scl_inter is invalid"),
+    "m0_grid_refused": (_m0_other_grid, ("--on-grid-mismatch", "refuse"),
+                        "sub-01/perf/sub-01_m0scan.nii.gz: the m0scan is on another grid (shape (28, 30, 12)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALIDATE_CASES))
+def test_validate_finds_what_run_refuses_and_run_fails_only_that_session(dataset, tmp_path, case):
+    """Each fault knowable from headers and sidecars: validate reports it (exit 1) in one line
+    naming the file (and the field), without a traceback or a numpy warning, and run fails that
+    session with the same file named while the others finish."""
+    damage, options, message = VALIDATE_CASES[case]
+    damage(dataset)
+    before = tree_digest(dataset)
+    checked = runner.invoke(app, ["validate", str(dataset), *options])
+    assert checked.exit_code == EXIT_FAILED, checked.output
+    lines = [line for line in checked.output.splitlines() if line.startswith("sub-01/")]
+    assert any(line.startswith(message) for line in lines), checked.output
+    assert not any(line.startswith(("sub-02/", "sub-03/")) for line in checked.output.splitlines())
+    assert "Traceback" not in checked.output and "Warning" not in checked.output
+    out = tmp_path / "out"
+    result = run(dataset, out, *options)
+    assert result.exit_code == EXIT_FAILED, result.output
+    sessions = summary(out)
+    assert sessions["sub-01"]["status"] == "failed" and message.split(":")[0] in sessions["sub-01"]["reason"]
+    assert not list((out / "sub-01").rglob("*_desc-lm_cbf.nii.gz")) if (out / "sub-01").exists() else True
+    _check_others_and_tree(dataset, out, before)
+
+
+def test_validate_passes_an_m0_run_would_resample_or_reorient(dataset):
+    """With the default policy an M0 on another grid is resampled by run: not a validate problem."""
+    _m0_other_grid(dataset)
+    checked = runner.invoke(app, ["validate", str(dataset)])
+    assert checked.exit_code == EXIT_OK, checked.output
