@@ -42,14 +42,24 @@ done. The steps, each a small pure function that can be tested alone:
    (:func:`otsu_threshold`), then the largest 6-connected component, then holes
    filled slice by slice (both scipy.ndimage). An image with no contrast to split (a
    constant M0, as numerical phantoms have) gives every finite voxel > 0, with a
-   warning and a note. A given mask (NIfTI, non-zero = inside) must have the ASL
-   spatial shape. Voxels whose M0 is ≤ 0 or not finite (in any series of the
-   acquisition) are removed from either mask, with a note of how many.
+   warning and a note. A given mask is a NIfTI, non-zero = inside. Voxels whose M0 is
+   ≤ 0 or not finite (in any series of the acquisition) are removed from either mask,
+   with a note of how many.
 5. **Signals**: each series' ΔM divided by its own M0 (a pair may have two M0
    scans), voxels in the mask in C order (``mask.nonzero()``), averaged repeats,
    float64. Per-voxel slice offsets (s, to add to the PLD) come from
    :func:`aslbatch.bids.slice_offsets` along the slice axis (zeros for 3D
    readouts); the two series of a pair must share them.
+
+**Grids** (:func:`onto_grid`). Every image combined with the (first) ASL series, a separate M0,
+a user's mask and the other series of a pair (with its M0), is brought onto the series' grid
+first, never used voxel by voxel on another one: the same grid (shape equal, affines within
+:data:`AFFINE_TOLERANCE` mm) as it is; the same physical grid stored with permuted or flipped
+axes reoriented exactly (nibabel's orientation tools, the affine checked after); any other
+grid resampled (trilinear, masks nearest neighbour; outside the image's field of view: no
+value, so those voxels leave the mask) with a warning and a note, or refused, by
+``on_grid_mismatch`` (:data:`GRID_POLICIES`). A pair with 2D slice timing on two grids is
+refused: the timing cannot follow a resampling.
 
 The per-volume timing, M0 kind and slice timing come read and checked, one
 :class:`~aslbatch.bids.SeriesMetadata` per series (:func:`aslbatch.bids.check_series`,

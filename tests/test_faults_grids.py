@@ -395,3 +395,31 @@ def test_validate_passes_an_m0_run_would_resample_or_reorient(dataset):
     _m0_other_grid(dataset)
     checked = runner.invoke(app, ["validate", str(dataset)])
     assert checked.exit_code == EXIT_OK, checked.output
+
+
+def test_a_pair_on_two_grids_with_2d_slice_timing_is_found_by_validate_and_refused_by_run(tmp_path):
+    """The crushed series of a 2D pair (and its M0) shifted 2 mm: its slice times cannot follow
+    a resampling, so validate reports it and run fails that session; the other subject finishes."""
+    root = write_bids_dataset(tmp_path / "raw", subjects=2, model="2c", snr=np.inf, seed=2, shape=(12, 14, 4),
+                              groundtruth_dir=tmp_path / "truth", slice_timing=[0.0, 0.04, 0.08, 0.12])
+    for name in ("sub-01_acq-dante_asl", "sub-01_acq-dante_m0scan"):
+        path = root / "sub-01" / "perf" / f"{name}.nii.gz"
+        image = nib.load(str(path))
+        affine = image.affine.copy()
+        affine[0, 3] += 2.0
+        save(path, np.asarray(image.dataobj), affine)
+    before = tree_digest(root)
+    message = ("sub-01/perf/sub-01_acq-dante_asl.nii.gz: the series (paired with sub-01/perf/sub-01_acq-nocrush_asl"
+               ".nii.gz) is on another grid")
+    checked = runner.invoke(app, ["validate", str(root)])
+    assert checked.exit_code == EXIT_FAILED and message in checked.output, checked.output
+    assert "its 2D slice timing cannot follow a resampling" in checked.output
+    assert "sub-02/" not in checked.output and "Traceback" not in checked.output
+    out = tmp_path / "out"
+    result = run(root, out)
+    assert result.exit_code == EXIT_FAILED, result.output
+    sessions = summary(out)
+    assert "sub-01/perf/sub-01_acq-dante_asl.nii.gz: the series is on another grid" in sessions["sub-01"]["reason"]
+    assert sessions["sub-02"]["status"] == "done"
+    assert_untouched(root, before)
+    assert_no_stray_files(out)

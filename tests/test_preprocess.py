@@ -754,3 +754,38 @@ def test_prepare_with_checked_metadata_reads_no_sidecar(root, monkeypatch):
     assert prepared.notes == reference.notes
     with pytest.raises(ValueError, match="1 metadata records for 2 series"):
         prepare_acquisition(acq, records[:1])
+
+
+def test_2c_pair_stored_with_other_axes_is_reoriented_exactly_with_its_slice_timing(root, tmp_path):
+    """Issue 14.3: the crushed series and its M0 stored with x and y swapped and z reversed (and
+    its SliceTiming in that stored order) give exactly the signals and per-voxel slice offsets
+    of the pair stored alike; the same series shifted 2 mm cannot be resampled with 2D slice
+    timing and is refused whatever the policy."""
+    timing = [0.0, 0.04, 0.08, 0.12]
+    fields = {"MRAcquisitionType": "2D", "SliceTiming": timing}
+    expected = write_pair(root, fields, fields)
+    reference = prepare_acquisition(acquisition(root, "2c"))
+    check_recovers(reference, expected)
+    ornt = np.array([[1, 1], [0, 1], [2, -1]])  # x -> y, y -> x, z reversed
+    for name in ("sub-01_acq-dante_asl", "sub-01_acq-dante_m0scan"):
+        path = perf(root) / f"{name}.nii.gz"
+        stored = nib.load(str(path)).as_reoriented(ornt)
+        write_nifti(path, np.asarray(stored.dataobj), stored.affine)
+    sidecar = perf(root) / "sub-01_acq-dante_asl.json"
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "SliceTiming": timing[::-1]}))
+    prepared = prepare_acquisition(acquisition(root, "2c"), on_grid_mismatch="refuse")
+    np.testing.assert_array_equal(prepared.mask, reference.mask)
+    np.testing.assert_array_equal(prepared.signals, reference.signals)
+    np.testing.assert_array_equal(prepared.slice_offsets, reference.slice_offsets)
+    assert any("sub-01_acq-dante_asl.nii.gz: the series (paired with sub-01/perf/sub-01_acq-nocrush_asl.nii.gz) "
+               "is the ASL series' grid stored with other axes" in note for note in prepared.notes)
+    for name in ("sub-01_acq-dante_asl", "sub-01_acq-dante_m0scan"):
+        path = perf(root) / f"{name}.nii.gz"
+        image = nib.load(str(path))
+        shifted = image.affine.copy()
+        shifted[0, 3] += 2.0
+        write_nifti(path, np.asarray(image.dataobj), shifted)
+    with pytest.raises(BidsError, match=r"^sub-01/perf/sub-01_acq-dante_asl.nii.gz: the series is on another grid .* "
+                                        r"has 2D slice timing, which a resampling cannot carry"):
+        prepare_acquisition(acquisition(root, "2c"))
