@@ -361,7 +361,8 @@ VALIDATE_CASES = {
     "duplicate": (_duplicate, (), "sub-01/perf/sub-01_asl.nii: sub-01 exists both as .nii and .nii.gz; keep one"),
     "unpairable": (_unpairable, (), "sub-01/perf/sub-01_aslcontext.tsv: volumes 0 and 1 (counting from 0) are both "
                                     "control: control/label pair 0 cannot be formed"),
-    "nan_scl_inter": (_nan_scl_inter, (), "sub-01/perf/sub-01_asl.nii.gz: the NIfTI header's scl_inter is invalid"),
+    "nan_scl_inter": (_nan_scl_inter, (), "sub-01/perf/sub-01_asl.nii.gz: cannot read the NIfTI header: Valid slope "
+                                          "but invalid intercept nan"),
     "m0_grid_refused": (_m0_other_grid, ("--on-grid-mismatch", "refuse"),
                         "sub-01/perf/sub-01_m0scan.nii.gz: the m0scan is on another grid (shape (28, 30, 12)"),
 }
