@@ -424,3 +424,29 @@ def test_a_pair_on_two_grids_with_2d_slice_timing_is_found_by_validate_and_refus
     assert sessions["sub-02"]["status"] == "done"
     assert_untouched(root, before)
     assert_no_stray_files(out)
+
+
+def test_the_grid_policy_is_a_setting_in_the_digest_the_config_and_refused_when_unknown(dataset, tmp_path):
+    """on_grid_mismatch enters the settings digest (a changed policy reprocesses), is read from the
+    TOML config, and an unknown value is a usage error before anything runs."""
+    from aslbatch.pipeline import Settings
+
+    assert Settings(methods=("lm",)).to_dict()["on_grid_mismatch"] == "resample"
+    assert Settings(methods=("lm",)).digest() != Settings(methods=("lm",), on_grid_mismatch="refuse").digest()
+    with pytest.raises(ValueError, match="on_grid_mismatch must be one of"):
+        Settings(methods=("lm",), on_grid_mismatch="nearest")
+    _m0_other_grid(dataset)
+    before = tree_digest(dataset)
+    config = tmp_path / "settings.toml"
+    config.write_text('methods = ["lm"]\non_grid_mismatch = "refuse"\n')
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(dataset), str(out), "--config", str(config)])
+    assert result.exit_code == EXIT_FAILED, result.output
+    assert "the m0scan is on another grid" in summary(out)["sub-01"]["reason"]
+    config.write_text('methods = ["lm"]\non_grid_mismatch = "sometimes"\n')
+    result = runner.invoke(app, ["run", str(dataset), str(tmp_path / "out2"), "--config", str(config)])
+    assert result.exit_code == 2 and "on_grid_mismatch must be one of" in result.output
+    assert not (tmp_path / "out2").exists()
+    result = runner.invoke(app, ["run", str(dataset), str(tmp_path / "out2"), "--on-grid-mismatch", "sometimes"])
+    assert result.exit_code == 2
+    _check_others_and_tree(dataset, out, before)
