@@ -532,6 +532,39 @@ def validate(
         raise typer.Exit(EXIT_FAILED)
 
 
+@app.command("import")
+def import_(
+    dicom_dir: Annotated[Path, typer.Argument(help="Folder of DICOM files (any layout; only read).")],
+    bids_dir: Annotated[Path, typer.Argument(help="The BIDS dataset to add the new ASL series to (created if absent).")],
+    study_params: Annotated[Optional[Path], typer.Option(help="JSON or TOML file of the ASL values the DICOM lacks, per vendor and series description.")] = None,
+) -> None:
+    """Import the new DICOM ASL series (by SeriesInstanceUID) of DICOM_DIR into BIDS_DIR.
+
+    Each series is converted with dcm2niix, its volume roles read from the vendor's tags and
+    conventions and checked against the data, and written as BIDS ASL; a series that lacks a
+    needed value is refused with the list. Scanner-made images go to BIDS_DIR/sourcedata/scanner.
+
+    Exit codes: 0 nothing refused; 1 some series refused (the others are imported); 2 usage
+    error; 3 no DICOM series found; 4 another import holds BIDS_DIR's lock.
+    """
+    from .batch import LockHeld
+    from .dicom import import_dicom
+
+    try:
+        report = import_dicom(dicom_dir, bids_dir, study_params)
+    except LockHeld as exc:
+        fail(str(exc), EXIT_LOCKED)
+    except ValueError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{bids_dir}: cannot write ({exc.strerror or exc})")
+    for outcome in report.outcomes:
+        typer.echo(f"{outcome.status}: {outcome.description} ({outcome.uid}): {outcome.reason}")
+    typer.echo(report.one_line(), err=True)
+    if report.exit_code:
+        raise typer.Exit(report.exit_code)
+
+
 @app.command("simulate-dataset")
 def simulate_dataset(
     out_dir: Annotated[Path, typer.Argument(help="Folder of the new BIDS dataset (must be empty or absent).")],
