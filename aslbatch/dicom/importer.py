@@ -32,7 +32,7 @@ import numpy as np
 from ..atomic import atomic_open, atomic_path
 from .params import StudyParameters, load_study_parameters
 from .roles import RoleError, brain_means, check_m0_brighter, philips_roles, scanner_correlation, siemens_roles
-from .series import DicomSeries, find_series
+from .series import DicomSeries, find_series, pixel_key
 from .sidecar import check_labeling_duration, draft_sidecar, missing_fields
 
 __all__ = ["ImportReport", "SeriesOutcome", "import_dicom", "MANIFEST"]
@@ -138,25 +138,38 @@ def _convert(series: DicomSeries, scratch: Path) -> _Converted:
 
 
 def _philips_volume_tags(converted: _Converted) -> tuple[list, list]:
-    """Label type and dynamic of each volume dcm2niix stacked, matched by the sums of the stored pixels."""
+    """Label type and dynamic of each volume dcm2niix stacked, matched by the fingerprints of the stored pixels."""
     import nibabel as nib
 
     raw = np.asarray(nib.load(converted.nifti).dataobj.get_unscaled())
     if raw.ndim == 3:
         raw = raw[..., None]
-    by_sum: dict[int, list] = {}
+    by_key: dict[str, list] = {}
     for item in converted.series.philips_slices:
-        by_sum.setdefault(item.pixel_sum, []).append((item.label_type, item.dynamic))
+        by_key.setdefault(item.pixel_key, []).append((item.label_type, item.dynamic))
     labels, dynamics = [], []
     for v in range(raw.shape[3]):
         found = {tag for z in range(raw.shape[2])
-                 for tag in by_sum.get(int(raw[:, :, z, v].astype(np.int64).sum()), [(None, None)])}
+                 for tag in by_key.get(pixel_key(raw[:, :, z, v]), [(None, None)])}
         if len(found) != 1:
             raise _Refused(f"volume {v}: its slices cannot be tied to one label type and dynamic of the DICOM files")
         label, dynamic = found.pop()
         labels.append(label)
         dynamics.append(dynamic)
     return labels, dynamics
+
+
+def _on_grid(image, target) -> np.ndarray | None:
+    """``image``'s data turned to ``target``'s axis orientation (dcm2niix may flip one series and not
+    another); None when the two do not then share the voxel grid (affine within 0.01 mm)."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    turn = ornt_transform(io_orientation(image.affine), io_orientation(target.affine))
+    data = apply_orientation(np.asarray(image.get_fdata(dtype=np.float64)), turn)
+    affine = image.affine @ inv_ornt_aff(turn, image.shape[:3])
+    if data.shape[:3] != target.shape[:3] or not np.allclose(affine, target.affine, atol=1e-2):
+        return None
+    return data.reshape(data.shape[:3])
 
 
 def _entities(series: DicomSeries, params: StudyParameters) -> tuple[str, str, str]:
@@ -265,8 +278,10 @@ def _import_asl(
             import nibabel as nib
 
             provenance["ScannerReference"] = reference[1]
-            scanner = np.asarray(nib.load(reference[0]).get_fdata(dtype=np.float64))
-            if scanner.shape == data.shape[:3]:
+            scanner = _on_grid(nib.load(reference[0]), nib.load(converted.nifti))
+            if scanner is None:
+                outcome.decided.append("the scanner's difference image is on another grid: not compared")
+            else:
                 r = scanner_correlation(data, types, scanner, mask)
                 provenance["ScannerReferenceCorrelation"] = round(r, 4)
                 outcome.decided.append(f"ΔM against the scanner's own difference image: r = {r:.3f} in the brain")

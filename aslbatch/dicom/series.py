@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DicomSeries", "PhilipsSlice", "find_series", "siemens_protocol"]
+__all__ = ["DicomSeries", "PhilipsSlice", "find_series", "pixel_key", "siemens_protocol"]
 
 #: Philips private tag of the image's ASL label type (CONTROL / LABEL)
 PHILIPS_LABEL_TYPE = (0x2005, 0x1429)
@@ -29,11 +29,11 @@ _ASCCONV = re.compile(r"### ASCCONV BEGIN[^\n]*\n(.*?)### ASCCONV END", re.S)
 
 @dataclass(frozen=True)
 class PhilipsSlice:
-    """One Philips classic-DICOM file: its label type, dynamic number and the sum of its stored pixels."""
+    """One Philips classic-DICOM file: its label type, dynamic number and :func:`pixel_key`."""
 
     label_type: str | None
     dynamic: int | None
-    pixel_sum: int
+    pixel_key: str
 
 
 @dataclass
@@ -67,6 +67,16 @@ class DicomSeries:
         return "PERFUSION" in self.image_type
 
 
+def pixel_key(pixels) -> str:
+    """A fingerprint of an image's stored values that ignores their arrangement (dcm2niix may flip rows):
+    the sha1 of the sorted values as int64."""
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha1(np.sort(np.asarray(pixels, dtype=np.int64), axis=None).tobytes()).hexdigest()
+
+
 def siemens_protocol(raw: bytes) -> dict[str, str]:
     """The ``key = value`` lines of the ASCCONV block of a Siemens CSA series header (values as text)."""
     text = raw.decode("latin-1", errors="replace")
@@ -96,7 +106,6 @@ def find_series(dicom_dir: str | os.PathLike) -> list[DicomSeries]:
 
     Raises ValueError naming the folder when it does not exist.
     """
-    import numpy as np
     import pydicom
 
     root = Path(dicom_dir)
@@ -128,6 +137,6 @@ def find_series(dicom_dir: str | os.PathLike) -> list[DicomSeries]:
             series.philips_slices.append(PhilipsSlice(
                 str(label).strip().upper() if label is not None else None,
                 int(dynamic) if dynamic is not None else None,
-                int(full.pixel_array.astype(np.int64).sum()),
+                pixel_key(full.pixel_array),
             ))
     return sorted(found.values(), key=lambda s: (s.study_uid, s.series_number, s.uid))
