@@ -572,8 +572,9 @@ def m0_from_series(
 
     ``metadata``: the series' checked metadata (:func:`aslbatch.bids.check_series`).
     Separate: the m0scan image averaged over its volumes; Included: the series'
-    m0scan volumes (``asl_data`` (x, y, z, n), loaded when not given) averaged;
-    both divided by :func:`saturation_recovery_factor` of their
+    m0scan volumes (``asl_data`` (x, y, z, n), loaded when not given) averaged; Absent
+    (validated only without background suppression): the series' control volumes averaged;
+    all divided by :func:`saturation_recovery_factor` of their
     RepetitionTimePreparation (s) and the constants' T1t (s). Estimate: λ · M0Estimate
     in every voxel (M0Estimate is the M0 of blood). The map is on the series' grid: a
     separate m0scan on another one (``asl_affine``: the series', read from its header when
@@ -604,12 +605,15 @@ def m0_from_series(
             notes.append(moved)
         files.append(m0scan.relpath)
         origin = f"M0 from {m0scan.relpath} (mean of {n_volumes} volume(s))"
-    else:  # Included
+    else:  # Included, or Absent without background suppression (validated): the mean control
         if asl_data is None:
             asl_data, _ = _load_image(series.path, series.relpath)
-        index = [i for i, kind_ in enumerate(metadata.volume_types) if kind_ == "m0scan"]
+        role = "control" if kind == "Absent" else "m0scan"
+        index = [i for i, kind_ in enumerate(metadata.volume_types) if kind_ == role]
         data = asl_data[..., index] if asl_data.ndim == 4 else asl_data[..., None]
-        origin = f"M0 from the {len(index)} m0scan volume(s) of the series (M0Type Included)"
+        origin = (f"M0 from the {len(index)} m0scan volume(s) of the series (M0Type Included)" if role == "m0scan" else
+                  f"M0Type Absent without background suppression: M0 from the mean of the {len(index)} control "
+                  "volume(s)")
     factor = saturation_recovery_factor(repetition_time, constants.t1t)
     m0 = m0_from_volumes(data, repetition_time, constants.t1t)
     if factor != 1.0:

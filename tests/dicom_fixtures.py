@@ -83,9 +83,10 @@ def _dataset(uid: str, study: str, description: str, image_type: list[str], numb
 
 
 def write_philips_pcasl(folder: Path, *, swap_labels: bool = False, scanner_image: bool = True,
-                        seed: int = 0) -> dict:
+                        suppressed: bool = True, seed: int = 0) -> dict:
     """Write the raw series (16 volumes: 8 dynamics x control/label) and, when ``scanner_image``, the
-    scanner's difference series into ``folder``; returns the UIDs and the true ΔM."""
+    scanner's difference series into ``folder``; returns the UIDs and the true ΔM. ``suppressed``
+    False: no background suppression, so no dynamic stands out (and there is no M0)."""
     from pydicom.uid import generate_uid
 
     rng = np.random.default_rng(seed)
@@ -99,7 +100,7 @@ def write_philips_pcasl(folder: Path, *, swap_labels: bool = False, scanner_imag
     raw.mkdir(parents=True)
     instance = 0
     for dynamic in range(1, n_dyn + 1):
-        scale = UNSUPPRESSED if dynamic == 1 else 1.0
+        scale = UNSUPPRESSED if dynamic == 1 and suppressed else 1.0
         for kind in ("CONTROL", "LABEL"):
             image = static * scale + (0.0 if kind == "CONTROL" else -deltam) + rng.normal(0, NOISE, SHAPE) + 20.0
             tag = {"CONTROL": "LABEL", "LABEL": "CONTROL"}[kind] if swap_labels else kind

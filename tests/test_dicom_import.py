@@ -120,6 +120,30 @@ def test_label_tags_contradicted_by_the_data_are_refused(tmp_path):
     assert _perf_files(tmp_path / "bids") == []
 
 
+def test_unsuppressed_series_without_m0_takes_the_mean_control(tmp_path):
+    folder = tmp_path / "dicom"
+    write_philips_pcasl(folder, scanner_image=False, suppressed=False)
+    params = tmp_path / "study.json"
+    params.write_text(json.dumps({"series": [{**PARAMS["series"][0], "BackgroundSuppression": False}]}))
+    bids = tmp_path / "bids"
+    report = import_dicom(folder, bids, params)
+    assert report.exit_code == 0, [(o.status, o.reason) for o in report.outcomes]
+    sidecar = json.loads(next(bids.glob("sub-*/ses-*/perf/*_asl.json")).read_text())
+    assert sidecar["M0Type"] == "Absent"
+    assert any("mean control" in note for note in sidecar["ImportProvenance"]["Decided"])
+    assert next(bids.glob("sub-*/ses-*/perf/*_aslcontext.tsv")).read_text().split()[1:] == ["control", "label"] * 8
+    assert validate_dataset(bids) == []
+
+
+def test_suppressed_series_without_m0_is_refused(tmp_path):
+    folder = tmp_path / "dicom"
+    write_philips_pcasl(folder, scanner_image=False, suppressed=False)  # no bright dynamic to serve as M0
+    report = import_dicom(folder, tmp_path / "bids", _params(tmp_path))  # but the parameters say suppressed
+    reason = next(o.reason for o in report.outcomes if o.status == "refused")
+    assert "background suppressed" in reason and "absolute CBF" in reason
+    assert _perf_files(tmp_path / "bids") == []
+
+
 def test_lock_held_refuses_a_second_import(dicom, tmp_path):
     from aslbatch.batch import LockHeld, output_lock
 

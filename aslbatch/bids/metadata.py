@@ -46,6 +46,7 @@ __all__ = [
     "labeling_efficiency",
     "labeling_type",
     "m0_estimate",
+    "m0_from_controls",
     "m0_type",
     "magnetic_field_strength",
     "post_labeling_delays",
@@ -318,8 +319,9 @@ def labeling_type(meta: Mapping[str, Any]) -> str:
 def m0_type(meta: Mapping[str, Any], *, allow_absent: bool = False) -> str:
     """M0Type as one of ``Separate``, ``Included``, ``Estimate``, ``Absent`` (case-insensitive).
 
-    ``Absent`` is refused unless ``allow_absent``: without an M0 image or value,
-    ΔM cannot be expressed as ΔM/M0t, so CBF cannot be quantified.
+    ``Absent`` is refused unless ``allow_absent`` (given for a series without background
+    suppression, whose mean control image serves as M0: :func:`m0_from_controls`): without an
+    M0 image or value, ΔM cannot be expressed as ΔM/M0t, so CBF cannot be quantified.
     """
     value = _require(meta, "M0Type")
     name = {t.lower(): t for t in M0_TYPES}.get(value.lower()) if isinstance(value, str) else None
@@ -329,9 +331,18 @@ def m0_type(meta: Mapping[str, Any], *, allow_absent: bool = False) -> str:
         raise _error(
             meta, "M0Type",
             "M0Type is Absent: aslbatch needs an M0 to scale ΔM to ΔM/M0t and quantify CBF; add an "
-            "m0scan (M0Type Separate or Included) or a value (M0Type Estimate with M0Estimate)",
+            "m0scan (M0Type Separate or Included) or a value (M0Type Estimate with M0Estimate); without "
+            "background suppression (BackgroundSuppression false) the mean control image serves as M0",
         )
     return name
+
+
+def m0_from_controls(meta: Mapping[str, Any]) -> bool:
+    """True when M0Type is Absent and BackgroundSuppression is false: the controls then hold the
+    unsuppressed tissue magnetisation and their mean, saturation-recovery corrected, serves as M0
+    (ExploreASL's and ASLPrep's practice). With background suppression (or unstated) it does not."""
+    value = meta.get("M0Type")
+    return isinstance(value, str) and value.lower() == "absent" and meta.get("BackgroundSuppression") is False
 
 
 def m0_estimate(meta: Mapping[str, Any]) -> float:

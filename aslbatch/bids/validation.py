@@ -33,6 +33,7 @@ from .metadata import (
     label_durations,
     labeling_type,
     m0_estimate,
+    m0_from_controls,
     m0_type,
     magnetic_field_strength,
     post_labeling_delays,
@@ -71,7 +72,8 @@ class SeriesMetadata:
         inversion time TI for PASL (there the readout time is ``pld``, not τ + PLD).
     crushed : VascularCrushing of the series.
     labeling_type : ``"PCASL"``, ``"CASL"`` or ``"PASL"``.
-    m0_type : ``"Separate"``, ``"Included"`` or ``"Estimate"``.
+    m0_type : ``"Separate"``, ``"Included"``, ``"Estimate"`` or ``"Absent"`` (only without
+        background suppression: the mean control image is the M0).
     m0_estimate : M0Estimate (the M0 of blood, scanner units) for Estimate, else None.
     m0_repetition_time : RepetitionTimePreparation (s) of the M0 volumes, None for Estimate.
     slice_axis : the image axis (0, 1, 2) slices are stacked along.
@@ -107,7 +109,7 @@ def m0_repetition_time(series: AslSeries) -> float | None:
     Separate: from the m0scan's sidecar; Included: at the m0scan volumes of the
     series. The M0 volumes must share one value.
     """
-    kind = m0_type(series.metadata)
+    kind = m0_type(series.metadata, allow_absent=m0_from_controls(series.metadata))
     if kind == "Estimate":
         return None
     if kind == "Separate":
@@ -117,10 +119,11 @@ def m0_repetition_time(series: AslSeries) -> float | None:
         values = repetition_time_preparation(meta, n)
     else:
         meta = series.metadata
-        index = [i for i, volume in enumerate(series.volume_types) if volume == "m0scan"]
+        role = "control" if kind == "Absent" else "m0scan"  # Absent: the controls serve as M0
+        index = [i for i, volume in enumerate(series.volume_types) if volume == role]
         if not index:
             raise _error(
-                meta, "M0Type", f"M0Type is Included but the aslcontext of {series.relpath} lists no m0scan volume"
+                meta, "M0Type", f"M0Type is {kind} but the aslcontext of {series.relpath} lists no {role} volume"
             )
         values = repetition_time_preparation(meta, series.n_volumes or len(series.volume_types))[index]
     if np.ptp(values) > 0:
@@ -175,7 +178,7 @@ def check_series(
             return None
 
     labeling = attempt(labeling_type, meta)
-    kind = attempt(m0_type, meta)
+    kind = attempt(m0_type, meta, allow_absent=m0_from_controls(meta))
     crushed = attempt(vascular_crushing, meta)
     attempt(magnetic_field_strength, meta)
     suppression = attempt(background_suppression, meta)
@@ -200,7 +203,7 @@ def check_series(
             ))
         elif types:
             problems.extend(_check_volume_types(series, tau, context, pld))
-            if kind == "Included":
+            if kind in ("Included", "Absent"):
                 repetition_time = attempt(m0_repetition_time, series)
 
     if kind == "Separate" and series.m0scan is not None and series.m0scan.n_volumes is not None:

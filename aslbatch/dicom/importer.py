@@ -251,9 +251,8 @@ def _import_asl(
                                + ", so ΔM cannot be scaled to absolute CBF; give M0Type Estimate and M0Estimate "
                                "in the study parameters if an M0 value is known")
             else:
-                raise _Refused("no M0 was exported: M0Type Absent (the mean control as M0 of an unsuppressed series "
-                               "is not yet supported by aslbatch run); give M0Type Estimate and M0Estimate in the "
-                               "study parameters if an M0 value is known")
+                draft.decide("M0Type", "Absent", "no M0 was exported and the series is not background suppressed: "
+                             "aslbatch run takes the mean control image, saturation-recovery corrected, as M0")
         folder, stem, _ = _entities(series, params)
         out = bids_dir / folder
         asl_name = f"{folder}/{stem}_asl.nii.gz"
