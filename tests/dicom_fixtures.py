@@ -83,10 +83,13 @@ def _dataset(uid: str, study: str, description: str, image_type: list[str], numb
 
 
 def write_philips_pcasl(folder: Path, *, swap_labels: bool = False, scanner_image: bool = True,
-                        suppressed: bool = True, seed: int = 0) -> dict:
+                        suppressed: bool = True, label_tags: bool = True, label_first: bool = False,
+                        seed: int = 0) -> dict:
     """Write the raw series (16 volumes: 8 dynamics x control/label) and, when ``scanner_image``, the
     scanner's difference series into ``folder``; returns the UIDs and the true ΔM. ``suppressed``
-    False: no background suppression, so no dynamic stands out (and there is no M0)."""
+    False: no background suppression, so no dynamic stands out (and there is no M0). ``label_tags``
+    False: no tag (2005,1429), as an export that does not record control and label; ``label_first``:
+    each dynamic's label image is written (instance numbers) before its control."""
     from pydicom.uid import generate_uid
 
     rng = np.random.default_rng(seed)
@@ -101,7 +104,7 @@ def write_philips_pcasl(folder: Path, *, swap_labels: bool = False, scanner_imag
     instance = 0
     for dynamic in range(1, n_dyn + 1):
         scale = UNSUPPRESSED if dynamic == 1 and suppressed else 1.0
-        for kind in ("CONTROL", "LABEL"):
+        for kind in (("LABEL", "CONTROL") if label_first else ("CONTROL", "LABEL")):
             image = static * scale + (0.0 if kind == "CONTROL" else -deltam) + rng.normal(0, NOISE, SHAPE) + 20.0
             tag = {"CONTROL": "LABEL", "LABEL": "CONTROL"}[kind] if swap_labels else kind
             for z in range(SHAPE[2]):
@@ -115,8 +118,9 @@ def write_philips_pcasl(folder: Path, *, swap_labels: bool = False, scanner_imag
                 ds.NumberOfTemporalPositions = n_dyn
                 ds.ImagePositionPatient = [0.0, 0.0, 6.0 * z]
                 ds.SliceLocation = 6.0 * z
-                ds.add_new((0x2005, 0x0010), "LO", "Philips MR Imaging DD 001")
-                ds.add_new((0x2005, 0x1429), "CS", tag)
+                if label_tags:
+                    ds.add_new((0x2005, 0x0010), "LO", "Philips MR Imaging DD 001")
+                    ds.add_new((0x2005, 0x1429), "CS", tag)
                 ds.add_new((0x2001, 0x0010), "LO", "Philips Imaging DD 001")
                 ds.add_new((0x2001, 0x100A), "IS", z + 1)
                 ds.PixelData = np.clip(np.round(image[:, :, z].T), 0, 65535).astype(np.uint16).tobytes()

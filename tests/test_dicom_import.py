@@ -144,6 +144,21 @@ def test_suppressed_series_without_m0_is_refused(tmp_path):
     assert _perf_files(tmp_path / "bids") == []
 
 
+@pytest.mark.parametrize("label_first", [False, True])
+def test_philips_order_without_label_tags_is_decided_by_the_data(tmp_path, label_first):
+    folder = tmp_path / "dicom"
+    write_philips_pcasl(folder, scanner_image=False, suppressed=False, label_tags=False, label_first=label_first)
+    params = tmp_path / "study.json"
+    params.write_text(json.dumps({"series": [{**PARAMS["series"][0], "BackgroundSuppression": False}]}))
+    bids = tmp_path / "bids"
+    report = import_dicom(folder, bids, params)
+    assert report.exit_code == 0, [(o.status, o.reason) for o in report.outcomes]
+    pair = ["label", "control"] if label_first else ["control", "label"]  # the order the fixture acquired
+    assert next(bids.glob("sub-*/ses-*/perf/*_aslcontext.tsv")).read_text().split()[1:] == pair * 8
+    decided = json.loads(next(bids.glob("sub-*/ses-*/perf/*_asl.json")).read_text())["ImportProvenance"]["Decided"]
+    assert any("decided from the data" in note for note in decided)
+
+
 def test_lock_held_refuses_a_second_import(dicom, tmp_path):
     from aslbatch.batch import LockHeld, output_lock
 
@@ -221,3 +236,20 @@ def test_labeling_duration_equal_to_pld_is_corrected_from_rf_blocks():
     assert "NumRFBlocks" in check_labeling_duration(unknown)
     supplied = SidecarDraft({"LabelingDuration": 1.2, "PostLabelingDelay": 1.2}, supplied={"LabelingDuration"})
     assert check_labeling_duration(supplied) is None and supplied.fields["LabelingDuration"] == 1.2
+
+
+def test_run_after_import_reports_the_scanner_correlation(dicom, tmp_path):
+    from typer.testing import CliRunner
+
+    from aslbatch.cli import app
+
+    folder, _ = dicom
+    bids, out = tmp_path / "bids", tmp_path / "maps"
+    import_dicom(folder, bids, _params(tmp_path))
+    done = CliRunner().invoke(app, ["run", str(bids), str(out), "--method", "lm", "--no-report"])
+    assert done.exit_code == 0, done.output
+    provenance = json.loads(next(out.rglob("*_provenance.json")).read_text())
+    text = json.dumps(provenance, ensure_ascii=False)
+    recorded = json.loads(next(bids.glob("sub-*/ses-*/perf/*_asl.json")).read_text())["ImportProvenance"]
+    assert f"r = {recorded['ScannerReferenceCorrelation']}" in text
+    assert "M0 from the 1 m0scan volume(s)" in text

@@ -213,6 +213,8 @@ def _import_asl(
                     "tSequenceFileName", ""))
                 roles = siemens_roles(data, mask, sequence, converted.sidecar.get("M0Type") == "Included")
             elif series.vendor == "Philips":
+                if len(series.files) == 1:
+                    raise _Refused("Philips enhanced (multi-frame) DICOM is not supported: export classic DICOM")
                 labels, dynamics = _philips_volume_tags(converted)
                 roles = philips_roles(data, mask, labels, dynamics, suppressed)
             else:
@@ -301,11 +303,13 @@ def _import_asl(
 
 
 def _is_asl(series: DicomSeries) -> bool:
+    """An ASL series by its tags (Siemens ImageType ASL, Philips label types), or for other vendors and
+    Philips images without label types, by an ASL name in its description (then refused with the reason)."""
     if series.vendor == "Siemens":
         return "ASL" in series.image_type
-    if series.vendor == "Philips":
-        return any(s.label_type in ("CONTROL", "LABEL") for s in series.philips_slices)
-    return False
+    if series.vendor == "Philips" and any(s.label_type in ("CONTROL", "LABEL") for s in series.philips_slices):
+        return True
+    return bool(re.search(r"asl|pcasl|pasl", series.description, re.I)) and not series.is_scanner_perfusion
 
 
 def _reference_target(reference: DicomSeries, candidates: list[DicomSeries]) -> DicomSeries | None:
