@@ -713,10 +713,7 @@ def _series_deltam(series: AslSeries, metadata: SeriesMetadata,
     m0, m0_notes, files = m0_from_series(series, metadata, asl_data=data, asl_affine=affine,
                                          on_grid_mismatch=on_grid_mismatch)
     notes.extend(m0_notes)
-    imported = meta.get("ImportProvenance")
-    if isinstance(imported, dict) and imported.get("ScannerReferenceCorrelation") is not None:
-        notes.append(f"{series.relpath}: ΔM against the scanner's own difference image {imported.get('ScannerReference')}: "
-                     f"r = {imported['ScannerReferenceCorrelation']} in the brain (aslbatch import)")
+    notes.extend(f"{series.relpath}: {note}" for note in metadata.import_notes)
     if kind == "Estimate":
         control_index = [i for i, t in enumerate(types) if t == "control"]
         if control_index:

@@ -82,6 +82,8 @@ class SeriesMetadata:
     constants : the model constants from the metadata and the user's overrides.
     background_suppression : BackgroundSuppression and its number of pulses as the sidecar
         states them (None where it does not).
+    import_notes : what ``aslbatch import`` recorded for the QC (the correlation of ΔM with the
+        scanner's own difference image), from the sidecar's ImportProvenance; empty otherwise.
     """
 
     volume_types: tuple[str, ...]
@@ -96,6 +98,7 @@ class SeriesMetadata:
     slice_offsets: np.ndarray
     constants: Constants
     background_suppression: BackgroundSuppression = BackgroundSuppression(None, None)
+    import_notes: tuple[str, ...] = ()
 
     @property
     def n_volumes(self) -> int:
@@ -223,8 +226,17 @@ def check_series(
         volume_types=tuple(types), label_duration=tau, pld=pld, crushed=crushed, labeling_type=labeling,
         m0_type=kind, m0_estimate=estimate, m0_repetition_time=repetition_time, slice_axis=axis,
         slice_offsets=offsets, constants=constants, background_suppression=suppression,
+        import_notes=_import_notes(meta),
     )
     return record, problems
+
+
+def _import_notes(meta) -> tuple[str, ...]:
+    imported = meta.get("ImportProvenance")
+    if not (isinstance(imported, dict) and isinstance(imported.get("ScannerReferenceCorrelation"), (int, float))):
+        return ()
+    return (f"ΔM against the scanner's own difference image {imported.get('ScannerReference')}: "
+            f"r = {imported['ScannerReferenceCorrelation']} in the brain (aslbatch import)",)
 
 
 def _header_grid(path: Path, display: str) -> tuple[np.ndarray, tuple[int, ...]]:
