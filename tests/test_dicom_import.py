@@ -253,3 +253,59 @@ def test_run_after_import_reports_the_scanner_correlation(dicom, tmp_path):
     recorded = json.loads(next(bids.glob("sub-*/ses-*/perf/*_asl.json")).read_text())["ImportProvenance"]
     assert f"r = {recorded['ScannerReferenceCorrelation']}" in text
     assert "M0 from the 1 m0scan volume(s)" in text
+
+
+def test_killed_import_leftovers_are_removed_under_the_lock(dicom, tmp_path):
+    folder, _ = dicom
+    bids = tmp_path / "bids"
+    perf = bids / "sub-Phantom02" / "ses-20210804" / "perf"
+    perf.mkdir(parents=True)
+    (perf / ".x_asl.nii.gz.abc.aslbatch-tmp").write_bytes(b"half")
+    import_dicom(folder, bids, _params(tmp_path))
+    assert_no_stray_files(bids)
+
+
+# --- Siemens header values (the real dcm2niix sidecars and protocol of ../shared/realdata) ---------
+
+
+def test_siemens_protocol_block_is_parsed():
+    from aslbatch.dicom.series import siemens_protocol
+
+    raw = (b"junk### ASCCONV BEGIN object=MrProtDataImpl@MrProtocolData ###\n"
+           b'tSequenceFileName\t = \t""%CustomerSeq%\\tgse_pcasl_ve11c""\n'
+           b"sAsl.ulSuppressionMode\t = \t2\nsWipMemBlock.adFree[2]\t = \t1200000.0\n### ASCCONV END ###")
+    protocol = siemens_protocol(raw)
+    assert protocol["sAsl.ulSuppressionMode"] == "2"
+    assert protocol["sWipMemBlock.adFree[2]"] == "1200000.0"
+    assert protocol["tSequenceFileName"].endswith("tgse_pcasl_ve11c")
+
+
+def test_siemens_pasl_fields_become_bids():
+    from aslbatch.dicom.sidecar import draft_sidecar, missing_fields
+
+    converted = {"ArterialSpinLabelingType": "PASL", "InversionTime": 2, "BolusDuration": 0.8, "PASLType": "PICORE",
+                 "M0Type": "Included", "RepetitionTime": 3.1, "MagneticFieldStrength": 3, "MRAcquisitionType": "2D",
+                 "SliceTiming": [0.0, 0.04]}
+    draft = draft_sidecar("Siemens", converted, {"sAsl.ulSuppressionMode": "1"}, {})
+    assert draft.fields["PostLabelingDelay"] == 2 and draft.fields["BolusCutOffDelayTime"] == 0.8
+    assert draft.fields["BolusCutOffFlag"] is True and draft.fields["BackgroundSuppression"] is False
+    assert draft.fields["RepetitionTimePreparation"] == 3.1
+    assert "InversionTime" not in draft.fields and "M0Type" not in draft.fields  # M0Type is decided, not copied
+    assert missing_fields(draft.fields) == [] and draft.supplied == set()
+    unknown_mode = draft_sidecar("Siemens", converted, {"sAsl.ulSuppressionMode": "7"}, {})
+    assert missing_fields(unknown_mode.fields) == ["BackgroundSuppression"]  # a mode whose meaning is unknown
+
+
+def test_siemens_pcasl_pld_from_protocol_and_supplied_values_win():
+    from aslbatch.dicom.sidecar import draft_sidecar
+
+    converted = {"ArterialSpinLabelingType": "PCASL", "LabelingDuration": 1.2, "NumRFBlocks": 82,
+                 "RepetitionTimeExcitation": 3.48, "RepetitionTimePreparation": 13929.4, "MagneticFieldStrength": 3,
+                 "MRAcquisitionType": "3D"}
+    protocol = {"tSequenceFileName": "%CustomerSeq%\\tgse_pcasl_ve11c", "sWipMemBlock.adFree[2]": "1200000.0",
+                "sAsl.ulSuppressionMode": "2"}
+    draft = draft_sidecar("Siemens", converted, protocol, {"LabelingDuration": 1.5})
+    assert draft.fields["PostLabelingDelay"] == pytest.approx(1.2) and "PostLabelingDelay" in draft.read
+    assert draft.fields["RepetitionTimePreparation"] == 3.48  # not dcm2niix's 13929.4 (ms)
+    assert draft.fields["LabelingDuration"] == 1.5 and "LabelingDuration" in draft.supplied
+    assert "LabelingDuration" not in draft.read

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_open, atomic_path
+from ..atomic import atomic_open, atomic_path, stale_temporaries
 from .params import StudyParameters, load_study_parameters
 from .roles import RoleError, brain_means, check_m0_brighter, philips_roles, scanner_correlation, siemens_roles
 from .series import DicomSeries, find_series, pixel_key
@@ -342,7 +342,11 @@ def import_dicom(dicom_dir: str | os.PathLike, bids_dir: str | os.PathLike,
     with output_lock(bids):
         manifest = _load_manifest(bids)
         known = manifest.setdefault("series", {})
-        found = find_series(dicom)
+        for folder in [*bids.glob("sub-*"), bids / "sourcedata"]:  # a killed import's leftovers, not run's
+            for stale in stale_temporaries(folder) if folder.is_dir() else []:
+                stale.unlink(missing_ok=True)
+        done = frozenset(uid for uid, entry in known.items() if entry.get("status") in FINAL)
+        found = find_series(dicom, done)
         outcomes: list[SeriesOutcome] = []
         new = []
         for series in found:

@@ -101,9 +101,10 @@ def _read_header(path: Path):
         return None
 
 
-def find_series(dicom_dir: str | os.PathLike) -> list[DicomSeries]:
+def find_series(dicom_dir: str | os.PathLike, known: frozenset[str] = frozenset()) -> list[DicomSeries]:
     """Every DICOM series below ``dicom_dir`` (read only), ordered by study, then series number.
 
+    Series whose UID is in ``known`` (imported before) get their files listed but no pixel data read.
     Raises ValueError naming the folder when it does not exist.
     """
     import pydicom
@@ -130,7 +131,7 @@ def find_series(dicom_dir: str | os.PathLike) -> list[DicomSeries]:
                 series.siemens_protocol = siemens_protocol(bytes(header[SIEMENS_CSA_SERIES].value))
             found[uid] = series
         series.files.append(path)
-        if series.vendor == "Philips" and not series.is_scanner_perfusion:
+        if series.vendor == "Philips" and not series.is_scanner_perfusion and uid not in known:
             full = pydicom.dcmread(path)
             label = full[PHILIPS_LABEL_TYPE].value if PHILIPS_LABEL_TYPE in full else None
             dynamic = full.get("TemporalPositionIdentifier")
