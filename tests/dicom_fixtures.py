@@ -34,7 +34,6 @@ def perfusion_map() -> np.ndarray:
 
 
 def _dataset(uid: str, study: str, description: str, image_type: list[str], number: int):
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
@@ -78,7 +77,6 @@ def _dataset(uid: str, study: str, description: str, image_type: list[str], numb
     ds.PixelRepresentation = 0
     ds.RescaleSlope = 1
     ds.RescaleIntercept = 0
-    _ = pydicom
     return ds
 
 

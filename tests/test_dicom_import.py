@@ -309,3 +309,22 @@ def test_siemens_pcasl_pld_from_protocol_and_supplied_values_win():
     assert draft.fields["RepetitionTimePreparation"] == 3.48  # not dcm2niix's 13929.4 (ms)
     assert draft.fields["LabelingDuration"] == 1.5 and "LabelingDuration" in draft.supplied
     assert "LabelingDuration" not in draft.read
+
+
+def test_study_parameters_toml_matching_and_errors(tmp_path):
+    from aslbatch.dicom.params import StudyParameterError, load_study_parameters
+
+    path = tmp_path / "study.toml"
+    path.write_text('[subjects]\n"Phantom02" = "01"\n\n[[series]]\nManufacturer = "Philips"\n'
+                    'SeriesDescription = "SOURCE - 3D*"\n_comment = "site protocol"\nPostLabelingDelay = 2.0\n')
+    params = load_study_parameters(path)
+    assert params.for_series("Philips Medical Systems", "source - 3d_pcasl_6mm") == {"PostLabelingDelay": 2.0}
+    assert params.for_series("SIEMENS", "SOURCE - 3D_pCASL") == {}
+    assert params.subjects == {"Phantom02": "01"}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(StudyParameterError, match=r"bad.json: not valid JSON"):
+        load_study_parameters(bad)
+    bad.write_text(json.dumps({"serie": []}))
+    with pytest.raises(StudyParameterError, match=r"unknown key\(s\) \['serie'\]"):
+        load_study_parameters(bad)

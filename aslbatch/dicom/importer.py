@@ -172,13 +172,14 @@ def _on_grid(image, target) -> np.ndarray | None:
     return data.reshape(data.shape[:3])
 
 
-def _entities(series: DicomSeries, params: StudyParameters) -> tuple[str, str, str]:
+def _entities(series: DicomSeries, params: StudyParameters) -> tuple[str, str]:
+    """The series' folder (``sub-X[/ses-Y]/perf``) and file stem, as the module docstring describes."""
     subject = params.subjects.get(series.patient_id) or _label(series.patient_id) or "unknown"
     session = _label(series.study_date)
     acq = _label(series.description)[:40] or "asl"
     stem = f"sub-{subject}" + (f"_ses-{session}" if session else "") + f"_acq-{acq}_run-{series.series_number}"
     folder = f"sub-{subject}" + (f"/ses-{session}" if session else "") + "/perf"
-    return folder, stem, subject
+    return folder, stem
 
 
 def _import_asl(
@@ -255,7 +256,7 @@ def _import_asl(
             else:
                 draft.decide("M0Type", "Absent", "no M0 was exported and the series is not background suppressed: "
                              "aslbatch run takes the mean control image, saturation-recovery corrected, as M0")
-        folder, stem, _ = _entities(series, params)
+        folder, stem = _entities(series, params)
         out = bids_dir / folder
         asl_name = f"{folder}/{stem}_asl.nii.gz"
         written = []
@@ -380,7 +381,7 @@ def import_dicom(dicom_dir: str | os.PathLike, bids_dir: str | os.PathLike,
                     outcome.reason = str(exc)
                     outcomes.append(outcome)
                     continue
-                folder, stem, subject = _entities(target, params)
+                folder, stem = _entities(target, params)
                 rel = (SCANNER_DIR / folder / f"{stem}_desc-scanner_deltam.nii.gz").as_posix()
                 targets[target.uid] = (converted.nifti, rel)
                 _copy(converted.nifti, bids / rel)
