@@ -231,7 +231,7 @@ def test_labeling_duration_equal_to_pld_is_corrected_from_rf_blocks():
                          read={"LabelingDuration", "PostLabelingDelay"})
     assert check_labeling_duration(draft) is None
     assert draft.fields["LabelingDuration"] == pytest.approx(82 * 18.4e-3, abs=1e-4)  # 1.5088 s
-    assert "LabelingDuration" in draft.decided
+    assert "LabelingDuration" in draft.decided and "LabelingDuration" not in draft.read
     unknown = SidecarDraft({"LabelingDuration": 1.2, "PostLabelingDelay": 1.2}, read={"LabelingDuration"})
     assert "NumRFBlocks" in check_labeling_duration(unknown)
     supplied = SidecarDraft({"LabelingDuration": 1.2, "PostLabelingDelay": 1.2}, supplied={"LabelingDuration"})

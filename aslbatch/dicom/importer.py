@@ -270,6 +270,7 @@ def _import_asl(
             written += [f"{folder}/{stem}_m0scan.nii.gz", f"{folder}/{stem}_m0scan.json"]
             m0_outcome.status, m0_outcome.reason = "m0", f"imported as the M0 of {asl_name}"
         outcome.decided.extend(f"{key}: {reason}" for key, reason in draft.decided.items())
+        outcome.read = sorted(draft.read)  # a decided value (e.g. a corrected LabelingDuration) is no longer "read"
         provenance = {
             "SourceSeriesInstanceUID": series.uid, "SourceSeriesDescription": series.description,
             "SourceSeriesNumber": series.series_number,
