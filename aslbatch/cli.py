@@ -284,7 +284,6 @@ def run(
     from .batch import LockHeld, run_batch
     from .config import SettingsError, check_dataset_settings, output_folder_problem, read_config, validate_run_config
     from .estimators.store import read_card
-    from .pipeline import Settings
 
     # every setting checked before anything runs: all problems reported, one line each
     values: dict = {}
@@ -345,20 +344,8 @@ def run(
     settings = None
     if checked is not None and not found:
         try:
-            settings = Settings(
-                methods=tuple(checked.methods or (sorted(checked.networks) if checked.networks else Settings.methods)),
-                model=checked.model,
-                constants=checked.constants.model_dump(exclude_none=True),
-                background_suppression_correction=checked.background_suppression_correction,
-                arterial_edge_s=checked.arterial_edge_s,
-                bolus_duration=checked.bolus_duration,
-                method_options=checked.method_options,
-                mask=checked.mask,
-                networks=checked.networks,
-                cache_dir=checked.cache_dir,
-                report=checked.report,
-            )
-        except (ValueError, TypeError) as exc:
+            settings = checked.settings()
+        except ValueError as exc:
             problems.append(str(exc))
     labels = checked.participant_label if checked is not None else None
     if settings is not None:

@@ -33,8 +33,8 @@ from .estimators import ESTIMATORS
 from .models import MODELS
 from .protocol import MAX_TIME_S, Constants, ProtocolError
 
-__all__ = ["RunConfig", "SettingsError", "check_dataset_settings", "method_option_problems", "network_file_problem", "output_folder_problem",
-           "read_config", "validate_run_config"]
+__all__ = ["RunConfig", "SettingsError", "check_dataset_settings", "method_option_problems", "network_file_problem",
+           "output_folder_problem", "read_config", "validate_run_config"]
 
 #: options an estimator takes from the data, never from the user
 DATA_OPTIONS = {"slice_offsets": "set from each acquisition's slice timing"}
@@ -84,6 +84,25 @@ class RunConfig(_Strict):
     cache_dir: Optional[str] = Field(None, min_length=1)
     report: bool = True
 
+    def settings(self):
+        """The :class:`~aslbatch.pipeline.Settings` of this config (its cross-checks raise
+        ValueError); methods default to those of the given networks, else the Settings default."""
+        from .pipeline import Settings
+
+        return Settings(
+            methods=tuple(self.methods or (sorted(self.networks) if self.networks else Settings.methods)),
+            model=self.model,
+            constants=self.constants.model_dump(exclude_none=True),
+            background_suppression_correction=self.background_suppression_correction,
+            arterial_edge_s=self.arterial_edge_s,
+            bolus_duration=self.bolus_duration,
+            method_options=self.method_options,
+            mask=self.mask,
+            networks=self.networks,
+            cache_dir=self.cache_dir,
+            report=self.report,
+        )
+
     @field_validator("methods")
     @classmethod
     def _no_repeats(cls, methods: Optional[list[str]]) -> Optional[list[str]]:
@@ -112,7 +131,7 @@ _TYPE_WORDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
 
 
 def _describe(value: Any) -> str:
-    """``value`` in words with its TOML type, for messages: ``the string 'false'``."""
+    """``value`` with its TOML type in words, for messages: ``a string ('false')``."""
     kind = _TYPE_WORDS.get(type(value), type(value).__name__)
     shown = repr(value)
     return f"{kind} ({shown[:60] + '...' if len(shown) > 60 else shown})"
@@ -123,7 +142,8 @@ def _message(error: Mapping[str, Any]) -> str:
     kind, got = error["type"], error.get("input")
     expected = {"bool_type": "true or false", "float_type": "a number", "int_type": "an integer",
                 "string_type": "a string", "list_type": "a list", "dict_type": "a table",
-                "model_type": "a table", "is_instance_of": "a list"}.get(kind)
+                "model_type": "a table",
+                "is_instance_of": "a list"}.get(kind)  # the only instance checks: Sequence options
     if expected is not None:
         return f"must be {expected}, got {_describe(got)}"
     if kind == "finite_number":
@@ -165,7 +185,7 @@ def validate_run_config(values: Mapping[str, Any], origin: Mapping[str, str]) ->
                 problems.append(f"{where}: unknown constant; known: {sorted(ConstantsTable.model_fields)}")
             else:
                 problems.append(f"{where}: {_message(error)}")
-    model = values.get("model") if values.get("model") in MODELS else "auto"
+    model = values.get("model") if isinstance(values.get("model"), str) and values["model"] in MODELS else "auto"
     method_options = values.get("method_options")
     for method, options in (method_options.items() if isinstance(method_options, dict) else ()):
         if method in ESTIMATORS and isinstance(options, dict):

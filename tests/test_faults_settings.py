@@ -11,10 +11,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from aslbatch.batch import run_batch
 from aslbatch.cli import app
+from aslbatch.config import RunConfig, validate_run_config
 from aslbatch.estimators import get_estimator
 from aslbatch.estimators.store import save_network
 from aslbatch.exitcodes import EXIT_OK, EXIT_USAGE
@@ -335,3 +338,37 @@ def test_fit_on_all_invalid_signals_prints_no_numpy_warning_and_valid_json(tmp_p
     assert summary["median_abs_error"] == {"cbf": None, "att": None}
     assert summary["status"] == {"invalid_input": 50}
     assert_no_stray_files(tmp_path)
+
+
+# --- property: any TOML-like value of any key is a named problem or a valid setting ---------
+
+_toml_scalars = st.one_of(st.booleans(), st.integers(), st.integers(min_value=10 ** 300, max_value=10 ** 400),
+                          st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
+_toml_values = st.recursive(_toml_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6)
+_keys = st.sampled_from(sorted(RunConfig.model_fields) + ["colour"])
+_option_names = st.sampled_from(["max_iter", "xtol", "grid_step_s", "resolution_s", "hidden_layers", "n_samples",
+                                 "snr_range", "train_on_data", "edge_epochs", "slice_offsets", "bogus"])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(values=st.dictionaries(_keys, _toml_values, max_size=5),
+       options=st.dictionaries(st.sampled_from(["lm", "lut", "supervised", "unsupervised", "magic"]),
+                               st.dictionaries(_option_names, _toml_values, max_size=3), max_size=2))
+def test_any_config_is_either_valid_settings_or_named_problems_never_an_exception(values, options):
+    """Random TOML-like values (booleans, integers beyond the float range, NaN, strings, lists,
+    tables) for every key: the validation returns problems naming their key, or a config whose
+    Settings are built or refused with a ValueError: no other exception escapes."""
+    if options:
+        values = {**values, "method_options": options}
+    origin = {key: f"settings.toml: {key}" for key in values}
+    origin.update({f"method_options.{method}": f"settings.toml: method_options.{method}" for method in options})
+    config, problems = validate_run_config(values, origin)
+    assert (config is None) == bool(problems)
+    for line in problems:
+        assert line.startswith("settings.toml: ") and "\n" not in line
+    if config is not None:
+        try:
+            config.settings()
+        except ValueError as exc:
+            assert str(exc)
