@@ -282,59 +282,33 @@ def run(
     """
     from . import bids
     from .batch import LockHeld, run_batch
-    from .config import SettingsError, check_dataset_settings, output_folder_problem, read_config, validate_run_config
-    from .estimators.store import read_card
+    from .config import SettingsError, check_dataset_settings, merge_run_settings, output_folder_problem, read_config
+    from .config import validate_run_config
 
     # every setting checked before anything runs: all problems reported, one line each
-    values: dict = {}
-    origin: dict[str, str] = {}
-    if config is not None:
-        try:
-            values = read_config(config)
-        except SettingsError as exc:
-            fail_all(exc.problems)
-        for key, value in values.items():
-            origin[key] = f"{config}: {key}"
-            for sub in value if isinstance(value, dict) else ():
-                origin[f"{key}.{sub}"] = f"{config}: {key}.{sub}"
-    problems = []
-    networks = dict(values.get("networks", {})) if isinstance(values.get("networks", {}), dict) else None
-    for path in network or []:
-        try:
-            method_name = read_card(path)["method"]
-        except ValueError as exc:
-            problems.append(f"--network: {exc}")
-            continue
-        if networks is not None:
-            networks[method_name] = str(path)
-        origin[f"networks.{method_name}"] = f"--network {path}"
-    if networks is not None:
-        values["networks"] = networks
-    given = {
-        "methods": ([m.value for m in method] if method else None, "--method"),
-        "model": (model.value if model else None, "--model"),
-        "participant_label": (list(participant_label) if participant_label else None, "--participant-label"),
-        "background_suppression_correction": (background_suppression_correction,
-                                              "--background-suppression-correction"),
-        "arterial_edge_s": (arterial_edge_s, "--arterial-edge-s"),
-        "bolus_duration": (bolus_duration, "--bolus-duration"),
-        "mask": (mask, "--mask"),
-        "cache_dir": (str(cache_dir) if cache_dir is not None else None, "--cache-dir"),
-        "report": (report, "--report"),
-    }
-    for key, (value, option) in given.items():
-        if value is not None:
-            values[key], origin[key] = value, option
-    constant_options = {"t1b": (t1_blood, "--t1-blood"), "t1t": (t1_tissue, "--t1-tissue"),
-                        "t1_prime": (t1_prime.value if t1_prime else None, "--t1-prime"),
-                        "alpha": (labeling_efficiency, "--labeling-efficiency"),
-                        "lam": (partition_coefficient, "--partition-coefficient")}
-    if isinstance(values.get("constants", {}), dict):
-        constants = dict(values.get("constants", {}))
-        for name, (value, option) in constant_options.items():
-            if value is not None:
-                constants[name], origin[f"constants.{name}"] = value, f"{option} (constant {name})"
-        values["constants"] = constants
+    try:
+        from_file = read_config(config) if config is not None else {}
+    except SettingsError as exc:
+        fail_all(exc.problems)
+    values, origin, problems = merge_run_settings(
+        from_file, str(config) if config is not None else None,
+        options={
+            "methods": ([m.value for m in method] if method else None, "--method"),
+            "model": (model.value if model else None, "--model"),
+            "participant_label": (list(participant_label) if participant_label else None, "--participant-label"),
+            "background_suppression_correction": (background_suppression_correction,
+                                                  "--background-suppression-correction"),
+            "arterial_edge_s": (arterial_edge_s, "--arterial-edge-s"),
+            "bolus_duration": (bolus_duration, "--bolus-duration"),
+            "mask": (mask, "--mask"),
+            "cache_dir": (str(cache_dir) if cache_dir is not None else None, "--cache-dir"),
+            "report": (report, "--report"),
+        },
+        constants={"t1b": (t1_blood, "--t1-blood"), "t1t": (t1_tissue, "--t1-tissue"),
+                   "t1_prime": (t1_prime.value if t1_prime else None, "--t1-prime"),
+                   "alpha": (labeling_efficiency, "--labeling-efficiency"),
+                   "lam": (partition_coefficient, "--partition-coefficient")},
+        network_files=[str(p) for p in network or []])
     checked, found = validate_run_config(values, origin)
     problems += found
     out = out_dir if out_dir is not None else bids_dir / "derivatives" / "aslbatch"

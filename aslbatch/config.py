@@ -33,7 +33,7 @@ from .estimators import ESTIMATORS
 from .models import MODELS
 from .protocol import MAX_TIME_S, Constants, ProtocolError
 
-__all__ = ["RunConfig", "SettingsError", "check_dataset_settings", "method_option_problems", "network_file_problem",
+__all__ = ["RunConfig", "SettingsError", "check_dataset_settings", "merge_run_settings", "method_option_problems", "network_file_problem",
            "output_folder_problem", "read_config", "validate_run_config"]
 
 #: options an estimator takes from the data, never from the user
@@ -164,6 +164,49 @@ def _message(error: Mapping[str, Any]) -> str:
 
 def _key(loc: Sequence[Any]) -> str:
     return ".".join(str(part) for part in loc)
+
+
+def merge_run_settings(from_file: Mapping[str, Any], config_name: str | None,
+                       options: Mapping[str, tuple[Any, str]], constants: Mapping[str, tuple[Any, str]],
+                       network_files: Sequence[str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """The settings of a run as :class:`RunConfig` keys: the config file's (``from_file``, read
+    from ``config_name``), overridden by the command line's ``options`` and ``constants``
+    (``{key: (value or None, option name)}``) and ``network_files`` (each under the method its
+    card names). Returns the values, where each key came from (for messages) and the problems
+    of reading the network files."""
+    from .estimators.store import read_card
+
+    values = dict(from_file)
+    origin: dict[str, str] = {}
+    for key, value in from_file.items():
+        origin[key] = f"{config_name}: {key}"
+        for sub in value if isinstance(value, dict) else ():
+            origin[f"{key}.{sub}"] = f"{config_name}: {key}.{sub}"
+    problems = []
+    networks = values.get("networks", {})
+    networks = dict(networks) if isinstance(networks, dict) else None  # else: a type error, reported later
+    for path in network_files:
+        try:
+            method = read_card(path)["method"]
+        except ValueError as exc:
+            problems.append(f"--network: {exc}")
+            continue
+        if networks is not None:
+            networks[method] = path
+        origin[f"networks.{method}"] = f"--network {path}"
+    if networks is not None and (networks or "networks" in values):
+        values["networks"] = networks
+    for key, (value, option) in options.items():
+        if value is not None:
+            values[key], origin[key] = value, option
+    if isinstance(values.get("constants", {}), dict):
+        table = dict(values.get("constants", {}))
+        for name, (value, option) in constants.items():
+            if value is not None:
+                table[name], origin[f"constants.{name}"] = value, f"{option} (constant {name})"
+        if table or "constants" in values:
+            values["constants"] = table
+    return values, origin, problems
 
 
 def validate_run_config(values: Mapping[str, Any], origin: Mapping[str, str]) -> tuple[RunConfig | None, list[str]]:
