@@ -100,6 +100,8 @@ class SessionOutcome:
     outputs: tuple[str, ...] = ()
     #: seconds per stage, summed over the session's acquisitions (see AcquisitionResult.timings)
     timings: dict = field(default_factory=dict)
+    #: why a done session's results are implausible, per acquisition (AcquisitionResult.flags)
+    flags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -175,6 +177,9 @@ def plan_sessions(sessions: Sequence[bids.Session], out_dir: Path, settings: Set
                 r for r in (_why_stale(a, out_dir, settings, inputs[a.source_name]) for a in acquisitions) if r]
         except (bids.BidsError, OSError) as exc:
             reasons = ["forced"] if force else [f"cannot be checked ({exc})"]
+        except Exception as exc:  # isolation: a file no check foresaw fails its session, not the plan
+            log.error("planning %s failed unexpectedly", session.name, exc_info=True)
+            acquisitions, reasons = None, [f"cannot be checked ({type(exc).__name__}: {exc})"]
         planned.append(SessionPlan(session, "; ".join(reasons) if reasons else None, acquisitions, inputs))
     return planned
 
@@ -194,10 +199,11 @@ def _run_session(plan: SessionPlan, out_dir: Path, settings: Settings, progress:
     for r in results:
         for stage, seconds in r.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
+    flags = tuple(f"{r.source_name}: {flag}" for r in results for flag in r.flags)
     if failed:
         reason = "; ".join(f"{r.source_name}: {r.error}" for r in failed)
-        return SessionOutcome(session.name, "failed", reason, time.perf_counter() - t0, outputs, timings)
-    return SessionOutcome(session.name, "done", "", time.perf_counter() - t0, outputs, timings)
+        return SessionOutcome(session.name, "failed", reason, time.perf_counter() - t0, outputs, timings, flags)
+    return SessionOutcome(session.name, "done", "", time.perf_counter() - t0, outputs, timings, flags)
 
 
 def _log_handlers(log_file: Path) -> list[logging.Handler]:
@@ -252,9 +258,9 @@ def _write_reports(report: BatchReport, logs: Path) -> None:
     text = json.dumps(summary, indent=2)
     rows = io.StringIO()
     writer = csv.writer(rows, delimiter="\t", lineterminator="\n")
-    writer.writerow(["session", "status", "reason", "duration_s", "n_outputs"])
+    writer.writerow(["session", "status", "reason", "duration_s", "n_outputs", "flags"])
     for o in report.outcomes:
-        writer.writerow([o.session, o.status, o.reason, f"{o.duration_s:.2f}", len(o.outputs)])
+        writer.writerow([o.session, o.status, o.reason, f"{o.duration_s:.2f}", len(o.outputs), "; ".join(o.flags)])
     for name, content in ((f"run-{report.run_id}_summary.json", text), (f"run-{report.run_id}_summary.tsv", rows.getvalue()),
                           ("latest_summary.json", text), ("latest_summary.tsv", rows.getvalue())):
         with atomic_open(logs / name, "w", encoding="utf-8") as fh:
@@ -321,12 +327,14 @@ def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_
             todo = [p for p in planned if p.reason is not None]
             report.outcomes = [SessionOutcome(p.session.name, "skipped", "up to date") for p in planned
                                if p.reason is None]
-            _execute(todo, out_dir, settings, jobs, threads, report, scheduler, log_file)
-            report.exit_code = EXIT_FAILED if report.counts()["failed"] else EXIT_OK
-            if settings.report:
-                _write_qc_index(planned, out_dir, settings, report)
-            log.info("%s", report.one_line())
-            _write_reports(report, logs)
+            try:
+                _execute(todo, out_dir, settings, jobs, threads, report, scheduler, log_file)
+            finally:  # the summary and the index, of whatever finished, are always written
+                report.exit_code = EXIT_FAILED if report.counts()["failed"] else EXIT_OK
+                if settings.report:
+                    _write_qc_index(planned, out_dir, settings, report)
+                log.info("%s", report.one_line())
+                _write_reports(report, logs)
         finally:
             for handler in handlers:
                 package.removeHandler(handler)
@@ -347,8 +355,13 @@ def _write_qc_index(planned: Sequence[SessionPlan], out_dir: Path, settings: Set
         outcome = outcomes.get(session.name)
         if outcome is None:
             continue
-        provenance = [output_paths(out_dir, a.source_name, a.model, settings.methods)["provenance"]
-                      for a in acquisitions]
+        provenance = []
+        for acquisition in acquisitions:
+            try:
+                provenance.append(output_paths(out_dir, acquisition.source_name, acquisition.model,
+                                               settings.methods)["provenance"])
+            except (bids.BidsError, ValueError) as exc:  # a name no output can carry: its session failed
+                log.warning("no QC page for %s: %s", acquisition.source_name, exc)
         for path in provenance:
             if outcome.status == "skipped" and path.is_file() and not session_report_path(path).is_file():
                 write_report(path)

@@ -44,6 +44,8 @@ def _choices(name: str, values) -> type[Enum]:
 ModelName = _choices("ModelName", MODELS)
 ModelChoice = _choices("ModelChoice", ["auto", *MODELS])
 MethodName = _choices("MethodName", ESTIMATORS)
+#: aslbatch.preprocess.GRID_POLICIES (not imported here: nibabel stays out of --help)
+GridPolicy = _choices("GridPolicy", ["resample", "refuse"])
 
 
 class T1PrimeName(str, Enum):
@@ -266,6 +268,7 @@ def run(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Folder of cached networks (default $ASLBATCH_CACHE_DIR or the per-user cache).")] = None,
     report: Annotated[Optional[bool], typer.Option(help="QC pages: one per acquisition beside its maps and OUT_DIR/qc.html for the run (default on).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with the same settings (options given here win).")] = None,
+    on_grid_mismatch: Annotated[Optional[GridPolicy], typer.Option(help="An M0, mask or paired series on another grid than the ASL series (the same grid stored flipped or permuted is reoriented exactly): resample it (default; a warning and a note) or refuse the acquisition.")] = None,
 ) -> None:
     """Process every session of a BIDS ASL dataset into BIDS-derivative perfusion maps.
 
@@ -303,6 +306,7 @@ def run(
             "mask": (mask, "--mask"),
             "cache_dir": (str(cache_dir) if cache_dir is not None else None, "--cache-dir"),
             "report": (report, "--report"),
+            "on_grid_mismatch": (on_grid_mismatch.value if on_grid_mismatch else None, "--on-grid-mismatch"),
         },
         constants={"t1b": (t1_blood, "--t1-blood"), "t1t": (t1_tissue, "--t1-tissue"),
                    "t1_prime": (t1_prime.value if t1_prime else None, "--t1-prime"),
@@ -504,6 +508,7 @@ def validate(
     participant_label: Annotated[Optional[list[str]], typer.Option(help="Check only these subjects (repeatable).")] = None,
     model: Annotated[ModelChoice, typer.Option(help="The model the run would use.")] = ModelChoice["auto"],
     bolus_duration: Annotated[Optional[float], typer.Option(help="PASL: the bolus duration (s) the run would be given (--bolus-duration).")] = None,
+    on_grid_mismatch: Annotated[GridPolicy, typer.Option(help="The run's --on-grid-mismatch: with refuse, images on another grid than their ASL series are problems.")] = GridPolicy["resample"],
 ) -> None:
     """Check a BIDS ASL dataset and print, per acquisition, the model and the parameters a run
     would estimate (or that it is refused), then every problem found, without processing anything.
@@ -517,7 +522,8 @@ def validate(
         fail(f"--bolus-duration must be a time in seconds in (0, {MAX_TIME_S:g}], got {bolus_duration!r}")
     try:
         problems, verdicts = bids.inspect_dataset(bids_dir, participant_label, model=model.value,
-                                                  bolus_duration=bolus_duration)
+                                                  bolus_duration=bolus_duration,
+                                                  on_grid_mismatch=on_grid_mismatch.value)
     except bids.BidsError as exc:
         fail(str(exc))
     for verdict in verdicts:

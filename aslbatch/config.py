@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .estimators import ESTIMATORS
 from .models import MODELS
+from .preprocess import DEFAULT_GRID_POLICY, GRID_POLICIES
 from .protocol import MAX_TIME_S, Constants, ProtocolError
 
 __all__ = ["RunConfig", "SettingsError", "check_dataset_settings", "merge_run_settings", "method_option_problems", "network_file_problem",
@@ -83,6 +84,7 @@ class RunConfig(_Strict):
     networks: dict[MethodName, str] = {}
     cache_dir: Optional[str] = Field(None, min_length=1)
     report: bool = True
+    on_grid_mismatch: Literal[GRID_POLICIES] = DEFAULT_GRID_POLICY  # type: ignore[valid-type]
 
     def settings(self):
         """The :class:`~aslbatch.pipeline.Settings` of this config (its cross-checks raise
@@ -101,13 +103,14 @@ class RunConfig(_Strict):
             networks=self.networks,
             cache_dir=self.cache_dir,
             report=self.report,
+            on_grid_mismatch=self.on_grid_mismatch,
         )
 
     @field_validator("methods")
     @classmethod
     def _no_repeats(cls, methods: Optional[list[str]]) -> Optional[list[str]]:
         if methods is not None and len(set(methods)) != len(methods):
-            raise ValueError(f"methods repeat: {methods}")
+            raise ValueError(f"must not name a method twice, got {methods}")
         return methods
 
     @field_validator("mask")
@@ -118,11 +121,11 @@ class RunConfig(_Strict):
         try:
             fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
         except ValueError as exc:
-            raise ValueError(f"mask template {template!r} is malformed ({exc}); write braces as {{{{ and }}}}")
+            raise ValueError(f"must be a path template ({exc}; write literal braces as {{{{ and }}}}), got {template!r}")
         wrong = [name for name in fields if name not in MASK_FIELDS]
         if wrong:
-            raise ValueError(f"mask template {template!r}: only {{subject}} and {{session}} can be filled, "
-                             f"not {', '.join('{' + n + '}' for n in wrong)}")
+            raise ValueError(f"must use only the placeholders {{subject}} and {{session}}, not "
+                             f"{', '.join('{' + n + '}' for n in wrong)} (template {template!r})")
         return template
 
 
@@ -159,7 +162,7 @@ def _message(error: Mapping[str, Any]) -> str:
     if kind == "too_short":
         return f"must not be empty, got {got!r}"
     message = error["msg"].removeprefix("Value error, ")
-    return message[0].lower() + message[1:]
+    return message if message.startswith("must") else f"is invalid: {message}"
 
 
 def _key(loc: Sequence[Any]) -> str:
@@ -227,7 +230,7 @@ def validate_run_config(values: Mapping[str, Any], origin: Mapping[str, str]) ->
             elif error["type"] == "extra_forbidden" and key.startswith("constants."):
                 problems.append(f"{where}: unknown constant; known: {sorted(ConstantsTable.model_fields)}")
             else:
-                problems.append(f"{where}: {_message(error)}")
+                problems.append(f"{where} {_message(error)}")  # "settings.toml: report must be true or false..."
     model = values.get("model") if isinstance(values.get("model"), str) and values["model"] in MODELS else "auto"
     method_options = values.get("method_options")
     for method, options in (method_options.items() if isinstance(method_options, dict) else ()):
@@ -291,7 +294,7 @@ def method_option_problems(method: str, options: Mapping[str, Any], model: str =
     try:
         schema.model_validate(dict(options))
     except ValidationError as exc:
-        problems += [f"{_key(e['loc'])}: {_message(e)}" for e in exc.errors()]
+        problems += [f"{_key(e['loc'])} {_message(e)}" for e in exc.errors()]
         mistyped |= {e["loc"][0] for e in exc.errors()}
     served = [name for name in MODELS if cls.serves(MODELS[name])]
     kinetics = [get_model(name, default_protocol(name)) for name in ([model] if model in served else served)]

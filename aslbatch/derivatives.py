@@ -595,6 +595,7 @@ def write_session_outputs(
     started_at: datetime | None = None,
     run_settings: Mapping[str, Any] | None = None,
     decision: Mapping[str, Any] | None = None,
+    plausibility: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write every output of one acquisition; returns the files written, provenance last.
 
@@ -618,6 +619,8 @@ def write_session_outputs(
     decision : what the protocol determines (:meth:`aslbatch.identify.Decision.to_dict`: model,
         parameters, reason), recorded in every map's sidecar (``Identifiability``) and the
         provenance (``decision``).
+    plausibility : the judgement of the result (:meth:`aslbatch.plausibility.Plausibility.to_dict`),
+        recorded as the provenance's ``plausibility`` (shown on the QC page and the run index).
 
     The provenance (see :func:`read_provenance`) records: format, aslbatch version and
     the versions of python, numpy, numba and nibabel; source name, subject, session;
@@ -752,6 +755,7 @@ def write_session_outputs(
         "finished": _iso(finished_at),
         "duration_s": round((finished_at - started_at).total_seconds(), 3),
         "status_counts": {m: estimates[m].status_counts() for m in methods},
+        **({"plausibility": _jsonable(dict(plausibility))} if plausibility is not None else {}),
         "outputs": [
             {"path": path.relative_to(out).as_posix(), "kind": kind, "method": method, "param": param,
              "sha256": sha256_file(path)}

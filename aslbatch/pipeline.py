@@ -24,9 +24,11 @@ import numpy as np
 from . import bids
 from .derivatives import run_settings_digest, sha256_file, write_session_outputs
 from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator, served_methods
+from .estimators.base import Status
 from .identify import decide, group_acquisitions
 from .models import MODELS, KineticModel, get_model
-from .preprocess import PreparedData, prepare_acquisition
+from .plausibility import judge, unusable_reason
+from .preprocess import DEFAULT_GRID_POLICY, GRID_POLICIES, PreparedData, prepare_acquisition
 from .protocol import MAX_TIME_S, Constants
 
 __all__ = ["AcquisitionResult", "InputDigests", "Settings", "estimate_maps", "hash_inputs",
@@ -58,6 +60,9 @@ class Settings:
         cache); where networks live does not change the outputs, so it is not in ``to_dict``.
     report : write each acquisition's QC page and the run's index (:mod:`aslbatch.qc`);
         not in ``to_dict`` either (pages are regenerated without refitting).
+    on_grid_mismatch : an M0, mask or paired series on another grid than the ASL series (not the
+        same grid stored with other axes, which is reoriented exactly): ``"resample"`` (with a
+        warning and a note) or ``"refuse"`` (:func:`aslbatch.preprocess.onto_grid`).
     """
 
     methods: tuple[str, ...] = ("supervised",)
@@ -71,8 +76,11 @@ class Settings:
     networks: Mapping[str, str] = field(default_factory=dict)
     cache_dir: str | None = None
     report: bool = True
+    on_grid_mismatch: str = DEFAULT_GRID_POLICY
 
     def __post_init__(self) -> None:
+        if self.on_grid_mismatch not in GRID_POLICIES:
+            raise ValueError(f"on_grid_mismatch must be one of {list(GRID_POLICIES)}, got {self.on_grid_mismatch!r}")
         if not self.methods:
             raise ValueError("at least one method is needed")
         if len(set(self.methods)) != len(self.methods):
@@ -115,6 +123,7 @@ class Settings:
             "method_options": {k: dict(v) for k, v in self.method_options.items()},
             "mask": self.mask,
             "networks": {m: {"path": str(p), "sha256": sha256_file(p)} for m, p in sorted(self.networks.items())},
+            "on_grid_mismatch": self.on_grid_mismatch,
         }
 
     def mask_path(self, subject: str, session: str | None) -> Path | None:
@@ -148,6 +157,8 @@ class AcquisitionResult:
     #: (loading images and preprocessing), "fit" (every method), "write" (outputs) and
     #: "report" (the QC page)
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: why a done acquisition's result is implausible (:mod:`aslbatch.plausibility`); empty when it is not
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -287,8 +298,12 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     timings["inputs"], mark = time.perf_counter() - mark, time.perf_counter()
     prepared = prepare_acquisition(acquisition, records, overrides=settings.constants,
                                    mask_path=settings.mask_path(acquisition.subject, acquisition.session),
-                                   background_suppression_correction=settings.background_suppression_correction)
+                                   background_suppression_correction=settings.background_suppression_correction,
+                                   on_grid_mismatch=settings.on_grid_mismatch)
     timings["prepare"], mark = time.perf_counter() - mark, time.perf_counter()
+    unusable = unusable_reason(prepared.signals)
+    if unusable is not None:
+        raise bids.BidsError(unusable, path=acquisition.series[0].relpath, field="NIfTI data")
     options = dict(decision.options)
     if "arterial_edge_s" in MODELS[decision.model].option_names:
         options["arterial_edge_s"] = settings.arterial_edge_s
@@ -305,9 +320,16 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         estimates[method] = estimate_maps(model, prepared, method, method_options, progress, estimator)
         estimator_options[method] = provenance_options(estimator)
     timings["fit"], mark = time.perf_counter() - mark, time.perf_counter()
+    if all((np.asarray(e.status) == Status.INVALID_INPUT).all() for e in estimates.values()):
+        raise bids.BidsError("every map is invalid: no brain voxel had a usable ΔM/M0t",
+                             path=acquisition.series[0].relpath, field="NIfTI data")
+    plausibility = judge(prepared.signals, estimates)
+    if plausibility.flagged:
+        log.warning("%s: %s", acquisition.source_name, plausibility.message())
     outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
                                     bids_dir=acquisition.series[0].bids_dir, started_at=started,
-                                    run_settings=settings.to_dict(), decision=decision.to_dict())
+                                    run_settings=settings.to_dict(), decision=decision.to_dict(),
+                                    plausibility=plausibility.to_dict())
     timings["write"], mark = time.perf_counter() - mark, time.perf_counter()
     if settings.report:
         write_report(outputs[-1])
@@ -322,6 +344,7 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         outputs=tuple(str(p) for p in outputs),
         status_counts={m: e.status_counts() for m, e in estimates.items()},
         timings=timings,
+        flags=(plausibility.message(),) if plausibility.flagged else (),
     )
 
 
@@ -353,8 +376,15 @@ def process_session(session: bids.Session, out_dir: str | Path, settings: Settin
             return [AcquisitionResult(session.name, session.subject, session.session, settings.model, "failed", 0.0,
                                       error=str(exc))]
     inputs = inputs or {}
+    duplicated = {problem.path: problem for problem in bids.duplicate_series(session.series)}
     for acquisition in acquisitions:
         t0 = time.perf_counter()
+        twice = [duplicated[s.relpath] for s in acquisition.series if s.relpath in duplicated]
+        if twice:  # a .nii beside a .nii.gz of one name: never processed twice into the same outputs
+            results.append(AcquisitionResult(acquisition.source_name, acquisition.subject, acquisition.session,
+                                             acquisition.model, "failed", 0.0,
+                                             error=f"BidsError: {'; '.join(str(p) for p in twice)}"))
+            continue
         try:
             results.append(process_acquisition(acquisition, out_dir, settings, progress,
                                                inputs=inputs.get(acquisition.source_name)))

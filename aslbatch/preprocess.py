@@ -42,14 +42,24 @@ done. The steps, each a small pure function that can be tested alone:
    (:func:`otsu_threshold`), then the largest 6-connected component, then holes
    filled slice by slice (both scipy.ndimage). An image with no contrast to split (a
    constant M0, as numerical phantoms have) gives every finite voxel > 0, with a
-   warning and a note. A given mask (NIfTI, non-zero = inside) must have the ASL
-   spatial shape. Voxels whose M0 is ≤ 0 or not finite (in any series of the
-   acquisition) are removed from either mask, with a note of how many.
+   warning and a note. A given mask is a NIfTI, non-zero = inside. Voxels whose M0 is
+   ≤ 0 or not finite (in any series of the acquisition) are removed from either mask,
+   with a note of how many.
 5. **Signals**: each series' ΔM divided by its own M0 (a pair may have two M0
    scans), voxels in the mask in C order (``mask.nonzero()``), averaged repeats,
    float64. Per-voxel slice offsets (s, to add to the PLD) come from
    :func:`aslbatch.bids.slice_offsets` along the slice axis (zeros for 3D
    readouts); the two series of a pair must share them.
+
+**Grids** (:func:`onto_grid`). Every image combined with the (first) ASL series, a separate M0,
+a user's mask and the other series of a pair (with its M0), is brought onto the series' grid
+first, never used voxel by voxel on another one: the same grid (shape equal, affines within
+:data:`AFFINE_TOLERANCE` mm) as it is; the same physical grid stored with permuted or flipped
+axes reoriented exactly (nibabel's orientation tools, the affine checked after); any other
+grid resampled (trilinear, masks nearest neighbour; outside the image's field of view: no
+value, so those voxels leave the mask) with a warning and a note, or refused, by
+``on_grid_mismatch`` (:data:`GRID_POLICIES`). A pair with 2D slice timing on two grids is
+refused: the timing cannot follow a resampling.
 
 The per-volume timing, M0 kind and slice timing come read and checked, one
 :class:`~aslbatch.bids.SeriesMetadata` per series (:func:`aslbatch.bids.check_series`,
@@ -67,7 +77,7 @@ import logging
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field as dataclass_field
+from dataclasses import dataclass, field as dataclass_field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +89,8 @@ from .bids import Acquisition, AslSeries, BidsError, SeriesMetadata
 from .protocol import Constants, Protocol, ProtocolError
 
 __all__ = [
+    "DEFAULT_GRID_POLICY",
+    "GRID_POLICIES",
     "M0_SHORT_TR_S",
     "PreparedData",
     "SidecarProtocol",
@@ -87,6 +99,8 @@ __all__ = [
     "repeat_standard_error",
     "brain_mask",
     "load_mask",
+    "onto_grid",
+    "reorientation",
     "m0_from_series",
     "m0_from_volumes",
     "otsu_threshold",
@@ -113,10 +127,17 @@ MIN_BRIGHT_FRACTION = 0.01
 IGNORED_VOLUME_TYPES = ("cbf", "noRF", "n/a")
 #: affines further apart than this (mm, any element) count as different grids
 AFFINE_TOLERANCE = 1e-3
+#: what happens to an image (M0, user mask, the other series of a pair) on another grid than the ASL
+#: series once exact reorientation cannot map it there: resampled (with a warning and a note) or refused
+GRID_POLICIES = ("resample", "refuse")
+#: default policy: resample, as ASLPrep and ExploreASL do with M0 (a smooth image; measured on a phantom:
+#: README "Images on different grids")
+DEFAULT_GRID_POLICY = "resample"
 
 log = logging.getLogger("aslbatch.preprocess")
 
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError,
+                nib.spatialimages.HeaderDataError)
 
 
 # --- the result ------------------------------------------------------------------------------
@@ -418,23 +439,125 @@ def _load_image(path: Path, display: str) -> tuple[np.ndarray, np.ndarray]:
     return data, affine
 
 
-def load_mask(path: str | Path, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def _header_affine(path: Path, display: str) -> np.ndarray:
+    """The voxel-to-world affine of a NIfTI file from its header alone (BidsError naming ``display``)."""
+    try:
+        return np.asarray(nib.load(str(path)).affine, dtype=np.float64)
+    except _READ_ERRORS as exc:
+        raise BidsError(f"cannot read the NIfTI header: {exc}", path=display, field="NIfTI header") from exc
+
+
+# --- grids -------------------------------------------------------------------------------------
+
+
+def same_grid(affine: np.ndarray, shape: Sequence[int], target_affine: np.ndarray, target_shape: Sequence[int],
+              tolerance: float = AFFINE_TOLERANCE) -> bool:
+    """Whether two grids are one: equal spatial shapes and affines within ``tolerance`` (mm, any element)."""
+    return (tuple(int(n) for n in shape[:3]) == tuple(int(n) for n in target_shape[:3])
+            and np.allclose(affine, target_affine, rtol=0, atol=tolerance))
+
+
+def reorientation(affine: np.ndarray, shape: Sequence[int], target_affine: np.ndarray,
+                  target_shape: Sequence[int]) -> np.ndarray | None:
+    """The axis permutation and flips (a nibabel orientation array ``(3, 2)``) that store an image
+    of grid (``affine``, ``shape``) exactly on the target grid, or None when no permutation and
+    flip does (another voxel size, position or rotation: a different grid, not the same one
+    stored differently). Found with :func:`nibabel.orientations.ornt_transform` between the
+    grids' :func:`~nibabel.orientations.io_orientation`, then checked: the reoriented affine
+    must equal ``target_affine`` within :data:`AFFINE_TOLERANCE` (mm)."""
+    from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
+
+    shape = tuple(int(n) for n in shape[:3])
+    ornt = ornt_transform(io_orientation(affine), io_orientation(target_affine))
+    moved = [0, 0, 0]
+    for axis, (new_axis, _) in enumerate(ornt):
+        moved[int(new_axis)] = shape[axis]
+    if tuple(moved) != tuple(int(n) for n in target_shape[:3]):
+        return None
+    reoriented = np.asarray(affine, dtype=np.float64) @ inv_ornt_aff(ornt, shape)
+    return ornt if np.allclose(reoriented, target_affine, rtol=0, atol=AFFINE_TOLERANCE) else None
+
+
+def _grid_text(affine: np.ndarray, shape: Sequence[int]) -> str:
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return (f"shape {tuple(int(n) for n in shape[:3])}, voxel {'x'.join(f'{z:.3g}' for z in zooms)} mm, "
+            f"origin ({', '.join(f'{v:.4g}' for v in np.asarray(affine)[:3, 3])}) mm")
+
+
+def onto_grid(data: np.ndarray, affine: np.ndarray, target_affine: np.ndarray, target_shape: Sequence[int], *,
+              source: str, what: str, policy: str = DEFAULT_GRID_POLICY, order: int = 1,
+              field: str = "affine") -> tuple[np.ndarray, str | None]:
+    """``data`` (x, y, z[, n]) of grid ``affine`` on the target grid (``target_affine``,
+    ``target_shape``: the ASL series'), and a note of what was done (None: already there).
+
+    The same grid (:func:`same_grid`) is used as it is; the same physical grid stored with
+    permuted or flipped axes is reoriented exactly (:func:`reorientation`,
+    :func:`nibabel.orientations.apply_orientation`: no value changes); any other grid is,
+    by ``policy``, resampled (:func:`nibabel.processing.resample_from_to`, spline ``order``:
+    1 trilinear for images, 0 nearest for masks; voxels outside the source image become
+    NaN), with a warning on the ``aslbatch.preprocess`` logger, or refused (BidsError naming
+    ``source`` and ``field``). ``what`` names the image in notes ("the m0scan").
+    """
+    if policy not in GRID_POLICIES:
+        raise ValueError(f"grid policy must be one of {GRID_POLICIES}, got {policy!r}")
+    data = np.asarray(data)
+    shape = data.shape[:3]
+    target_shape = tuple(int(n) for n in target_shape[:3])
+    if same_grid(affine, shape, target_affine, target_shape):
+        return data, None
+    ornt = reorientation(affine, shape, target_affine, target_shape)
+    if ornt is not None:
+        from nibabel.orientations import apply_orientation
+
+        moved = np.ascontiguousarray(apply_orientation(data, ornt))
+        order_text = ", ".join(f"axis {i} -> {int(a)}{' flipped' if f < 0 else ''}" for i, (a, f) in enumerate(ornt))
+        return moved, (f"{source}: {what} is the ASL series' grid stored with other axes ({order_text}): "
+                       "reoriented exactly (no interpolation)")
+    mismatch = (f"{what} is on another grid ({_grid_text(affine, shape)}) than the ASL series "
+                f"({_grid_text(target_affine, target_shape)})")
+    if policy == "refuse":
+        raise BidsError(f"{mismatch}; refused (--on-grid-mismatch refuse); resample it onto the ASL grid, or run "
+                        "with --on-grid-mismatch resample", path=source, field=field)
+    from nibabel.processing import resample_from_to
+
+    volumes = data[..., None] if data.ndim == 3 else data.reshape(shape + (-1,))
+    out = np.empty(target_shape + (volumes.shape[3],), dtype=np.float64)
+    for k in range(volumes.shape[3]):
+        image = nib.Nifti1Image(np.asarray(volumes[..., k], dtype=np.float64), affine)
+        out[..., k] = resample_from_to(image, (target_shape, target_affine), order=order, mode="constant",
+                                       cval=np.nan, out_class=None).get_fdata()
+    out = out[..., 0] if data.ndim == 3 else out.reshape(target_shape + data.shape[3:])
+    method = "trilinear" if order == 1 else ("nearest-neighbour" if order == 0 else f"order-{order} spline")
+    text = f"{mismatch}: resampled onto the ASL grid ({method}; outside its field of view: no value)"
+    log.warning("%s: %s", source, text)
+    return out, f"{source}: {text}"
+
+
+def load_mask(path: str | Path, shape: Sequence[int], affine: np.ndarray | None = None, *,
+              on_grid_mismatch: str = DEFAULT_GRID_POLICY) -> tuple[np.ndarray, str | None]:
     """A user's mask (NIfTI, non-zero and finite = inside; 3-D or one volume) as a bool
-    array of spatial ``shape``, and its affine. BidsError naming the file otherwise."""
+    array of the ASL grid (spatial ``shape``, ``affine``; None: the mask's own affine, so the
+    shapes must agree) and a note of any reorientation or resampling (:func:`onto_grid`, nearest
+    neighbour). BidsError naming the file otherwise."""
     display = str(path)
     if not Path(path).is_file():
         raise BidsError("mask file does not exist", path=display, field="mask")
-    data, affine = _load_image(Path(path), display)
+    data, mask_affine = _load_image(Path(path), display)
     if data.ndim == 4:
         if data.shape[3] != 1:
             raise BidsError(f"mask has {data.shape[3]} volumes; give a 3-D mask", path=display, field="mask")
         data = data[..., 0]
-    if tuple(data.shape) != tuple(shape):
+    inside = (np.isfinite(data) & (data != 0)).astype(np.float64)
+    target = mask_affine if affine is None else affine
+    if affine is None and tuple(data.shape) != tuple(shape):
         raise BidsError(
             f"mask has shape {tuple(data.shape)} but the ASL series has spatial shape {tuple(shape)}",
             path=display, field="mask",
         )
-    return np.isfinite(data) & (data != 0), affine
+    moved, note = onto_grid(inside, mask_affine, target, shape, source=display, what="the mask",
+                            policy=on_grid_mismatch, order=0, field="mask")
+    with np.errstate(invalid="ignore"):
+        return np.asarray(moved > 0.5), note
 
 
 def _aslcontext_name(series: AslSeries) -> str:
@@ -442,7 +565,8 @@ def _aslcontext_name(series: AslSeries) -> str:
 
 
 def m0_from_series(
-    series: AslSeries, metadata: SeriesMetadata, *, asl_data: np.ndarray | None = None
+    series: AslSeries, metadata: SeriesMetadata, *, asl_data: np.ndarray | None = None,
+    asl_affine: np.ndarray | None = None, on_grid_mismatch: str = DEFAULT_GRID_POLICY,
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """M0t map of a series by its M0Type, and the notes and files behind it.
 
@@ -451,8 +575,10 @@ def m0_from_series(
     m0scan volumes (``asl_data`` (x, y, z, n), loaded when not given) averaged;
     both divided by :func:`saturation_recovery_factor` of their
     RepetitionTimePreparation (s) and the constants' T1t (s). Estimate: λ · M0Estimate
-    in every voxel (M0Estimate is the M0 of blood). The map has the series' spatial
-    shape (BidsError naming the m0scan otherwise).
+    in every voxel (M0Estimate is the M0 of blood). The map is on the series' grid: a
+    separate m0scan on another one (``asl_affine``: the series', read from its header when
+    None) is reoriented or resampled onto it, or refused, by ``on_grid_mismatch``
+    (:func:`onto_grid`; BidsError naming the m0scan).
     """
     kind, constants = metadata.m0_type, metadata.constants
     shape = tuple(series.shape)
@@ -468,13 +594,14 @@ def m0_from_series(
     repetition_time = metadata.m0_repetition_time
     if kind == "Separate":
         m0scan = series.m0scan
-        data, _ = _load_image(m0scan.path, m0scan.relpath)
-        if tuple(data.shape[:3]) != shape:
-            raise BidsError(
-                f"m0scan has spatial shape {tuple(data.shape[:3])} but {series.relpath} has {shape}",
-                path=m0scan.relpath, field="NIfTI data",
-            )
+        data, m0_affine = _load_image(m0scan.path, m0scan.relpath)
+        if asl_affine is None:
+            asl_affine = _header_affine(series.path, series.relpath)
         n_volumes = data.shape[3] if data.ndim == 4 else 1
+        data, moved = onto_grid(data.mean(axis=3) if data.ndim == 4 else data, m0_affine, asl_affine, shape, source=m0scan.relpath,
+                                what="the m0scan", policy=on_grid_mismatch)
+        if moved is not None:
+            notes.append(moved)
         files.append(m0scan.relpath)
         origin = f"M0 from {m0scan.relpath} (mean of {n_volumes} volume(s))"
     else:  # Included
@@ -515,8 +642,10 @@ class _SeriesDeltaM:
     files: list[str]
 
 
-def _series_deltam(series: AslSeries, metadata: SeriesMetadata) -> _SeriesDeltaM:
-    """ΔM, timing, M0 and mask reference of one series; its metadata come read and checked."""
+def _series_deltam(series: AslSeries, metadata: SeriesMetadata,
+                   on_grid_mismatch: str = DEFAULT_GRID_POLICY) -> _SeriesDeltaM:
+    """ΔM, timing, M0 (on the series' grid) and mask reference of one series; its metadata come
+    read and checked."""
     meta = series.metadata
     context = _aslcontext_name(series)
     types = list(metadata.volume_types)
@@ -577,7 +706,8 @@ def _series_deltam(series: AslSeries, metadata: SeriesMetadata) -> _SeriesDeltaM
     kind = metadata.m0_type
     if kind != "Included" and "m0scan" in types:
         notes.append(f"{series.relpath}: {types.count('m0scan')} m0scan volume(s) ignored (M0Type is {kind})")
-    m0, m0_notes, files = m0_from_series(series, metadata, asl_data=data)
+    m0, m0_notes, files = m0_from_series(series, metadata, asl_data=data, asl_affine=affine,
+                                         on_grid_mismatch=on_grid_mismatch)
     notes.extend(m0_notes)
     if kind == "Estimate":
         control_index = [i for i, t in enumerate(types) if t == "control"]
@@ -597,15 +727,37 @@ def _series_deltam(series: AslSeries, metadata: SeriesMetadata) -> _SeriesDeltaM
     )
 
 
-def _check_pair(first: _SeriesDeltaM, other: _SeriesDeltaM) -> None:
-    """The series of a pair must share the grid and the slice timing."""
+def _onto_first(first: _SeriesDeltaM, other: _SeriesDeltaM, policy: str) -> _SeriesDeltaM:
+    """The other series of a pair (its ΔM, M0 and slice timing) on the first series' grid
+    (:func:`onto_grid`: as it is, reoriented exactly, or resampled or refused by ``policy``),
+    after which both must share the slice timing. A 2D readout's slice timing cannot follow
+    a resampling: such a pair is refused whatever the policy."""
     a, b = first.series, other.series
-    if first.deltam.shape[:3] != other.deltam.shape[:3]:
-        raise BidsError(f"spatial shape {other.deltam.shape[:3]} differs from {first.deltam.shape[:3]} of {a.relpath}",
-                        path=b.relpath, field="NIfTI data")
-    if not np.allclose(first.affine, other.affine, rtol=0, atol=AFFINE_TOLERANCE):
-        raise BidsError(f"the image affine differs from that of {a.relpath}: the two series are not on one grid",
-                        path=b.relpath, field="affine")
+    shape = first.deltam.shape[:3]
+    ornt = None
+    if not same_grid(other.affine, other.deltam.shape, first.affine, shape):
+        ornt = reorientation(other.affine, other.deltam.shape, first.affine, shape)
+        if ornt is None and other.offsets.any():
+            raise BidsError(
+                f"the series is on another grid ({_grid_text(other.affine, other.deltam.shape)}) than {a.relpath} "
+                f"({_grid_text(first.affine, shape)}) and has 2D slice timing, which a resampling cannot carry: "
+                "the two series of a pair must share one grid", path=b.relpath, field="affine")
+    deltam, note = onto_grid(other.deltam, other.affine, first.affine, shape, source=b.relpath,
+                             what=f"the series (paired with {a.relpath})", policy=policy)
+    m0, _ = onto_grid(other.m0, other.affine, first.affine, shape, source=b.relpath, what="its M0", policy=policy)
+    axis, offsets = other.axis, other.offsets
+    if ornt is not None:  # the slice axis moves (and is reversed when flipped) with the image
+        axis, flip = int(ornt[other.axis, 0]), ornt[other.axis, 1] < 0
+        offsets = offsets[::-1] if flip else offsets
+    moved = replace(other, deltam=deltam, m0=m0, axis=axis, offsets=offsets, affine=first.affine,
+                    notes=other.notes + ([note] if note else []))
+    _check_pair(first, moved)
+    return moved
+
+
+def _check_pair(first: _SeriesDeltaM, other: _SeriesDeltaM) -> None:
+    """The series of a pair, on one grid, must share the slice timing."""
+    a, b = first.series, other.series
     both_zero = not first.offsets.any() and not other.offsets.any()  # 3D readouts: the axis does not matter
     same = first.axis == other.axis and np.allclose(first.offsets, other.offsets, rtol=0, atol=1e-6)
     if not (both_zero or same):
@@ -645,6 +797,7 @@ def prepare_acquisition(
     mask_path: str | Path | None = None,
     background_suppression_correction: bool = False,
     bolus_duration: float | None = None,
+    on_grid_mismatch: str = DEFAULT_GRID_POLICY,
 ) -> PreparedData:
     """Signals (ΔM/M0t), protocol, mask and constants of one acquisition (see the module doc).
 
@@ -654,8 +807,10 @@ def prepare_acquisition(
     with ``overrides``, the Constants fields that win over the metadata (invalid ones
     raise ProtocolError), and ``background_suppression_correction``, α_BS from the
     metadata into ``constants.alpha_bs`` (the data are not rescaled; a note says so), and
-    ``bolus_duration`` (s), the user's PASL bolus duration. ``mask_path``: a NIfTI brain mask on the ASL grid; None computes one from M0
-    (:func:`brain_mask`).
+    ``bolus_duration`` (s), the user's PASL bolus duration. ``mask_path``: a NIfTI brain mask; None computes one from M0
+    (:func:`brain_mask`). Every image combined with the (first) ASL series, the M0, the mask
+    and the other series of a pair, is brought onto its grid by :func:`onto_grid` with
+    ``on_grid_mismatch`` (:data:`GRID_POLICIES`): never used voxel by voxel on another grid.
     """
     series_list = list(acquisition.series)
     if not series_list:
@@ -682,10 +837,9 @@ def prepare_acquisition(
                 f"{constants.to_dict()}; the series of a pair are fitted with one set of constants",
                 path=series.relpath, field="constants",
             )
-    parts = [_series_deltam(series, record) for series, record in zip(series_list, metadata)]
+    parts = [_series_deltam(series, record, on_grid_mismatch) for series, record in zip(series_list, metadata)]
     first = parts[0]
-    for other in parts[1:]:
-        _check_pair(first, other)
+    parts[1:] = [_onto_first(first, other, on_grid_mismatch) for other in parts[1:]]
     shape = tuple(int(n) for n in first.deltam.shape[:3])
     notes: list[str] = [note for part in parts for note in part.notes]
     files: list[str] = [path for part in parts for path in part.files]
@@ -697,10 +851,10 @@ def prepare_acquisition(
 
     # mask
     if mask_path is not None:
-        mask, mask_affine = load_mask(mask_path, shape)
+        mask, moved = load_mask(mask_path, shape, first.affine, on_grid_mismatch=on_grid_mismatch)
         files.append(str(mask_path))
-        if not np.allclose(mask_affine, first.affine, rtol=0, atol=AFFINE_TOLERANCE):
-            notes.append(f"{mask_path}: the mask's affine differs from the ASL series'; used voxel by voxel")
+        if moved is not None:
+            notes.append(moved)
         notes.append(f"mask from {mask_path}: {int(mask.sum())} voxel(s)")
     else:
         source = f"the {first.mask_reference_name} image of {first.series.relpath}"

@@ -601,6 +601,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
     ]
     if missing:
         body.append(f'<p class="warn">Missing output file(s): {escape(", ".join(missing))}</p>')
+    if _plausibility_flag(provenance):
+        body.append(f'<p class="warn"><b>Flagged:</b> {escape(_plausibility_flag(provenance))}</p>')
     body += [
         "<h2>Fit status (share of the brain mask)</h2>",
         html_table(status_header, status_rows),
@@ -663,6 +665,12 @@ def _thumbnail(provenance: Mapping[str, Any], folder: Path) -> bytes:
     return indexed_png(_enlarge(pixels, px, pixels.shape[0] * px), _scale_palette(SCALES["cbf"].cmap))
 
 
+def _plausibility_flag(provenance: Mapping[str, Any]) -> str:
+    """Why the provenance flags the result as implausible (:mod:`aslbatch.plausibility`), or ""."""
+    judgement = provenance.get("plausibility") or {}
+    return str(judgement.get("message") or "flagged") if judgement.get("flagged") else ""
+
+
 def _converged(provenance: Mapping[str, Any]) -> str:
     """Share of the mask converged, per method (from the provenance's status counts)."""
     shares = []
@@ -681,7 +689,9 @@ def _acquisition_cell(provenance_path: Path, out_dir: Path) -> str:
     try:
         provenance = read_provenance(provenance_path)
         thumb = img(_thumbnail(provenance, provenance_path.parent), f"{name} cbf")
-        label = f"{escape(name)}<br>{escape(_converged(provenance))}"
+        flag = _plausibility_flag(provenance)
+        label = f"{escape(name)}<br>{escape(_converged(provenance))}" + (
+            f'<br><span class="warn">flagged: {escape(flag)}</span>' if flag else "")
     except (OSError, ValueError, ImageFileError) as exc:
         thumb, label = f'<span class="warn">no thumbnail ({escape(exc)})</span>', escape(name)
     page = session_report_path(provenance_path)

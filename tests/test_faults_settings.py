@@ -81,12 +81,12 @@ def test_config_values_of_the_wrong_type_are_each_named_and_nothing_runs(raw, tm
                                '[method_options]\nlm = 3\n')
     errors = _run_refused(raw, tmp_path / "out", "--config", str(config))
     expected = [
-        f"{config}: methods: must be a list, got a string ('lm')",
-        f"{config}: background_suppression_correction: must be true or false, got a string ('false')",
-        f"{config}: constants: must be a table, got a string ('x')",
-        f"{config}: report: must be true or false, got an integer (1)",
-        f"{config}: participant_label: must be a list, got an integer (1)",
-        f"{config}: method_options.lm: must be a table, got an integer (3)",
+        f"{config}: methods must be a list, got a string ('lm')",
+        f"{config}: background_suppression_correction must be true or false, got a string ('false')",
+        f"{config}: constants must be a table, got a string ('x')",
+        f"{config}: report must be true or false, got an integer (1)",
+        f"{config}: participant_label must be a list, got an integer (1)",
+        f"{config}: method_options.lm must be a table, got an integer (3)",
     ]
     for line in expected:
         assert f"aslbatch: error: {line}" in errors, errors
@@ -122,10 +122,10 @@ def test_command_line_values_out_of_range_are_named_by_their_option(raw, tmp_pat
     errors = _run_refused(raw, tmp_path / "out", "--method", "lm", "--t1-tissue", "-3", "--arterial-edge-s", "-1",
                           "--labeling-efficiency", "1.5", "--bolus-duration", "0")
     assert set(errors) == {
-        "aslbatch: error: --t1-tissue (constant t1t): must be > 0, got -3.0",
-        "aslbatch: error: --arterial-edge-s: must be >= 0, got -1.0",
-        "aslbatch: error: --labeling-efficiency (constant alpha): must be <= 1, got 1.5",
-        "aslbatch: error: --bolus-duration: must be > 0, got 0.0",
+        "aslbatch: error: --t1-tissue (constant t1t) must be > 0, got -3.0",
+        "aslbatch: error: --arterial-edge-s must be >= 0, got -1.0",
+        "aslbatch: error: --labeling-efficiency (constant alpha) must be <= 1, got 1.5",
+        "aslbatch: error: --bolus-duration must be > 0, got 0.0",
     }
 
 
@@ -133,9 +133,9 @@ def test_constants_table_types_ranges_and_unknown_keys(raw, tmp_path):
     config = _config(tmp_path, 'methods = ["lm"]\n[constants]\nt1b = "1.6"\nlam = -0.9\nt1_prime = "arterial"\n'
                                'foo = 2\n')
     errors = _run_refused(raw, tmp_path / "out", "--config", str(config))
-    assert f"aslbatch: error: {config}: constants.t1b: must be a number, got a string ('1.6')" in errors
-    assert f"aslbatch: error: {config}: constants.lam: must be > 0, got -0.9" in errors
-    assert any(f"{config}: constants.t1_prime: must be one of 'blood' or 'tissue'" in line for line in errors)
+    assert f"aslbatch: error: {config}: constants.t1b must be a number, got a string ('1.6')" in errors
+    assert f"aslbatch: error: {config}: constants.lam must be > 0, got -0.9" in errors
+    assert any(f"{config}: constants.t1_prime must be one of 'blood' or 'tissue'" in line for line in errors)
     assert any(f"{config}: constants.foo: unknown constant" in line for line in errors)
     assert len(errors) == 4
 
@@ -150,12 +150,12 @@ def test_method_options_are_checked_against_each_estimators_declared_options(raw
     lm, lut, net = (f"aslbatch: error: {config}: method_options.{m}: " for m in ("lm", "lut", "unsupervised"))
     assert set(errors) == {
         lm + "bogus: not an option of lm; its options: ['fast_path', 'ftol', 'grid_step_s', 'max_iter', 'xtol']",
-        lm + "xtol: must be a number, got a boolean (True)",
+        lm + "xtol must be a number, got a boolean (True)",
         lm + "max_iter must be an integer >= 1, got 0",
         lut + "resolution_s must be a positive number of seconds, got -1",
         net + "slice_offsets: cannot be given (set from each acquisition's slice timing)",
-        net + "hidden_layers: must be a list, got an integer (5)",
-        net + "train_on_data: must be true or false, got a string ('yes')",
+        net + "hidden_layers must be a list, got an integer (5)",
+        net + "train_on_data must be true or false, got a string ('yes')",
         net + "unsupervised: snr_range must be (low, high) with 0 < low <= high, got [5.0, 2.0]",
     }, errors
 
@@ -183,20 +183,22 @@ def test_unreadable_and_invalid_toml_are_named(raw, tmp_path):
 
 # --- point 1: the mask template resolved against the dataset up front ----------------------
 
-def _mask_image(path: Path, shape=SHAPE) -> None:
+def _mask_image(path: Path, raw: Path, shape=SHAPE) -> None:
+    """A mask of ones on the grid of the dataset's ASL series."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.ones(shape, np.uint8), np.eye(4)), path)
+    affine = nib.load(raw / "sub-01" / "perf" / "sub-01_asl.nii.gz").affine
+    nib.save(nib.Nifti1Image(np.ones(shape, np.uint8), affine), path)
 
 
 def test_mask_template_with_an_unknown_placeholder_is_refused(raw, tmp_path):
     errors = _run_refused(raw, tmp_path / "out", "--method", "lm", "--mask", str(tmp_path / "m" / "{subj}.nii.gz"))
-    assert errors == [f"aslbatch: error: --mask: mask template '{tmp_path / 'm' / '{subj}.nii.gz'}': only {{subject}} "
-                      f"and {{session}} can be filled, not {{subj}}"]
+    assert errors == [f"aslbatch: error: --mask must use only the placeholders {{subject}} and {{session}}, not {{subj}} "
+                      f"(template '{tmp_path / 'm' / '{subj}.nii.gz'}')"]
 
 
 def test_mask_missing_or_not_3d_for_any_session_is_refused_before_any_session_runs(raw, tmp_path):
     masks = tmp_path / "masks"
-    _mask_image(masks / "sub-01.nii.gz", SHAPE + (3,))  # three volumes
+    _mask_image(masks / "sub-01.nii.gz", raw, SHAPE + (3,))  # three volumes
     template = str(masks / "sub-{subject}.nii.gz")
     errors = _run_refused(raw, tmp_path / "out", "--method", "lm", "--mask", template)
     assert errors == [
@@ -209,8 +211,8 @@ def test_mask_missing_or_not_3d_for_any_session_is_refused_before_any_session_ru
     assert errors[1].startswith(f"aslbatch: error: --mask: {masks / 'sub-02.nii.gz'} (for sub-02): not a readable "
                                 f"NIfTI image")
     # both masks valid: the run goes ahead and uses them (every voxel inside: all fitted)
-    _mask_image(masks / "sub-01.nii.gz")
-    _mask_image(masks / "sub-02.nii.gz")
+    _mask_image(masks / "sub-01.nii.gz", raw)
+    _mask_image(masks / "sub-02.nii.gz", raw)
     before = tree_digest(raw)
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", str(raw), str(out), "--method", "lut", "--mask", template, "--no-report"])

@@ -476,13 +476,22 @@ def test_long_m0_tr_is_not_corrected(root):
     assert not any("saturation-recovery" in note for note in prepared.notes)
 
 
-def test_m0_shape_mismatch_names_the_m0scan(root):
+def test_m0_shape_mismatch_names_the_m0scan_when_refused_and_is_resampled_by_default(root):
+    """Issue 14.3: an M0 of another shape is another grid: refused naming the m0scan, or (the
+    default) resampled onto the ASL grid; with one more slice on the same voxel positions the
+    resampled M0 is the original's first four slices exactly."""
     m0t = tissue_m0()
-    volumes, types, delays = pair_volumes(truth(1), m0t, [1.0])
+    signal = truth(1)
+    volumes, types, delays = pair_volumes(signal, m0t, [1.0])
     write_series(root, "sub-01", volumes, types, delays)
-    write_m0(root, "sub-01", np.ones((12, 12, 5)))
-    with pytest.raises(BidsError, match=r"^sub-01/perf/sub-01_m0scan.nii.gz: m0scan has spatial shape \(12, 12, 5\)"):
-        prepare_acquisition(acquisition(root))
+    write_m0(root, "sub-01", np.concatenate([m0t, m0t[..., :1]], axis=2))  # shape (12, 12, 5)
+    with pytest.raises(BidsError, match=r"^sub-01/perf/sub-01_m0scan.nii.gz: the m0scan is on another grid "
+                                        r"\(shape \(12, 12, 5\).*refused"):
+        prepare_acquisition(acquisition(root), on_grid_mismatch="refuse")
+    prepared = prepare_acquisition(acquisition(root))
+    np.testing.assert_allclose(prepared.m0, m0t, rtol=1e-12)
+    check_recovers(prepared, signal)
+    assert any("resampled onto the ASL grid" in note for note in prepared.notes)
 
 
 def test_nonpositive_m0_voxels_are_excluded_with_a_note(root, tmp_path):
@@ -575,9 +584,13 @@ def test_given_mask_is_used_and_a_wrong_shape_names_the_file(root, tmp_path):
     check_recovers(prepared, signal)
     assert str(mask_file) in prepared.source_files
     wrong = write_nifti(tmp_path / "wrong.nii.gz", np.ones((12, 12, 3)))
-    with pytest.raises(BidsError, match=rf"^{wrong}: mask has shape \(12, 12, 3\) but the ASL series has spatial "
-                                        r"shape \(12, 12, 4\)"):
-        prepare_acquisition(acquisition(root), mask_path=wrong)
+    with pytest.raises(BidsError, match=rf"^{wrong}: the mask is on another grid \(shape \(12, 12, 3\).*than the "
+                                        r"ASL series \(shape \(12, 12, 4\).*refused"):
+        prepare_acquisition(acquisition(root), mask_path=wrong, on_grid_mismatch="refuse")
+    # resampled (the default, nearest neighbour): slices 0-2 inside, slice 3 outside the mask's field of view
+    resampled = prepare_acquisition(acquisition(root), mask_path=wrong)
+    np.testing.assert_array_equal(resampled.mask[..., :3], True)
+    assert not resampled.mask[..., 3].any()
     with pytest.raises(BidsError, match=r"nope.nii.gz: mask file does not exist"):
         prepare_acquisition(acquisition(root), mask_path=tmp_path / "nope.nii.gz")
     empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros(SHAPE))
@@ -620,8 +633,11 @@ def test_2c_pair_on_different_grids_or_constants_raises(root, tmp_path):
     shifted = image.affine.copy()
     shifted[0, 3] += 2.0
     write_nifti(nifti, np.asarray(image.dataobj), shifted)
-    with pytest.raises(BidsError, match=r"^sub-01/perf/sub-01_acq-dante_asl.nii.gz: the image affine differs"):
-        prepare_acquisition(acquisition(root, "2c"))
+    m0_file = perf(root) / "sub-01_acq-dante_m0scan.nii.gz"
+    write_nifti(m0_file, np.asarray(nib.load(str(m0_file)).dataobj), shifted)  # its M0 on its grid
+    with pytest.raises(BidsError, match=r"^sub-01/perf/sub-01_acq-dante_asl.nii.gz: the series \(paired with "
+                                        r"sub-01/perf/sub-01_acq-nocrush_asl.nii.gz\) is on another grid"):
+        prepare_acquisition(acquisition(root, "2c"), on_grid_mismatch="refuse")
     other = tmp_path / "other"
     other.mkdir()
     write_pair(other, crushed_fields={"MagneticFieldStrength": 1.5})
@@ -738,3 +754,38 @@ def test_prepare_with_checked_metadata_reads_no_sidecar(root, monkeypatch):
     assert prepared.notes == reference.notes
     with pytest.raises(ValueError, match="1 metadata records for 2 series"):
         prepare_acquisition(acq, records[:1])
+
+
+def test_2c_pair_stored_with_other_axes_is_reoriented_exactly_with_its_slice_timing(root, tmp_path):
+    """Issue 14.3: the crushed series and its M0 stored with x and y swapped and z reversed (and
+    its SliceTiming in that stored order) give exactly the signals and per-voxel slice offsets
+    of the pair stored alike; the same series shifted 2 mm cannot be resampled with 2D slice
+    timing and is refused whatever the policy."""
+    timing = [0.0, 0.04, 0.08, 0.12]
+    fields = {"MRAcquisitionType": "2D", "SliceTiming": timing}
+    expected = write_pair(root, fields, fields)
+    reference = prepare_acquisition(acquisition(root, "2c"))
+    check_recovers(reference, expected)
+    ornt = np.array([[1, 1], [0, 1], [2, -1]])  # x -> y, y -> x, z reversed
+    for name in ("sub-01_acq-dante_asl", "sub-01_acq-dante_m0scan"):
+        path = perf(root) / f"{name}.nii.gz"
+        stored = nib.load(str(path)).as_reoriented(ornt)
+        write_nifti(path, np.asarray(stored.dataobj), stored.affine)
+    sidecar = perf(root) / "sub-01_acq-dante_asl.json"
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "SliceTiming": timing[::-1]}))
+    prepared = prepare_acquisition(acquisition(root, "2c"), on_grid_mismatch="refuse")
+    np.testing.assert_array_equal(prepared.mask, reference.mask)
+    np.testing.assert_array_equal(prepared.signals, reference.signals)
+    np.testing.assert_array_equal(prepared.slice_offsets, reference.slice_offsets)
+    assert any("sub-01_acq-dante_asl.nii.gz: the series (paired with sub-01/perf/sub-01_acq-nocrush_asl.nii.gz) "
+               "is the ASL series' grid stored with other axes" in note for note in prepared.notes)
+    for name in ("sub-01_acq-dante_asl", "sub-01_acq-dante_m0scan"):
+        path = perf(root) / f"{name}.nii.gz"
+        image = nib.load(str(path))
+        shifted = image.affine.copy()
+        shifted[0, 3] += 2.0
+        write_nifti(path, np.asarray(image.dataobj), shifted)
+    with pytest.raises(BidsError, match=r"^sub-01/perf/sub-01_acq-dante_asl.nii.gz: the series is on another grid .* "
+                                        r"has 2D slice timing, which a resampling cannot carry"):
+        prepare_acquisition(acquisition(root, "2c"))

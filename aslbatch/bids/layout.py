@@ -16,6 +16,7 @@ path, as found (not resolved), lies inside the dataset folder.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from typing import Any
 import nibabel as nib
 
 from .metadata import VOLUME_TYPES, BidsError, Sidecar, _error, _short, intended_for, m0_type, vascular_crushing
+
+log = logging.getLogger("aslbatch.bids")
 
 __all__ = [
     "Acquisition",
@@ -106,8 +109,11 @@ def _load_json(path: Path, root: Path, cache: dict[Path, Any]) -> dict[str, Any]
             if not isinstance(data, dict):
                 raise BidsError(f"must hold a JSON object, got {type(data).__name__}", path=_rel(path, root), field="JSON")
             cache[path] = data
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: undecodable bytes, bad JSON, an integer too long
             cache[path] = BidsError(f"cannot read JSON: {exc}", path=_rel(path, root), field="JSON")
+        except RecursionError:
+            cache[path] = BidsError("cannot read JSON: nested deeper than the parser allows", path=_rel(path, root),
+                                    field="JSON")
         except BidsError as exc:
             cache[path] = exc
     if isinstance(cache[path], BidsError):
@@ -184,7 +190,7 @@ def read_nifti_shape(path: Path, display: str | None = None) -> tuple[tuple[int,
     display = display or str(path)
     try:
         shape = tuple(int(n) for n in nib.load(str(path)).header.get_data_shape())
-    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError) as exc:
         raise BidsError(f"cannot read the NIfTI header: {exc}", path=display, field="NIfTI header") from exc
     if len(shape) < 3 or any(n != 1 for n in shape[4:]):
         raise BidsError(
@@ -464,9 +470,21 @@ def find_sessions(bids_dir: str | Path, participant_labels: Sequence[str] | None
         for session, folder in folders:
             files = _asl_files(folder)
             if files:
-                series = tuple(read_series(root, path, cache=cache) for path in files)
+                series = tuple(_read_isolated(root, path, cache) for path in files)
                 sessions.append(Session(subject_dir.name[len("sub-"):], session, series))
     return sessions
+
+
+def _read_isolated(root: Path, path: Path, cache: dict[Path, Any]) -> AslSeries:
+    """:func:`read_series`, with any unexpected failure of a reader kept as the series' problem
+    (discovery must never stop the run: the series' session fails with it, the others go on)."""
+    try:
+        return read_series(root, path, cache=cache)
+    except Exception as exc:  # isolation: a file no reader foresaw fails its own series only
+        log.error("%s could not be read", path, exc_info=True)
+        relpath = _rel(path, root)
+        return AslSeries(path, root, relpath, {}, Sidecar(data_file=relpath), None, (), None, None, None,
+                         (BidsError(f"cannot be read: {type(exc).__name__}: {exc}", path=relpath, field="file"),))
 
 
 # --- grouping -----------------------------------------------------------------------------

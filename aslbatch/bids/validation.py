@@ -47,6 +47,7 @@ __all__ = [
     "AcquisitionVerdict",
     "SeriesMetadata",
     "check_series",
+    "duplicate_series",
     "inspect_dataset",
     "inspect_session",
     "m0_repetition_time",
@@ -146,6 +147,7 @@ def check_series(
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
     bolus_duration: float | None = None,
+    on_grid_mismatch: str = "resample",
 ) -> tuple[SeriesMetadata | None, list[BidsError]]:
     """Read and check a series' metadata once: its :class:`SeriesMetadata` and every problem.
 
@@ -158,7 +160,9 @@ def check_series(
     those of :func:`~aslbatch.bids.metadata.constants_from_metadata`; invalid overrides
     (the user's settings, not the data) raise ProtocolError. ``bolus_duration`` (s): the
     user's PASL bolus duration, which wins over the sidecar's
-    (:func:`~aslbatch.bids.metadata.bolus_duration`); unused for (P)CASL.
+    (:func:`~aslbatch.bids.metadata.bolus_duration`); unused for (P)CASL. ``on_grid_mismatch``
+    (:data:`aslbatch.preprocess.GRID_POLICIES`): with ``"refuse"``, a separate m0scan on
+    another grid than the series (from the headers; not one reoriented exactly) is a problem.
     """
     problems = list(series.problems)
     meta, n = series.metadata, series.n_volumes
@@ -195,12 +199,15 @@ def check_series(
                 path=context, field="volume_type",
             ))
         elif types:
-            problems.extend(_check_volume_types(series, tau, context))
+            problems.extend(_check_volume_types(series, tau, context, pld))
             if kind == "Included":
                 repetition_time = attempt(m0_repetition_time, series)
 
     if kind == "Separate" and series.m0scan is not None and series.m0scan.n_volumes is not None:
         repetition_time = attempt(m0_repetition_time, series)
+        if on_grid_mismatch == "refuse":
+            problems.extend(_grid_problems(series.path, series.relpath, series.m0scan.path, series.m0scan.relpath,
+                                           "the m0scan"))
     if kind == "Estimate":
         estimate = attempt(m0_estimate, meta)
     problems = _unique(problems)
@@ -215,6 +222,42 @@ def check_series(
         slice_offsets=offsets, constants=constants, background_suppression=suppression,
     )
     return record, problems
+
+
+def _header_grid(path: Path, display: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(affine, spatial shape) from a NIfTI header; BidsError naming ``display``."""
+    import nibabel as nib
+    from nibabel.spatialimages import HeaderDataError
+
+    try:
+        image = nib.load(str(path))
+        return np.asarray(image.affine, dtype=np.float64), tuple(int(n) for n in image.shape[:3])
+    except (OSError, EOFError, ValueError, HeaderDataError, nib.filebasedimages.ImageFileError) as exc:
+        raise BidsError(f"cannot read the NIfTI header: {exc}", path=display, field="NIfTI header") from None
+
+
+def _grid_problems(asl: Path, asl_display: str, other: Path, other_display: str, what: str,
+                   *, resampling_possible: bool = True) -> list[BidsError]:
+    """The problem of an image (``other``) on another grid than the ASL series (``asl``), from the
+    headers: none when the grids agree or one is the other stored with permuted or flipped axes
+    (:func:`aslbatch.preprocess.reorientation`); one BidsError naming ``other`` otherwise, as run
+    would refuse it (with ``--on-grid-mismatch refuse``, or always where ``resampling_possible``
+    is False: a 2D readout's slice timing)."""
+    from ..preprocess import _grid_text, reorientation, same_grid  # preprocess builds on this package
+
+    try:
+        target_affine, target_shape = _header_grid(asl, asl_display)
+        affine, shape = _header_grid(other, other_display)
+    except BidsError as exc:
+        return [exc]
+    if same_grid(affine, shape, target_affine, target_shape) or \
+            reorientation(affine, shape, target_affine, target_shape) is not None:
+        return []
+    why = ("refused (--on-grid-mismatch refuse)" if resampling_possible else
+           "its 2D slice timing cannot follow a resampling: the series of a pair must share one grid")
+    return [BidsError(f"{what} is on another grid ({_grid_text(affine, shape)}) than the ASL series "
+                      f"{asl_display} ({_grid_text(target_affine, target_shape)}): {why}",
+                      path=other_display, field="affine")]
 
 
 def series_metadata(
@@ -249,7 +292,8 @@ def validate_series(
     )[1]
 
 
-def _check_volume_types(series: AslSeries, tau: np.ndarray | None, context: str | None) -> list[BidsError]:
+def _check_volume_types(series: AslSeries, tau: np.ndarray | None, context: str | None,
+                        pld: np.ndarray | None = None) -> list[BidsError]:
     types = series.volume_types
     problems = []
     counts = {name: types.count(name) for name in VOLUME_TYPES}
@@ -264,6 +308,24 @@ def _check_volume_types(series: AslSeries, tau: np.ndarray | None, context: str 
             "volume_type lists no control/label pair and no deltam volume: nothing to fit",
             path=context, field="volume_type",
         ))
+    index = [i for i, name in enumerate(types) if name in ("control", "label")]
+    for k in range(len(index) // 2 if counts["control"] == counts["label"] else 0):
+        first, second = index[2 * k], index[2 * k + 1]
+        if types[first] == types[second]:
+            problems.append(BidsError(
+                f"volumes {first} and {second} (counting from 0) are both {types[first]}: control/label pair {k} "
+                "cannot be formed; each label must be next to its control (control first or label first)",
+                path=context, field="volume_type",
+            ))
+            break
+        if tau is not None and pld is not None and tau[first] > 0 and tau[second] > 0 and not np.array_equal(
+                np.round([tau[first], pld[first]], 6), np.round([tau[second], pld[second]], 6)):
+            problems.append(_error(
+                series.metadata, "PostLabelingDelay",
+                f"volumes {first} and {second} form control/label pair {k} but have different LabelingDuration "
+                f"({tau[first]:g} s, {tau[second]:g} s) or PostLabelingDelay ({pld[first]:g} s, {pld[second]:g} s)",
+            ))
+            break
     if tau is not None:
         labeled = np.array([name in ASL_VOLUME_TYPES for name in types])
         bad = np.flatnonzero(labeled & (tau <= 0))
@@ -294,11 +356,12 @@ def validate_session(
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
     bolus_duration: float | None = None,
+    on_grid_mismatch: str = "resample",
 ) -> list[BidsError]:
     """Every problem of a session's series, plus those of grouping them for ``model``."""
     return inspect_session(session, model=model, overrides=overrides,
                            background_suppression_correction=background_suppression_correction,
-                           bolus_duration=bolus_duration)[0]
+                           bolus_duration=bolus_duration, on_grid_mismatch=on_grid_mismatch)[0]
 
 
 def inspect_session(
@@ -308,6 +371,7 @@ def inspect_session(
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
     bolus_duration: float | None = None,
+    on_grid_mismatch: str = "resample",
 ) -> tuple[list[BidsError], list[AcquisitionVerdict]]:
     """The problems of :func:`validate_session` (refusals included) and what ``run`` would do
     with each acquisition (:class:`AcquisitionVerdict`)."""
@@ -316,26 +380,31 @@ def inspect_session(
     for series in session.series:
         record, series_problems = check_series(
             series, overrides=overrides, background_suppression_correction=background_suppression_correction,
-            bolus_duration=bolus_duration,
+            bolus_duration=bolus_duration, on_grid_mismatch=on_grid_mismatch,
         )
         records[series.relpath] = None if series_problems else record
         problems.extend(series_problems)
-    verdicts = _verdicts(session, model, records)
+    verdicts = _verdicts(session, model, records, on_grid_mismatch)
     problems.extend(v.refusal for v in verdicts if v.refusal is not None)
-    names = [series.name for series in session.series]
-    for series in session.series:
-        if names.count(series.name) > 1:
-            problems.append(BidsError(
-                f"{series.name} exists both as .nii and .nii.gz; keep one", path=series.relpath, field="file name"
-            ))
+    problems.extend(duplicate_series(session.series))
     if model == "2c":
         problems.extend(reason for _, reason in pair_series(session.series)[1] if reason is not None)
     return _unique(problems), verdicts
 
 
-def _verdicts(session: Session, model: str, records: Mapping[str, SeriesMetadata | None]) -> list[AcquisitionVerdict]:
+def duplicate_series(series: Sequence[AslSeries]) -> list[BidsError]:
+    """One problem per series whose name another series shares (``.nii`` beside ``.nii.gz``):
+    both would be written to the same outputs, so run fails them and validate reports them."""
+    names = [item.name for item in series]
+    return [BidsError(f"{item.name} exists both as .nii and .nii.gz; keep one", path=item.relpath,
+                      field="file name") for item in series if names.count(item.name) > 1]
+
+
+def _verdicts(session: Session, model: str, records: Mapping[str, SeriesMetadata | None],
+              on_grid_mismatch: str = "resample") -> list[AcquisitionVerdict]:
     """The decision on each acquisition (:func:`aslbatch.identify.decide`), judged once every
-    series of the acquisition reads without a problem (``records`` not None)."""
+    series of the acquisition reads without a problem (``records`` not None); a pair whose
+    series are on grids that run would refuse (:func:`_grid_problems`) is refused."""
     from ..identify import decide, group_acquisitions  # identify builds on this package
 
     try:
@@ -347,6 +416,16 @@ def _verdicts(session: Session, model: str, records: Mapping[str, SeriesMetadata
         found = [records.get(series.relpath) for series in acquisition.series]
         if any(record is None for record in found):
             verdicts.append(AcquisitionVerdict(acquisition.source_name))
+            continue
+        first = acquisition.series[0]
+        grid = [problem for other, record in zip(acquisition.series[1:], found[1:])
+                for problem in _grid_problems(
+                    first.path, first.relpath, other.path, other.relpath, f"the series (paired with {first.relpath})",
+                    resampling_possible=on_grid_mismatch == "resample" and not (
+                        record.slice_offsets.any() or found[0].slice_offsets.any()))
+                if on_grid_mismatch == "refuse" or record.slice_offsets.any() or found[0].slice_offsets.any()]
+        if grid:
+            verdicts.append(AcquisitionVerdict(acquisition.source_name, refusal=grid[0]))
             continue
         try:
             verdicts.append(AcquisitionVerdict(acquisition.source_name, decision=decide(acquisition, found, model)))
@@ -363,6 +442,7 @@ def inspect_dataset(
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
     bolus_duration: float | None = None,
+    on_grid_mismatch: str = "resample",
 ) -> tuple[list[BidsError], list[AcquisitionVerdict]]:
     """:func:`validate_dataset`'s problems and every acquisition's :class:`AcquisitionVerdict`."""
     from ..identify import _check_requested
@@ -383,6 +463,7 @@ def inspect_dataset(
         found, session_verdicts = inspect_session(
             session, model=model, overrides=overrides,
             background_suppression_correction=background_suppression_correction, bolus_duration=bolus_duration,
+            on_grid_mismatch=on_grid_mismatch,
         )
         problems.extend(found)
         verdicts.extend(session_verdicts)
@@ -397,16 +478,19 @@ def validate_dataset(
     overrides: Mapping[str, Any] | None = None,
     background_suppression_correction: bool = False,
     bolus_duration: float | None = None,
+    on_grid_mismatch: str = "resample",
 ) -> list[BidsError]:
     """Every input problem in a dataset (empty when it is ready to process).
 
     Collects, without stopping at the first: a missing folder or participant,
     no ASL series, unreadable JSON, missing or inconsistent aslcontext, missing
     required fields, per-volume lengths and units, the M0 by M0Type (including a
-    missing m0scan for Separate), and, with ``model="2c"``, series left unpaired.
+    missing m0scan for Separate), control/label rows that cannot pair, images on grids run would
+    refuse (``on_grid_mismatch``, from the headers), duplicate series and, with ``model="2c"``,
+    series left unpaired.
     ``overrides`` and ``background_suppression_correction`` are those of
     :func:`constants_from_metadata`, ``bolus_duration`` that of :func:`check_series`.
     """
     return inspect_dataset(bids_dir, participant_labels, model=model, overrides=overrides,
                            background_suppression_correction=background_suppression_correction,
-                           bolus_duration=bolus_duration)[0]
+                           bolus_duration=bolus_duration, on_grid_mismatch=on_grid_mismatch)[0]
