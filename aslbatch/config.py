@@ -370,10 +370,12 @@ def check_dataset_settings(settings, sessions: Sequence[Any], origin: Mapping[st
     problems = []
     if settings.mask is not None:
         where = origin.get("mask", "mask")
+        users: dict[Path, list[str]] = {}  # each file once, with the sessions that would read it
         for session in sessions:
-            path = settings.mask_path(session.subject, session.session)
+            users.setdefault(settings.mask_path(session.subject, session.session), []).append(session.name)
+        for path, names in users.items():
             why = _mask_problem(path)
             if why is not None:
-                problems.append(f"{where}: {path} (for {session.name}): {why}")
+                problems.append(f"{where}: {path} (for {', '.join(names)}): {why}")
     return problems
 

@@ -210,6 +210,9 @@ def test_mask_missing_or_not_3d_for_any_session_is_refused_before_any_session_ru
     errors = _run_refused(raw, tmp_path / "out", "--method", "lm", "--mask", template)
     assert errors[1].startswith(f"aslbatch: error: --mask: {masks / 'sub-02.nii.gz'} (for sub-02): not a readable "
                                 f"NIfTI image")
+    # one file for every session: named once, with the sessions that would read it
+    errors = _run_refused(raw, tmp_path / "out", "--method", "lm", "--mask", str(masks / "all.nii.gz"))
+    assert errors == [f"aslbatch: error: --mask: {masks / 'all.nii.gz'} (for sub-01, sub-02): no such file"]
     # both masks valid: the run goes ahead and uses them (every voxel inside: all fitted)
     _mask_image(masks / "sub-01.nii.gz", raw)
     _mask_image(masks / "sub-02.nii.gz", raw)
