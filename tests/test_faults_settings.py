@@ -350,7 +350,7 @@ def test_fit_on_all_invalid_signals_prints_no_numpy_warning_and_valid_json(tmp_p
 _toml_scalars = st.one_of(st.booleans(), st.integers(), st.integers(min_value=10 ** 300, max_value=10 ** 400),
                           st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
 _toml_values = st.recursive(_toml_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=6)
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)), max_leaves=12)
 _keys = st.sampled_from(sorted(RunConfig.model_fields) + ["colour"])
 _option_names = st.sampled_from(["max_iter", "xtol", "grid_step_s", "resolution_s", "hidden_layers", "n_samples",
                                  "snr_range", "train_on_data", "edge_epochs", "slice_offsets", "bogus"])
