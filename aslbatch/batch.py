@@ -276,12 +276,19 @@ def run_batch(bids_dir: Path, out_dir: Path, settings: Settings, *, participant_
     workers (which must see ``bids_dir`` and ``out_dir`` at the same paths) instead of
     local processes. Planning, locking and reports stay on this machine.
 
-    Raises :class:`aslbatch.bids.BidsError` for a missing dataset or unknown participant and
+    Raises :class:`aslbatch.bids.BidsError` for a missing dataset or unknown participant,
+    ValueError for an ``out_dir`` among the raw dataset's files (anywhere inside ``bids_dir`` but
+    below ``derivatives/``, or containing it: :func:`aslbatch.config.output_folder_problem`) and
     :class:`LockHeld` when another run holds ``out_dir``; everything else is in the report.
     With ``jobs`` > 1 the workers are spawned and import the caller's main module, so a
     script calling this must guard its entry point with ``if __name__ == "__main__":``
     (the ``aslbatch`` command does).
     """
+    from .config import output_folder_problem
+
+    refused = output_folder_problem(bids_dir, out_dir)  # the raw dataset's files are never written
+    if refused is not None:
+        raise ValueError(refused)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     cores = os.cpu_count() or 1

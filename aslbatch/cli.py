@@ -195,14 +195,25 @@ def fit(
             )
     except OSError as exc:
         fail(f"{out}: cannot write ({exc.strerror})")
-    error = np.nanmedian(np.abs(estimate.params - data.params), axis=0)
     typer.echo(json.dumps({
         "out": str(out),
         "method": estimate.method,
         "voxels": estimate.n_voxels,
         "status": estimate.status_counts(),
-        "median_abs_error": dict(zip(estimate.param_names, map(float, error))),
+        # over the voxels with an estimate; null where there is none (JSON has no NaN)
+        "median_abs_error": dict(zip(estimate.param_names, _finite_medians(np.abs(estimate.params - data.params)))),
     }))
+
+
+def _finite_medians(values) -> list:
+    """Each column's median over its finite entries (None where it has none): no numpy warning."""
+    import numpy as np
+
+    medians = []
+    for column in np.asarray(values, dtype=float).T:
+        finite = column[np.isfinite(column)]
+        medians.append(float(np.median(finite)) if finite.size else None)
+    return medians
 
 
 def _network_or_fit(method: str, model, network: Optional[Path], cache_dir: Optional[Path]):
@@ -215,35 +226,21 @@ def _network_or_fit(method: str, model, network: Optional[Path], cache_dir: Opti
         from .estimators.store import NetworkCache, load_network
 
         if network is not None:
-            return load_network(network, model)
+            estimator = load_network(network, model)
+            if estimator.name != method:
+                fail(f"{network} is a {estimator.name} network, not {method}: give a network trained with "
+                     f"'aslbatch train --method {method}', or --method {estimator.name}")
+            return estimator
         return NetworkCache(cache_dir).get(get_estimator(method, model), progress=sys.stderr.isatty())
     except (ValueError, OSError) as exc:
         fail(str(exc))
 
 
-def _read_config(path: Path) -> dict:
-    """Settings from a TOML file: the keys of :class:`aslbatch.pipeline.Settings`
-    (``methods``, ``model``, ``background_suppression_correction``, ``arterial_edge_s``, ``bolus_duration``),
-    ``participant_label``, ``cache_dir``, ``report``, a ``[constants]`` table (Constants fields),
-    ``[method_options.<method>]`` tables and a ``[networks]`` table (method = file)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        fail(f"{path}: cannot read config ({exc.strerror})")
-    except tomllib.TOMLDecodeError as exc:
-        fail(f"{path}: not valid TOML ({exc})")
-    known = {"methods", "model", "participant_label", "constants", "background_suppression_correction",
-             "arterial_edge_s", "bolus_duration", "method_options", "mask", "networks", "cache_dir", "report",
-             "on_grid_mismatch"}
-    unknown = set(data) - known
-    if unknown:
-        fail(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
-    return data
+def fail_all(problems: list[str], code: int = EXIT_USAGE) -> None:
+    """Print every problem as ``aslbatch: error: problem`` (one line each) and exit with ``code``."""
+    for problem in problems:
+        typer.echo(f"aslbatch: error: {problem}", err=True)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -288,44 +285,54 @@ def run(
     """
     from . import bids
     from .batch import LockHeld, run_batch
-    from .pipeline import Settings
+    from .config import SettingsError, check_dataset_settings, merge_run_settings, output_folder_problem, read_config
+    from .config import validate_run_config
 
-    from .estimators.store import read_card
-
-    cfg = _read_config(config) if config is not None else {}
-    networks = {str(k): str(v) for k, v in cfg.get("networks", {}).items()}
-    for path in network or []:
-        try:
-            networks[read_card(path)["method"]] = str(path)
-        except ValueError as exc:
-            fail(str(exc))
-    constants = dict(cfg.get("constants", {}))
-    for name, value in (("t1b", t1_blood), ("t1t", t1_tissue), ("t1_prime", t1_prime.value if t1_prime else None),
-                        ("alpha", labeling_efficiency), ("lam", partition_coefficient)):
-        if value is not None:
-            constants[name] = value
+    # every setting checked before anything runs: all problems reported, one line each
     try:
-        settings = Settings(
-            methods=(tuple(m.value for m in method) if method else
-                     tuple(cfg.get("methods", sorted(networks) if networks else Settings.methods))),
-            model=model.value if model else cfg.get("model", "auto"),
-            constants=constants,
-            background_suppression_correction=(background_suppression_correction
-                                               if background_suppression_correction is not None
-                                               else bool(cfg.get("background_suppression_correction", False))),
-            arterial_edge_s=arterial_edge_s if arterial_edge_s is not None else float(cfg.get("arterial_edge_s", 0.0)),
-            bolus_duration=bolus_duration if bolus_duration is not None else cfg.get("bolus_duration"),
-            method_options=cfg.get("method_options", {}),
-            mask=mask if mask is not None else cfg.get("mask"),
-            networks=networks,
-            cache_dir=str(cache_dir) if cache_dir is not None else cfg.get("cache_dir"),
-            report=report if report is not None else bool(cfg.get("report", True)),
-            on_grid_mismatch=on_grid_mismatch.value if on_grid_mismatch else cfg.get("on_grid_mismatch", "resample"),
-        )
-    except (ValueError, TypeError) as exc:
-        fail(str(exc))
-    labels = participant_label or cfg.get("participant_label")
+        from_file = read_config(config) if config is not None else {}
+    except SettingsError as exc:
+        fail_all(exc.problems)
+    values, origin, problems = merge_run_settings(
+        from_file, str(config) if config is not None else None,
+        options={
+            "methods": ([m.value for m in method] if method else None, "--method"),
+            "model": (model.value if model else None, "--model"),
+            "participant_label": (list(participant_label) if participant_label else None, "--participant-label"),
+            "background_suppression_correction": (background_suppression_correction,
+                                                  "--background-suppression-correction"),
+            "arterial_edge_s": (arterial_edge_s, "--arterial-edge-s"),
+            "bolus_duration": (bolus_duration, "--bolus-duration"),
+            "mask": (mask, "--mask"),
+            "cache_dir": (str(cache_dir) if cache_dir is not None else None, "--cache-dir"),
+            "report": (report, "--report"),
+            "on_grid_mismatch": (on_grid_mismatch.value if on_grid_mismatch else None, "--on-grid-mismatch"),
+        },
+        constants={"t1b": (t1_blood, "--t1-blood"), "t1t": (t1_tissue, "--t1-tissue"),
+                   "t1_prime": (t1_prime.value if t1_prime else None, "--t1-prime"),
+                   "alpha": (labeling_efficiency, "--labeling-efficiency"),
+                   "lam": (partition_coefficient, "--partition-coefficient")},
+        network_files=[str(p) for p in network or []])
+    checked, found = validate_run_config(values, origin)
+    problems += found
     out = out_dir if out_dir is not None else bids_dir / "derivatives" / "aslbatch"
+    where = output_folder_problem(bids_dir, out)
+    if where is not None:
+        problems.append(where)
+    settings = None
+    if checked is not None and not found:
+        try:
+            settings = checked.settings()
+        except ValueError as exc:
+            problems.append(str(exc))
+    labels = checked.participant_label if checked is not None else None
+    if settings is not None:
+        try:
+            problems += check_dataset_settings(settings, bids.find_sessions(bids_dir, labels), origin)
+        except bids.BidsError as exc:
+            problems.append(str(exc))
+    if problems:
+        fail_all(problems)
     try:
         report = run_batch(bids_dir, out, settings, participant_labels=labels, jobs=jobs, threads=threads,
                            force=force, dry_run=dry_run, scheduler=scheduler)
@@ -634,8 +641,9 @@ def demo(
                     continue
                 error = (np.asarray(nib.load(path).dataobj, dtype=float)[mask]
                          - np.asarray(nib.load(truth_dir / subject / f"{subject}_{param}.nii.gz").dataobj)[mask])
-                rows.append([subject, name, method, param, f"{np.nanmedian(np.abs(error)):.4g}",
-                             f"{np.nanmedian(error):.3g}", unit])
+                absolute, signed = _finite_medians(np.column_stack([np.abs(error), error]))
+                rows.append([subject, name, method, param, "(none)" if absolute is None else f"{absolute:.4g}",
+                             "" if signed is None else f"{signed:.3g}", unit])
     typer.echo(text_table(["subject", "model", "method", "map", "median |error|", "median error", "unit"], rows,
                           align="llllrrl"))
     typer.echo(f"demo: outputs in {out}, QC pages from {out / 'qc.html'}, logs in {out / 'logs'}", err=True)

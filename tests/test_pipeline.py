@@ -236,7 +236,8 @@ def test_user_mask_template_replaces_the_computed_mask(tmp_path):
         cbf = _load(tmp_path / "out" / f"sub-{subject}" / "perf" / f"sub-{subject}_desc-lm_cbf.nii.gz")
         assert np.isnan(cbf[..., 0]).all() and np.isfinite(cbf[given]).all()
     bad = runner.invoke(app, ["run", "--method", "lm", str(raw), str(tmp_path / "out2"), "--mask", str(tmp_path / "missing.nii.gz")])
-    assert bad.exit_code == EXIT_FAILED and "missing.nii.gz" in bad.output
+    # a mask that is missing for the sessions is a usage error found before any session runs (issue 14)
+    assert bad.exit_code == EXIT_USAGE and "missing.nii.gz" in bad.output and not (tmp_path / "out2").exists()
 
 
 @pytest.mark.parametrize(

@@ -237,6 +237,11 @@ class Estimator:
         """The options that define this estimator's behaviour (for provenance)."""
         return {}
 
+    def check_options(self) -> None:
+        """Raise ValueError naming an option whose value is out of its range; nothing is built or
+        trained (the run's settings are checked with it before any session starts)."""
+        self.options()
+
     @property
     def is_fitted(self) -> bool:
         """Whether ``fit`` has run (or a trained network was installed)."""

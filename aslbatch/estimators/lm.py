@@ -75,7 +75,7 @@ from ..models import pasl
 from ..models import two_compartment as two_c
 from ..models.base import PLD, TIME
 from .base import Estimate, Estimator, Status, check_signals, flag_undetermined
-from .lookup import build_time_grid, grid_search_voxel, is_invalid, n_chunks_for
+from .lookup import build_time_grid, check_grid_step, grid_search_voxel, is_invalid, n_chunks_for
 
 MU_START = 1e-3
 MU_FLOOR = 1e-12
@@ -790,15 +790,19 @@ class LevenbergMarquardtEstimator(Estimator):
         return {"grid_step_s": self.grid_step_s, "max_iter": self.max_iter, "xtol": self.xtol, "ftol": self.ftol,
                 "fast_path": self.fast_path}
 
-    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
-        """Validate the options and build the start grid (no training)."""
-        super()._fit(signals, progress)
-        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+    def check_options(self) -> None:
+        if isinstance(self.max_iter, bool) or not (isinstance(self.max_iter, int) and self.max_iter >= 1):
             raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
         for name in ("xtol", "ftol"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < 1):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 < value < 1):
                 raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+        check_grid_step("grid_step_s", self.grid_step_s)
+
+    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
+        """Validate the options and build the start grid (no training)."""
+        super()._fit(signals, progress)
+        self.check_options()
         self.grid_ = build_time_grid(self.model, float(self.grid_step_s))
         names = self.model.param_names
         self.free_ = np.ones(self.model.n_params, dtype=np.bool_)

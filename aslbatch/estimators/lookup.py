@@ -106,10 +106,16 @@ def _collapse_identical(att: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray,
     return merged_att, basis[first], alt.astype(np.int64)
 
 
+def check_grid_step(name: str, step_s: Any) -> None:
+    """ValueError unless ``step_s`` (option ``name``) is a grid step: a finite number of seconds > 0."""
+    if isinstance(step_s, bool) or not isinstance(step_s, (int, float, np.integer, np.floating)) \
+            or not (math.isfinite(step_s) and step_s > 0):
+        raise ValueError(f"{name} must be a positive number of seconds, got {step_s!r}")
+
+
 def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
     """The grid and basis signals for ``model`` at ``resolution_s`` (s) between its bounds."""
-    if not (math.isfinite(resolution_s) and resolution_s > 0):
-        raise ValueError(f"grid resolution must be a positive number of seconds, got {resolution_s!r}")
+    check_grid_step("grid resolution", resolution_s)
     lower, upper = model.bounds
     names = model.param_names
     j_att = names.index("att")
@@ -485,6 +491,9 @@ class LookupTableEstimator(Estimator):
 
     def options(self) -> dict[str, Any]:
         return {"resolution_s": self.resolution_s}
+
+    def check_options(self) -> None:
+        check_grid_step("resolution_s", self.resolution_s)
 
     def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
         """Build the grid (no training)."""

@@ -56,6 +56,8 @@ FORMAT = "aslbatch.network/1"
 CACHE_ENV = "ASLBATCH_CACHE_DIR"
 #: bump when training changes so that cached networks of older code are not reused
 TRAINING_VERSION = 2
+#: the first bytes of a zip archive (an .npz file)
+ZIP_MAGIC = b"PK\x03\x04"
 #: protocol times (s) and constants closer than this are the same
 MATCH_TOLERANCE = 1e-6
 log = logging.getLogger("aslbatch.networks")
@@ -116,13 +118,24 @@ def save_network(estimator: NeuralEstimator, path: str | os.PathLike) -> str:
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """The verified card and arrays of a network file, or a NetworkFileError naming the file."""
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except FileNotFoundError:
+        raise NetworkFileError(f"{path}: no such network file") from None
+    except OSError as exc:
+        raise NetworkFileError(f"{path}: cannot read network file ({exc.strerror or exc})") from None
+    if head[:len(ZIP_MAGIC)] != ZIP_MAGIC:  # np.load would take anything else for a pickle
+        raise NetworkFileError(f"{path}: not an aslbatch network file: {_kind_of_file(path, head)}, not the .npz "
+                               f"archive 'aslbatch train' writes")
+    try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {key: data[key] for key in data.files}
     except FileNotFoundError:
         raise NetworkFileError(f"{path}: no such network file") from None
     except ValueError as exc:
         if "pickle" in str(exc):
-            raise NetworkFileError(f"{path}: contains pickled objects, which aslbatch never loads") from None
+            raise NetworkFileError(f"{path}: holds an array of Python objects (pickled), which aslbatch never "
+                                   f"loads; not a network written by 'aslbatch train'") from None
         raise NetworkFileError(f"{path}: not a readable network file ({exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError, UnicodeError) as exc:
         raise NetworkFileError(f"{path}: not a readable network file ({type(exc).__name__}: {exc})") from None
@@ -141,6 +154,23 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise NetworkFileError(f"{path}: not an aslbatch network (format {card.get('format') if isinstance(card, dict) else None!r}, "
                                f"expected {FORMAT!r})")
     return card, arrays
+
+
+def _kind_of_file(path: Path, head: bytes) -> str:
+    """What a file that is not a zip archive looks like, from its first bytes (for messages)."""
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"\x93NUMPY"):
+        return "a single numpy array (.npy)"
+    if head[:1] == b"\x80":
+        return "a Python pickle, which aslbatch never loads"
+    with open(path, "rb") as fh:
+        sample = fh.read(4096)
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a binary file of unknown kind"
+    return "a text file"
 
 
 def read_card(path: str | os.PathLike) -> dict[str, Any]:
