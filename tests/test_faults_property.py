@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, find, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aslbatch.batch import run_batch
 from aslbatch.phantom import write_bids_dataset
@@ -77,15 +77,6 @@ def test_random_sidecar_fields_give_done_or_a_named_error(changes, tmp_path_fact
     assert "Traceback" not in log and "unexpectedly" not in log, log
     assert_untouched(raw, before)
     assert_no_stray_files(work / "out")
-
-
-def test_the_strategy_reaches_the_hard_cases():
-    """The generator covers what broke aslbatch before: infinities, huge integers, strings for
-    numbers, nested lists and objects."""
-    assert find(values, lambda v: isinstance(v, float) and math.isinf(v)) in (math.inf, -math.inf)
-    assert abs(find(values, lambda v: isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2**63)) > 2**63
-    assert find(values, lambda v: v == "1.8") == "1.8"
-    assert find(values, lambda v: isinstance(v, list) and any(isinstance(x, dict) for x in v))
 
 
 @pytest.fixture(scope="module", autouse=True)

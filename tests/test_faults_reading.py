@@ -129,3 +129,19 @@ def test_planning_failing_in_an_unforeseen_way_fails_its_session_only(raw, tmp_p
     assert outcomes["sub-02"].status == "failed" and "hash failed" in outcomes["sub-02"].reason
     assert outcomes["sub-01"].status == outcomes["sub-03"].status == "done"
     assert (tmp_path / "out" / "logs" / "latest_summary.json").is_file() and (tmp_path / "out" / "qc.html").is_file()
+
+
+@pytest.mark.parametrize("field", ["LabelingEfficiency", "MagneticFieldStrength", "PostLabelingDelay"])
+def test_an_integer_beyond_the_float_range_is_a_named_error(raw, tmp_path, field):
+    """JSON allows integers of any size; one beyond the float range is refused by name (it used to
+    end in an OverflowError traceback)."""
+    path = raw / "sub-02" / "perf" / "sub-02_asl.json"
+    meta = json.loads(path.read_text())
+    meta[field] = 10**400
+    path.write_text(json.dumps(meta))
+    problems = [str(p) for p in bids.validate_dataset(raw)]
+    assert any(p.startswith(f"sub-02/perf/sub-02_asl.json: {field} must be") for p in problems), problems
+    report = run_batch(raw, tmp_path / "out", SETTINGS)
+    outcomes = {o.session: o for o in report.outcomes}
+    assert outcomes["sub-02"].status == "failed" and f"{field} must be" in outcomes["sub-02"].reason
+    assert outcomes["sub-01"].status == outcomes["sub-03"].status == "done"

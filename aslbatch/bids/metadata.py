@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -166,7 +167,9 @@ def _require(meta: Mapping[str, Any], field: str, reason: str = "required by BID
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or float (not a bool); an int beyond the float range (JSON allows any) is not."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        isinstance(value, float) or abs(value) <= sys.float_info.max)
 
 
 def _short(value: Any, limit: int = 60) -> str:
