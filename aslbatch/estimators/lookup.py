@@ -176,38 +176,6 @@ def build_time_grid(model: KineticModel, resolution_s: float) -> TimeGrid:
 
 
 @serial
-def _residual(yy, ty, tn, ay, an, tx, c, a):
-    """|y − c T − a A|² from the projections (see :func:`_amplitudes`)."""
-    return yy - 2.0 * (c * ty + a * ay) + c * c * tn + a * a * an + 2.0 * c * a * tx
-
-
-@serial
-def _boxed_amplitudes(yy, ty, tn, inv_tn, ay, an, inv_an, tx, c_max, a_max):
-    """Least-squares amplitudes within 0 <= c <= c_max, 0 <= a <= a_max when the optimum over
-    c, a >= 0 lies outside the box: the best of the four edges, each solved in closed form
-    (the problem is convex, so that is the box optimum). Returns (c, a, rss)."""
-    best_c = min(max(ty * inv_tn, 0.0), c_max)
-    best_a = 0.0
-    best = _residual(yy, ty, tn, ay, an, tx, best_c, best_a)
-    for edge in range(3):
-        if edge == 0:  # c = 0
-            c = 0.0
-            a = min(max(ay * inv_an, 0.0), a_max)
-        elif edge == 1:  # c = c_max
-            c = c_max
-            a = min(max((ay - c_max * tx) * inv_an, 0.0), a_max)
-        else:  # a = a_max
-            if not math.isfinite(a_max):
-                continue
-            a = a_max
-            c = min(max((ty - a_max * tx) * inv_tn, 0.0), c_max)
-        rss = _residual(yy, ty, tn, ay, an, tx, c, a)
-        if rss < best:
-            best_c, best_a, best = c, a, rss
-    return best_c, best_a, best
-
-
-@serial
 def _orthant_amplitudes(yy, ty, tn, inv_tn, ay, an, inv_an, tx, inv_det, two):
     """Non-negative least-squares amplitudes (c, a) and residual for one grid pair.
 
