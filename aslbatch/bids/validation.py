@@ -216,6 +216,10 @@ def check_series(
                                            "the m0scan"))
     if kind == "Estimate":
         estimate = attempt(m0_estimate, meta)
+    unreadable = {p.path for p in series.problems if p.field == "JSON"}
+    if unreadable:  # a sidecar that could not be read: its fields are unknown, not missing
+        problems = [p for p in problems if not (p.path in unreadable and p.message.endswith(" is missing (required "
+                                                                                              "by BIDS for ASL)"))]
     problems = _unique(problems)
 
     read = (labeling, kind, crushed, constants, pld, tau, axis, offsets, suppression)
