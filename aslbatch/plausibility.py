@@ -8,7 +8,8 @@ Two judgements, both from the prepared signals and the estimates alone (no I/O):
 - :func:`judge`, after the fits: an acquisition is done but **flagged** when, for some method,
   more than :data:`MAX_SHARE_AT_BOUND_OR_INVALID` of the brain-mask voxels end at a parameter
   bound or with invalid input, or when the median CBF over the brain lies outside
-  :data:`PLAUSIBLE_MEDIAN_CBF`; the flag names the likely cause: labels and controls swapped
+  :data:`PLAUSIBLE_MEDIAN_CBF`, or when ΔM is negative in over :data:`NEGATIVE_SHARE` of the brain
+  (also for maps without CBF, such as relative CBF); the flag names the likely cause: labels and controls swapped
   (ΔM = control − label negative in most brain voxels), M0 scaled wrongly (median CBF
   implausibly high: M0 too small; implausibly low: M0 too large), else the protocol's timing
   or the constants.
@@ -25,8 +26,8 @@ import numpy as np
 
 from .estimators.base import Estimate, Status
 
-__all__ = ["MAX_SHARE_AT_BOUND_OR_INVALID", "NEGATIVE_SHARE", "PLAUSIBLE_MEDIAN_CBF", "Plausibility", "judge",
-           "unusable_reason"]
+__all__ = ["MAX_SHARE_AT_BOUND_OR_INVALID", "NEGATIVE_SHARE", "PLAUSIBLE_MEDIAN_CBF", "Plausibility", "SWAPPED_SHARE",
+           "judge", "unusable_reason"]
 
 #: a done acquisition is flagged when more than this share of its brain voxels ends at a bound or
 #: invalid, for any method (a good acquisition has a few %: edge voxels, noise at SNR ~2)
@@ -34,9 +35,13 @@ MAX_SHARE_AT_BOUND_OR_INVALID = 0.5
 #: median CBF over the brain mask (mL/100 g/min) outside which the result is implausible: adult grey
 #: and white matter together lie around 20-80; a wrong M0 scaling moves it by its factor
 PLAUSIBLE_MEDIAN_CBF = (5.0, 200.0)
-#: share of brain voxels (of those with a non-zero mean ΔM/M0t) with a negative mean above which labels
-#: and controls are likely swapped
+#: share of brain voxels (of those with a non-zero mean ΔM/M0t) with a negative mean above which the
+#: result is flagged: perfusion makes ΔM positive in the brain, so over half negative is no perfusion signal
 NEGATIVE_SHARE = 0.5
+#: above this share labels and controls are likely swapped; between NEGATIVE_SHARE and it, ΔM is mostly
+#: noise and artefact (no labeling, or an object without perfusion: the Philips QA series is a phantom
+#: sphere, 68 % negative)
+SWAPPED_SHARE = 0.8
 
 _BAD = (int(Status.AT_BOUND), int(Status.INVALID_INPUT))
 
@@ -116,9 +121,13 @@ def judge(signals: np.ndarray, estimates: Mapping[str, Estimate]) -> Plausibilit
     worst = max(shares.values(), default=0.0)
     low, high = PLAUSIBLE_MEDIAN_CBF
     causes = []
-    if negative_share > NEGATIVE_SHARE:
+    if negative_share > SWAPPED_SHARE:
         causes.append(f"ΔM = control − label is negative in {negative_share:.0%} of brain voxels: labels and "
                       "controls swapped in the aslcontext (or the series' volume order)?")
+    elif negative_share > NEGATIVE_SHARE:
+        causes.append(f"ΔM = control − label is negative in {negative_share:.0%} of brain voxels: no perfusion "
+                      "signal above noise and artefacts (labeling failed or absent, an object without perfusion "
+                      "such as a phantom), or labels and controls swapped?")
     high_methods = [m for m, v in medians.items() if v > high]
     low_methods = [m for m, v in medians.items() if v < low]
     if high_methods and not causes:
@@ -134,5 +143,6 @@ def judge(signals: np.ndarray, estimates: Mapping[str, Estimate]) -> Plausibilit
                 f"{MAX_SHARE_AT_BOUND_OR_INVALID:.0%})")
         causes.append(text if causes else text + ": check the timing (PostLabelingDelay, LabelingDuration), "
                       "the M0 and the constants")
-    flagged = worst > MAX_SHARE_AT_BOUND_OR_INVALID or bool(high_methods or low_methods)
+    flagged = (worst > MAX_SHARE_AT_BOUND_OR_INVALID or bool(high_methods or low_methods)
+               or negative_share > NEGATIVE_SHARE)
     return Plausibility(flagged, shares, medians, negative_share, tuple(causes) if flagged else ())

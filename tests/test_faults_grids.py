@@ -321,6 +321,19 @@ def test_plausibility_thresholds_against_status_counts():
     assert bad.flagged and "60% of brain voxels end at a bound or invalid" in bad.message()
     high = judge(signals, {"lm": estimate([250.0] * 10, [Status.CONVERGED] * 10)})
     assert high.flagged and high.median_cbf == {"lm": 250.0} and "implausibly high" in high.message()
+    # ΔM negative in 70 % of the voxels: no perfusion signal (a phantom) is named before a swap, and
+    # flags even when the median CBF looks plausible; 90 %: swapped; 30 %: not flagged
+    mixed = np.where(np.arange(10)[:, None] < 7, -0.01, 0.01) * np.ones((10, 3))
+    noise = judge(mixed, {"lm": estimate([50.0] * 10, [Status.CONVERGED] * 10)})
+    assert noise.flagged and noise.negative_share == 0.7 and "no perfusion signal" in noise.message()
+    swapped = judge(np.where(np.arange(10)[:, None] < 9, -0.01, 0.01) * np.ones((10, 3)),
+                    {"lm": estimate([50.0] * 10, [Status.CONVERGED] * 10)})
+    assert swapped.flagged and "swapped in the aslcontext" in swapped.message()
+    relative = Estimate(np.ones((10, 2)), np.zeros(10, dtype=np.int8), None, np.zeros(10), ("rcbf", "deltam"),
+                        "whitepaper")
+    assert judge(mixed, {"whitepaper": relative}).flagged  # a map without cbf is judged by its ΔM
+    fewer = np.where(np.arange(10)[:, None] < 3, -0.01, 0.01) * np.ones((10, 3))  # 30 % negative
+    assert not judge(fewer, {"lm": estimate([50.0] * 10, [Status.CONVERGED] * 10)}).flagged
     assert unusable_reason(signals) is None
     assert "zero in every brain voxel" in unusable_reason(np.zeros((4, 3)))
     assert "NaN or infinite" in unusable_reason(np.full((4, 3), np.nan))
