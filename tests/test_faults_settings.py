@@ -5,7 +5,6 @@ dataset's files, and messages say what a file is. Every test checks that the raw
 byte-for-byte unchanged and that no temporary remains (tests/faults.py)."""
 
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
