@@ -56,7 +56,7 @@ from ._version import versions
 from .atomic import atomic_open
 from .batch import run_batch
 from .estimators import ESTIMATORS, Estimator, get_estimator
-from .models import MODELS, KineticModel, get_model
+from .models import MODELS, KineticModel, calibrated_models, get_model
 from .phantom import phantom_for, write_bids_dataset
 from .pipeline import Settings
 from .protocol import default_protocol
@@ -327,7 +327,7 @@ def _config(models: Any, methods: Any, sizes: Any, threads: Any, scipy_voxels: A
     if not _is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     return {
-        "models": _names(models, tuple(MODELS), "models"),
+        "models": _names(calibrated_models() if models is None else models, calibrated_models(), "models"),
         "methods": _names(methods, tuple(ESTIMATORS), "methods"),
         "sizes": _integers(cfg["sizes"], "sizes", 1),
         "threads": usable,
@@ -395,7 +395,7 @@ def expected_seconds(cfg: dict[str, Any]) -> float:
 # --- the run -----------------------------------------------------------------------------
 
 
-def run_bench(out_dir: str | os.PathLike, *, models: Sequence[str] = tuple(MODELS),
+def run_bench(out_dir: str | os.PathLike, *, models: Sequence[str] | None = None,
               methods: Sequence[str] = tuple(ESTIMATORS),
               sizes: Sequence[int] | None = None, threads: Sequence[int] = (1, 2), scipy_voxels: int | None = None,
               training_samples: int | None = None, training_epochs: int | None = None,
@@ -404,7 +404,8 @@ def run_bench(out_dir: str | os.PathLike, *, models: Sequence[str] = tuple(MODEL
               progress: bool = False) -> BenchResult:
     """Measure (module docstring) and write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``.
 
-    models, methods : what to time; training covers the network methods among ``methods``.
+    models, methods : what to time (models None: every calibrated model,
+        :func:`~aslbatch.models.calibrated_models`); training covers the network methods among ``methods``.
     sizes : voxels per ``predict`` call. threads : numba/BLAS thread counts; counts above the
         machine's numba threads are skipped and listed in ``settings["skipped_threads"]``.
     scipy_voxels : voxels of the scipy loop. training_samples : simulated training samples.

@@ -427,6 +427,9 @@ def run_evaluation(
     if noise not in NOISE_MODELS:
         raise ValueError(f"noise must be one of {NOISE_MODELS}, got {noise!r}")
     model = get_model(model_name, default_protocol(model_name) if protocol is None else protocol, constants)
+    if not model.calibrated:
+        raise ValueError(f"the {model_name} model has no prior to evaluate against: its outputs are relative to each "
+                         "dataset's own reference (its brain median); evaluate the single model")
     net_opts = _network_options(sizes.network_options, network_options)
     for label in labels:  # every option checked before anything runs
         _estimator(model, label, net_opts, seed).options()

@@ -106,7 +106,9 @@ def decide(acquisition: Acquisition, records: Sequence, requested: str = "auto")
 
     - one readout time over all label/control/ΔM volumes (one PLD, or one TI for PASL, however
       many pairs; also several (τ, PLD) read at the same time): CBF only, by the white-paper
-      formula, the bolus assumed delivered (model ``single``);
+      formula, the bolus assumed delivered (model ``single``); without an M0 (M0Type Absent with
+      background suppression) CBF relative to its brain median and ΔM (model ``relative``), and
+      a time course without an M0 is refused;
     - PASL with two or more TIs: ``pasl`` (cbf, att);
     - crushed and non-crushed volumes, with a non-crushed PLD shorter than the latest arterial
       arrival of the 2C model's prior (the upper end of its abat training range): ``2c``; without one the arterial signal is
@@ -125,8 +127,15 @@ def decide(acquisition: Acquisition, records: Sequence, requested: str = "auto")
     if times.size == 0:
         raise BidsError("no label, control or deltam volume to quantify", path=where, field="aslcontext")
     distinct = np.unique(times)
+    without_m0 = [series.relpath for series, record in zip(acquisition.series, records) if not record.has_m0]
+    if without_m0 and distinct.size > 1:
+        raise BidsError(
+            f"M0Type is Absent and the series is background suppressed: there is no M0 to scale ΔM to ΔM/M0t, and "
+            f"with {distinct.size} readout times ({_seconds(distinct)}) aslbatch does not fit a time course without "
+            "it (its estimators' priors are in absolute CBF); add the M0 scan (M0Type Separate or Included) or a "
+            "value (M0Type Estimate with M0Estimate)", path=without_m0[0], field="M0Type")
     if distinct.size == 1:
-        chosen, options = "single", {"labeling": "pasl" if pulsed else "pcasl"}
+        chosen, options = "relative" if without_m0 else "single", {"labeling": "pasl" if pulsed else "pcasl"}
         record = next(r for r in records if readout_times(r).size)
         first = next(i for i, k in enumerate(record.volume_types) if k in _TIMED_TYPES)
         if pulsed:
@@ -139,6 +148,11 @@ def decide(acquisition: Acquisition, records: Sequence, requested: str = "auto")
         reason = (f"{timing}, {times.size} volume(s): a single-delay acquisition determines CBF only, "
                   f"under the assumption that {assumption}; estimates cbf by the white-paper formula, no arrival "
                   "time")
+        if without_m0:
+            reason = (f"{timing}, {times.size} volume(s), and no M0 (M0Type Absent with background suppression: the "
+                      "suppressed controls are no M0): CBF is determined up to one unknown factor, under the "
+                      f"assumption that {assumption}; estimates rcbf, CBF relative to its brain median by the "
+                      "white-paper formula, and deltam, the mean ΔM in scanner units; never absolute CBF")
     elif pulsed:
         chosen, options = "pasl", {}
         reason = f"PASL read at {distinct.size} inversion times ({_seconds(distinct)}): estimates cbf and att"

@@ -408,11 +408,17 @@ def _noisy(clean: np.ndarray, sigma_img: np.ndarray, noise: str, rng: np.random.
 def phantom_for(model_name: str) -> tuple[str, Protocol | None]:
     """The phantom model and protocol that stand for the model ``model_name`` in a dataset: the
     model itself at its default protocol (None) when it is time-resolved; for a closed-form model
-    (``single``), its time-resolved tissue model read at the closed form's default protocol."""
+    (``single``), its time-resolved tissue model read at the closed form's default protocol. A model
+    that is not ``calibrated`` (``relative``) has none: ValueError."""
     from .models import MODELS, get_model
     from .protocol import default_protocol
 
-    if MODELS.get_class(model_name).time_resolved:
+    cls = MODELS.get_class(model_name)
+    if not cls.calibrated:
+        raise ValueError(f"the {model_name} model has no phantom: its outputs are relative to each dataset's own "
+                         "reference; aslbatch run decides it for a single-delay series without M0 (M0Type Absent, "
+                         "background suppressed)")
+    if cls.time_resolved:
         return model_name, None
     protocol = default_protocol(model_name)
     return get_model(model_name, protocol).tissue_model().name, protocol

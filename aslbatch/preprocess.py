@@ -26,7 +26,11 @@ done. The steps, each a small pure function that can be tested alone:
    - ``Included``: the series' m0scan volumes, averaged;
    - ``Estimate``: the sidecar's M0Estimate, one value for every voxel. BIDS defines
      M0Estimate as the M0 of *blood*, so the tissue M0t the models divide by is
-     λ · M0Estimate (ASL_MODELS.md: M0b = M0t/λ).
+     λ · M0Estimate (ASL_MODELS.md: M0b = M0t/λ);
+   - ``Absent`` without background suppression: the mean control image;
+   - ``Absent`` with background suppression: none. M0t = 1 in every voxel, so the signals are
+     ΔM in the scanner's units, and only the ``relative`` model (relative CBF and ΔM) is
+     decided for them (:func:`aslbatch.identify.decide`).
 
    An M0 image acquired with a short recovery time, RepetitionTimePreparation TR
    below :data:`M0_SHORT_TR_S` (5 s, as ASLPrep after Alsop 2015), has not fully
@@ -37,8 +41,8 @@ done. The steps, each a small pure function that can be tested alone:
    carry α_BS (:func:`aslbatch.bids.constants_from_metadata`), and it enters the
    kinetic model through ``Constants.alpha_bs``.
 4. **Brain mask** (:func:`brain_mask`), from the M0 image when no mask is given
-   (for M0Type Estimate, which has no image, from the mean control image, or the
-   mean ΔM without control volumes): Otsu's threshold on the histogram of the image
+   (for M0Type Estimate and a series without M0, which have no M0 image, from the mean
+   control image, or the mean ΔM without control volumes): Otsu's threshold on the histogram of the image
    (:func:`otsu_threshold`), then the largest 6-connected component, then holes
    filled slice by slice (both scipy.ndimage). An image with no contrast to split (a
    constant M0, as numerical phantoms have) gives every finite voxel > 0, with a
@@ -573,7 +577,8 @@ def m0_from_series(
     ``metadata``: the series' checked metadata (:func:`aslbatch.bids.check_series`).
     Separate: the m0scan image averaged over its volumes; Included: the series'
     m0scan volumes (``asl_data`` (x, y, z, n), loaded when not given) averaged; Absent
-    (validated only without background suppression): the series' control volumes averaged;
+    without background suppression: the series' control volumes averaged (with it there is
+    no M0: ones, the signals stay ΔM in scanner units);
     all divided by :func:`saturation_recovery_factor` of their
     RepetitionTimePreparation (s) and the constants' T1t (s). Estimate: λ · M0Estimate
     in every voxel (M0Estimate is the M0 of blood). The map is on the series' grid: a
@@ -585,6 +590,10 @@ def m0_from_series(
     shape = tuple(series.shape)
     notes: list[str] = []
     files: list[str] = []
+    if not metadata.has_m0:
+        notes.append(f"{series.relpath}: M0Type Absent with background suppression: no M0 (the suppressed controls "
+                     "are none); M0t = 1, the signals are ΔM in the scanner's units, CBF only relative to its median")
+        return np.ones(shape), notes, files
     if kind == "Estimate":
         value = metadata.m0_estimate
         notes.append(
@@ -714,7 +723,7 @@ def _series_deltam(series: AslSeries, metadata: SeriesMetadata,
                                          on_grid_mismatch=on_grid_mismatch)
     notes.extend(m0_notes)
     notes.extend(f"{series.relpath}: {note}" for note in metadata.import_notes)
-    if kind == "Estimate":
+    if kind == "Estimate" or not metadata.has_m0:
         control_index = [i for i, t in enumerate(types) if t == "control"]
         if control_index:
             reference, reference_name = data[..., control_index].mean(axis=3), "mean control"
@@ -781,11 +790,19 @@ def _check_pair(first: _SeriesDeltaM, other: _SeriesDeltaM) -> None:
 def _check_labeling(acquisition: Acquisition, metadata: Sequence[SeriesMetadata]) -> None:
     """PASL data go to the PASL model and only they do: the protocol's times mean different
     things (PASL: ``pld`` is TI, the readout time; (P)CASL: the readout is at τ + PLD). The
-    single-delay model serves both: its ``labeling`` option is decided from the same records
-    (:func:`aslbatch.identify.decide`)."""
+    single-delay models (single, relative) serve both: their ``labeling`` option is decided from
+    the same records (:func:`aslbatch.identify.decide`). A series without M0 goes to the
+    relative model and only it does: its ΔM in scanner units must never become absolute CBF."""
     for series, record in zip(acquisition.series, metadata):
+        if record.has_m0 == (acquisition.model == "relative"):
+            raise BidsError(
+                f"the acquisition was given the {acquisition.model} model, but " + (
+                    "the series has no M0 (M0Type Absent with background suppression): only the relative model "
+                    "(relative CBF, ΔM) applies" if not record.has_m0 else
+                    "the relative model is for series without M0, and this one has an M0"),
+                path=series.metadata.source("M0Type"), field="M0Type")
         pulsed = record.labeling_type == "PASL"
-        if acquisition.model != "single" and pulsed != (acquisition.model == "pasl"):
+        if acquisition.model not in ("single", "relative") and pulsed != (acquisition.model == "pasl"):
             raise BidsError(
                 f"ArterialSpinLabelingType is {record.labeling_type} but the acquisition was given the "
                 f"{acquisition.model} model; " + ("PASL data need the pasl model" if pulsed else

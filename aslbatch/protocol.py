@@ -254,14 +254,14 @@ class Protocol:
 
 def default_protocol(model: str) -> Protocol:
     """The default protocol of ``model``: ASL_MODELS.md's for ``"1c"`` and ``"2c"`` (PCASL,
-    τ = 1.8 s), a multi-TI FAIR Q2TIPS protocol for ``"pasl"``, the white paper's for ``"single"``.
+    τ = 1.8 s), a multi-TI FAIR Q2TIPS protocol for ``"pasl"``, the white paper's for ``"single"`` (and ``"relative"``).
 
     1C: PLD 1.0, 1.5, 2.0, 2.5, 3.0 s. 2C: non-crushed PLD 0.2, 0.5, 0.8, 1.1, 1.4 s
     then crushed PLD 1.0, 1.6, 2.2, 2.8 s. PASL: bolus duration τ_b = 0.7 s (held in
     ``label_duration``), TI = 0.3, 0.6, ..., 3.0 s (held in ``pld``). Single: the white paper's
     recommended adult single-delay PCASL protocol, τ = PLD = 1.8 s (Alsop 2015).
     """
-    if model == "single":
+    if model in ("single", "relative"):
         return Protocol(1.8, [1.8])
     if model == "pasl":
         # the Siemens 3D GRASE multi-TI FAIR Q2TIPS protocol of the BIDS example dataset asl003

@@ -25,7 +25,9 @@ Display conventions
 Axial slices of the image reoriented to RAS, in radiological convention (the patient's
 right on the left, anterior at the top), at most :data:`MAX_SLICES` slices spread over
 those holding brain. Every quantity has a fixed colour scale (:data:`SCALES`, API units)
-so pages compare day to day; values beyond it take the end colours. White: outside the
+so pages compare day to day; values beyond it take the end colours. A quantity in the
+scanner's units (ΔM without an M0), which no fixed scale fits, is shown from 0 to its 99th
+percentile in the brain, said in the caption. White: outside the
 brain mask; grey: inside the mask without a value (NaN: invalid input, or a standard
 error the data do not inform). Histograms and the median / IQR table use the finite
 values inside the mask.
@@ -331,8 +333,19 @@ def _colour_bar(scale: Scale) -> str:
             f'<div class="cap low" style="background:{_hex(palette[0])}"></div>')
 
 
-def _map_montage(values: np.ndarray, grid: _Grid, quantity: str, units: str, alt: str) -> str:
+def _data_scale(quantity: str, values: np.ndarray) -> Scale:
+    """The quantity's fixed scale; for one in the scanner's units (no fixed upper end, e.g. ΔM
+    without an M0) 0 to the 99th percentile of ``values`` (finite in-mask values of its first map)."""
     scale = SCALES[quantity]
+    if math.isfinite(scale.hi):
+        return scale
+    top = float(np.percentile(values, 99)) if values.size else math.nan
+    return Scale(scale.lo, top if math.isfinite(top) and top > scale.lo else scale.lo + 1.0, scale.cmap)
+
+
+def _map_montage(values: np.ndarray, grid: _Grid, quantity: str, units: str, alt: str,
+                 scale: Scale | None = None) -> str:
+    scale = SCALES[quantity] if scale is None else scale
     values = _mosaic(values, grid.slices, np.nan)
     inside = _mosaic(grid.mask, grid.slices, False)
     bar = f'<div class="bar"><div>{escape(quantity)} ({escape(units)})</div>{_colour_bar(scale)}</div>'
@@ -349,10 +362,10 @@ def _status_montage(codes: np.ndarray, grid: _Grid, alt: str) -> str:
     return _montage(pixels, palette, grid, alt, f'<div class="legend">{legend}</div>')
 
 
-def _histogram(samples: Mapping[str, np.ndarray], quantity: str, alt: str) -> str:
+def _histogram(samples: Mapping[str, np.ndarray], quantity: str, alt: str, scale: Scale | None = None) -> str:
     """Step histograms (one per method, HISTOGRAM_BINS over the fixed scale) of finite in-mask
     values; ticks, legend and the share beyond the scale in HTML."""
-    scale = SCALES[quantity]
+    scale = SCALES[quantity] if scale is None else scale
     width, height = HISTOGRAM_SIZE
     counts = {m: np.histogram(v, bins=HISTOGRAM_BINS, range=(scale.lo, scale.hi))[0] for m, v in samples.items()}
     highest = max((int(c.max()) for c in counts.values()), default=0)
@@ -517,6 +530,7 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
         parts = [f'<h3 id="{escape(param)}">{escape(param)}: {escape(name)} ({escape(units)})</h3>']
         for quantity, kind in ((param, "map"), (param + "se", "stderr")):
             samples: dict[str, np.ndarray] = {}
+            scale = None
             for method in methods:
                 path = files.get((kind, method, param))
                 if path is None:
@@ -529,14 +543,16 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
                 values = _load_on(grid, path)
                 inside = values[grid.mask]
                 samples[method] = inside[np.isfinite(inside)]
+                scale = _data_scale(quantity, samples[method]) if scale is None else scale
                 n, median, q1, q3 = _stats(samples[method])
                 stats_rows.append([method, quantity, units, f"{n} / {n_mask}", _number(median), _number(q1),
                                    _number(q3), _number(q3 - q1)])
-                caption = f"{label} ({units}), scale {SCALES[quantity].lo:g}–{SCALES[quantity].hi:g}; {path.name}"
-                parts.append(f"<figure>{_map_montage(values, grid, quantity, units, label)}"
+                fitted = "" if scale is SCALES[quantity] else " (its 99th percentile in the brain)"
+                caption = f"{label} ({units}), scale {scale.lo:g}–{scale.hi:.4g}{fitted}; {path.name}"
+                parts.append(f"<figure>{_map_montage(values, grid, quantity, units, label, scale)}"
                              f"<figcaption>{escape(caption)}</figcaption></figure>")
             if samples:
-                parts.append(f"<figure>{_histogram(samples, quantity, quantity + ' histogram')}"
+                parts.append(f"<figure>{_histogram(samples, quantity, quantity + ' histogram', scale)}"
                              f"<figcaption>{escape(quantity)} ({escape(units)}) within the brain mask, finite "
                              f"values: voxels per bin ({HISTOGRAM_BINS} over the scale)</figcaption></figure>")
         sections.append("\n".join(parts))

@@ -54,13 +54,17 @@ def sample_parameters(
 ) -> np.ndarray:
     """Draw ``n`` parameter vectors uniformly over the training ranges, shape (n, n_params).
 
-    ``ranges`` overrides the model's ``training_ranges`` per parameter (API units).
+    ``ranges`` overrides the model's ``training_ranges`` per parameter (API units). A model
+    that is not ``calibrated`` (``relative``) has no prior: ValueError.
     Ordered arrival times (2C: abat <= att) are drawn as att = abat + U(gap range)
     and then clipped to att's own range.
     """
     rng = _rng(seed)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if not model.calibrated:
+        raise ValueError(f"the {model.name} model has no prior to draw from: its outputs are relative to each "
+                         "dataset's own reference (its brain median); simulate, train and evaluate the single model")
     merged = model.training_ranges
     for name, rng_pair in (ranges or {}).items():
         if name not in merged:

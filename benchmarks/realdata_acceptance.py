@@ -15,7 +15,11 @@ Checks, each computed here independently of aslbatch's code paths:
   0 as the scanner writes it) and the scanner's own difference image, in the run's brain mask: >= 0.95;
 - Siemens 2D PASL: median CBF in the brain of aslbatch's white-paper map against the white-paper
   formula (Alsop 2015) evaluated here: CBF = 6000 λ ΔM exp(TI_z / T1b) / (2 α TI1 M0), with
-  M0 = volume 0 / (1 − exp(−TR / T1t)), TI_z = TI + the slice's acquisition time: within 10 %.
+  M0 = volume 0 / (1 − exp(−TR / T1t)), TI_z = TI + the slice's acquisition time: within 10 %;
+- Siemens 3D PASL (background suppressed, no M0 exported): no absolute CBF map; its ΔM map equals
+  mean control − mean label computed here (to 1e-4 relative), its relative CBF is that ΔM over
+  its brain median (3D: one readout time), and the correlation of its relative CBF with the same
+  subject's 3D pCASL CBF is reported (raw and after smoothing with σ = 2 voxels).
 Exit status 1 when a check fails.
 """
 
@@ -88,6 +92,33 @@ def pasl_2d_ratio(bids: Path, out: Path) -> tuple[float, float]:
     return float(np.nanmedian(ours[mask])), float(np.nanmedian(cbf[mask]))
 
 
+def pasl_3d_relative(bids: Path, out: Path) -> tuple[float, float, float, float]:
+    """(largest relative ΔM difference, largest rcbf difference, r raw, r smoothed) for the 3D PASL
+    series without M0 (see the module doc); raises AssertionError if an absolute CBF map exists."""
+    import nibabel as nib
+    from scipy.ndimage import gaussian_filter
+
+    asl = next(bids.glob("sub-*/ses-*/perf/*pasl3d*_asl.nii.gz"))
+    stem = asl.name.replace("_asl.nii.gz", "")
+    assert not list(out.rglob(f"{stem}_*_cbf.nii.gz")), "an absolute CBF map was written without an M0"
+    data, types = np.asarray(nib.load(asl).get_fdata(dtype=np.float64)), context(asl)
+    deltam = (data[..., [i for i, t in enumerate(types) if t == "control"]].mean(axis=3)
+              - data[..., [i for i, t in enumerate(types) if t == "label"]].mean(axis=3))
+    load = lambda name: np.asarray(nib.load(next(out.rglob(f"{name}.nii.gz"))).get_fdata())  # noqa: E731
+    mask = load(f"{stem}_desc-brain_mask") > 0
+    ours, rcbf = load(f"{stem}_desc-whitepaper_deltam"), load(f"{stem}_desc-whitepaper_rcbf")
+    fitted = mask & np.isfinite(ours)  # not the voxels whose every pair is exactly 0 (invalid input)
+    d_deltam = float(np.max(np.abs(ours[fitted] - deltam[fitted])) / np.max(np.abs(deltam[fitted])))
+    d_rcbf = float(np.max(np.abs(rcbf[fitted] - deltam[fitted] / np.median(deltam[fitted]))))
+    pcasl = next(out.rglob("*pcasl3d*_desc-whitepaper_cbf.nii.gz"))
+    other_mask = np.asarray(nib.load(pcasl.with_name(pcasl.name.replace("whitepaper_cbf", "brain_mask"))).get_fdata()) > 0
+    both = mask & other_mask
+    a, b = np.nan_to_num(rcbf) * both, np.nan_to_num(np.asarray(nib.load(pcasl).get_fdata())) * both
+    raw = float(np.corrcoef(a[both], b[both])[0, 1])
+    smooth = float(np.corrcoef(gaussian_filter(a, 2)[both], gaussian_filter(b, 2)[both])[0, 1])
+    return d_deltam, d_rcbf, raw, smooth
+
+
 def main(argv: list[str]) -> int:
     realdata = Path(argv[1]) if len(argv) > 1 else REPO.parent / "shared" / "realdata"
     if not realdata.is_dir():
@@ -127,6 +158,16 @@ def main(argv: list[str]) -> int:
               f"formula here): ratio {ours / formula:.3f} (needs within 10 %)")
         if abs(ours / formula - 1) > 0.10:
             failures.append(f"2D PASL CBF ratio {ours / formula:.3f} off by more than 10 %")
+        try:
+            d_deltam, d_rcbf, raw, smooth = pasl_3d_relative(bids, out)
+        except AssertionError as exc:
+            failures.append(f"Siemens 3D PASL: {exc}")
+        else:
+            print(f"Siemens 3D PASL without M0: ΔM map vs mean control − mean label here: largest relative "
+                  f"difference {d_deltam:.1e}; rcbf vs ΔM / its brain median: {d_rcbf:.1e} (both need < 1e-4); "
+                  f"r(rcbf, the pCASL CBF of the same subject) = {raw:.2f} raw, {smooth:.2f} smoothed (σ 2 voxels)")
+            if not (d_deltam < 1e-4 and d_rcbf < 1e-4):
+                failures.append("Siemens 3D PASL: ΔM or relative CBF differ from the computation here")
     for failure in failures:
         print("FAILED:", failure)
     print(f"realdata acceptance: {'failed' if failures else 'passed'} ({work})")

@@ -272,9 +272,7 @@ def test_m0_types():
     assert m0_type({"M0Type": "Separate"}) == "Separate"
     assert m0_type({"M0Type": "included"}) == "Included"
     assert m0_estimate({"M0Type": "Estimate", "M0Estimate": 812.5}) == 812.5
-    with pytest.raises(BidsError, match=r"M0Type is Absent: aslbatch needs an M0 to scale ΔM to ΔM/M0t and quantify CBF"):
-        m0_type({"M0Type": "Absent"})
-    assert m0_type({"M0Type": "Absent"}, allow_absent=True) == "Absent"
+    assert m0_type({"M0Type": "absent"}) == "Absent"  # what it implies is decided later (tests/test_m0_absent.py)
 
 
 def test_slice_offsets_2d_and_3d():
@@ -398,7 +396,6 @@ TSV = "sub-01/perf/sub-01_aslcontext.tsv"
          f"{JSON}: BolusCutOffDelayTime must be in seconds; value(s) [700.0, 1600.0] exceed 10 s"),
         ({"ArterialSpinLabelingType": "PASL", "BolusCutOffFlag": True, "BolusCutOffDelayTime": "0.7"},
          f"{JSON}: BolusCutOffDelayTime must be a number or a list of numbers, got '0.7'"),
-        ({"M0Type": "Absent", "BackgroundSuppression": True}, f"{JSON}: M0Type is Absent: aslbatch needs an M0"),
         ({"M0Type": "Sometimes"}, f"{JSON}: M0Type must be one of Separate, Included, Estimate, Absent, got 'Sometimes'"),
         ({"M0Estimate": None}, f"{JSON}: M0Estimate is missing (required by BIDS when M0Type is Estimate)"),
         ({"M0Type": "Separate"}, f"{JSON}: M0Type is Separate but no m0scan was found for {NIFTI}: expected sub-01/perf/sub-01_m0scan.nii.gz"),

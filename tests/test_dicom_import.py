@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("pydicom")
 
-from aslbatch.bids import validate_dataset  # noqa: E402
+from aslbatch.bids import inspect_dataset, validate_dataset  # noqa: E402
 from aslbatch.dicom import import_dicom  # noqa: E402
 from aslbatch.dicom.roles import RoleError, check_m0_brighter, siemens_roles  # noqa: E402
 from aslbatch.dicom.sidecar import SidecarDraft, check_labeling_duration  # noqa: E402
@@ -135,13 +135,19 @@ def test_unsuppressed_series_without_m0_takes_the_mean_control(tmp_path):
     assert validate_dataset(bids) == []
 
 
-def test_suppressed_series_without_m0_is_refused(tmp_path):
+def test_suppressed_series_without_m0_is_imported_for_relative_maps_only(tmp_path):
+    """Background suppressed and no M0: imported with M0Type Absent and the reason; validate
+    decides the relative model (rcbf, deltam), never absolute CBF."""
     folder = tmp_path / "dicom"
     write_philips_pcasl(folder, scanner_image=False, suppressed=False)  # no bright dynamic to serve as M0
     report = import_dicom(folder, tmp_path / "bids", _params(tmp_path))  # but the parameters say suppressed
-    reason = next(o.reason for o in report.outcomes if o.status == "refused")
-    assert "background suppressed" in reason and "absolute CBF" in reason
-    assert _perf_files(tmp_path / "bids") == []
+    assert report.exit_code == 0, [(o.status, o.reason) for o in report.outcomes]
+    sidecar = json.loads(next((tmp_path / "bids").glob("sub-*/ses-*/perf/*_asl.json")).read_text())
+    assert sidecar["M0Type"] == "Absent" and sidecar["BackgroundSuppression"] is True
+    decided = " ".join(sidecar["ImportProvenance"]["Decided"])
+    assert "background suppressed" in decided and "never absolute CBF" in decided
+    problems, verdicts = inspect_dataset(tmp_path / "bids")
+    assert problems == [] and [v.decision.model for v in verdicts] == ["relative"]
 
 
 @pytest.mark.parametrize("label_first", [False, True])

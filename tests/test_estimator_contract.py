@@ -34,10 +34,10 @@ def test_every_registered_method_declares_the_contract():
         assert any(cls.serves(MODELS[model]) for model in MODELS)
 
 
-def test_the_closed_form_serves_only_the_single_delay_model():
+def test_the_closed_form_serves_only_the_single_delay_models():
     served = {name: [m for m in MODELS if ESTIMATORS[name].serves(MODELS[m])] for name in ESTIMATORS}
-    assert served["whitepaper"] == ["single"]
-    assert all("single" not in models for name, models in served.items() if name != "whitepaper")
+    assert served["whitepaper"] == ["single", "relative"]
+    assert all(not {"single", "relative"} & set(models) for name, models in served.items() if name != "whitepaper")
     with pytest.raises(ValueError, match="does not serve the single model.*whitepaper"):
         get_estimator("lm", get_model("single", Protocol(1.8, [1.8])))
 

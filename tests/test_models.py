@@ -421,7 +421,7 @@ def test_param_names_and_units_match_spec():
 def test_registry_lists_without_importing_and_names_unknown_models():
     from aslbatch.models import MODELS
 
-    assert list(MODELS) == ["1c", "2c", "pasl", "single"] and "2c" in MODELS and "pasl9" not in MODELS
+    assert list(MODELS) == ["1c", "2c", "pasl", "single", "relative"] and "2c" in MODELS and "pasl9" not in MODELS
     assert MODELS["2c"].name == "2c" and MODELS["pasl"].name == "pasl"
     with pytest.raises(ValueError, match="unknown model 'x'.*'1c', '2c', 'pasl'"):
         get_model("x", default_protocol("1c"))

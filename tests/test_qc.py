@@ -27,7 +27,7 @@ from aslbatch.preprocess import PreparedData
 from aslbatch.protocol import Constants, default_protocol
 from aslbatch.derivatives import OTHER_BIDSIGNORE, QC_INDEX_NAME
 from aslbatch.qc import (BACKGROUND, MAX_SLICES, MONTAGE_COLUMNS, NO_VALUE, SCALES, STATUS_COLOURS, STATUS_NAMES,
-                         IndexEntry, _load, _tile, session_report_path, write_run_index, write_session_report)
+                         IndexEntry, _data_scale, _load, _tile, session_report_path, write_run_index, write_session_report)
 
 SHAPE = (12, 14, 4)
 METHODS = ("lm", "lut")
@@ -378,8 +378,16 @@ def test_display_is_radiological_whatever_the_stored_orientation(tmp_path):
 
 
 def test_every_parameter_and_its_standard_error_has_a_fixed_scale():
+    """Fixed, except the quantities in the scanner's units (ΔM without M0): those are scaled to the
+    data, 0 to the 99th percentile (checked against numpy's percentile)."""
     assert set(SCALES) == set(parameter_table()) | {p + "se" for p in parameter_table()}
-    assert all(s.lo < s.hi for s in SCALES.values())
+    scanner_units = {name for name, spec in parameter_table().items() if spec.units == "scanner units"}
+    assert scanner_units == {"deltam"}
+    assert all(s.lo < s.hi for q, s in SCALES.items() if q.removesuffix("se") not in scanner_units)
+    values = np.random.default_rng(0).gamma(2.0, 30.0, 500)
+    for quantity in ("deltam", "deltamse"):
+        assert _data_scale(quantity, values).hi == pytest.approx(np.percentile(values, 99), rel=1e-12)
+    assert _data_scale("cbf", values) == SCALES["cbf"]
     assert SCALES["cbf"].lo == 0 and SCALES["cbf"].hi == 100 and SCALES["att"].hi == 3.5
 
 

@@ -415,7 +415,7 @@ def read_series(bids_dir: str | Path, path: str | Path, *, cache: dict[Path, Any
 
     m0scan = None
     try:
-        separate = m0_type(metadata, allow_absent=True) == "Separate"
+        separate = m0_type(metadata) == "Separate"
     except BidsError:
         separate = False  # validate_series reports the M0Type problem
     if separate:

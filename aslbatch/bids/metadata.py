@@ -319,24 +319,18 @@ def labeling_type(meta: Mapping[str, Any]) -> str:
     return name
 
 
-def m0_type(meta: Mapping[str, Any], *, allow_absent: bool = False) -> str:
+def m0_type(meta: Mapping[str, Any]) -> str:
     """M0Type as one of ``Separate``, ``Included``, ``Estimate``, ``Absent`` (case-insensitive).
 
-    ``Absent`` is refused unless ``allow_absent`` (given for a series without background
-    suppression, whose mean control image serves as M0: :func:`m0_from_controls`): without an
-    M0 image or value, ΔM cannot be expressed as ΔM/M0t, so CBF cannot be quantified.
+    ``Absent`` has two consequences, both decided later from the checked metadata: without
+    background suppression the mean control image serves as M0 (:func:`m0_from_controls`);
+    with it there is no M0, and only ΔM and relative CBF can be given (the ``relative`` model
+    of :func:`aslbatch.identify.decide`, single-delay acquisitions only).
     """
     value = _require(meta, "M0Type")
     name = {t.lower(): t for t in M0_TYPES}.get(value.lower()) if isinstance(value, str) else None
     if name is None:
         raise _error(meta, "M0Type", f"M0Type must be one of {', '.join(M0_TYPES)}, got {_short(value)}")
-    if name == "Absent" and not allow_absent:
-        raise _error(
-            meta, "M0Type",
-            "M0Type is Absent: aslbatch needs an M0 to scale ΔM to ΔM/M0t and quantify CBF; add an "
-            "m0scan (M0Type Separate or Included) or a value (M0Type Estimate with M0Estimate); without "
-            "background suppression (BackgroundSuppression false) the mean control image serves as M0",
-        )
     return name
 
 

@@ -72,10 +72,12 @@ class SeriesMetadata:
         inversion time TI for PASL (there the readout time is ``pld``, not τ + PLD).
     crushed : VascularCrushing of the series.
     labeling_type : ``"PCASL"``, ``"CASL"`` or ``"PASL"``.
-    m0_type : ``"Separate"``, ``"Included"``, ``"Estimate"`` or ``"Absent"`` (only without
-        background suppression: the mean control image is the M0).
+    m0_type : ``"Separate"``, ``"Included"``, ``"Estimate"`` or ``"Absent"`` (without
+        background suppression the mean control image is the M0; with it there is none:
+        :attr:`has_m0`).
     m0_estimate : M0Estimate (the M0 of blood, scanner units) for Estimate, else None.
-    m0_repetition_time : RepetitionTimePreparation (s) of the M0 volumes, None for Estimate.
+    m0_repetition_time : RepetitionTimePreparation (s) of the M0 volumes, None for Estimate
+        and without M0.
     slice_axis : the image axis (0, 1, 2) slices are stacked along.
     slice_offsets : per slice along ``slice_axis`` (s), the time after the PLD the slice
         was read (zeros for 3D readouts).
@@ -105,15 +107,23 @@ class SeriesMetadata:
         """Number of volumes of the series."""
         return len(self.volume_types)
 
+    @property
+    def has_m0(self) -> bool:
+        """False for M0Type Absent with background suppression: no image or value scales ΔM to
+        ΔM/M0t (the suppressed controls are no M0), so CBF can only be relative."""
+        return not (self.m0_type == "Absent" and self.background_suppression.used is not False)
+
 
 def m0_repetition_time(series: AslSeries) -> float | None:
-    """RepetitionTimePreparation (s) of the M0 volumes, None for M0Type Estimate.
+    """RepetitionTimePreparation (s) of the M0 volumes, None for M0Type Estimate and for a series
+    without any M0 (Absent with background suppression).
 
     Separate: from the m0scan's sidecar; Included: at the m0scan volumes of the
-    series. The M0 volumes must share one value.
+    series; Absent without background suppression: at its control volumes. The M0
+    volumes must share one value.
     """
-    kind = m0_type(series.metadata, allow_absent=m0_from_controls(series.metadata))
-    if kind == "Estimate":
+    kind = m0_type(series.metadata)
+    if kind == "Estimate" or (kind == "Absent" and not m0_from_controls(series.metadata)):
         return None
     if kind == "Separate":
         if series.m0scan is None:
@@ -181,7 +191,7 @@ def check_series(
             return None
 
     labeling = attempt(labeling_type, meta)
-    kind = attempt(m0_type, meta, allow_absent=m0_from_controls(meta))
+    kind = attempt(m0_type, meta)
     crushed = attempt(vascular_crushing, meta)
     attempt(magnetic_field_strength, meta)
     suppression = attempt(background_suppression, meta)
@@ -223,7 +233,10 @@ def check_series(
     problems = _unique(problems)
 
     read = (labeling, kind, crushed, constants, pld, tau, axis, offsets, suppression)
-    m0_read = estimate is not None if kind == "Estimate" else repetition_time is not None
+    if kind == "Estimate":
+        m0_read = estimate is not None
+    else:  # a series without M0 (Absent, background suppressed) has no M0 to read
+        m0_read = repetition_time is not None or (kind == "Absent" and not m0_from_controls(meta))
     if any(value is None for value in read) or not m0_read or not types or len(types) != n:
         return None, problems
     record = SeriesMetadata(

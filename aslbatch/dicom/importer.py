@@ -249,10 +249,12 @@ def _import_asl(
                     outcome.decided.append(f"series {m0_claim.series.description!r} {m0_outcome.reason}")
         if "M0Type" not in draft.fields:
             if suppressed:
-                raise _Refused("no M0: the series is background suppressed and no M0 volume or series was found"
-                               + (f" ({m0_outcome.reason})" if m0_outcome and m0_outcome.reason else "")
-                               + ", so ΔM cannot be scaled to absolute CBF; give M0Type Estimate and M0Estimate "
-                               "in the study parameters if an M0 value is known")
+                draft.decide("M0Type", "Absent", "no M0 volume or series was found"
+                             + (f" ({m0_outcome.reason})" if m0_outcome and m0_outcome.reason else "")
+                             + " and the series is background suppressed, so its controls are no M0: aslbatch run "
+                             "gives ΔM and CBF relative to its brain median (never absolute CBF) for a single-delay "
+                             "series and refuses a multi-delay one; give M0Type Estimate and M0Estimate in the study "
+                             "parameters if an M0 value is known")
             else:
                 draft.decide("M0Type", "Absent", "no M0 was exported and the series is not background suppressed: "
                              "aslbatch run takes the mean control image, saturation-recovery corrected, as M0")

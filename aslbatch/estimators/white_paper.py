@@ -9,6 +9,10 @@ readout's slice read δ s after the nominal PLD/TI has g multiplied by e^(−δ/
 
 The standard error comes from the spread of the repeated pairs (the standard error of
 each averaged signal), propagated through the linear formula: se = √(Σ g² se_v²) / Σ g².
+
+The model turns the estimate into its outputs (``quantities``): cbf itself for ``single``; for
+``relative`` (no M0: the signals are ΔM in scanner units) CBF relative to its median over the
+voxels given, and the mean ΔM.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ __all__ = ["WhitePaperEstimator"]
 
 
 class WhitePaperEstimator(Estimator):
-    """CBF (mL/100 g/min) by the white-paper formula; no options, nothing to train."""
+    """CBF (mL/100 g/min; relative CBF and ΔM for the relative model) by the white-paper formula; no
+    options, nothing to train."""
 
     name = "whitepaper"
     title = "the white-paper single-delay formula (Alsop et al. 2015), a closed form"
@@ -55,8 +60,9 @@ class WhitePaperEstimator(Estimator):
         if signal_se is not None and np.isfinite(signal_se).any():
             stderr = (np.sqrt((signal_se * signal_se) @ (gain * gain)) / scale)[:, np.newaxis]
             stderr[invalid] = np.nan
+        params, stderr = self.model.quantities(cbf, stderr, signals, signal_se)
         status = np.where(invalid, Status.INVALID_INPUT, Status.CONVERGED).astype(np.int8)
-        return Estimate(cbf[:, np.newaxis], status, stderr, rss, self.model.param_names, self.name)
+        return Estimate(params, status, stderr, rss, self.model.param_names, self.name)
 
     def predict_image(self, signals: np.ndarray, mask: np.ndarray, *, slice_offsets: np.ndarray | None = None,
                       progress: bool = False, label: str = "", signal_se: np.ndarray | None = None) -> Estimate:

@@ -17,9 +17,10 @@ MODELS: Registry[KineticModel] = Registry("model", {
     "2c": "aslbatch.models.two_compartment:TwoCompartmentModel",
     "pasl": "aslbatch.models.pasl:PulsedModel",
     "single": "aslbatch.models.single_delay:SingleDelayModel",
+    "relative": "aslbatch.models.relative:RelativeModel",
 })
 
-__all__ = ["MODELS", "KineticModel", "Parameter", "get_model"]
+__all__ = ["MODELS", "KineticModel", "Parameter", "calibrated_models", "get_model"]
 
 
 def get_model(name: str, protocol: Protocol, constants: Constants | None = None, **options) -> KineticModel:
@@ -28,3 +29,9 @@ def get_model(name: str, protocol: Protocol, constants: Constants | None = None,
     options: model options, e.g. ``arterial_edge_s`` (s) for "2c".
     """
     return MODELS.get_class(name)(protocol, constants, **options)
+
+
+def calibrated_models() -> tuple[str, ...]:
+    """The models whose parameters are absolute (``KineticModel.calibrated``): those a prior is drawn
+    for, so simulated, trained on, evaluated and benchmarked (imports every model's module)."""
+    return tuple(name for name in MODELS if MODELS[name].calibrated)

@@ -125,6 +125,9 @@ class KineticModel:
     #: the parameters are read from a time course (several readout times), as the fitting
     #: methods and networks need; False for a closed form at one readout time
     time_resolved: ClassVar[bool] = True
+    #: the parameters are absolute quantities a prior can be drawn for (simulated, trained on,
+    #: evaluated, benchmarked); False for outputs relative to the data's own reference (``relative``)
+    calibrated: ClassVar[bool] = True
     #: derived from ``parameters``: names, units, (lower, upper) bounds, training ranges
     param_names: ClassVar[tuple[str, ...]]
     param_units: ClassVar[tuple[str, ...]]

@@ -75,6 +75,13 @@ class SingleDelayModel(KineticModel):
 
         return get_model("pasl" if self.labeling == "pasl" else "1c", self.protocol, self.constants)
 
+    def quantities(self, cbf: np.ndarray, cbf_se: np.ndarray | None, signals: np.ndarray,
+                   signal_se: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The output parameters (n, n_params) and their standard errors from the white-paper estimate
+        ``cbf`` (n,) and its se (n, 1) or None: cbf itself (mL/100 g/min). ``signals`` and
+        ``signal_se``, the averaged ΔM/M0t, serve models whose outputs are more (the relative model)."""
+        return cbf[:, np.newaxis], cbf_se
+
     def _batch_kernel(self, params: np.ndarray, vol: np.ndarray, const: np.ndarray, sig: np.ndarray,
                       jac: np.ndarray, want_jac: bool) -> None:
         sig[:] = params[:, :1] * self.gain
