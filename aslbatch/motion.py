@@ -61,12 +61,17 @@ EXCESSIVE_FD_MM = 0.5
 EXCESSIVE_FRACTION = 0.2
 #: optimiser settings (regular-step gradient descent): learning rate and minimum step (in the
 #: optimiser's physical-shift scaled units, mm), the step's shrink at each change of direction,
-#: iterations per level, and the fraction of voxels sampled (README "Motion": measured on the phantom)
-_LEARNING_RATE, _MIN_STEP, _RELAXATION, _ITERATIONS, _SAMPLING = 1.0, 2e-4, 0.8, 200, 0.1
+#: iterations per level (README "Motion": measured on the phantom)
+_LEARNING_RATE, _MIN_STEP, _RELAXATION, _ITERATIONS = 1.0, 2e-4, 0.8, 200
+#: voxels the cost samples (on a regular grid): this many, at least 10 % of the image and at most all
+_SAMPLES = 20000
 #: shrink factors and smoothing sigmas (voxels) of the two resolution levels
 _SHRINK, _SMOOTH = (2, 1), (1.0, 0.0)
 #: fixed seed of the metric's voxel sampling: the same data give the same transforms
 _SEED = 12345
+#: a grid smaller than this (voxels along each of the first two axes, and slices) is not registered:
+#: too few voxels at the coarse level for a six-parameter fit
+MIN_GRID = (16, 16, 4)
 
 
 @dataclass(frozen=True)
@@ -203,8 +208,10 @@ def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, 
     ``cost``: ``"mean_squares"`` (images of one contrast and scale: a volume and its group's mean),
     ``"correlation"`` (one contrast, any scale) or ``"mutual_information"`` (Mattes, 32 bins:
     images of different contrast). SimpleITK's regular-step gradient descent, scales from
-    physical shifts, two resolution levels (shrink 2 then 1), 10 % of voxels sampled on a regular
-    grid (fixed seed). ``initial``: params to start from (default: identity)."""
+    physical shifts, two resolution levels (shrink 2 then 1), :data:`_SAMPLES` voxels (at least
+    10 %, at most all) sampled on a regular grid (fixed seed). ``initial``: params to start from (default: identity). The answer is kept
+    only when its cost (every voxel, full resolution) is below that of the start and of no motion;
+    else the better of those (images without structure to register leave the optimiser wandering)."""
     import SimpleITK as sitk
 
     zooms = np.asarray(zooms, dtype=np.float64)
@@ -224,7 +231,7 @@ def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, 
     else:
         raise ValueError(f"cost must be 'mean_squares', 'correlation' or 'mutual_information', got {cost!r}")
     method.SetMetricSamplingStrategy(method.REGULAR)
-    method.SetMetricSamplingPercentage(_SAMPLING, _SEED)
+    method.SetMetricSamplingPercentage(float(np.clip(_SAMPLES / fixed.size, 0.1, 1.0)), _SEED)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=_LEARNING_RATE, minStep=_MIN_STEP,
                                                     numberOfIterations=_ITERATIONS, relaxationFactor=_RELAXATION,
@@ -236,7 +243,29 @@ def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, 
     method.SetInitialTransform(transform, inPlace=True)
     method.Execute(fixed_image, moving_image)
     rx, ry, rz, tx, ty, tz = transform.GetParameters()
-    return np.array([tx, ty, tz, rx, ry, rz])
+    found = np.array([tx, ty, tz, rx, ry, rz])
+    # keep the optimiser's answer only if it fits better than where it started and than no motion
+    # (images without structure to register, e.g. a constant phantom, leave it wandering)
+    starts = [np.zeros(6)] + ([np.asarray(initial, dtype=np.float64)] if initial is not None else [])
+    candidates = [found] + starts
+    costs = [_cost(fixed_image, moving_image, params, cost, zooms, fixed.shape) for params in candidates]
+    return candidates[int(np.argmin(costs))]
+
+
+def _cost(fixed_image, moving_image, params: np.ndarray, cost: str, zooms: np.ndarray, shape) -> float:
+    """The registration cost (lower is better) of rigid ``params`` at full resolution, every voxel."""
+    import SimpleITK as sitk
+
+    transform = sitk.Euler3DTransform()
+    transform.SetComputeZYX(True)
+    transform.SetCenter([float(c) for c in grid_centre(shape, zooms)])
+    transform.SetParameters([float(v) for v in np.asarray(params)[[3, 4, 5, 0, 1, 2]]])
+    method = sitk.ImageRegistrationMethod()
+    {"mean_squares": method.SetMetricAsMeanSquares, "correlation": method.SetMetricAsCorrelation,
+     "mutual_information": lambda: method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)}[cost]()
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetInitialTransform(transform)
+    return float(method.MetricEvaluate(fixed_image, moving_image))
 
 
 def apply_motion(data: np.ndarray, params: np.ndarray, zooms: np.ndarray) -> np.ndarray:

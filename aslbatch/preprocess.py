@@ -677,6 +677,9 @@ def _series_deltam(series: AslSeries, metadata: SeriesMetadata,
     pld, tau, crushed = metadata.pld, metadata.label_duration, metadata.crushed
     notes: list[str] = []
     realigned = _realign(series, data, affine, types, pld, frame) if motion_correction else None
+    if isinstance(realigned, str):  # why it was not corrected
+        notes.append(realigned)
+        realigned = None
     if realigned is not None:
         data, motion, raw_means, corrected_mean, note = realigned
         notes.append(note)
@@ -770,11 +773,15 @@ def _realign(series: AslSeries, data: np.ndarray, affine: np.ndarray, types: Seq
              frame: np.ndarray | None):
     """Every volume of ``data`` (x, y, z, n) realigned (:func:`aslbatch.motion.estimate_series_motion`,
     then one resampling each): (corrected data, the motion estimate, the mean control-like image
-    and mean ΔM before, the mean control-like image after, a note)."""
-    from .motion import apply_motion, estimate_series_motion, framewise_displacement, voxel_sizes
+    and mean ΔM before, the mean control-like image after, a note); None when there is nothing to
+    fit, or a note saying why the series was not corrected (a grid under :data:`aslbatch.motion.MIN_GRID`)."""
+    from .motion import MIN_GRID, apply_motion, estimate_series_motion, framewise_displacement, voxel_sizes
 
     if not any(t in ("control", "label", "deltam") for t in types):
         return None  # nothing to fit: refused below
+    if any(n < least for n, least in zip(data.shape[:3], MIN_GRID)):
+        log.warning("%s: grid %s smaller than %s voxels: not motion corrected", series.relpath, data.shape[:3], MIN_GRID)
+        return f"{series.relpath}: grid {tuple(data.shape[:3])} smaller than {MIN_GRID} voxels: not motion corrected"
     if not np.isfinite(data).all():
         raise BidsError("the series has non-finite voxel values: motion correction cannot register it; "
                         "run with --no-motion-correction", path=series.relpath, field="NIfTI data")
