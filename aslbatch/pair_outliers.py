@@ -6,9 +6,10 @@ separately, since ΔM changes with PLD:
 - the first stage of SCORE (Dolui et al., "Structural Correlation-based Outlier Rejection
   (SCORE) algorithm for arterial spin labeling time series", JMRI 2017;45:1786-1797): a volume
   whose mean signal in the brain deviates from the others' by more than
-  :data:`Z_THRESHOLD` standard deviations is an outlier; here the median and the MAD
-  (scaled by 1.4826, a consistent estimate of σ) replace mean and SD, so the outliers do not
-  hide themselves;
+  :data:`Z_THRESHOLD` standard deviations is an outlier; here the condition's median and the
+  MAD (scaled by 1.4826, a consistent estimate of σ) replace mean and SD, so the outliers do not
+  hide themselves, and the MAD is pooled over the conditions (residuals from each condition's
+  median): a multi-PLD protocol has few repeats per condition, too few for a scale of their own;
 - the same robust z-score of the volume's spatial (Pearson) correlation with the condition's
   median ΔM, on the low side only: a sudden movement between control and label leaves edge
   artefacts of both signs, which cancel in the mean but lower the correlation (SCORE's second
@@ -34,32 +35,43 @@ MAX_EXCLUDED_FRACTION = 0.2
 _MAD_TO_SD = 1.4826
 
 
-def _robust_z(values: np.ndarray) -> np.ndarray:
-    """(values − median) / (1.4826 MAD); zeros when the MAD is 0 (no spread to judge by)."""
-    centre = np.median(values)
-    spread = _MAD_TO_SD * np.median(np.abs(values - centre))
-    if not spread > 0:
-        return np.zeros_like(values)
-    return (values - centre) / spread
-
-
-def outlier_scores(deltam: np.ndarray) -> np.ndarray:
-    """The outlier score of each of the volumes ``deltam`` (n_voxels, n) of one condition (any
-    units): max(|robust z of the mean over voxels|, −robust z of the correlation with the
-    median volume). Non-finite voxels are left out."""
+def _features(deltam: np.ndarray) -> np.ndarray:
+    """Per volume of one condition (n_voxels, n): its mean over the finite voxels and its Pearson
+    correlation with the condition's median volume; (n, 2)."""
     deltam = np.asarray(deltam, dtype=np.float64)
-    finite = np.isfinite(deltam).all(axis=1)
-    values = deltam[finite]
-    if values.shape[0] < 2 or values.shape[1] < 3:
-        return np.zeros(deltam.shape[1])
+    values = deltam[np.isfinite(deltam).all(axis=1)]
+    if values.shape[0] < 3:
+        return np.zeros((deltam.shape[1], 2))
     median = np.median(values, axis=1)
     centred = values - values.mean(axis=0)
     reference = median - median.mean()
     with np.errstate(invalid="ignore", divide="ignore"):
         correlation = (centred * reference[:, None]).sum(axis=0) / (
             np.sqrt((centred**2).sum(axis=0) * (reference**2).sum()))
-    correlation = np.nan_to_num(correlation, nan=0.0)
-    return np.maximum(np.abs(_robust_z(values.mean(axis=0))), -_robust_z(correlation))
+    return np.stack([values.mean(axis=0), np.nan_to_num(correlation, nan=0.0)], axis=1)
+
+
+def outlier_scores(deltam: np.ndarray, condition: np.ndarray) -> np.ndarray:
+    """The outlier score of every ΔM volume (``deltam`` (n_voxels, n), any units; ``condition`` (n,)):
+    max(|z of its mean|, −z of its correlation with its condition's median volume), each z the
+    distance from the median of the condition's other volumes over 1.4826 × the median absolute
+    distance pooled over every condition (a scale from all the repeats: a condition holds too
+    few for its own). 0 where
+    the pooled spread is 0 (nothing to judge by)."""
+    deltam = np.asarray(deltam, dtype=np.float64)
+    condition = np.asarray(condition)
+    features = np.zeros((deltam.shape[1], 2))
+    residual = np.zeros_like(features)
+    for value in np.unique(condition):
+        index = np.flatnonzero(condition == value)
+        features[index] = _features(deltam[:, index])
+        for k in range(index.size):  # from the median of the others: a few repeats' median hugs each of them
+            others = np.delete(features[index], k, axis=0)
+            residual[index[k]] = features[index[k]] - (np.median(others, axis=0) if others.size else features[index[k]])
+    scale = _MAD_TO_SD * np.median(np.abs(residual), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(scale > 0, residual / np.where(scale > 0, scale, 1.0), 0.0)
+    return np.maximum(np.abs(z[:, 0]), -z[:, 1])
 
 
 def outlier_volumes(deltam: np.ndarray, condition: np.ndarray, *, threshold: float = Z_THRESHOLD,
@@ -67,20 +79,17 @@ def outlier_volumes(deltam: np.ndarray, condition: np.ndarray, *, threshold: flo
     """Which ΔM volumes to leave out of the average: bool (n,), True = excluded.
 
     ``deltam`` (n_voxels, n) in any units (ΔM/M0t in the pipeline); ``condition`` (n,) the
-    condition of each volume (volumes of one condition are compared with each other). Each
-    condition: scores by :func:`outlier_scores`, those above ``threshold`` excluded, largest
-    first, at most ``floor(max_fraction · n_condition)``."""
+    condition of each volume. Scores by :func:`outlier_scores`; in each condition those above
+    ``threshold`` are excluded, largest first, at most ``floor(max_fraction · n_condition)``."""
     deltam = np.asarray(deltam, dtype=np.float64)
     condition = np.asarray(condition)
     if deltam.ndim != 2 or condition.shape != (deltam.shape[1],):
         raise ValueError(f"deltam must be (n_voxels, n) and condition (n,), got {deltam.shape} and {condition.shape}")
     excluded = np.zeros(deltam.shape[1], dtype=bool)
+    scores = outlier_scores(deltam, condition)
     for value in np.unique(condition):
         index = np.flatnonzero(condition == value)
         limit = int(np.floor(max_fraction * index.size))
-        if limit == 0:
-            continue
-        scores = outlier_scores(deltam[:, index])
-        order = np.argsort(-scores, kind="stable")[:limit]
-        excluded[index[order[scores[order] > threshold]]] = True
+        order = np.argsort(-scores[index], kind="stable")[:limit]
+        excluded[index[order[scores[index][order] > threshold]]] = True
     return excluded

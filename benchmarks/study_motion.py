@@ -116,7 +116,8 @@ def main() -> None:
         record = moving_on["prepared"].motion[0]
         centre = (np.asarray(shape) - 1) / 2 * 3.0
         errors = registration_errors(record.params, table[1:], centre)
-        m0_error = registration_errors(np.vstack([record.params, record.m0_params]), table, centre)[-1]
+        m0_error = registration_errors(np.vstack([record.params, record.m0_params]), np.vstack([table[1:], table[:1]]),
+                                       centre)[-1]  # the truth lists the separate M0 first
         n_volumes = record.params.shape[0]
 
     base = still_off["nrmse"]
