@@ -29,6 +29,7 @@ is Power et al. (2012): |Δtx| + |Δty| + |Δtz| + r (|Δrx| + |Δry| + |Δrz|),
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -241,7 +242,13 @@ def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, 
     method.SetSmoothingSigmasPerLevel(list(_SMOOTH))
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     method.SetInitialTransform(transform, inPlace=True)
-    method.Execute(fixed_image, moving_image)
+    start = np.zeros(6) if initial is None else np.asarray(initial, dtype=np.float64)
+    if not (np.ptp(fixed) > 0 and np.ptp(moving) > 0):
+        return start  # a constant image (an all-zero series): nothing to register
+    try:
+        method.Execute(fixed_image, moving_image)
+    except RuntimeError:  # ITK gives up (too few samples overlapping): keep the start
+        return start
     rx, ry, rz, tx, ty, tz = transform.GetParameters()
     found = np.array([tx, ty, tz, rx, ry, rz])
     # keep the optimiser's answer only if it fits better than where it started and than no motion
@@ -265,7 +272,10 @@ def _cost(fixed_image, moving_image, params: np.ndarray, cost: str, zooms: np.nd
      "mutual_information": lambda: method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)}[cost]()
     method.SetInterpolator(sitk.sitkLinear)
     method.SetInitialTransform(transform)
-    return float(method.MetricEvaluate(fixed_image, moving_image))
+    try:
+        return float(method.MetricEvaluate(fixed_image, moving_image))
+    except RuntimeError:  # e.g. no sample left inside the moving image
+        return math.inf
 
 
 def apply_motion(data: np.ndarray, params: np.ndarray, zooms: np.ndarray, *, order: int = 3) -> np.ndarray:

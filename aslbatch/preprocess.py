@@ -774,7 +774,8 @@ def _realign(series: AslSeries, data: np.ndarray, affine: np.ndarray, types: Seq
     """Every volume of ``data`` (x, y, z, n) realigned (:func:`aslbatch.motion.estimate_series_motion`,
     then one resampling each): (corrected data, the motion estimate, the mean control-like image
     and mean ΔM before, the mean control-like image after, a note); None when there is nothing to
-    fit, or a note saying why the series was not corrected (a grid under :data:`aslbatch.motion.MIN_GRID`)."""
+    fit, or a note saying why the series was not corrected (a grid under :data:`aslbatch.motion.MIN_GRID`,
+    non-finite values)."""
     from .motion import MIN_GRID, apply_motion, estimate_series_motion, framewise_displacement, voxel_sizes
 
     if not any(t in ("control", "label", "deltam") for t in types):
@@ -783,8 +784,8 @@ def _realign(series: AslSeries, data: np.ndarray, affine: np.ndarray, types: Seq
         log.warning("%s: grid %s smaller than %s voxels: not motion corrected", series.relpath, data.shape[:3], MIN_GRID)
         return f"{series.relpath}: grid {tuple(data.shape[:3])} smaller than {MIN_GRID} voxels: not motion corrected"
     if not np.isfinite(data).all():
-        raise BidsError("the series has non-finite voxel values: motion correction cannot register it; "
-                        "run with --no-motion-correction", path=series.relpath, field="NIfTI data")
+        log.warning("%s: NaN or infinite voxel values: not motion corrected", series.relpath)
+        return f"{series.relpath}: the series has NaN or infinite voxel values: not motion corrected"
     zooms = voxel_sizes(affine)
     motion = estimate_series_motion(data, zooms, types, pld, frame=frame, frame_name="the first series' reference")
     paired = [t in ("control", "label") for t in types]
