@@ -14,7 +14,10 @@ only inside the functions that register or resample.
 2. each group's mean, corrected, is registered to the reference image (Mattes mutual
    information: the contrasts differ), the mean of the first group (control at the first PLD,
    else the first group in :data:`GROUP_ORDER`) unless a reference frame is given (the first
-   series of a 2C pair, so that both series end in one frame);
+   series of a 2C pair, so that both series end in one frame); a label group takes the
+   transform of the control group of its PLD instead: labels alternate with those controls, so
+   both means average the same head positions, and registering one mean to the other would fit
+   the ΔM pattern (measured on a real series: a label/control zigzag of 0.1° in every pair);
 
 a volume's transform is the composition of the two. The M0 image of a separate m0scan is
 registered to the same reference (mutual information) by :func:`register_image`.
@@ -328,12 +331,22 @@ def estimate_series_motion(data: np.ndarray, zooms: np.ndarray, volume_types: Se
         corrected = apply_motion(data[..., index], within[index], zooms, order=1).mean(axis=3) if index.size > 1 else mean
         means.append(corrected)
     if frame is None:
-        reference, reference_name, first = means[0], f"mean {groups[0][0]} volume", 1
-        between = [np.zeros(6)]
+        reference, reference_name = means[0], f"mean {groups[0][0]} volume"
     else:
-        reference, reference_name, first = np.asarray(frame, dtype=np.float64), frame_name, 0
-        between = []
-    between += [register_image(mean, reference, zooms, cost="mutual_information") for mean in means[first:]]
+        reference, reference_name = np.asarray(frame, dtype=np.float64), frame_name
+    between: list[np.ndarray] = []
+    names_only = [name for name, _ in groups]
+    for g, ((name, _), mean) in enumerate(zip(groups, means)):
+        twin = "control" + name[len("label"):] if name.startswith("label") else None
+        if twin in names_only:
+            # labels alternate with the controls of their PLD: both means average the same head
+            # positions, so the label mean sits where the control mean does (registering one to the
+            # other would fit the ΔM pattern, the bias this grouping avoids)
+            between.append(between[names_only.index(twin)])
+        elif g == 0 and frame is None:
+            between.append(np.zeros(6))
+        else:
+            between.append(register_image(mean, reference, zooms, cost="mutual_information"))
     params = np.zeros((n, 6))
     for (name, index), group_params in zip(groups, between):
         # reference point x -> group-mean frame (between) -> the volume (within)
