@@ -380,11 +380,13 @@ def motion_trajectory(n_volumes: int, max_motion: float, rng: np.random.Generato
     return params
 
 
-def apply_rigid_motion(volumes: np.ndarray, params: np.ndarray, voxel_size_mm: float = VOXEL_SIZE_MM) -> np.ndarray:
+def apply_rigid_motion(volumes: np.ndarray, params: np.ndarray, voxel_size_mm: float = VOXEL_SIZE_MM, *,
+                       order: int = 3) -> np.ndarray:
     """The head of ``volumes`` (x, y, z, n) moved by ``params`` (n, 6) (mm, rad): volume k becomes
     ``moved(P_k(x)) = volumes(x)``, P_k the rigid transform about the grid centre of
-    :func:`aslbatch.motion.rigid_matrix`; cubic-spline resampling (scipy.ndimage.affine_transform),
-    points outside the grid take the nearest edge value (a slab: the head continues beyond it)."""
+    :func:`aslbatch.motion.rigid_matrix`; spline resampling of ``order`` (scipy.ndimage.affine_transform;
+    3 cubic, 0 nearest for labels), points outside the grid take the nearest edge value (a slab: the
+    head continues beyond it)."""
     from scipy import ndimage
 
     from .motion import grid_centre, rigid_matrix
@@ -397,7 +399,7 @@ def apply_rigid_motion(volumes: np.ndarray, params: np.ndarray, voxel_size_mm: f
         # output voxel o at x = S o comes from P^-1(x) in the still head: index S^-1 P^-1 S o
         matrix = inverse[k, :3, :3] * scale[None, :] / scale[:, None]
         offset = inverse[k, :3, 3] / scale
-        out[..., k] = ndimage.affine_transform(volumes[..., k], matrix, offset, order=3, mode="nearest")
+        out[..., k] = ndimage.affine_transform(volumes[..., k], matrix, offset, order=order, mode="nearest")
     return out
 
 
@@ -767,7 +769,7 @@ def _write_session(
             clean = apply_rigid_motion(clean, trajectory[n_m0:])
             if n_m0:
                 m0_clean = apply_rigid_motion(m0_clean, trajectory[:n_m0])
-            rows = [f"m0scan\t" if i < n_m0 else f"{types[i - n_m0]}\t" for i in range(len(trajectory))]
+            rows = ["m0scan\t" if i < n_m0 else f"{types[i - n_m0]}\t" for i in range(len(trajectory))]
             _write_text(truth_dir / f"{name}_motion.tsv", "volume\ttrans_x\ttrans_y\ttrans_z\trot_x\trot_y\trot_z\n" + "".join(
                 row + "\t".join(f"{v:.8g}" for v in values) + "\n" for row, values in zip(rows, trajectory)))
         # noise streams: [seed, subject, session, series, 1 (ASL) | 2 (M0)]; the last word is
