@@ -91,10 +91,13 @@ def read_confounds(path: str | Path) -> dict[str, list]:
 def write_motion_outputs(folder: Path, records: Sequence[SeriesMotion], affine: np.ndarray,
                          summaries: Sequence[dict]) -> list[tuple[str, Path]]:
     """Write each series' confounds TSV + JSON and motion-check image + JSON into ``folder``
-    (atomically); returns ``(kind, path)`` of every file. ``summaries``: each series'
+    (atomically) when it was motion corrected or had a volume excluded; returns ``(kind, path)`` of
+    every file. ``summaries``: each series'
     :meth:`SeriesMotion.summary`, recorded in the TSV's sidecar."""
     written = []
     for record, summary in zip(records, summaries):
+        if record.params is None and not record.excluded.any():
+            continue  # neither corrected nor averaged robustly with an exclusion: nothing to show
         stem = series_stem(record.source)
         tsv = folder / f"{stem}{CONFOUNDS_SUFFIX}.tsv"
         with atomic_open(tsv, "w", encoding="utf-8") as fh:
