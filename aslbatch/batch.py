@@ -102,6 +102,8 @@ class SessionOutcome:
     timings: dict = field(default_factory=dict)
     #: why a done session's results are implausible, per acquisition (AcquisitionResult.flags)
     flags: tuple[str, ...] = ()
+    #: max and mean framewise displacement (mm) and excluded ΔM volumes over the session's acquisitions
+    motion: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -200,10 +202,26 @@ def _run_session(plan: SessionPlan, out_dir: Path, settings: Settings, progress:
         for stage, seconds in r.timings.items():
             timings[stage] = timings.get(stage, 0.0) + seconds
     flags = tuple(f"{r.source_name}: {flag}" for r in results for flag in r.flags)
+    motion = _session_motion([r.motion for r in results if r.motion])
     if failed:
         reason = "; ".join(f"{r.source_name}: {r.error}" for r in failed)
-        return SessionOutcome(session.name, "failed", reason, time.perf_counter() - t0, outputs, timings, flags)
-    return SessionOutcome(session.name, "done", "", time.perf_counter() - t0, outputs, timings, flags)
+        return SessionOutcome(session.name, "failed", reason, time.perf_counter() - t0, outputs, timings, flags,
+                              motion)
+    return SessionOutcome(session.name, "done", "", time.perf_counter() - t0, outputs, timings, flags, motion)
+
+
+def _session_motion(acquisitions: Sequence[Mapping]) -> dict:
+    """A session's motion figures from its acquisitions' (AcquisitionResult.motion): the largest
+    max FD, the mean of the mean FDs (mm), and the ΔM volumes excluded of all."""
+    if not acquisitions:
+        return {}
+    out = {"excluded_deltam_volumes": sum(a["excluded_deltam_volumes"] for a in acquisitions),
+           "deltam_volumes": sum(a["deltam_volumes"] for a in acquisitions)}
+    moved = [a for a in acquisitions if "max_fd_mm" in a]
+    if moved:
+        out["max_fd_mm"] = max(a["max_fd_mm"] for a in moved)
+        out["mean_fd_mm"] = round(sum(a["mean_fd_mm"] for a in moved) / len(moved), 4)
+    return out
 
 
 def _log_handlers(log_file: Path) -> list[logging.Handler]:
@@ -258,9 +276,13 @@ def _write_reports(report: BatchReport, logs: Path) -> None:
     text = json.dumps(summary, indent=2)
     rows = io.StringIO()
     writer = csv.writer(rows, delimiter="\t", lineterminator="\n")
-    writer.writerow(["session", "status", "reason", "duration_s", "n_outputs", "flags"])
+    writer.writerow(["session", "status", "reason", "duration_s", "n_outputs", "max_fd_mm", "mean_fd_mm",
+                     "excluded_deltam_volumes", "flags"])
     for o in report.outcomes:
-        writer.writerow([o.session, o.status, o.reason, f"{o.duration_s:.2f}", len(o.outputs), "; ".join(o.flags)])
+        m = o.motion
+        excluded = f"{m['excluded_deltam_volumes']}/{m['deltam_volumes']}" if m else "n/a"
+        writer.writerow([o.session, o.status, o.reason, f"{o.duration_s:.2f}", len(o.outputs),
+                         m.get("max_fd_mm", "n/a"), m.get("mean_fd_mm", "n/a"), excluded, "; ".join(o.flags)])
     for name, content in ((f"run-{report.run_id}_summary.json", text), (f"run-{report.run_id}_summary.tsv", rows.getvalue()),
                           ("latest_summary.json", text), ("latest_summary.tsv", rows.getvalue())):
         with atomic_open(logs / name, "w", encoding="utf-8") as fh:

@@ -269,6 +269,10 @@ def run(
     report: Annotated[Optional[bool], typer.Option(help="QC pages: one per acquisition beside its maps and OUT_DIR/qc.html for the run (default on).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with the same settings (options given here win).")] = None,
     on_grid_mismatch: Annotated[Optional[GridPolicy], typer.Option(help="An M0, mask or paired series on another grid than the ASL series (the same grid stored flipped or permuted is reoriented exactly): resample it (default; a warning and a note) or refuse the acquisition.")] = None,
+    motion_correction: Annotated[Optional[bool], typer.Option(help="Realign every ASL volume and the M0 (rigid, 6 dof) before pairing (default on); motion parameters and framewise displacement go to *_desc-confounds_timeseries.tsv.")] = None,
+    robust_averaging: Annotated[Optional[bool], typer.Option(help="Leave outlier control/label pairs out of the average (robust z of their mean ΔM or of their correlation with the median ΔM; default on).")] = None,
+    motion_fd_threshold: Annotated[Optional[float], typer.Option(help="Excessive motion: framewise displacement above this (mm; default 0.5) ...")] = None,
+    motion_max_fraction: Annotated[Optional[float], typer.Option(help="... in more than this share of the volumes (default 0.2) flags the acquisition in the run index (it is not failed).")] = None,
 ) -> None:
     """Process every session of a BIDS ASL dataset into BIDS-derivative perfusion maps.
 
@@ -307,6 +311,10 @@ def run(
             "cache_dir": (str(cache_dir) if cache_dir is not None else None, "--cache-dir"),
             "report": (report, "--report"),
             "on_grid_mismatch": (on_grid_mismatch.value if on_grid_mismatch else None, "--on-grid-mismatch"),
+            "motion_correction": (motion_correction, "--motion-correction"),
+            "robust_averaging": (robust_averaging, "--robust-averaging"),
+            "motion_fd_threshold_mm": (motion_fd_threshold, "--motion-fd-threshold"),
+            "motion_max_fraction": (motion_max_fraction, "--motion-max-fraction"),
         },
         constants={"t1b": (t1_blood, "--t1-blood"), "t1t": (t1_tissue, "--t1-tissue"),
                    "t1_prime": (t1_prime.value if t1_prime else None, "--t1-prime"),
@@ -580,6 +588,7 @@ def simulate_dataset(
     snr: Annotated[float, typer.Option(help="SNR of ΔM/M0t (S_ref / σ, ASL_MODELS.md).")] = 10.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     noise: Annotated[NoiseName, typer.Option(help="Noise of the magnitude images.")] = NoiseName.rician,
+    motion: Annotated[float, typer.Option(min=0, help="Head motion: every image moved rigidly along a random drift with a few jerks, up to this many mm and degrees (0: none); the applied parameters go to the ground truth.")] = 0.0,
 ) -> None:
     """Write a BIDS ASL dataset of brain-like digital phantoms; the ground truth goes beside it."""
     from .phantom import default_groundtruth_dir, phantom_for, write_bids_dataset
@@ -589,7 +598,7 @@ def simulate_dataset(
     try:
         phantom, protocol = phantom_for(model.value)
         path = write_bids_dataset(out_dir, subjects=subjects, model=phantom, snr=snr, seed=seed, noise=noise.value,
-                                  protocol=protocol)
+                                  protocol=protocol, motion=motion)
     except (FileExistsError, ValueError) as exc:
         fail(str(exc))
     typer.echo(json.dumps({"dataset": str(path), "groundtruth": str(default_groundtruth_dir(path))}))

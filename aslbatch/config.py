@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .estimators import ESTIMATORS
 from .models import MODELS
+from .motion import EXCESSIVE_FD_MM, EXCESSIVE_FRACTION
 from .preprocess import DEFAULT_GRID_POLICY, GRID_POLICIES
 from .protocol import MAX_TIME_S, Constants, ProtocolError
 
@@ -85,6 +86,11 @@ class RunConfig(_Strict):
     cache_dir: Optional[str] = Field(None, min_length=1)
     report: bool = True
     on_grid_mismatch: Literal[GRID_POLICIES] = DEFAULT_GRID_POLICY  # type: ignore[valid-type]
+    motion_correction: bool = True
+    robust_averaging: bool = True
+    motion_fd_threshold_mm: float = Field(EXCESSIVE_FD_MM, gt=0, le=100, description="excessive-motion FD threshold (mm)")
+    motion_max_fraction: float = Field(EXCESSIVE_FRACTION, ge=0, le=1,
+                                       description="excessive motion: the share of volumes above the FD threshold")
 
     def settings(self):
         """The :class:`~aslbatch.pipeline.Settings` of this config (its cross-checks raise
@@ -104,6 +110,10 @@ class RunConfig(_Strict):
             cache_dir=self.cache_dir,
             report=self.report,
             on_grid_mismatch=self.on_grid_mismatch,
+            motion_correction=self.motion_correction,
+            robust_averaging=self.robust_averaging,
+            motion_fd_threshold_mm=self.motion_fd_threshold_mm,
+            motion_max_fraction=self.motion_max_fraction,
         )
 
     @field_validator("methods")

@@ -271,7 +271,7 @@ QC_INDEX_NAME = "qc.html"
 #: the batch's logs and summaries in the output folder
 LOGS_DIR = "logs"
 #: ``.bidsignore`` lines of the files that are not per-acquisition outputs of :data:`OUTPUTS`
-OTHER_BIDSIGNORE = (f"*{QC_PAGE_SUFFIX}", f"/{QC_INDEX_NAME}", f"/{LOGS_DIR}/")
+OTHER_BIDSIGNORE = (f"*{QC_PAGE_SUFFIX}", f"/{QC_INDEX_NAME}", f"/{LOGS_DIR}/", "*_desc-motioncheck_qc.*")
 
 
 def _model_params(model_name: str) -> tuple[str, ...]:
@@ -596,6 +596,7 @@ def write_session_outputs(
     run_settings: Mapping[str, Any] | None = None,
     decision: Mapping[str, Any] | None = None,
     plausibility: Mapping[str, Any] | None = None,
+    motion: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[Path]:
     """Write every output of one acquisition; returns the files written, provenance last.
 
@@ -621,6 +622,9 @@ def write_session_outputs(
         provenance (``decision``).
     plausibility : the judgement of the result (:meth:`aslbatch.plausibility.Plausibility.to_dict`),
         recorded as the provenance's ``plausibility`` (shown on the QC page and the run index).
+    motion : each series' motion summary (:meth:`aslbatch.motion.SeriesMotion.summary` of
+        ``prepared.motion``), recorded as the provenance's ``motion``; with ``prepared.motion``, the
+        confounds files and motion-check images are written (:mod:`aslbatch.confounds`).
 
     The provenance (see :func:`read_provenance`) records: format, aslbatch version and
     the versions of python, numpy, numba and nibabel; source name, subject, session;
@@ -725,6 +729,14 @@ def write_session_outputs(
             "OutsideMask": item.outside,
         }, method)
 
+    summaries = list(motion) if motion is not None else [record.summary() for record in prepared.motion]
+    if prepared.motion:
+        from .confounds import write_motion_outputs
+
+        for kind, path in write_motion_outputs(paths[mask_key].parent, prepared.motion, prepared.affine, summaries):
+            written.append(path)
+            session_files.append((kind, None, None, path))
+
     # the commit marker, last
     finished_at = _now()
     provenance = {
@@ -756,6 +768,7 @@ def write_session_outputs(
         "duration_s": round((finished_at - started_at).total_seconds(), 3),
         "status_counts": {m: estimates[m].status_counts() for m in methods},
         **({"plausibility": _jsonable(dict(plausibility))} if plausibility is not None else {}),
+        **({"motion": _jsonable([dict(m) for m in summaries])} if summaries else {}),
         "outputs": [
             {"path": path.relative_to(out).as_posix(), "kind": kind, "method": method, "param": param,
              "sha256": sha256_file(path)}

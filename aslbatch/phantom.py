@@ -65,6 +65,8 @@ __all__ = [
     "Phantom",
     "default_groundtruth_dir",
     "make_phantom",
+    "apply_rigid_motion",
+    "motion_trajectory",
     "phantom_affine",
     "write_bids_dataset",
 ]
@@ -347,6 +349,60 @@ def make_phantom(
     )
 
 
+# --- motion ---------------------------------------------------------------------------------
+
+#: sudden position changes ("jerks") in a simulated motion trajectory, on top of the drift
+MOTION_JERKS = 3
+
+
+def motion_trajectory(n_volumes: int, max_motion: float, rng: np.random.Generator, *,
+                      jerks: int = MOTION_JERKS) -> np.ndarray:
+    """A head's rigid motion over ``n_volumes``: (n, 6) trans_x, trans_y, trans_z (mm), rot_x, rot_y,
+    rot_z (rad), as :func:`aslbatch.motion.rigid_matrix` reads them. A random drift (a smoothed
+    random walk) plus ``jerks`` sudden steps that persist, scaled so that the largest translation
+    is ``max_motion`` mm and the largest rotation ``max_motion`` degrees. 0 gives no motion."""
+    if not (math.isfinite(max_motion) and max_motion >= 0):
+        raise ValueError(f"max_motion must be a number of mm >= 0, got {max_motion!r}")
+    params = np.zeros((n_volumes, 6))
+    if max_motion == 0 or n_volumes == 0:
+        return params
+    walk = np.cumsum(rng.normal(size=(n_volumes, 6)), axis=0)
+    kernel = np.ones(5) / 5.0
+    drift = np.stack([np.convolve(np.pad(walk[:, j], 2, mode="edge"), kernel, mode="valid") for j in range(6)], 1)
+    steps = np.zeros((n_volumes, 6))
+    for start in rng.integers(1, max(n_volumes, 2), size=jerks):
+        steps[start:] += rng.normal(scale=2.0 * drift.std(axis=0) + 1e-12, size=6)
+    params = drift + steps
+    params -= params[0]
+    for block, limit in ((slice(0, 3), max_motion), (slice(3, 6), math.radians(max_motion))):
+        peak = np.abs(params[:, block]).max()
+        params[:, block] *= limit / peak if peak > 0 else 0.0
+    return params
+
+
+def apply_rigid_motion(volumes: np.ndarray, params: np.ndarray, voxel_size_mm: float = VOXEL_SIZE_MM, *,
+                       order: int = 3) -> np.ndarray:
+    """The head of ``volumes`` (x, y, z, n) moved by ``params`` (n, 6) (mm, rad): volume k becomes
+    ``moved(P_k(x)) = volumes(x)``, P_k the rigid transform about the grid centre of
+    :func:`aslbatch.motion.rigid_matrix`; spline resampling of ``order`` (scipy.ndimage.affine_transform;
+    3 cubic, 0 nearest for labels), points outside the grid take the nearest edge value (a slab: the
+    head continues beyond it)."""
+    from scipy import ndimage
+
+    from .motion import grid_centre, rigid_matrix
+
+    volumes = np.asarray(volumes, dtype=np.float64)
+    scale = np.full(3, float(voxel_size_mm))
+    inverse = np.linalg.inv(rigid_matrix(params, grid_centre(volumes.shape, scale)))
+    out = np.empty_like(volumes)
+    for k in range(volumes.shape[3]):
+        # output voxel o at x = S o comes from P^-1(x) in the still head: index S^-1 P^-1 S o
+        matrix = inverse[k, :3, :3] * scale[None, :] / scale[:, None]
+        offset = inverse[k, :3, 3] / scale
+        out[..., k] = ndimage.affine_transform(volumes[..., k], matrix, offset, order=order, mode="nearest")
+    return out
+
+
 # --- writing ------------------------------------------------------------------------------
 
 
@@ -443,6 +499,7 @@ def write_bids_dataset(
     prolonged_transit: bool = True,
     exist_ok: bool = False,
     slice_timing: Sequence[float] | None = None,
+    motion: float = 0.0,
 ) -> Path:
     """Write a raw BIDS ASL dataset of digital phantoms; returns the dataset folder.
 
@@ -480,6 +537,11 @@ def write_bids_dataset(
         other files are left alone).
     slice_timing : a 2D readout: one time (s) per slice along the last axis, the delay
         after each PLD at which that slice is read (``SliceTiming``); None: 3D.
+    motion : the head moves: every image (M0 first, then the series' volumes in order) is the
+        phantom moved rigidly along :func:`motion_trajectory` (up to ``motion`` mm and degrees;
+        :func:`apply_rigid_motion`) before noise is added; the applied parameters go to the ground
+        truth as ``<series>_motion.tsv`` (columns trans_x … rot_z, mm and rad, one row per
+        volume; M0 rows first, marked in a ``volume`` column). 0: no motion.
 
     Ground truth layout: ``<groundtruth_dir>/groundtruth.json`` (model, protocol,
     constants, snr, σ, S_ref, noise model, seeds, per subject the phantom seed and
@@ -512,6 +574,9 @@ def write_bids_dataset(
             raise ValueError(f"slice_timing must give one time in [0, {MAX_TIME_S:g}) s per slice "
                              f"({int(shape[2])}), got {slice_timing!r}")
     snr = float(snr)
+    if not (isinstance(motion, (int, float)) and not isinstance(motion, bool) and math.isfinite(motion)
+            and motion >= 0):
+        raise ValueError(f"motion must be a number of mm >= 0, got {motion!r}")
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     session_labels: list[str | None] = [None] if sessions is None else [str(s) for s in sessions]
@@ -580,7 +645,8 @@ def write_bids_dataset(
                 root, label, session, phantom, delta, sub_protocol, sub_plan,
                 sigma=sub_sigma, noise=noise, m0_type=m0_type, repeats=repeats, m0_volumes=m0_volumes,
                 dtype=np.dtype(dtype), seed_key=(seed, k, s_index), constants=sub_kinetic.constants,
-                slice_timing=slice_timing, pulsed=models[k] == "pasl",
+                slice_timing=slice_timing, pulsed=models[k] == "pasl", motion=float(motion),
+                truth_dir=truth_root / f"sub-{label}",
             )
 
     _write_json(truth_root / "groundtruth.json", {
@@ -608,6 +674,7 @@ def write_bids_dataset(
         "shape": list(phantom.shape),
         "voxel_size_mm": VOXEL_SIZE_MM,
         "dtype": dtype,
+        "motion_mm": float(motion),
         "subjects": subject_info,
         "generator": f"aslbatch {__version__}",
     })
@@ -666,6 +733,8 @@ def _write_session(
     constants: Constants,
     slice_timing: Sequence[float] | None = None,
     pulsed: bool = False,
+    motion: float = 0.0,
+    truth_dir: Path | None = None,
 ) -> None:
     """The ASL series (and m0scan) of one subject and session; ``pulsed``: PASL, whose protocol
     holds the bolus duration as τ and TI as PLD."""
@@ -699,6 +768,16 @@ def _write_session(
             vol_tau = [0.0] * m0_volumes + vol_tau
             vol_tr = [M0_TR_S] * m0_volumes + vol_tr
         clean = np.concatenate(volumes, axis=-1)
+        m0_clean = np.repeat(m0t[..., None], m0_volumes, axis=-1)
+        if motion > 0:
+            n_m0 = m0_volumes if m0_type == "Separate" else 0
+            trajectory = motion_trajectory(n_m0 + clean.shape[-1], motion, np.random.default_rng([*seed_key, s_index, 3]))
+            clean = apply_rigid_motion(clean, trajectory[n_m0:])
+            if n_m0:
+                m0_clean = apply_rigid_motion(m0_clean, trajectory[:n_m0])
+            rows = ["m0scan\t" if i < n_m0 else f"{types[i - n_m0]}\t" for i in range(len(trajectory))]
+            _write_text(truth_dir / f"{name}_motion.tsv", "volume\ttrans_x\ttrans_y\ttrans_z\trot_x\trot_y\trot_z\n" + "".join(
+                row + "\t".join(f"{v:.8g}" for v in values) + "\n" for row, values in zip(rows, trajectory)))
         # noise streams: [seed, subject, session, series, 1 (ASL) | 2 (M0)]; the last word is
         # nonzero because numpy's SeedSequence treats a trailing 0 as absent
         rng = np.random.default_rng([*seed_key, s_index, 1])
@@ -732,7 +811,6 @@ def _write_session(
         if m0_type == "Separate":
             # one M0 per series, named like it: readers that pair them by name (the BIDS
             # validator 1.x requires it) and readers that follow IntendedFor both find it
-            m0_clean = np.repeat(m0t[..., None], m0_volumes, axis=-1)
             m0_rng = np.random.default_rng([*seed_key, s_index, 2])
             m0_data = _noisy(m0_clean, sigma_img, noise, m0_rng).astype(dtype)
             if m0_volumes == 1:

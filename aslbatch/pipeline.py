@@ -27,6 +27,7 @@ from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator, served_m
 from .estimators.base import Status
 from .identify import decide, group_acquisitions
 from .models import MODELS, KineticModel, get_model
+from .motion import EXCESSIVE_FD_MM, EXCESSIVE_FRACTION
 from .plausibility import judge, unusable_reason
 from .preprocess import DEFAULT_GRID_POLICY, GRID_POLICIES, PreparedData, prepare_acquisition
 from .protocol import MAX_TIME_S, Constants
@@ -63,6 +64,10 @@ class Settings:
     on_grid_mismatch : an M0, mask or paired series on another grid than the ASL series (not the
         same grid stored with other axes, which is reoriented exactly): ``"resample"`` (with a
         warning and a note) or ``"refuse"`` (:func:`aslbatch.preprocess.onto_grid`).
+    motion_correction : realign every volume and the M0 (rigid, :mod:`aslbatch.motion`) before pairing.
+    robust_averaging : leave outlier ΔM volumes out of the average (:mod:`aslbatch.pair_outliers`).
+    motion_fd_threshold_mm, motion_max_fraction : an acquisition whose framewise displacement
+        exceeds the threshold (mm) in more than that fraction of its volumes is flagged (not failed).
     """
 
     methods: tuple[str, ...] = ("supervised",)
@@ -77,10 +82,18 @@ class Settings:
     cache_dir: str | None = None
     report: bool = True
     on_grid_mismatch: str = DEFAULT_GRID_POLICY
+    motion_correction: bool = True
+    robust_averaging: bool = True
+    motion_fd_threshold_mm: float = EXCESSIVE_FD_MM
+    motion_max_fraction: float = EXCESSIVE_FRACTION
 
     def __post_init__(self) -> None:
         if self.on_grid_mismatch not in GRID_POLICIES:
             raise ValueError(f"on_grid_mismatch must be one of {list(GRID_POLICIES)}, got {self.on_grid_mismatch!r}")
+        if not (isinstance(self.motion_fd_threshold_mm, (int, float)) and self.motion_fd_threshold_mm > 0):
+            raise ValueError(f"motion_fd_threshold_mm must be a distance in mm > 0, got {self.motion_fd_threshold_mm!r}")
+        if not (isinstance(self.motion_max_fraction, (int, float)) and 0 <= self.motion_max_fraction <= 1):
+            raise ValueError(f"motion_max_fraction must be a fraction in [0, 1], got {self.motion_max_fraction!r}")
         if not self.methods:
             raise ValueError("at least one method is needed")
         if len(set(self.methods)) != len(self.methods):
@@ -124,6 +137,10 @@ class Settings:
             "mask": self.mask,
             "networks": {m: {"path": str(p), "sha256": sha256_file(p)} for m, p in sorted(self.networks.items())},
             "on_grid_mismatch": self.on_grid_mismatch,
+            "motion_correction": self.motion_correction,
+            "robust_averaging": self.robust_averaging,
+            "motion_fd_threshold_mm": self.motion_fd_threshold_mm,
+            "motion_max_fraction": self.motion_max_fraction,
         }
 
     def mask_path(self, subject: str, session: str | None) -> Path | None:
@@ -157,8 +174,11 @@ class AcquisitionResult:
     #: (loading images and preprocessing), "fit" (every method), "write" (outputs) and
     #: "report" (the QC page)
     timings: Mapping[str, float] = field(default_factory=dict)
-    #: why a done acquisition's result is implausible (:mod:`aslbatch.plausibility`); empty when it is not
+    #: why a done acquisition's result is implausible (:mod:`aslbatch.plausibility`) or moved too much;
+    #: empty when neither
     flags: tuple[str, ...] = ()
+    #: max and mean framewise displacement (mm) and excluded ΔM volumes (:func:`_motion_totals`)
+    motion: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -299,7 +319,14 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     prepared = prepare_acquisition(acquisition, records, overrides=settings.constants,
                                    mask_path=settings.mask_path(acquisition.subject, acquisition.session),
                                    background_suppression_correction=settings.background_suppression_correction,
-                                   on_grid_mismatch=settings.on_grid_mismatch)
+                                   on_grid_mismatch=settings.on_grid_mismatch,
+                                   motion_correction=settings.motion_correction,
+                                   robust_averaging=settings.robust_averaging)
+    motion = [record.summary(settings.motion_fd_threshold_mm, settings.motion_max_fraction)
+              for record in prepared.motion]
+    motion_flags = tuple(_motion_flag(summary) for summary in motion if summary.get("excessive_motion"))
+    for flag in motion_flags:
+        log.warning("%s: %s", acquisition.source_name, flag)
     timings["prepare"], mark = time.perf_counter() - mark, time.perf_counter()
     unusable = unusable_reason(prepared.signals)
     if unusable is not None:
@@ -329,7 +356,7 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
     outputs = write_session_outputs(out_dir, prepared, estimates, model, estimator_options, digests,
                                     bids_dir=acquisition.series[0].bids_dir, started_at=started,
                                     run_settings=settings.to_dict(), decision=decision.to_dict(),
-                                    plausibility=plausibility.to_dict())
+                                    plausibility=plausibility.to_dict(), motion=motion)
     timings["write"], mark = time.perf_counter() - mark, time.perf_counter()
     if settings.report:
         write_report(outputs[-1])
@@ -344,8 +371,30 @@ def process_acquisition(acquisition: bids.Acquisition, out_dir: str | Path, sett
         outputs=tuple(str(p) for p in outputs),
         status_counts={m: e.status_counts() for m, e in estimates.items()},
         timings=timings,
-        flags=(plausibility.message(),) if plausibility.flagged else (),
+        flags=((plausibility.message(),) if plausibility.flagged else ()) + motion_flags,
+        motion=_motion_totals(motion),
     )
+
+
+def _motion_flag(summary: Mapping[str, Any]) -> str:
+    """The run index's words for a series that moved too much."""
+    return (f"excessive motion: framewise displacement > {summary['fd_threshold_mm']:g} mm in "
+            f"{summary['fraction_above_threshold']:.0%} of the volumes of {summary['source']} "
+            f"(more than {summary['max_fraction_above_threshold']:.0%}; max {summary['max_fd_mm']:.2f} mm)")
+
+
+def _motion_totals(motion: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """An acquisition's motion figures over its series: max and mean FD (mm, the mean weighted by
+    nothing: series have similar lengths) and the ΔM volumes excluded (count, of how many)."""
+    if not motion:
+        return {}
+    fds = [m for m in motion if "max_fd_mm" in m]
+    totals: dict[str, Any] = {"excluded_deltam_volumes": sum(m["excluded_deltam_volumes"] for m in motion),
+                              "deltam_volumes": sum(m["deltam_volumes"] for m in motion)}
+    if fds:
+        totals["max_fd_mm"] = max(m["max_fd_mm"] for m in fds)
+        totals["mean_fd_mm"] = round(float(np.mean([m["mean_fd_mm"] for m in fds])), 4)
+    return totals
 
 
 def write_report(provenance_path: Path) -> Path | None:

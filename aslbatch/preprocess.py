@@ -190,6 +190,9 @@ class PreparedData:
     source_name: str = ""
     signal_se: np.ndarray | None = None
     background_suppression: Mapping[str, Any] = dataclass_field(default_factory=dict)
+    #: per series, what motion correction and robust averaging did (:class:`aslbatch.motion.SeriesMotion`);
+    #: empty when neither ran
+    motion: tuple[Any, ...] = ()
 
     @property
     def n_voxels(self) -> int:
@@ -653,12 +656,20 @@ class _SeriesDeltaM:
     m0_source: str  # the file the M0 comes from (m0scan or the series itself)
     notes: list[str]
     files: list[str]
+    series_types: tuple[str, ...] = ()  # the type of every volume of the series
+    volume_index: np.ndarray | None = None  # (k, 2): the source volumes (control, label) of each ΔM; deltam twice
+    motion: Any = None  # aslbatch.motion.MotionEstimate when corrected
+    m0_params: np.ndarray | None = None  # the separate M0's rigid parameters when corrected
+    raw_means: np.ndarray | None = None  # (x, y, z, 2) mean control-like image and mean ΔM before correction
+    corrected_mean: np.ndarray | None = None  # (x, y, z) the mean control-like image after correction
 
 
 def _series_deltam(series: AslSeries, metadata: SeriesMetadata,
-                   on_grid_mismatch: str = DEFAULT_GRID_POLICY) -> _SeriesDeltaM:
+                   on_grid_mismatch: str = DEFAULT_GRID_POLICY, *, motion_correction: bool = False,
+                   frame: np.ndarray | None = None) -> _SeriesDeltaM:
     """ΔM, timing, M0 (on the series' grid) and mask reference of one series; its metadata come
-    read and checked."""
+    read and checked. ``motion_correction``: every volume realigned first (:func:`_realign`; to
+    ``frame``, another series' reference image on this grid, when given)."""
     meta = series.metadata
     context = _aslcontext_name(series)
     types = list(metadata.volume_types)
@@ -674,8 +685,15 @@ def _series_deltam(series: AslSeries, metadata: SeriesMetadata,
                         "when the dataset was read: the file changed", path=series.relpath, field="NIfTI data")
     pld, tau, crushed = metadata.pld, metadata.label_duration, metadata.crushed
     notes: list[str] = []
+    realigned = _realign(series, data, affine, types, pld, frame) if motion_correction else None
+    if isinstance(realigned, str):  # why it was not corrected
+        notes.append(realigned)
+        realigned = None
+    if realigned is not None:
+        data, motion, raw_means, corrected_mean, note = realigned
+        notes.append(note)
 
-    parts, taus, plds = [], [], []
+    parts, taus, plds, index_parts = [], [], [], []
     if "control" in types or "label" in types:
         difference, pairs = pair_difference(data, types, source=context)
         for control, label in pairs:
@@ -691,11 +709,13 @@ def _series_deltam(series: AslSeries, metadata: SeriesMetadata,
             "label first" if (pairs[:, 0] > pairs[:, 1]).all() else "mixed order")
         notes.append(f"{series.relpath}: ΔM = control − label from {len(pairs)} pair(s) ({order})")
         parts.append(difference)
+        index_parts.append(pairs)
         taus.append(tau[pairs[:, 0]])
         plds.append(pld[pairs[:, 0]])
     deltam_index = [i for i, kind in enumerate(types) if kind == "deltam"]
     if deltam_index:
         parts.append(data[..., deltam_index])
+        index_parts.append(np.repeat(np.asarray(deltam_index, dtype=np.int64)[:, None], 2, axis=1))
         taus.append(tau[deltam_index])
         plds.append(pld[deltam_index])
         notes.append(f"{series.relpath}: {len(deltam_index)} deltam volume(s) used as they are")
@@ -722,6 +742,10 @@ def _series_deltam(series: AslSeries, metadata: SeriesMetadata,
     m0, m0_notes, files = m0_from_series(series, metadata, asl_data=data, asl_affine=affine,
                                          on_grid_mismatch=on_grid_mismatch)
     notes.extend(m0_notes)
+    m0_params = None
+    if realigned is not None and kind == "Separate":
+        m0, m0_params, note = _realign_m0(series, m0, affine, motion)
+        notes.append(note)
     notes.extend(f"{series.relpath}: {note}" for note in metadata.import_notes)
     if kind == "Estimate" or not metadata.has_m0:
         control_index = [i for i, t in enumerate(types) if t == "control"]
@@ -735,10 +759,73 @@ def _series_deltam(series: AslSeries, metadata: SeriesMetadata,
     axis, offsets = metadata.slice_axis, metadata.slice_offsets
     files = [series.relpath, context, *files]
     m0_source = series.m0scan.relpath if kind == "Separate" else series.relpath
-    return _SeriesDeltaM(
+    part = _SeriesDeltaM(
         series, deltam, tau_out, pld_out, crushed, m0, reference, reference_name, affine, offsets, axis, m0_source,
-        notes, files,
+        notes, files, series_types=tuple(types), volume_index=np.concatenate(index_parts),
     )
+    if realigned is not None:
+        part = replace(part, motion=motion, m0_params=m0_params, raw_means=raw_means, corrected_mean=corrected_mean)
+    return part
+
+
+def _control_like(data: np.ndarray, types: Sequence[str]) -> np.ndarray:
+    """The mean of the control volumes of ``data`` (x, y, z, n), else of the m0scan volumes,
+    else of every volume (a deltam-only series): the anatomy shown before/after correction."""
+    for kind in ("control", "m0scan"):
+        index = [i for i, t in enumerate(types) if t == kind]
+        if index:
+            return data[..., index].mean(axis=3)
+    return data.mean(axis=3)
+
+
+def _realign(series: AslSeries, data: np.ndarray, affine: np.ndarray, types: Sequence[str], pld: np.ndarray,
+             frame: np.ndarray | None):
+    """Every volume of ``data`` (x, y, z, n) realigned (:func:`aslbatch.motion.estimate_series_motion`,
+    then one resampling each): (corrected data, the motion estimate, the mean control-like image
+    and mean ΔM before, the mean control-like image after, a note); None when there is nothing to
+    fit, or a note saying why the series was not corrected (a grid under :data:`aslbatch.motion.MIN_GRID`,
+    non-finite values)."""
+    from .motion import MIN_GRID, apply_motion, estimate_series_motion, framewise_displacement, voxel_sizes
+
+    if not any(t in ("control", "label", "deltam") for t in types):
+        return None  # nothing to fit: refused below
+    if any(n < least for n, least in zip(data.shape[:3], MIN_GRID)):
+        log.warning("%s: grid %s smaller than %s voxels: not motion corrected", series.relpath, data.shape[:3], MIN_GRID)
+        return f"{series.relpath}: grid {tuple(data.shape[:3])} smaller than {MIN_GRID} voxels: not motion corrected"
+    if not np.isfinite(data).all():
+        log.warning("%s: NaN or infinite voxel values: not motion corrected", series.relpath)
+        return f"{series.relpath}: the series has NaN or infinite voxel values: not motion corrected"
+    zooms = voxel_sizes(affine)
+    motion = estimate_series_motion(data, zooms, types, pld, frame=frame, frame_name="the first series' reference")
+    paired = [t in ("control", "label") for t in types]
+    raw_deltam = (pair_difference(data, types)[0] if any(paired) else
+                  data[..., [i for i, t in enumerate(types) if t == "deltam"]]).mean(axis=3)
+    raw_means = np.stack([_control_like(data, types), raw_deltam], axis=3)
+    corrected = apply_motion(data, motion.params, zooms)
+    fd = framewise_displacement(motion.params)
+    largest = np.abs(motion.params)
+    note = (f"{series.relpath}: motion corrected (rigid, 6 dof; SimpleITK) to the {motion.reference_name}: "
+            f"largest translation {largest[:, :3].max():.2f} mm, rotation {np.degrees(largest[:, 3:].max()):.2f}°, "
+            f"framewise displacement max {np.nanmax(fd, initial=0.0):.2f} mm, "
+            f"mean {np.nanmean(fd) if np.isfinite(fd).any() else 0.0:.2f} mm")
+    return corrected, motion, raw_means, _control_like(corrected, types), note
+
+
+def _realign_m0(series: AslSeries, m0: np.ndarray, affine: np.ndarray, motion) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The separate M0 image registered to the series' reference (mutual information: another
+    contrast) and resampled: (M0, its parameters (mm, rad), a note); left as it is, with a note,
+    when it has non-finite voxels (outside a resampled field of view)."""
+    from .motion import apply_motion, register_image, voxel_sizes
+
+    if not np.isfinite(m0).all():
+        return m0, None, (f"{series.m0scan.relpath}: the M0 image has voxels without a value (outside a resampled "
+                          "field of view): not motion corrected")
+    zooms = voxel_sizes(affine)
+    params = register_image(m0, motion.reference, zooms, cost="mutual_information")
+    moved = apply_motion(m0[..., None], params[None], zooms)[..., 0]
+    return moved, params, (f"{series.m0scan.relpath}: M0 registered to the series' {motion.reference_name} (mutual "
+                           f"information): translation {np.abs(params[:3]).max():.2f} mm, rotation "
+                           f"{np.degrees(np.abs(params[3:]).max()):.2f}°")
 
 
 def _onto_first(first: _SeriesDeltaM, other: _SeriesDeltaM, policy: str) -> _SeriesDeltaM:
@@ -820,6 +907,8 @@ def prepare_acquisition(
     background_suppression_correction: bool = False,
     bolus_duration: float | None = None,
     on_grid_mismatch: str = DEFAULT_GRID_POLICY,
+    motion_correction: bool = False,
+    robust_averaging: bool = False,
 ) -> PreparedData:
     """Signals (ΔM/M0t), protocol, mask and constants of one acquisition (see the module doc).
 
@@ -833,6 +922,10 @@ def prepare_acquisition(
     (:func:`brain_mask`). Every image combined with the (first) ASL series, the M0, the mask
     and the other series of a pair, is brought onto its grid by :func:`onto_grid` with
     ``on_grid_mismatch`` (:data:`GRID_POLICIES`): never used voxel by voxel on another grid.
+    ``motion_correction``: every volume and the M0 realigned before pairing (:mod:`aslbatch.motion`;
+    the other series of a pair to the first one's reference when both share a grid);
+    ``robust_averaging``: outlier ΔM volumes left out of the average (:mod:`aslbatch.pair_outliers`).
+    Both off (the default here; the pipeline's Settings turn them on) leaves the data as stored.
     """
     series_list = list(acquisition.series)
     if not series_list:
@@ -859,7 +952,14 @@ def prepare_acquisition(
                 f"{constants.to_dict()}; the series of a pair are fitted with one set of constants",
                 path=series.relpath, field="constants",
             )
-    parts = [_series_deltam(series, record, on_grid_mismatch) for series, record in zip(series_list, metadata)]
+    parts = []
+    for series, record in zip(series_list, metadata):
+        frame = None
+        if motion_correction and parts and parts[0].motion is not None and same_grid(
+                parts[0].affine, parts[0].deltam.shape, _header_affine(series.path, series.relpath), series.shape):
+            frame = parts[0].motion.reference
+        parts.append(_series_deltam(series, record, on_grid_mismatch, motion_correction=motion_correction,
+                                    frame=frame))
     first = parts[0]
     parts[1:] = [_onto_first(first, other, on_grid_mismatch) for other in parts[1:]]
     shape = tuple(int(n) for n in first.deltam.shape[:3])
@@ -902,6 +1002,16 @@ def prepare_acquisition(
     tau = np.concatenate([part.tau for part in parts])
     pld = np.concatenate([part.pld for part in parts])
     crushed = np.concatenate([np.full(part.tau.size, part.crushed) for part in parts])
+    excluded = np.zeros(volumes.shape[1], dtype=bool)
+    if robust_averaging:
+        from .pair_outliers import outlier_volumes
+
+        excluded = outlier_volumes(volumes, _conditions(volumes.shape[1], tau, pld, crushed, TIME_DECIMALS)[0])
+        if excluded.any():
+            notes.append(f"robust averaging: {int(excluded.sum())} of {excluded.size} ΔM volume(s) left out as "
+                         "outliers (robust z of their mean or of their correlation with the median ΔM > "
+                         f"3; README \"Motion\")")
+            volumes, tau, pld, crushed = volumes[:, ~excluded], tau[~excluded], pld[~excluded], crushed[~excluded]
     try:
         signals, protocol, counts = average_repeats(volumes, tau, pld, crushed)
     except ProtocolError as exc:  # not expected after the checks above
@@ -916,6 +1026,7 @@ def prepare_acquisition(
     if bad:
         notes.append(f"{bad} voxel(s) have non-finite ΔM in some volume")
 
+    motion = _motion_records(parts, excluded) if (motion_correction or robust_averaging) else ()
     offsets_grid = np.broadcast_to(
         np.expand_dims(first.offsets, [axis for axis in range(3) if axis != first.axis]), shape
     )
@@ -936,7 +1047,36 @@ def prepare_acquisition(
         background_suppression=bids.background_suppression_summary(
             [record.background_suppression for record in metadata], constants.alpha_bs,
             correction=background_suppression_correction, user_factor="alpha_bs" in (overrides or {})),
+        motion=motion,
     )
+
+
+def _motion_records(parts: Sequence[_SeriesDeltaM], excluded: np.ndarray) -> tuple[Any, ...]:
+    """One :class:`aslbatch.motion.SeriesMotion` per series: its parameters, the source volumes
+    whose ΔM was ``excluded`` (over the ΔM volumes of every series, in order), and the before/after
+    images (QC page)."""
+    from .motion import SeriesMotion
+
+    records, start = [], 0
+    for part in parts:
+        n_types = len(part.series_types)
+        count = part.deltam.shape[3]
+        mine = excluded[start:start + count]
+        start += count
+        flags = np.zeros(n_types, dtype=bool)
+        flags[part.volume_index[mine].ravel()] = True
+        after_deltam = part.deltam[..., ~mine].mean(axis=3)
+        if part.motion is None:  # robust averaging alone: the anatomy did not change
+            images = np.stack([part.mask_reference, part.mask_reference, part.deltam.mean(axis=3), after_deltam],
+                              axis=3)
+        else:
+            images = np.stack([part.raw_means[..., 0], part.corrected_mean, part.raw_means[..., 1], after_deltam],
+                              axis=3)
+        records.append(SeriesMotion(
+            source=part.series.relpath, volume_types=part.series_types,
+            params=None if part.motion is None else part.motion.params, excluded=flags, m0_params=part.m0_params,
+            reference_name="" if part.motion is None else part.motion.reference_name, images=images))
+    return tuple(records)
 
 
 @dataclass(frozen=True)

@@ -627,6 +627,7 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
         html_table(["method", "map", "units", "finite / mask", "median", "Q1", "Q3", "IQR"], stats_rows),
         "<h2>Maps</h2>", *sections,
         '<h2 id="status">Status maps</h2>', *status_figures,
+        *_motion_section(provenance, folder, grid),
         '<h2 id="protocol">Protocol</h2>',
         html_table(["volume", *_timing_headers(model), "crushed"], protocol_rows),
         *([f"<p>Notes: {escape('; '.join(str(n) for n in preprocessing['notes']))}</p>"]
@@ -652,6 +653,13 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
 
 
 # --- the run index ---------------------------------------------------------------------------
+
+
+def _motion_section(provenance: Mapping[str, Any], folder: Path, grid: _Grid) -> list[str]:
+    """The motion plot, before/after montages and excluded share (:mod:`aslbatch.qc_motion`)."""
+    from .qc_motion import motion_section
+
+    return motion_section(provenance, folder, grid)
 
 
 def _now() -> str:
@@ -706,8 +714,12 @@ def _acquisition_cell(provenance_path: Path, out_dir: Path) -> str:
         provenance = read_provenance(provenance_path)
         thumb = img(_thumbnail(provenance, provenance_path.parent), f"{name} cbf")
         flag = _plausibility_flag(provenance)
+        from .qc_motion import motion_index_text
+
+        motion = motion_index_text(provenance)
         label = f"{escape(name)}<br>{escape(_converged(provenance))}" + (
-            f'<br><span class="warn">flagged: {escape(flag)}</span>' if flag else "")
+            f'<br><span class="warn">flagged: {escape(flag)}</span>' if flag else "") + (
+            f'<br><span class="{"warn" if "EXCESSIVE" in motion else "muted"}">{escape(motion)}</span>' if motion else "")
     except (OSError, ValueError, ImageFileError) as exc:
         thumb, label = f'<span class="warn">no thumbnail ({escape(exc)})</span>', escape(name)
     page = session_report_path(provenance_path)

@@ -54,3 +54,15 @@ def test_conventional_run_loads_no_network_or_plotting_library(tmp_path, method)
     loaded = _modules_after(code, tmp_path)
     assert (tmp_path / "out" / "sub-01" / "perf" / f"sub-01_desc-{method}_cbf.nii.gz").is_file()
     assert not loaded & {"sklearn", "matplotlib", "dask", "SimpleITK"}, loaded
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-motion-correction"]], ids=["corrected", "not-corrected"])
+def test_simpleitk_is_loaded_only_to_correct_motion(tmp_path, flag):
+    from aslbatch.phantom import write_bids_dataset
+
+    raw = write_bids_dataset(tmp_path / "raw", subjects=1, shape=(16, 16, 4), seed=1)  # big enough to register
+    code = (f"from typer.testing import CliRunner\nfrom aslbatch.cli import app\n"
+            f"r = CliRunner().invoke(app, ['run', {str(raw)!r}, {str(tmp_path / 'out')!r}, '--method', 'lm', "
+            f"'--no-report', *{flag!r}])\nassert r.exit_code == 0, r.output")
+    loaded = _modules_after(code, tmp_path)
+    assert ("SimpleITK" in loaded) == (not flag), loaded & {"SimpleITK"}
