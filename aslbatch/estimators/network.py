@@ -19,18 +19,25 @@ which is what :mod:`aslbatch.estimators.store` saves.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["OUTPUT_TRANSFORMS", "Network"]
 
 OUTPUT_TRANSFORMS = ("affine", "sigmoid")
 #: rows per matrix product at inference: keeps the activations in cache
 INFERENCE_CHUNK = 4096
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_threads() -> ThreadpoolController:
+    """The process's thread pools, found once (a search per prediction cost ~25 ms)."""
+    return ThreadpoolController()
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,7 @@ class Network:
             for start in starts:
                 self._forward_chunk(x, out, start)
         else:
-            with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            with _blas_threads().limit(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
                 list(pool.map(lambda start: self._forward_chunk(x, out, start), starts))
         return self.output_to_params(out)
 
