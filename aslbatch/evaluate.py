@@ -909,7 +909,8 @@ def _document(table: dict, model: KineticModel, labels: list[str], snrs: list[fl
     doc += _calibration_section(table, model, labels, clinical)
     header, rows = _timing_table(table, labels, snrs, settings["networks"])
     doc += [("h2", "Computation time"),
-            ("p", f"Prediction only (for a network: its forward pass, the clipping into the bounds and the "
+            ("p", f"Prediction only (for a network: its forward pass and its variance network's at the test SNR, "
+                  f"the clipping into the bounds and the "
                   f"residual of the model signal, as the estimator returns them), per voxel, mean over the SNRs, each "
                   f"the fastest of {TIMING_REPEATS} runs over {rows_per_snr} rows; lm and lut on "
                   f"{settings['machine']['numba_threads']} numba threads, networks on {BLAS_THREADS} BLAS thread "
