@@ -14,7 +14,7 @@ share, e.g. ``sub-01_ses-1``), under the output folder ``OUT``::
         <src>_desc-<method>_<param>se.nii.gz     float32 standard error (methods that give one)
         <src>_desc-<method>_status.nii.gz        uint8 fit status (Status codes), 255 outside
         <src>_desc-<method>_priordominated.nii.gz  uint8 bit mask of prior-dominated parameters
-                                                 (methods that give standard errors), 0 outside
+                                                 (lm and the networks), 0 outside
         <src>_provenance.json                    written last: the commit marker
 
 ``<param>`` is a model parameter (``cbf``, ``att``, ``abat``, ``abv``: the names of
@@ -374,12 +374,14 @@ def output_paths(
     methods: Sequence[str],
     *,
     stderr_methods: Collection[str] = (),
+    flag_methods: Collection[str] | None = None,
 ) -> dict[str, Path]:
     """Every output path of one acquisition, keyed by the name after ``<src>_``.
 
     ``source``: the source name (or a PreparedData, whose ``source_name`` is used);
     ``model_name``: ``"1c"`` or ``"2c"`` (its parameters name the maps); ``methods``:
-    estimator names; ``stderr_methods``: those that give standard errors. Keys, e.g.
+    estimator names; ``stderr_methods``: those that give standard errors; ``flag_methods``: those
+    of them that write a prior-dominated bit mask (None: those whose estimator class says so). Keys, e.g.
     for 1C and ``lm``: ``desc-brain_mask``, ``desc-lm_cbf``, ``desc-lm_att``,
     ``desc-lm_cbfse``, ``desc-lm_attse``, ``desc-lm_status``, ``provenance``. NIfTI
     sidecars are at :func:`sidecar_path`.
@@ -392,10 +394,16 @@ def output_paths(
     unknown = set(stderr_methods) - set(methods)
     if unknown:
         raise ValueError(f"stderr_methods {sorted(unknown)} are not among the methods {list(methods)}")
+    flags = [m for m in stderr_methods if m in ESTIMATORS and ESTIMATORS[m].flags_prior_dominated] \
+        if flag_methods is None else list(flag_methods)
+    if set(flags) - set(stderr_methods):
+        raise ValueError(f"flag_methods {sorted(set(flags) - set(stderr_methods))} give no standard errors")
     paths: dict[str, Path] = {}
     for item in OUTPUTS:
         for method in methods if item.per_method else [None]:
-            if item.kind in ("stderr", "flags") and method not in stderr_methods:
+            if item.kind == "stderr" and method not in stderr_methods:
+                continue
+            if item.kind == "flags" and method not in flags:
                 continue
             for param in params if item.per_param else [None]:
                 key = item.name.format(method=method, param=param)
@@ -661,7 +669,9 @@ def write_session_outputs(
     _check_inputs(prepared, estimates, model, estimator_options)
     methods = list(estimates)
     stderr_methods = [m for m in methods if estimates[m].stderr is not None]
-    paths = output_paths(out_dir, prepared, model.name, methods, stderr_methods=stderr_methods)
+    flag_methods = [m for m in stderr_methods if m in ESTIMATORS and ESTIMATORS[m].flags_prior_dominated]
+    paths = output_paths(out_dir, prepared, model.name, methods, stderr_methods=stderr_methods,
+                         flag_methods=flag_methods)
     out = Path(out_dir)
     digests = _input_digests(prepared, input_digests, bids_dir)
     sources = [_uri(name) for name in prepared.source_files]
@@ -729,7 +739,7 @@ def write_session_outputs(
                 if kind == "stderr":
                     sidecar["StandardErrorMethod"] = _stderr_text(method)
                 emit(item, item.name.format(method=method, param=param), grid, sidecar, method, param)
-        if estimate.stderr is not None:
+        if method in flag_methods:
             _emit_flags(emit, model, estimate, prepared, common, method)
         item = _KINDS["status"]
         status = np.asarray(estimate.status).astype(np.uint8)

@@ -118,6 +118,7 @@ class NeuralEstimator(Estimator):
     losses: ClassVar[tuple[str, ...]] = ("mse", "mae")
     #: output transform of the networks this estimator builds
     output_transform: ClassVar[str] = "affine"
+    flags_prior_dominated: ClassVar[bool] = True
     stderr_method: ClassVar[str | None] = (
         "posterior standard deviation under the training prior: a variance network trained on the squared errors "
         "of this network's estimates on simulated signals (aslbatch.estimators.variance), at the voxel's SNR where "
