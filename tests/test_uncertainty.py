@@ -144,3 +144,21 @@ def test_flag_marks_att_where_the_data_carry_no_information(blind_to_att):
     undetermined = lm.status == Status.ATT_UNDETERMINED
     assert undetermined.mean() > 0.3 and lm_flags[undetermined, 1].all()
     assert not lm_flags[undetermined, 0].any()
+
+
+def test_predict_image_takes_each_voxels_noise_from_signal_se(supervised_1c, model_1c):
+    """The pipeline's path: signal_se of the repeats gives each voxel its SNR's standard errors;
+    NaN (a volume read once) falls back to the marginal ones; a bad mask is refused."""
+    data = simulate(model_1c, 24, 10.0, seed=8)
+    mask = np.zeros((4, 3, 3), dtype=bool)
+    mask.flat[:24] = True
+    signal_se = np.full(data.signals.shape, noise_sigma(model_1c, 10.0))
+    signal_se[:4] = np.nan
+    for progress in (False, True):
+        image = supervised_1c.predict_image(data.signals, mask, signal_se=signal_se, progress=progress)
+        at_snr = supervised_1c.predict(data.signals[4:], noise_sd=noise_sigma(model_1c, 10.0))
+        np.testing.assert_allclose(image.stderr[4:], at_snr.stderr, rtol=1e-6)
+        np.testing.assert_allclose(image.stderr[:4], supervised_1c.predict(data.signals[:4]).stderr, rtol=1e-6)
+    assert not np.allclose(image.stderr[4:], supervised_1c.predict(data.signals[4:]).stderr)
+    with pytest.raises(ValueError, match="mask"):
+        supervised_1c.predict_image(data.signals, mask[:2], progress=True)

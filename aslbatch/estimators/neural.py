@@ -14,10 +14,11 @@ slice's time offset in s) to parameters in API units. Subclasses (``supervised``
   the predicted parameters (each voxel at its own slice timing).
 - **Uncertainty**: after the network, two variance networks (:mod:`.variance`, half its
   widths, :func:`variance_layers`) are trained on the squared errors of its (clipped)
-  estimates on :data:`VARIANCE_SHARE` × ``n_samples`` further simulated samples; ``stderr`` is the posterior standard deviation under the
-  training prior (NaN where the input is invalid): at each voxel's SNR where its noise SD
-  is given (``predict(noise_sd=...)``; ``predict_image`` takes it from ``signal_se``, the
-  repeats' spread), otherwise averaged over the training SNR range.
+  estimates on :data:`VARIANCE_SHARE` × ``n_samples`` further simulated samples; ``stderr``
+  is the posterior standard deviation under the training prior (NaN where the input is
+  invalid): at each voxel's SNR where its noise SD is given (``predict(noise_sd=...)``;
+  ``predict_image`` takes it from ``signal_se``, the repeats' spread), otherwise averaged
+  over the training SNR range.
 
 The trained network is a :class:`~aslbatch.estimators.network.Network` (plain arrays);
 :mod:`aslbatch.estimators.store` saves and loads it with its card.
@@ -296,11 +297,12 @@ class NeuralEstimator(Estimator):
                       progress: bool = False, label: str = "", signal_se: np.ndarray | None = None) -> Estimate:
         """As :meth:`Estimator.predict_image`; ``signal_se`` (n, n_volumes) gives each voxel's noise SD
         (:func:`noise_sd_from_signal_se`) and with it standard errors at its SNR."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim != 3 or int(mask.sum()) != np.shape(signals)[0]:
+            raise ValueError(f"mask must be 3-D with one True voxel per row of signals ({np.shape(signals)[0]}), "
+                             f"got shape {mask.shape} with {int(mask.sum())} voxels")
         noise = None if signal_se is None else noise_sd_from_signal_se(signal_se, np.shape(signals))
         if not progress:
-            mask = np.asarray(mask, dtype=bool)
-            if mask.ndim != 3 or int(mask.sum()) != np.shape(signals)[0]:
-                return super().predict_image(signals, mask, slice_offsets=slice_offsets)  # its message
             return self.predict(signals, slice_offsets=slice_offsets, noise_sd=noise)
         import sys
 
