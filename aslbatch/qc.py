@@ -644,9 +644,6 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
     return page_path
 
 
-# --- the run index ---------------------------------------------------------------------------
-
-
 def _prior_dominated_rows(files: Mapping[tuple[str, str | None, str | None], Path], methods: Sequence[str],
                           params: Sequence[str], grid: _Grid, missing: list[str]) -> list[list[Any]]:
     """Per method with a prior-dominated bit mask: the share of the mask flagged per parameter (bit j:
@@ -663,6 +660,9 @@ def _prior_dominated_rows(files: Mapping[tuple[str, str | None, str | None], Pat
         flags = bits_to_flags(_load_on(grid, path)[grid.mask], len(params))
         rows.append([method] + [_pct(float(flags[:, j].mean())) if flags.size else "—" for j in range(len(params))])
     return rows
+
+
+# --- the run index ---------------------------------------------------------------------------
 
 
 def _now() -> str:
