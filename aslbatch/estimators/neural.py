@@ -35,8 +35,8 @@ from ..models import KineticModel
 from ..simulate import NOISE_MODELS, add_noise, noise_sigma, reference_signal_level, sample_parameters
 from .base import (PROGRESS_CHUNK, Estimate, Estimator, Status, check_signals, check_slice_offsets, flag_undetermined,
                    merge_estimates)
-from .network import Network
-from .variance import Uncertainty, fit_uncertainty
+from .network import Network, predict_together
+from .variance import Uncertainty, VarianceNetwork, fit_uncertainty
 
 __all__ = ["NeuralEstimator", "TrainingSet", "shifted_model", "training_set"]
 
@@ -344,16 +344,23 @@ class NeuralEstimator(Estimator):
         rows = y if every else y[valid]
         row_offsets = None if offsets is None else (offsets if every else offsets[valid])
         inputs = rows if row_offsets is None else np.column_stack([rows, row_offsets])
-        raw = self._raw_predict(inputs) if rows.shape[0] else np.empty((0, self.model.n_params))
+        row_snr = None if snr is None else (snr if every else snr[valid])
+        row_se = None
+        serving = None if self.uncertainty_ is None or self.network_ is None or not rows.shape[0] \
+            else self.uncertainty_.network_for(row_snr)
+        if serving is not None:  # both networks in one pass over the rows
+            variance, extra = serving
+            raw, log_variance = predict_together([(self.network_, None), (variance.network, extra)], inputs)
+            row_se = VarianceNetwork.se_from_output(log_variance)
+        else:
+            raw = self._raw_predict(inputs) if rows.shape[0] else np.empty((0, self.model.n_params))
+            if self.uncertainty_ is not None:
+                row_se = (self.uncertainty_.predict_se(inputs, row_snr) if rows.shape[0]
+                          else np.empty((0, self.model.n_params)))
         clipped = constrain(self.model, raw)
         residual = model_signal(self.model, raw, row_offsets)
         residual -= rows
         row_status = np.where(clipped, Status.AT_BOUND, Status.CONVERGED).astype(np.int8)
-        row_se = None
-        if self.uncertainty_ is not None:
-            row_snr = None if snr is None else (snr if every else snr[valid])
-            row_se = (self.uncertainty_.predict_se(inputs, row_snr) if rows.shape[0]
-                      else np.empty((0, self.model.n_params)))
         if every:
             params, status, rss, stderr = raw, row_status, np.einsum("ij,ij->i", residual, residual), row_se
         else:

@@ -61,9 +61,13 @@ class VarianceNetwork:
 
     def predict_se(self, inputs: np.ndarray) -> np.ndarray:
         """Standard deviation (n, n_params) in API units for finite ``inputs`` (n, n_inputs)."""
-        out = self.network.predict(inputs)
-        out *= 0.5
-        return np.exp(out, out=out)
+        return self.se_from_output(self.network.predict(inputs))
+
+    @staticmethod
+    def se_from_output(log_variance: np.ndarray) -> np.ndarray:
+        """Standard deviation from the network's output (log variance, API units²), in place."""
+        log_variance *= 0.5
+        return np.exp(log_variance, out=log_variance)
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         """The arrays of :meth:`Network.to_arrays` with ``prefix`` before each name."""
@@ -122,6 +126,17 @@ class Uncertainty:
         se[known] = self.at_snr.predict_se(_with_log_snr(inputs[known], snr[known]))
         se[~known] = self.marginal.predict_se(inputs[~known])
         return se
+
+    def network_for(self, snr: np.ndarray | None) -> tuple[VarianceNetwork, np.ndarray | None] | None:
+        """The variance network that serves every row of ``snr`` (n,) or None (no SNR known) and its extra
+        input column (log SNR, or None for the marginal network); None when rows need both (then use
+        :meth:`predict_se`). Lets an estimator run it in one pass with its own network."""
+        known = None if snr is None else np.isfinite(snr) & (snr > 0)
+        if known is None or not known.any():
+            return self.marginal, None
+        if known.all():
+            return self.at_snr, np.log(snr)
+        return None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Both networks' arrays, prefixed :data:`MARGINAL_PREFIX` and :data:`AT_SNR_PREFIX`."""
