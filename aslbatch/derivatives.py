@@ -13,6 +13,8 @@ share, e.g. ``sub-01_ses-1``), under the output folder ``OUT``::
         <src>_desc-<method>_<param>.nii.gz       float32 parameter map, NaN outside the mask
         <src>_desc-<method>_<param>se.nii.gz     float32 standard error (methods that give one)
         <src>_desc-<method>_status.nii.gz        uint8 fit status (Status codes), 255 outside
+        <src>_desc-<method>_priordominated.nii.gz  uint8 bit mask of prior-dominated parameters
+                                                 (lm and the networks), 0 outside
         <src>_provenance.json                    written last: the commit marker
 
 ``<param>`` is a model parameter (``cbf``, ``att``, ``abat``, ``abv``: the names of
@@ -42,6 +44,11 @@ Naming choices
   would make every glob or BIDS query for ``*_cbf.nii.gz`` return uncertainty maps
   as if they were CBF maps; a new suffix cannot be mistaken for the parameter. The
   suffix is not in BIDS and is listed in ``.bidsignore``.
+- **Prior-dominated parameters** are ``_desc-<method>_priordominated`` (uint8): bit j (value
+  2**j) set where parameter j (the sidecar's ``Bits``) is prior-dominated
+  (:mod:`aslbatch.estimators.prior`: its se undefined or above a share of the training
+  prior's SD); one file per method rather than one per parameter, so that a voxel's flags
+  are read together; non-standard, in ``.bidsignore``.
 - **Status** is ``_desc-<method>_status`` (uint8; codes of
   :class:`aslbatch.estimators.Status`, 255 outside the mask), non-standard, in
   ``.bidsignore``.
@@ -98,6 +105,7 @@ from .atomic import atomic_open, atomic_path
 from .bids import background_suppression_summary, parse_filename
 from .estimators import ESTIMATORS
 from .estimators.base import Estimate, Status
+from .estimators.prior import PRIOR_SHARE, flag_bits, prior_dominated, prior_sd
 from .models import MODELS, KineticModel
 from .preprocess import PreparedData
 from .protocol import _canonical_json
@@ -202,7 +210,7 @@ class OutputKind:
 
     Attributes
     ----------
-    kind : ``"map"``, ``"stderr"``, ``"status"``, ``"mask"`` or ``"provenance"``.
+    kind : ``"map"``, ``"stderr"``, ``"status"``, ``"flags"``, ``"mask"`` or ``"provenance"``.
     name : the file name after ``<src>_`` without extension; may use ``{method}``
         and ``{param}``. It is also the key of :func:`output_paths`.
     extension : ``".nii.gz"`` or ``".json"``.
@@ -256,6 +264,13 @@ OUTPUTS: tuple[OutputKind, ...] = (
         "Fit status code of each voxel for {method_text} with {model_text} (meanings in Levels; "
         f"{OUTSIDE_STATUS} outside the brain mask).",
         OUTSIDE_STATUS, "*_status.*",
+    ),
+    OutputKind(
+        "flags", "desc-{method}_priordominated", ".nii.gz", "uint8", "n/a",
+        "Bit mask of the parameters whose value {method_text} with {model_text} took from the prior rather than "
+        "the data (standard error undefined or above Threshold x the SD of the training prior): bit value in Bits, "
+        "0 where none is (and outside the brain mask).",
+        0, "*_priordominated.*",
     ),
     OutputKind(
         "provenance", "provenance", ".json", None, None,
@@ -359,12 +374,14 @@ def output_paths(
     methods: Sequence[str],
     *,
     stderr_methods: Collection[str] = (),
+    flag_methods: Collection[str] | None = None,
 ) -> dict[str, Path]:
     """Every output path of one acquisition, keyed by the name after ``<src>_``.
 
     ``source``: the source name (or a PreparedData, whose ``source_name`` is used);
     ``model_name``: ``"1c"`` or ``"2c"`` (its parameters name the maps); ``methods``:
-    estimator names; ``stderr_methods``: those that give standard errors. Keys, e.g.
+    estimator names; ``stderr_methods``: those that give standard errors; ``flag_methods``: those
+    of them that write a prior-dominated bit mask (None: those whose estimator class says so). Keys, e.g.
     for 1C and ``lm``: ``desc-brain_mask``, ``desc-lm_cbf``, ``desc-lm_att``,
     ``desc-lm_cbfse``, ``desc-lm_attse``, ``desc-lm_status``, ``provenance``. NIfTI
     sidecars are at :func:`sidecar_path`.
@@ -377,10 +394,16 @@ def output_paths(
     unknown = set(stderr_methods) - set(methods)
     if unknown:
         raise ValueError(f"stderr_methods {sorted(unknown)} are not among the methods {list(methods)}")
+    flags = [m for m in stderr_methods if m in ESTIMATORS and ESTIMATORS[m].flags_prior_dominated] \
+        if flag_methods is None else list(flag_methods)
+    if set(flags) - set(stderr_methods):
+        raise ValueError(f"flag_methods {sorted(set(flags) - set(stderr_methods))} give no standard errors")
     paths: dict[str, Path] = {}
     for item in OUTPUTS:
         for method in methods if item.per_method else [None]:
             if item.kind == "stderr" and method not in stderr_methods:
+                continue
+            if item.kind == "flags" and method not in flags:
                 continue
             for param in params if item.per_param else [None]:
                 key = item.name.format(method=method, param=param)
@@ -650,7 +673,9 @@ def write_session_outputs(
     _check_inputs(prepared, estimates, model, estimator_options)
     methods = list(estimates)
     stderr_methods = [m for m in methods if estimates[m].stderr is not None]
-    paths = output_paths(out_dir, prepared, model.name, methods, stderr_methods=stderr_methods)
+    flag_methods = [m for m in stderr_methods if m in ESTIMATORS and ESTIMATORS[m].flags_prior_dominated]
+    paths = output_paths(out_dir, prepared, model.name, methods, stderr_methods=stderr_methods,
+                         flag_methods=flag_methods)
     out = Path(out_dir)
     digests = _input_digests(prepared, input_digests, bids_dir)
     sources = [_uri(name) for name in prepared.source_files]
@@ -718,6 +743,8 @@ def write_session_outputs(
                 if kind == "stderr":
                     sidecar["StandardErrorMethod"] = _stderr_text(method)
                 emit(item, item.name.format(method=method, param=param), grid, sidecar, method, param)
+        if method in flag_methods:
+            _emit_flags(emit, model, estimate, prepared, common, method)
         item = _KINDS["status"]
         status = np.asarray(estimate.status).astype(np.uint8)
         grid = prepared.unmask(status, fill=item.outside).astype(np.uint8)
@@ -778,6 +805,23 @@ def write_session_outputs(
     _write_json(provenance_path, provenance)
     written.append(provenance_path)
     return written
+
+
+def _emit_flags(emit: Any, model: KineticModel, estimate: Estimate, prepared: PreparedData, common: dict[str, Any],
+                method: str) -> None:
+    """Write the prior-dominated bit mask of one method (:data:`OUTPUTS` kind ``flags``)."""
+    item = _KINDS["flags"]
+    bits = flag_bits(prior_dominated(model, estimate.params, estimate.stderr))
+    grid = prepared.unmask(bits, fill=item.outside).astype(np.uint8)
+    emit(item, item.name.format(method=method), grid, {
+        "Units": item.units,
+        "Description": _description(item, model.name, method),
+        **common,
+        "Bits": {str(1 << j): name for j, name in enumerate(model.param_names)},
+        "Threshold": PRIOR_SHARE,
+        "PriorStandardDeviation": dict(zip(model.param_names, prior_sd(model).tolist())),
+        "OutsideMask": item.outside,
+    }, method)
 
 
 # --- reading ---------------------------------------------------------------------------------

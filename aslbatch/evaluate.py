@@ -14,7 +14,8 @@ Outputs in ``out_dir``, each written atomically::
     metrics.tsv      one row per value: method, parameter, snr, metric, value
     report.md        the report; figures referenced from figures/
     report.html      the same report, self-contained (figures embedded as data URIs)
-    figures/*.png    NRMSE, bias, CoV, SD/CRLB, CV_Net against SNR; estimate-vs-truth densities
+    figures/*.png    NRMSE, bias, CoV, SD/CRLB, CV_Net against SNR; estimate-vs-truth densities;
+                     calibration of the standard errors
 
 ``metrics.tsv``: ``method`` is a label of :data:`METHODS`, or ``crlb`` for the bound itself;
 ``parameter`` a model parameter, empty for a value of the whole method; ``snr`` the test
@@ -32,6 +33,14 @@ Units: API units (cbf mL/100 g/min, att and abat s, abv mL/mL), fractions (not %
   :data:`TIMING_REPEATS`, s per voxel);
 - networks, parameter and SNR empty: ``training_s``, training time per network as
   recorded when it was trained, mean over the K (s);
+- every method that reports standard errors, per parameter and SNR (:mod:`aslbatch.calibration`):
+  ``coverage_68`` and ``coverage_95`` (share of rows whose interval estimate ± 1 and ± 1.96 se
+  covers the truth), ``z_sd`` and ``z_robust_sd`` (spread of (estimate − truth) / se),
+  ``se_undefined`` (share of finite estimates without a finite se), ``calibration_rows`` and
+  ``prior_dominated`` (share of rows flagged, :mod:`aslbatch.estimators.prior`). The networks
+  are given the test SNR's noise SD (as a run with repeats gives each voxel's), so their se is
+  the posterior SD at that SNR under the training prior of the parameters, from which the
+  parameter sets are drawn too;
 - ``crlb``, per parameter and SNR: ``sd`` (median over the sets with a finite bound, API
   units), ``cov`` (mean over the sets of bound / true value, with the set exclusions of
   ``cov``, the floor of a method's CoV) and ``finite_sets``. It is the Gaussian-noise bound
@@ -58,7 +67,9 @@ from tqdm import tqdm
 
 from ._version import versions
 from .atomic import atomic_open
-from .estimators import ESTIMATORS, Estimator, get_estimator
+from .calibration import binned_error, calibration_rows, coverage_curve
+from .estimators import ESTIMATORS, Estimate, Estimator, get_estimator
+from .estimators.prior import PRIOR_SHARE, prior_dominated
 from .estimators.store import NetworkCache
 from .metrics import MIN_RELATIVE, crlb, cv_net, metric_rows
 from .models import MODELS, KineticModel, get_model
@@ -321,31 +332,44 @@ def _networks(model: KineticModel, label: str, network_options: dict[str, Any], 
     return estimators, records
 
 
-def _timed_predict(estimator: Estimator, signals: np.ndarray) -> tuple[np.ndarray, float]:
-    """Estimated parameters (n, n_params) and the fastest of TIMING_REPEATS predictions (s)."""
-    estimator.predict(signals[:WARMUP_ROWS])
+def _predict(estimator: Estimator, signals: np.ndarray, snr: float) -> Estimate:
+    """The estimate of ``signals``; a network is given the noise SD of ``snr`` (its se at that SNR)."""
+    if estimator.trains:
+        return estimator.predict(signals, noise_sd=noise_sigma(estimator.model, snr))
+    return estimator.predict(signals)
+
+
+def _timed_predict(estimator: Estimator, signals: np.ndarray, snr: float) -> tuple[Estimate, float]:
+    """The estimate and the fastest of TIMING_REPEATS predictions (s)."""
+    _predict(estimator, signals[:WARMUP_ROWS], snr)
     best = math.inf
     for _ in range(TIMING_REPEATS):
         t0 = time.perf_counter()
-        params = estimator.predict(signals).params
+        estimate = _predict(estimator, signals, snr)
         best = min(best, time.perf_counter() - t0)
-    return params, best
+    return estimate, best
 
 
 def _method_rows(label: str, estimators: Sequence[Estimator], data: SimulatedSet, set_bounds: np.ndarray,
-                 snr: float) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """The rows of one method at one SNR, and the scored (first) estimator's estimates."""
+                 snr: float) -> tuple[list[dict[str, Any]], Estimate]:
+    """The rows of one method at one SNR, and the scored (first) estimator's estimate."""
     names = data.model.param_names
-    params, seconds = _timed_predict(estimators[0], data.signals)
+    estimate, seconds = _timed_predict(estimators[0], data.signals, snr)
+    params = estimate.params
     rows = metric_rows(params, data.params, names, group=data.group, bound=set_bounds[data.group])
+    if estimate.stderr is not None:
+        rows += calibration_rows(params, estimate.stderr, data.params, names)
+        flagged = prior_dominated(data.model, params, estimate.stderr)
+        rows += [{"parameter": name, "metric": "prior_dominated", "value": float(flagged[:, j].mean())}
+                 for j, name in enumerate(names)]
     if len(estimators) > 1:
-        stack = np.stack([params] + [e.predict(data.signals).params for e in estimators[1:]])
+        stack = np.stack([params] + [_predict(e, data.signals, snr).params for e in estimators[1:]])
         for j, name in enumerate(names):
             spread = cv_net(stack[:, :, j], data.params[:, j])
             rows += [{"parameter": name, "metric": "cv_net", "value": spread.cov},
                      {"parameter": name, "metric": "cv_net_voxels", "value": spread.n_units}]
     rows.append({"parameter": "", "metric": "time_per_voxel_s", "value": seconds / data.signals.shape[0]})
-    return [{"method": label, "snr": snr, **row} for row in rows], params
+    return [{"method": label, "snr": snr, **row} for row in rows], estimate
 
 
 def _crlb_rows(data: SimulatedSet, set_bounds: np.ndarray, snr: float) -> list[dict[str, Any]]:
@@ -459,6 +483,7 @@ def run_evaluation(
     rows: list[dict[str, Any]] = []
     networks: list[dict[str, Any]] = []
     density: dict[str, np.ndarray] = {}
+    calibrated: dict[tuple[str, float], Estimate] = {}  # (label, snr) -> estimate with standard errors
     with threadpool_limits(BLAS_THREADS, user_api="blas"):
         for label in labels:
             if _is_network(label):
@@ -472,11 +497,13 @@ def run_evaluation(
             with _timed(durations, "prediction_s"):
                 for snr, data, set_bounds in zip(snr_list, sets, bounds):
                     bar.set_postfix_str(f"{label} at SNR {snr:g}")
-                    method_rows, estimates = _method_rows(label, estimators, data, set_bounds, snr)
+                    method_rows, estimate = _method_rows(label, estimators, data, set_bounds, snr)
                     bar.update()
                     rows += method_rows
                     if snr == density_snr:
-                        density[label] = estimates
+                        density[label] = estimate.params
+                    if estimate.stderr is not None:
+                        calibrated[(label, snr)] = estimate
             _say(bar, f"{label} scored at {len(snr_list)} SNRs")
     for snr, data, set_bounds in zip(snr_list, sets, bounds):
         rows += _crlb_rows(data, set_bounds, snr)
@@ -489,6 +516,8 @@ def run_evaluation(
                              networks, quick, density_snr, load_start)
         durations["total_before_report_s"] = time.perf_counter() - t_start
         figures = _figures(table, model, labels, snr_list, sets[snr_list.index(density_snr)], density)
+        if calibrated:
+            figures.append(_calibration_figure(model, sets, snr_list, calibrated))
         paths = _write(out, rows, figures, _document(table, model, labels, snr_list, findings, settings,
                                                      durations, figures))
     durations["total_s"] = time.perf_counter() - t_start
@@ -750,6 +779,61 @@ def _figures(table: dict, model: KineticModel, labels: list[str], snrs: list[flo
     return figures
 
 
+#: nominal coverages of the calibration figure
+NOMINAL_LEVELS = np.linspace(0.05, 0.99, 48)
+#: bins of se in the calibration figure (equal numbers of rows)
+SE_BINS = 12
+
+
+def _calibration_figure(model: KineticModel, sets: Sequence[SimulatedSet], snrs: Sequence[float],
+                        calibrated: dict[tuple[str, float], Estimate]) -> _Png:
+    """Per parameter: observed against nominal coverage of the Gaussian intervals (top) and RMS error
+    against RMS se in bins of se (bottom), one colour per method, one line style per SNR."""
+    labels = list(dict.fromkeys(label for label, _ in calibrated))
+    shown = [s for s in snrs if s in CLINICAL_SNRS] or list(snrs)
+    styles = dict(zip(shown, ("-", "--", ":", "-.")))
+    n = model.n_params
+    figure = new_figure(3.0 * n, 5.6, dpi=FIGURE_DPI)
+    axes = figure.subplots(2, n, squeeze=False)
+    for j, (param, unit) in enumerate(zip(model.param_names, model.param_units)):
+        top, bottom = axes[0, j], axes[1, j]
+        top.plot([0, 1], [0, 1], color="0.5", linewidth=0.8)
+        low, high = math.inf, 0.0
+        for i, label in enumerate(labels):
+            for snr in shown:
+                estimate = calibrated.get((label, snr))
+                if estimate is None or snr not in styles:
+                    continue
+                truth = sets[list(snrs).index(snr)].params[:, j]
+                args = (estimate.params[:, j], estimate.stderr[:, j], truth)
+                top.plot(NOMINAL_LEVELS, coverage_curve(*args, NOMINAL_LEVELS), color=f"C{i}",
+                         linestyle=styles[snr], linewidth=1.1, label=f"{label} SNR {snr:g}")
+                se, rms = binned_error(*args, n_bins=SE_BINS)
+                if se.size:
+                    bottom.plot(se, rms, color=f"C{i}", linestyle=styles[snr], marker="o", markersize=2.5,
+                                linewidth=1.0)
+                    low, high = min(low, se.min(), rms.min()), max(high, se.max(), rms.max())
+        if high > 0 and math.isfinite(low):
+            low = max(low, high * 1e-3)
+            bottom.plot([low, high], [low, high], color="0.5", linewidth=0.8)
+            bottom.set_xscale("log")
+            bottom.set_yscale("log")
+        top.set_title(f"{param} ({unit})", fontsize=10)
+        top.set_xlabel("nominal coverage", fontsize=8)
+        top.set_ylabel("observed coverage", fontsize=8)
+        bottom.set_xlabel(f"RMS se ({unit}) in the bin", fontsize=8)
+        bottom.set_ylabel(f"RMS error ({unit})", fontsize=8)
+        for ax in (top, bottom):
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=6)
+    return _Png("calibration", figure_png(figure),
+                "Calibration of the standard errors. Top: share of rows whose Gaussian interval estimate ± z·se "
+                "covers the truth against its nominal level (on the grey diagonal when calibrated; below: se too "
+                "small). Bottom: RMS error against the RMS se in bins of se holding equal numbers of rows "
+                "(log axes; on the diagonal when calibrated).")
+
+
 # --- the report -------------------------------------------------------------------------------
 
 
@@ -825,9 +909,11 @@ def _document(table: dict, model: KineticModel, labels: list[str], snrs: list[fl
         for param, unit in zip(model.param_names, model.param_units):
             header, rows = _metric_table(table, labels, param, unit, snr)
             doc += [("h3", f"{param} at SNR {snr:g}"), ("table", header, rows)]
+    doc += _calibration_section(table, model, labels, clinical)
     header, rows = _timing_table(table, labels, snrs, settings["networks"])
     doc += [("h2", "Computation time"),
-            ("p", f"Prediction only (for a network: its forward pass, the clipping into the bounds and the "
+            ("p", f"Prediction only (for a network: its forward pass and its variance network's at the test SNR, "
+                  f"the clipping into the bounds and the "
                   f"residual of the model signal, as the estimator returns them), per voxel, mean over the SNRs, each "
                   f"the fastest of {TIMING_REPEATS} runs over {rows_per_snr} rows; lm and lut on "
                   f"{settings['machine']['numba_threads']} numba threads, networks on {BLAS_THREADS} BLAS thread "
@@ -872,6 +958,35 @@ def _document(table: dict, model: KineticModel, labels: list[str], snrs: list[fl
                 ("p", "Options of each method's networks (the same for every seed but the seed):"),
                 ("pre", "\n".join(f"{r['method']}: {json.dumps({k: v for k, v in r['options'].items() if k != 'seed'})}"
                                   for r in settings["networks"] if r["seed"] == settings["seed"]))]
+    return doc
+
+
+def _calibration_section(table: dict, model: KineticModel, labels: list[str], snrs: list[float]) -> list[tuple]:
+    """The report's blocks on the calibration of the standard errors (none without a method that gives them)."""
+    with_se = [m for m in labels if any(math.isfinite(table.get((m, p, s, "coverage_95"), math.nan))
+                                        for p in model.param_names for s in snrs)]
+    if not with_se:
+        return []
+    doc: list[tuple] = [
+        ("h2", "Calibration of the standard errors"),
+        ("p", "Share of rows whose interval estimate ± 1 se (nominal 68.3 %) and ± 1.96 se (nominal 95 %) covers "
+              "the truth; z = (estimate − truth) / se, its SD and its IQR / 1.349 (both 1 when calibrated, above 1: "
+              "se too small); se undefined: finite estimates without a finite se; prior-dominated: share of rows "
+              f"flagged (se undefined or above {PRIOR_SHARE:g} × the SD of the training prior). The networks' se is "
+              "the posterior SD under their training prior, given the noise SD of the test SNR: the parameter sets "
+              "here are drawn from that same prior (uniform over the training ranges), so their coverage is "
+              "measured under the prior they were trained for; on other distributions of parameters it can differ."),
+    ]
+    for snr in snrs:
+        body = []
+        for m in with_se:
+            for p in model.param_names:
+                get = lambda metric: table.get((m, p, snr, metric), math.nan)  # noqa: E731
+                body.append([m, p, _pct(get("coverage_68")), _pct(get("coverage_95")), _num(get("z_sd")),
+                             _num(get("z_robust_sd")), _pct(get("se_undefined")), _pct(get("prior_dominated"))])
+        doc += [("h3", f"Calibration at SNR {snr:g}"),
+                ("table", ["method", "parameter", "68 % interval covers", "95 % interval covers", "z SD",
+                           "z IQR/1.349", "se undefined", "prior-dominated"], body)]
     return doc
 
 

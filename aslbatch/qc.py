@@ -72,6 +72,7 @@ from .atomic import atomic_open
 from .derivatives import (OUTPUTS, OUTSIDE_STATUS, QC_INDEX_NAME, QC_PAGE_SUFFIX, STATUS_LEVELS, parameter_table,
                           read_provenance, sha256_file)
 from .estimators.base import Status
+from .estimators.prior import PRIOR_SHARE, bits_to_flags
 from .models import MODELS
 from .report import escape, figure_png, html_page, html_table, img, indexed_png, new_figure
 
@@ -579,6 +580,8 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
                               f"<figcaption>{escape(method)} fit status per voxel; {escape(path.name)}"
                               "</figcaption></figure>")
 
+    prior_rows = _prior_dominated_rows(files, methods, params, grid, missing)
+
     preprocessing = provenance.get("preprocessing") or {}
     protocol = preprocessing.get("protocol", {})
     taus, plds, crushed = (protocol.get(k, []) for k in ("label_duration", "pld", "crushed"))
@@ -623,6 +626,12 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
         "<h2>Fit status (share of the brain mask)</h2>",
         html_table(status_header, status_rows),
         "<ul>" + "".join(f"<li>{escape(code)}: {escape(text)}</li>" for code, text in STATUS_LEVELS.items()) + "</ul>",
+        *(["<h2>Prior-dominated values (share of the brain mask)</h2>",
+           html_table(["method", *params], prior_rows),
+           '<p class="muted">Voxels whose standard error of the parameter is undefined or above '
+           f"{PRIOR_SHARE:g} × the SD of the training prior: the value there comes from the prior (for a network, "
+           "the middle of its training range) rather than the data; bit masks in *_priordominated.nii.gz.</p>"]
+          if prior_rows else []),
         "<h2>Within the brain mask: median and interquartile range</h2>",
         html_table(["method", "map", "units", "finite / mask", "median", "Q1", "Q3", "IQR"], stats_rows),
         "<h2>Maps</h2>", *sections,
@@ -650,6 +659,24 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
     with atomic_open(page_path, "w", encoding="utf-8") as fh:
         fh.write(html_page(f"QC {source}", "\n".join(body), head=meta, extra_css=_CSS))
     return page_path
+
+
+def _prior_dominated_rows(files: Mapping[tuple[str, str | None, str | None], Path], methods: Sequence[str],
+                          params: Sequence[str], grid: _Grid, missing: list[str]) -> list[list[Any]]:
+    """Per method with a prior-dominated bit mask: the share of the mask flagged per parameter (bit j:
+    the j-th of ``params``, the model's order); a missing file is added to ``missing``."""
+    rows = []
+    for method in methods:
+        path = files.get(("flags", method, None))
+        if path is None:
+            continue
+        if not path.is_file():
+            missing.append(path.name)
+            rows.append([method] + ["missing"] * len(params))
+            continue
+        flags = bits_to_flags(_load_on(grid, path)[grid.mask], len(params))
+        rows.append([method] + [_pct(float(flags[:, j].mean())) if flags.size else "—" for j in range(len(params))])
+    return rows
 
 
 # --- the run index ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from aslbatch.estimators import get_estimator
 from aslbatch.models import get_model
 from aslbatch.protocol import default_protocol
-from aslbatch.simulate import simulate
+from aslbatch.simulate import noise_sigma, simulate
 
 N_VOXELS = 1_000_000
 
@@ -33,6 +33,22 @@ def test_inference(benchmark, case, threads, method):
     benchmark.group = f"inference {model.name}, {N_VOXELS} voxels"
     benchmark.extra_info["voxels"] = N_VOXELS
     benchmark.pedantic(est.predict, args=(signals,), rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("uncertainty", ["none", "marginal", "at SNR"])
+def test_inference_with_standard_errors(benchmark, case, uncertainty):
+    """The supervised network's prediction without its variance networks (the speed before them), with
+    the marginal one, and with the one at a given noise SD (issue 16 target: within 1.5x of none)."""
+    model, signals, network = case
+    noise = noise_sigma(model, 5.0) if uncertainty == "at SNR" else None
+    kept = network.uncertainty_
+    network.uncertainty_ = None if uncertainty == "none" else kept
+    network.predict(signals[:1000], noise_sd=noise)
+    benchmark.group = f"supervised inference {model.name} with standard errors, {N_VOXELS} voxels"
+    try:
+        benchmark.pedantic(network.predict, args=(signals,), kwargs={"noise_sd": noise}, rounds=3, iterations=1)
+    finally:
+        network.uncertainty_ = kept
 
 
 @pytest.mark.parametrize("precision", ["float32", "float64"])

@@ -53,7 +53,8 @@ def check_outputs(out: Path, expected: dict) -> np.ndarray:
     """Every map sidecar, the provenance and the QC page carry ``expected``; returns the lm CBF map."""
     perf = out / "sub-01" / "perf"
     sidecars = sorted(perf.glob("sub-01_desc-lm_*.json"))
-    assert {p.name for p in sidecars} == {f"sub-01_desc-lm_{n}.json" for n in ("cbf", "att", "cbfse", "attse", "status")}
+    assert {p.name for p in sidecars} == {f"sub-01_desc-lm_{n}.json"
+                                          for n in ("cbf", "att", "cbfse", "attse", "status", "priordominated")}
     for path in sidecars:
         found = json.loads(path.read_text())
         assert {k: found[k] for k in FIELDS} == pytest.approx(expected), path.name

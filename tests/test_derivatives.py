@@ -114,6 +114,7 @@ def test_names_1c_series_without_session(data_1c, tmp_path):
         "desc-lm_cbfse": "sub-01_desc-lm_cbfse.nii.gz",
         "desc-lm_attse": "sub-01_desc-lm_attse.nii.gz",
         "desc-lm_status": "sub-01_desc-lm_status.nii.gz",
+        "desc-lm_priordominated": "sub-01_desc-lm_priordominated.nii.gz",
         "desc-lut_status": "sub-01_desc-lut_status.nii.gz",
         "provenance": "sub-01_provenance.json",
     }
@@ -128,7 +129,7 @@ def test_names_2c_pair_with_session_use_the_shared_entities(data_2c, tmp_path):
     folder = tmp_path / "sub-01" / "ses-1" / "perf"
     names = sorted(p.name for p in folder.iterdir())
     stems = ["desc-brain_mask"] + [f"desc-lm_{p}" for p in ("cbf", "abv", "abat", "att")] + \
-        [f"desc-lm_{p}se" for p in ("cbf", "abv", "abat", "att")] + ["desc-lm_status"]
+        [f"desc-lm_{p}se" for p in ("cbf", "abv", "abat", "att")] + ["desc-lm_status", "desc-lm_priordominated"]
     expected = sorted([f"sub-01_ses-1_{s}{ext}" for s in stems for ext in (".nii.gz", ".json")]
                       + ["sub-01_ses-1_provenance.json"])
     assert names == expected

@@ -69,6 +69,12 @@ def test_tsv_holds_every_method_parameter_snr_and_metric(tsv, evaluation):
             for metric in ("sd", "cov", "finite_sets"):
                 assert ("crlb", param, snr, metric) in tsv
     assert tsv[("supervised", "", "", "training_s")] > 0
+    calibration = ("coverage_68", "coverage_95", "z_sd", "z_robust_sd", "se_undefined", "calibration_rows",
+                   "prior_dominated")
+    for method in LABELS:  # lut gives no standard errors
+        assert all(((method, p, s, m) in tsv) == (method != "lut")
+                   for p in model.param_names for s in ("3", "10") for m in calibration), method
+    assert evaluation.paths["figure_calibration"].is_file()
     assert {k[0] for k in tsv} == set(LABELS) | {"crlb"}
     assert len(tsv) == len(evaluation.rows)
 
@@ -77,9 +83,16 @@ def test_tsv_agrees_with_an_independent_lm_fit_of_the_same_data(tsv):
     model = get_model("1c", default_protocol("1c"))
     sets = monte_carlo_sets(model, SNRS, n_sets=N_SETS, repeats=REPEATS, seed=SEED)
     for data, snr in zip(sets, ("3", "10")):
-        estimates = get_estimator("lm", model).fit().predict(data.signals).params
+        estimate = get_estimator("lm", model).fit().predict(data.signals)
+        estimates = estimate.params
         for j, param in enumerate(model.param_names):
             err = estimates[:, j] - data.params[:, j]
+            se = estimate.stderr[:, j]
+            has_se = np.isfinite(se)
+            assert tsv[("lm", param, snr, "coverage_95")] == pytest.approx(
+                np.mean(np.abs(err[has_se]) <= 1.959963984540054 * se[has_se]), rel=1e-12)
+            assert tsv[("lm", param, snr, "coverage_68")] == pytest.approx(
+                np.mean(np.abs(err[has_se]) <= se[has_se]), rel=1e-12)
             level = data.params[:, j].mean()
             assert tsv[("lm", param, snr, "nrmse")] == pytest.approx(np.sqrt(np.mean(err**2)) / level, rel=1e-12)
             assert tsv[("lm", param, snr, "nmae")] == pytest.approx(np.mean(np.abs(err)) / level, rel=1e-12)
@@ -147,12 +160,14 @@ def test_html_report_parses_and_its_images_decode(evaluation):
     page.feed(evaluation.paths["report_html"].read_text(encoding="utf-8"))
     page.close()
     assert page.open == [], f"unclosed elements {page.open}"
-    assert len(page.images) == 6  # nrmse, bias, cov, sd_over_crlb, cv_net, density
+    assert len(page.images) == 7  # nrmse, bias, cov, sd_over_crlb, cv_net, density, calibration
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         _check_png(base64.b64decode(src.split(",", 1)[1]))
     text = "".join(page.text)
     assert "Findings of the research" in page.headings
+    assert "Calibration of the standard errors" in page.headings
+    assert "Calibration at SNR 3" in page.headings
     for word in (*LABELS, "cbf", "att", "CRLB", "training", *(claim.text for claim in CLAIMS)):
         assert word in text, word
 
@@ -163,7 +178,7 @@ def test_markdown_report_names_everything_and_its_figures_exist(evaluation):
     for word in (*LABELS, "cbf", "att", "n_samples", "seed"):
         assert word in text, word
     figures = [line.split("(", 1)[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
-    assert len(figures) == 6
+    assert len(figures) == 7
     for relative in figures:
         _check_png((evaluation.paths["report_md"].parent / relative).read_bytes())
 

@@ -29,6 +29,7 @@ HEADS = {
     "param-mae": _mlp.HEAD_PARAM_MAE,
     "signal-mse": _mlp.HEAD_SIGNAL_MSE,
     "signal-mae": _mlp.HEAD_SIGNAL_MAE,
+    "log-variance": _mlp.HEAD_LOG_VARIANCE,
 }
 #: typical ΔM/M0t of the test signals: the physics-informed losses are O(1)
 SCALE = 0.005
@@ -66,6 +67,8 @@ def reference_loss(theta, sizes, X, T, head, lower, upper, model, alpha):
     if head in (_mlp.HEAD_PARAM_MSE, _mlp.HEAD_PARAM_MAE):
         r = o - T
         per_row = (r**2).mean(axis=1) if head == _mlp.HEAD_PARAM_MSE else np.abs(r).mean(axis=1)
+    elif head == _mlp.HEAD_LOG_VARIANCE:  # Gaussian NLL of squared residuals T with variance exp(o)
+        per_row = (o + T * np.exp(-o)).mean(axis=1)
     else:
         r = reference_signals(model, sigmoid_params(o, lower, upper)) - T
         per_row = (r**2).mean(axis=1) / SCALE**2 if head == _mlp.HEAD_SIGNAL_MSE else np.abs(r).mean(axis=1) / SCALE
@@ -113,6 +116,8 @@ def gradient_problem(model, head, seed):
     lower, upper = (np.array(b, dtype=np.float64) for b in BOUNDS[model.name])
     if head in (_mlp.HEAD_PARAM_MSE, _mlp.HEAD_PARAM_MAE):
         T = rng.standard_normal((n, model.n_params))
+    elif head == _mlp.HEAD_LOG_VARIANCE:
+        T = rng.standard_normal((n, model.n_params)) ** 2
     else:
         true = sigmoid_params(rng.standard_normal((n, model.n_params)), lower, upper)
         T = reference_signals(model, true) + rng.normal(0.0, 0.3 * SCALE, (n, model.n_volumes))

@@ -402,3 +402,26 @@ def test_bidsignore_patterns_cover_every_page_and_nothing_else(run):
 
     assert all(ignored(p) for p in [index, *pages.values()])
     assert not any(ignored(p) for p in out.rglob("*") if p.suffix != ".html")
+
+
+@pytest.mark.parametrize("session, model", [("sub-01", "1c"), ("sub-02", "2c")])
+def test_prior_dominated_shares_match_the_stderr_maps(run, session, model):
+    """The page's share per parameter equals the share of mask voxels whose lm se is undefined or above
+    PRIOR_SHARE x the prior SD, recomputed from the se and parameter maps (lut gives no se: no row)."""
+    from aslbatch.estimators.prior import PRIOR_SHARE, prior_sd
+
+    out, provenances, pages = run
+    perf = pages[session].parent
+    page = Page(pages[session].read_text(encoding="utf-8"))
+    mask = _load_map(perf / f"{session}_desc-brain_mask.nii.gz") > 0
+    fitted = get_model(model, default_protocol(model))
+    params = fitted.param_names
+    [row] = page.table("method", *params)
+    assert row["method"] == "lm"
+    limit = PRIOR_SHARE * prior_sd(fitted)
+    for j, param in enumerate(params):
+        value = _load_map(perf / f"{session}_desc-lm_{param}.nii.gz")[mask]
+        se = _load_map(perf / f"{session}_desc-lm_{param}se.nii.gz")[mask]
+        # the maps are float32: compare away from the threshold's rounding
+        expected = np.isfinite(value) & ~(se <= limit[j])
+        assert float(row[param].rstrip("%")) == pytest.approx(100 * expected.mean(), abs=0.011)

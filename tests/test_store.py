@@ -30,6 +30,11 @@ def test_round_trip_bit_identical(saved, supervised_1c, model_1c):
     before, after = supervised_1c.predict(signals), loaded.predict(signals)
     np.testing.assert_array_equal(before.params, after.params)
     np.testing.assert_array_equal(before.status, after.status)
+    # the standard errors, marginal and at a given noise SD, come back too
+    assert before.stderr is not None and np.isfinite(before.stderr).all()
+    np.testing.assert_array_equal(before.stderr, after.stderr)
+    np.testing.assert_array_equal(supervised_1c.predict(signals, noise_sd=0.001).stderr,
+                                  loaded.predict(signals, noise_sd=0.001).stderr)
     assert loaded.options() == supervised_1c.options()
     # without a model, the card rebuilds it
     np.testing.assert_array_equal(load_network(saved).predict(signals).params, before.params)
@@ -59,7 +64,8 @@ def _member_data_offset(path, name):
     return info.header_offset + 30 + name_len + extra_len, info.file_size
 
 
-@pytest.mark.parametrize("member", ["weight_1.npy", "bias_0.npy", "in_scale.npy", "card.npy"])
+@pytest.mark.parametrize("member", ["weight_1.npy", "bias_0.npy", "in_scale.npy", "card.npy", "se_weight_1.npy",
+                                    "sesnr_bias_0.npy", "sesnr_out_shift.npy"])
 @pytest.mark.parametrize("where", [0.5, 0.95])
 def test_one_changed_byte_is_refused(saved, tmp_path, member, where):
     start, size = _member_data_offset(saved, member)
@@ -164,3 +170,52 @@ def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("ASLBATCH_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "aslbatch"
+
+
+def test_card_describes_the_uncertainty_arrays(saved):
+    card = read_card(saved)
+    assert card["format"] == "aslbatch.network/2"
+    assert card["uncertainty"]["array_prefixes"] == ["se_", "sesnr_"]
+    with np.load(saved, allow_pickle=False) as data:
+        names = set(data.files)
+    main = {n for n in names if n.startswith(("weight_", "bias_"))}
+    assert {"se_" + n for n in main} <= names and {"sesnr_" + n for n in main} <= names
+
+
+def test_cache_key_changes_with_the_training_version(monkeypatch, tmp_path, model_1c):
+    """Networks cached by code without variance networks (training version 2) are not reused."""
+    from aslbatch.estimators import store
+
+    cache = NetworkCache(tmp_path)
+    estimator = get_estimator("supervised", model_1c, **SMALL_NETWORK)
+    now = cache.path(estimator)
+    monkeypatch.setattr(store, "TRAINING_VERSION", 2)
+    assert cache.path(estimator) != now
+
+
+def test_format_1_file_is_read_without_standard_errors(saved, tmp_path, model_1c, caplog):
+    """A file of the previous format (no variance networks) still predicts, with stderr None and a warning."""
+    from aslbatch.estimators import store
+
+    with np.load(saved, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files if not k.startswith(("se_", "sesnr_"))}
+    card = json.loads(str(arrays.pop("card")))
+    arrays.pop("checksum")
+    card["format"] = "aslbatch.network/1"
+    del card["uncertainty"]
+    text = json.dumps(card)
+    old = tmp_path / "old.npz"
+    np.savez(old, card=np.array(text), checksum=np.array(store._checksum(arrays, text)), **arrays)
+    signals = simulate(model_1c, 200, 5.0, seed=3).signals
+    with caplog.at_level("WARNING", logger="aslbatch.networks"):
+        loaded = load_network(old, model_1c)
+    assert "no standard errors" in caplog.text
+    estimate = loaded.predict(signals)
+    assert estimate.stderr is None
+    np.testing.assert_array_equal(estimate.params, load_network(saved, model_1c).predict(signals).params)
+    # variance arrays without the card's entry are inconsistent
+    arrays_with_se = {**arrays, "se_bias_0": np.zeros(3)}
+    odd = tmp_path / "odd.npz"
+    np.savez(odd, card=np.array(text), checksum=np.array(store._checksum(arrays_with_se, text)), **arrays_with_se)
+    with pytest.raises(NetworkFileError, match="uncertainty"):
+        load_network(odd, model_1c)

@@ -75,7 +75,9 @@ def test_invalid_rows_nan_and_others_unchanged(supervised_1c, model_1c):
     assert np.all(np.isnan(result.params[bad])) and np.all(np.isnan(result.rss[bad]))
     alone = supervised_1c.predict(signals[~bad])
     np.testing.assert_allclose(result.params[~bad], alone.params, rtol=1e-6)
-    assert result.stderr is None
+    # standard errors (issue 16): NaN where the input is invalid, the same as alone elsewhere
+    assert np.all(np.isnan(result.stderr[bad]))
+    np.testing.assert_allclose(result.stderr[~bad], alone.stderr, rtol=1e-6)
 
 
 def test_out_of_range_predictions_clipped_and_flagged(supervised_1c, model_1c):

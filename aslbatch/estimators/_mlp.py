@@ -17,6 +17,10 @@ Heads (per-sample loss of the network output o, n_out values, against a target r
   (upper_j - lower_j) sigmoid(o_j) in API units, s = the kinetic model's ΔM/M0t, and the loss
   is mean_v (s_v - t_v)² / scale² / mean_v |s_v - t_v| / scale with t the observed signal
   row; backpropagated through the model's analytic Jacobian.
+- ``HEAD_LOG_VARIANCE`` (a variance network, :mod:`.variance`): o_j is the log of a variance
+  and t_j a squared residual, both in the caller's scaled units; the loss is the Gaussian
+  negative log-likelihood up to constants, mean_j (o_j + t_j exp(-o_j)), minimised by
+  exp(o_j) = E[t_j | input] (exp(-o_j) is taken with o_j at least -LOG_VARIANCE_FLOOR).
 The batch loss is the mean over rows plus scikit-learn's L2 term alpha / (2 n) * sum(W²)
 (weights, not biases).
 
@@ -47,6 +51,9 @@ HEAD_PARAM_MSE = 0
 HEAD_PARAM_MAE = 1
 HEAD_SIGNAL_MSE = 2
 HEAD_SIGNAL_MAE = 3
+HEAD_LOG_VARIANCE = 4
+#: the log-variance head evaluates exp(-o) at o >= -LOG_VARIANCE_FLOOR (no overflow early in training)
+LOG_VARIANCE_FLOOR = 30.0
 
 #: rows that go through a layer together inside a chunk
 TILE = 16
@@ -325,6 +332,12 @@ def _head(head, o, t, d, lower, upper, scale, kernel_id, vol, const, prm, dprm, 
             else:
                 loss += abs(e)
                 d[j] = _sign(e) / n_out
+        return loss / n_out
+    if head == HEAD_LOG_VARIANCE:
+        for j in range(n_out):
+            ratio = t[j] * math.exp(-max(o[j], -LOG_VARIANCE_FLOOR))
+            loss += o[j] + ratio
+            d[j] = (1.0 - ratio) / n_out
         return loss / n_out
     for j in range(n_out):
         s, s1 = _sigmoid(o[j])

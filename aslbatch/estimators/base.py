@@ -214,6 +214,9 @@ class Estimator:
     title: ClassVar[str]
     #: how standard errors are computed (sidecar ``StandardErrorMethod``); None: no uncertainty
     stderr_method: ClassVar[str | None] = None
+    #: its outputs include the prior-dominated bit mask (:mod:`.prior`): methods with standard errors
+    #: whose values can come from a prior or a bound rather than the data (lm, the networks)
+    flags_prior_dominated: ClassVar[bool] = False
     #: the method trains a network (the pipeline takes it from a file or the cache)
     trains: ClassVar[bool] = False
     #: ``_predict`` takes each voxel's slice offset as an input

@@ -773,6 +773,7 @@ class LevenbergMarquardtEstimator(Estimator):
 
     name = "lm"
     title = "Levenberg–Marquardt least-squares fitting (lm)"
+    flags_prior_dominated = True
     stderr_method = ("sqrt(diag((J^T J)^-1) * RSS / (n_volumes - n_estimated)) at the solution, with J the model "
                      "Jacobian and RSS the residual sum of squares; NaN where a parameter is held fixed or the data "
                      "do not inform it (e.g. 2C abat with hard arterial edges, 1C att below the shortest PLD)")

@@ -19,18 +19,26 @@ which is what :mod:`aslbatch.estimators.store` saves.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Sequence
 
 import numba
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
-__all__ = ["OUTPUT_TRANSFORMS", "Network"]
+__all__ = ["OUTPUT_TRANSFORMS", "Network", "predict_together"]
 
 OUTPUT_TRANSFORMS = ("affine", "sigmoid")
 #: rows per matrix product at inference: keeps the activations in cache
 INFERENCE_CHUNK = 4096
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_threads() -> ThreadpoolController:
+    """The process's thread pools, found once (a search per prediction cost ~25 ms)."""
+    return ThreadpoolController()
 
 
 @dataclass(frozen=True)
@@ -105,24 +113,18 @@ class Network:
 
         Row chunks run on numba's thread count (threads of this pool, one BLAS thread each:
         BLAS's own threads gain little on these small products and contend with numba's)."""
-        x = np.asarray(inputs)
-        if x.ndim != 2 or x.shape[1] != self.n_inputs:
-            raise ValueError(f"network inputs must have shape (n, {self.n_inputs}), got {x.shape}")
-        n = x.shape[0]
-        out = np.empty((n, self.n_outputs), dtype=np.float64)
-        starts = range(0, n, INFERENCE_CHUNK)
-        workers = min(numba.get_num_threads(), len(starts))
-        if workers <= 1:
-            for start in starts:
-                self._forward_chunk(x, out, start)
-        else:
-            with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-                list(pool.map(lambda start: self._forward_chunk(x, out, start), starts))
-        return self.output_to_params(out)
+        return predict_together([(self, None)], inputs)[0]
 
-    def _forward_chunk(self, x: np.ndarray, out: np.ndarray, start: int) -> None:
-        """Last-layer outputs of rows start:start + INFERENCE_CHUNK, float32, into ``out``."""
-        h = x[start:start + INFERENCE_CHUNK].astype(np.float32)
+    def _forward_chunk(self, x: np.ndarray, out: np.ndarray, start: int, extra: np.ndarray | None = None) -> None:
+        """Last-layer outputs of rows start:start + INFERENCE_CHUNK, float32, into ``out``; ``extra``
+        (n,): a last input column appended to ``x``."""
+        rows = x[start:start + INFERENCE_CHUNK]
+        if extra is None:
+            h = rows.astype(np.float32)
+        else:
+            h = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.float32)
+            h[:, :-1] = rows
+            h[:, -1] = extra[start:start + INFERENCE_CHUNK]
         h -= self._shift32
         h *= self._inv_scale32
         last = len(self._weights32) - 1
@@ -163,3 +165,33 @@ class Network:
         return cls(weights, biases, *(np.asarray(arrays[name], dtype=np.float64)
                                       for name in ("in_shift", "in_scale", "out_shift", "out_scale")),
                    output_transform=output_transform)
+
+
+def predict_together(networks: Sequence[tuple[Network, np.ndarray | None]], inputs: np.ndarray) -> list[np.ndarray]:
+    """:meth:`Network.predict` of several networks on the same finite ``inputs`` (n, n_inputs) in one pass
+    over row chunks (one thread pool, each chunk through every network): per ``(network, extra)``, its
+    parameters (n, n_outputs) float64; ``extra`` (n,) or None: a last input column of that network only."""
+    x = np.asarray(inputs)
+    if x.ndim != 2:
+        raise ValueError(f"network inputs must have shape (n, n_inputs), got {x.shape}")
+    n = x.shape[0]
+    for network, extra in networks:
+        width = x.shape[1] + (0 if extra is None else 1)
+        if width != network.n_inputs or (extra is not None and np.shape(extra) != (n,)):
+            raise ValueError(f"network inputs must have shape (n, {network.n_inputs}), got {x.shape}"
+                             + ("" if extra is None else f" and an extra column of shape {np.shape(extra)}"))
+    outs = [np.empty((n, network.n_outputs), dtype=np.float64) for network, _ in networks]
+
+    def chunk(start: int) -> None:
+        for (network, extra), out in zip(networks, outs):
+            network._forward_chunk(x, out, start, extra)
+
+    starts = range(0, n, INFERENCE_CHUNK)
+    workers = min(numba.get_num_threads(), len(starts))
+    if workers <= 1:
+        for start in starts:
+            chunk(start)
+    else:
+        with _blas_threads().limit(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            list(pool.map(chunk, starts))
+    return [network.output_to_params(out) for (network, _), out in zip(networks, outs)]

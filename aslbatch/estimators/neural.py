@@ -12,6 +12,13 @@ slice's time offset in s) to parameters in API units. Subclasses (``supervised``
   parameters; predictions outside the model's bounds (or, 2C, abat > att) are clipped and
   flagged AT_BOUND; the others are CONVERGED. ``rss`` is the residual of the model signal at
   the predicted parameters (each voxel at its own slice timing).
+- **Uncertainty**: after the network, two variance networks (:mod:`.variance`, half its
+  widths, :func:`variance_layers`) are trained on the squared errors of its (clipped)
+  estimates on :data:`VARIANCE_SHARE` × ``n_samples`` further simulated samples; ``stderr``
+  is the posterior standard deviation under the training prior (NaN where the input is
+  invalid): at each voxel's SNR where its noise SD is given (``predict(noise_sd=...)``;
+  ``predict_image`` takes it from ``signal_se``, the repeats' spread), otherwise averaged
+  over the training SNR range.
 
 The trained network is a :class:`~aslbatch.estimators.network.Network` (plain arrays);
 :mod:`aslbatch.estimators.store` saves and loads it with its card.
@@ -25,14 +32,21 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from ..models import KineticModel
-from ..simulate import NOISE_MODELS, add_noise, noise_sigma, sample_parameters
-from .base import Estimate, Estimator, Status
-from .network import Network
+from ..simulate import NOISE_MODELS, add_noise, noise_sigma, reference_signal_level, sample_parameters
+from .base import (PROGRESS_CHUNK, Estimate, Estimator, Status, check_signals, check_slice_offsets, flag_undetermined,
+                   merge_estimates)
+from .network import Network, predict_together
+from .variance import Uncertainty, VarianceNetwork, fit_uncertainty
 
 __all__ = ["NeuralEstimator", "TrainingSet", "shifted_model", "training_set"]
 
 #: slice offsets (s) closer than this are the same offset
 OFFSET_TOLERANCE_S = 1e-3
+#: simulated samples of the variance networks, as a share of the network's ``n_samples``
+VARIANCE_SHARE = 0.25
+#: epochs of the variance networks at most (without a cap they ran to the 100-epoch limit and
+#: tripled the training time of the default 1C network)
+VARIANCE_MAX_EPOCHS = 30
 
 
 def shifted_model(model: KineticModel, offset_s: float) -> KineticModel:
@@ -105,6 +119,11 @@ class NeuralEstimator(Estimator):
     losses: ClassVar[tuple[str, ...]] = ("mse", "mae")
     #: output transform of the networks this estimator builds
     output_transform: ClassVar[str] = "affine"
+    flags_prior_dominated: ClassVar[bool] = True
+    stderr_method: ClassVar[str | None] = (
+        "posterior standard deviation under the training prior: a variance network trained on the squared errors "
+        "of this network's estimates on simulated signals (aslbatch.estimators.variance), at the voxel's SNR where "
+        "its noise is known from the repeats, else averaged over the training SNR range; NaN for invalid input")
     @staticmethod
     def default_hidden_layers(model: KineticModel) -> tuple[int, ...]:
         """(32, 32) for a model of two parameters (1C), (64, 64) for more (2C): the smallest that
@@ -129,6 +148,7 @@ class NeuralEstimator(Estimator):
         self.seed = seed
         self.slice_offsets = slice_offsets
         self.network_: Network | None = None
+        self.uncertainty_: Uncertainty | None = None
         self.training_: dict[str, Any] = {}
         #: the file the network was loaded from, and its sha256 (set by the store)
         self.network_file_: str | None = None
@@ -203,21 +223,36 @@ class NeuralEstimator(Estimator):
         self.network_ = network
         predicted = self._raw_predict(val.inputs)
         self.training_ = {**history, "validation": validation_metrics(self.model, predicted, val.params)}
+        held_out = training_set(self.model, max(int(VARIANCE_SHARE * opts["n_samples"]), 1000), opts["snr_range"],
+                                opts["noise"], opts["slice_offsets"], rng)
+        estimates = self._raw_predict(held_out.inputs)
+        constrain(self.model, estimates)
+        constrain(self.model, predicted)
+        self.uncertainty_, variance_history = fit_uncertainty(
+            held_out.inputs, held_out.snr, estimates, held_out.params, val.inputs, val.snr, predicted, val.params,
+            hidden_layers=variance_layers(opts["hidden_layers"]), batch_size=opts["batch_size"],
+            learning_rate=opts["learning_rate"], max_epochs=min(opts["max_epochs"], VARIANCE_MAX_EPOCHS),
+            patience=opts["patience"], seed=opts["seed"], progress=progress,
+            description=f"training {self.name} {self.model.name} variance network")
+        self.training_["variance"] = {**variance_history, "samples": held_out.inputs.shape[0]}
 
     def _train(self, train: TrainingSet, val: TrainingSet, opts: dict[str, Any], rng: np.random.Generator,
                progress: bool) -> tuple[Network, dict[str, Any]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     # --- prediction --------------------------------------------------------------------
-    def set_network(self, network: Network, training: dict[str, Any]) -> None:
-        """Install a trained network (from :mod:`~aslbatch.estimators.store`), checking its shape."""
+    def set_network(self, network: Network, training: dict[str, Any], uncertainty: Uncertainty | None = None) -> None:
+        """Install a trained network and its variance networks, if any (from
+        :mod:`~aslbatch.estimators.store`), checking their shapes."""
         n_in = self.model.n_volumes + (1 if self.offset_input else 0)
-        if network.n_inputs != n_in or network.n_outputs != self.model.n_params:
-            raise ValueError(f"network has {network.n_inputs} inputs and {network.n_outputs} outputs; this "
-                             f"{self.model.name} protocol needs {n_in} and {self.model.n_params}")
+        for what, net in (("network", network), ("variance network", uncertainty)):
+            if net is not None and (net.n_inputs != n_in or net.n_outputs != self.model.n_params):
+                raise ValueError(f"{what} has {net.n_inputs} inputs and {net.n_outputs} outputs; this "
+                                 f"{self.model.name} protocol needs {n_in} and {self.model.n_params}")
         if network.output_transform != self.output_transform:
             raise ValueError(f"{self.name} networks use a {self.output_transform} output, got {network.output_transform}")
         self.network_ = network
+        self.uncertainty_ = uncertainty
         self.training_ = dict(training)
         self.fitted_ = True
 
@@ -245,9 +280,62 @@ class NeuralEstimator(Estimator):
                              f"this {self.name} network was trained over")
         return offsets
 
-    def _predict(self, y: np.ndarray, slice_offsets: np.ndarray | None) -> Estimate:
+    def predict(self, signals: np.ndarray, *, slice_offsets: np.ndarray | float | None = None,
+                noise_sd: np.ndarray | float | None = None) -> Estimate:
+        """As :meth:`Estimator.predict`; ``noise_sd`` (ΔM/M0t, a scalar or one per voxel; NaN: not
+        known): the SD of the noise of each voxel's signals, which makes its standard errors those at
+        its SNR (module docstring)."""
+        if not self.is_fitted:
+            raise ValueError(f"this {self.name} estimator is not fitted yet: call fit() first")
+        y = check_signals(signals, self.model)
+        offsets = check_slice_offsets(slice_offsets, y.shape[0])
+        estimate = self._predict(y, offsets, self._snr(noise_sd, y.shape[0]))
+        flag_undetermined(self.model, estimate.params, estimate.status, offsets)
+        return estimate
+
+    def predict_image(self, signals: np.ndarray, mask: np.ndarray, *, slice_offsets: np.ndarray | None = None,
+                      progress: bool = False, label: str = "", signal_se: np.ndarray | None = None) -> Estimate:
+        """As :meth:`Estimator.predict_image`; ``signal_se`` (n, n_volumes) gives each voxel's noise SD
+        (:func:`noise_sd_from_signal_se`) and with it standard errors at its SNR."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim != 3 or int(mask.sum()) != np.shape(signals)[0]:
+            raise ValueError(f"mask must be 3-D with one True voxel per row of signals ({np.shape(signals)[0]}), "
+                             f"got shape {mask.shape} with {int(mask.sum())} voxels")
+        noise = None if signal_se is None else noise_sd_from_signal_se(signal_se, np.shape(signals))
+        if not progress:
+            return self.predict(signals, slice_offsets=slice_offsets, noise_sd=noise)
+        import sys
+
+        from tqdm import tqdm
+
+        n = int(np.shape(signals)[0])
+        offsets = check_slice_offsets(slice_offsets, n)
+        parts = []
+        with tqdm(total=n, desc=f"{label} {self.name}".strip(), unit="voxel", leave=False, file=sys.stderr) as bar:
+            for start in range(0, n, PROGRESS_CHUNK):
+                rows = np.arange(start, min(start + PROGRESS_CHUNK, n))
+                part = self.predict(signals[rows], slice_offsets=None if offsets is None else offsets[rows],
+                                    noise_sd=None if noise is None else noise[rows])
+                parts.append((rows, part))
+                bar.update(rows.size)
+        return merge_estimates(parts, n, self.model.param_names, self.name)
+
+    def _snr(self, noise_sd: np.ndarray | float | None, n: int) -> np.ndarray | None:
+        """Per-voxel SNR (n,) = S_ref / ``noise_sd`` (NaN where the noise is not known), or None."""
+        if noise_sd is None:
+            return None
+        sd = np.asarray(noise_sd, dtype=np.float64)
+        if sd.ndim > 1 or (sd.ndim == 1 and sd.shape[0] != n):
+            raise ValueError(f"noise_sd must be a scalar or have one value per voxel ({n}), got shape {sd.shape}")
+        if "_reference_level" not in self.__dict__:  # S_ref builds a model: once per estimator
+            self._reference_level = reference_signal_level(self.model)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = self._reference_level / np.broadcast_to(sd, (n,))
+        return np.where(np.isfinite(snr) & (snr > 0), snr, np.nan)
+
+    def _predict(self, y: np.ndarray, slice_offsets: np.ndarray | None, snr: np.ndarray | None = None) -> Estimate:
         """Parameters from ``y`` (n, n_volumes) ΔM/M0t; ``slice_offsets`` (n,), s, for networks
-        trained with slice timing."""
+        trained with slice timing; ``snr`` (n,) of each voxel (NaN: unknown) for its standard errors."""
         n = y.shape[0]
         offsets = self._check_offsets(slice_offsets, n)
         magnitude = np.abs(y).sum(axis=1)  # NaN/Inf in any volume make it non-finite
@@ -256,21 +344,56 @@ class NeuralEstimator(Estimator):
         rows = y if every else y[valid]
         row_offsets = None if offsets is None else (offsets if every else offsets[valid])
         inputs = rows if row_offsets is None else np.column_stack([rows, row_offsets])
-        raw = self._raw_predict(inputs) if rows.shape[0] else np.empty((0, self.model.n_params))
+        row_snr = None if snr is None else (snr if every else snr[valid])
+        row_se = None
+        serving = None if self.uncertainty_ is None or self.network_ is None or not rows.shape[0] \
+            else self.uncertainty_.network_for(row_snr)
+        if serving is not None:  # both networks in one pass over the rows
+            variance, extra = serving
+            raw, log_variance = predict_together([(self.network_, None), (variance.network, extra)], inputs)
+            row_se = VarianceNetwork.se_from_output(log_variance)
+        else:
+            raw = self._raw_predict(inputs) if rows.shape[0] else np.empty((0, self.model.n_params))
+            if self.uncertainty_ is not None:
+                row_se = (self.uncertainty_.predict_se(inputs, row_snr) if rows.shape[0]
+                          else np.empty((0, self.model.n_params)))
         clipped = constrain(self.model, raw)
         residual = model_signal(self.model, raw, row_offsets)
         residual -= rows
         row_status = np.where(clipped, Status.AT_BOUND, Status.CONVERGED).astype(np.int8)
         if every:
-            params, status, rss = raw, row_status, np.einsum("ij,ij->i", residual, residual)
+            params, status, rss, stderr = raw, row_status, np.einsum("ij,ij->i", residual, residual), row_se
         else:
             params = np.full((n, self.model.n_params), np.nan)
             status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
             rss = np.full(n, np.nan)
             params[valid], status[valid] = raw, row_status
             rss[valid] = np.einsum("ij,ij->i", residual, residual)
-        return Estimate(params, status, None, rss, self.model.param_names, self.name,
+            stderr = None
+            if row_se is not None:
+                stderr = np.full((n, self.model.n_params), np.nan)
+                stderr[valid] = row_se
+        return Estimate(params, status, stderr, rss, self.model.param_names, self.name,
                         info={"network": self.network_.hidden_layers})
+
+
+def variance_layers(hidden_layers: Sequence[int]) -> tuple[int, ...]:
+    """Hidden widths of the variance networks: half the network's (at least 8), so that inference with
+    standard errors costs little more than without."""
+    return tuple(max(8, int(h) // 2) for h in hidden_layers)
+
+
+def noise_sd_from_signal_se(signal_se: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Each voxel's noise SD (n,), ΔM/M0t: the root mean square over its volumes of ``signal_se``
+    (n, n_volumes), the standard error of each averaged signal from its repeats; NaN where no
+    volume has one."""
+    se = np.asarray(signal_se, dtype=np.float64)
+    if se.shape != tuple(shape):
+        raise ValueError(f"signal_se must have the shape of signals {tuple(shape)}, got {se.shape}")
+    squares = np.where(np.isfinite(se), se * se, 0.0)
+    count = np.isfinite(se).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.sqrt(squares.sum(axis=1) / np.maximum(count, 1)), np.nan)
 
 
 def constrain(model: KineticModel, params: np.ndarray) -> np.ndarray:

@@ -4,6 +4,9 @@ File format (``.npz`` written by ``numpy.savez``, read with ``allow_pickle=False
 
 - the network's arrays (``weight_<k>``, ``bias_<k>``, ``in_shift``, ``in_scale``,
   ``out_shift``, ``out_scale``; float64);
+- its variance networks' arrays (the same names prefixed ``se_`` and ``sesnr_``;
+  :mod:`.variance`), which give the standard errors; the card's ``uncertainty`` describes
+  them (null: none);
 - ``card``: JSON text: format, method, model (name, protocol, constants, options),
   parameters with units, training ranges, the estimator's options (architecture, loss,
   SNR range, noise model, sample count, seed, slice offsets), training history and
@@ -15,6 +18,11 @@ Loading verifies the checksum before anything is used, rebuilds the registered
 estimator class named in the card from its JSON options and the arrays (no pickle, no
 code from the file is executed) and, given the model of the data, refuses a network
 trained for another model, protocol or constants.
+
+Format ``aslbatch.network/2`` (training version 3) added the variance networks. Files of
+format ``aslbatch.network/1`` are still read: their estimates have no standard errors
+(a warning says so; retrain for them). The cache key holds the training version, so a
+cached network of older code is trained again.
 
 :class:`NetworkCache` keeps one file per (method, model, protocol, constants, training
 options) in a per-user folder, trains on a miss, and serialises concurrent trainings of
@@ -45,17 +53,20 @@ from ..models import KineticModel, get_model
 from ..protocol import Constants, Protocol, ProtocolError
 from .network import Network
 from .neural import NeuralEstimator
+from .variance import ARRAY_PREFIXES, Uncertainty
 
 __all__ = [
     "CACHE_ENV", "FORMAT", "NetworkCache", "NetworkFileError", "NetworkMismatch", "default_cache_dir",
     "file_sha256", "load_network", "read_card", "save_network",
 ]
 
-FORMAT = "aslbatch.network/1"
+FORMAT = "aslbatch.network/2"
+#: formats this aslbatch reads (the first has no variance network)
+READABLE_FORMATS = ("aslbatch.network/1", FORMAT)
 #: environment variable overriding the cache folder
 CACHE_ENV = "ASLBATCH_CACHE_DIR"
 #: bump when training changes so that cached networks of older code are not reused
-TRAINING_VERSION = 2
+TRAINING_VERSION = 3
 #: the first bytes of a zip archive (an .npz file)
 ZIP_MAGIC = b"PK\x03\x04"
 #: protocol times (s) and constants closer than this are the same
@@ -92,6 +103,9 @@ def save_network(estimator: NeuralEstimator, path: str | os.PathLike) -> str:
         raise ValueError(f"{estimator.name} estimator has no trained network to save")
     model = estimator.model
     arrays = estimator.network_.to_arrays()
+    uncertainty = estimator.uncertainty_
+    if uncertainty is not None:
+        arrays.update(uncertainty.to_arrays())
     lower, upper = model.bounds
     card = {
         "format": FORMAT,
@@ -104,6 +118,9 @@ def save_network(estimator: NeuralEstimator, path: str | os.PathLike) -> str:
         "options": estimator.options(),
         "training": estimator.training_,
         "output_transform": estimator.network_.output_transform,
+        "uncertainty": None if uncertainty is None else {
+            "method": "variance networks", "description": estimator.stderr_method,
+            "hidden_layers": list(uncertainty.marginal.hidden_layers), "array_prefixes": list(ARRAY_PREFIXES)},
         "training_version": TRAINING_VERSION,
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -150,9 +167,9 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         card = json.loads(card_text)
     except json.JSONDecodeError as exc:
         raise NetworkFileError(f"{path}: card is not valid JSON ({exc})") from None
-    if not isinstance(card, dict) or card.get("format") != FORMAT:
+    if not isinstance(card, dict) or card.get("format") not in READABLE_FORMATS:
         raise NetworkFileError(f"{path}: not an aslbatch network (format {card.get('format') if isinstance(card, dict) else None!r}, "
-                               f"expected {FORMAT!r})")
+                               f"expected one of {list(READABLE_FORMATS)})")
     return card, arrays
 
 
@@ -231,7 +248,17 @@ def load_network(path: str | os.PathLike, model: KineticModel | None = None) -> 
                                       "train one (omit --network).")
         estimator = cls(model, **card["options"])
         estimator.options()  # validates every option read from the file
-        estimator.set_network(Network.from_arrays(arrays, card["output_transform"]), card.get("training", {}))
+        uncertainty = None
+        if card.get("uncertainty") is not None:
+            uncertainty = Uncertainty.from_arrays(arrays)
+        elif any(name.startswith(ARRAY_PREFIXES) for name in arrays):
+            raise ValueError(f"arrays {list(ARRAY_PREFIXES)}* without an uncertainty entry in the card")
+        main = {name: arr for name, arr in arrays.items() if not name.startswith(ARRAY_PREFIXES)}
+        estimator.set_network(Network.from_arrays(main, card["output_transform"]), card.get("training", {}),
+                              uncertainty)
+        if uncertainty is None:
+            log.warning("%s: written by an older aslbatch (format %s) without a variance network: its estimates "
+                        "have no standard errors; retrain it (aslbatch train) for them", path, card.get("format"))
     except (NetworkFileError, NetworkMismatch):
         raise
     except (KeyError, TypeError, ValueError, ProtocolError) as exc:

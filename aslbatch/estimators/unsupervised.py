@@ -147,4 +147,5 @@ class UnsupervisedEstimator(NeuralEstimator):
         n_val = max(int(DATA_VALIDATION_SHARE * y.shape[0]), 10)
         network, history = self._train_on(y[order[n_val:]], y[order[:n_val]], opts, progress)
         self.network_ = network
+        self.uncertainty_ = None  # no truth to learn its errors from: no standard errors
         self.training_ = {**history, "trained_on": f"{y.shape[0]} voxels of the data"}
