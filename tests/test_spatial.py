@@ -217,3 +217,20 @@ def test_file_round_trip_and_protocol_refusal(tiny, model, tmp_path):
     with pytest.raises(ValueError, match="inputs"):  # a voxelwise network's arrays do not fit
         get_estimator("spatial", model).set_network(
             get_estimator("supervised", model, **TINY).fit().network_, {})
+
+
+def test_image_estimate_is_the_network_of_the_gathered_patches(tiny, model):
+    """predict_image (blocks gathered and passed through the network in threads) equals the parallel gather
+    followed by the network's own predict, and its rss is the residual of the model signal."""
+    from aslbatch.estimators.neural import constrain
+
+    mask = _random_mask((9, 7, 3), 5)
+    rng = np.random.default_rng(2)
+    n = int(mask.sum())
+    signals = model.signal(np.column_stack([rng.uniform(20, 90, n), rng.uniform(0.8, 2.5, n)]))
+    est = tiny.predict_image(signals, mask)
+    expected = tiny.network_.predict(gather_patches(signals, neighbour_rows(mask)))
+    constrain(model, expected)
+    np.testing.assert_allclose(est.params, expected, rtol=1e-6)
+    residual = model.signal(est.params) - signals
+    np.testing.assert_allclose(est.rss, (residual**2).sum(axis=1), rtol=1e-6, atol=1e-14)

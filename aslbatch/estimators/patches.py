@@ -46,7 +46,7 @@ from typing import Sequence
 import numpy as np
 from numba import prange
 
-from .._numba import parallel
+from .._numba import parallel, serial
 from ..models import KineticModel
 from ..simulate import add_noise, noise_sigma, sample_parameters
 
@@ -90,37 +90,47 @@ def neighbour_rows(mask: np.ndarray, axes: tuple[int, int] = (0, 1)) -> np.ndarr
     """(n_voxels, 8) int64: the row (in ``mask.nonzero()`` C order) of each in-plane neighbour of
     every mask voxel, in :data:`NEIGHBOURS` order along ``axes``; -1 outside the mask or the grid."""
     mask = np.asarray(mask, dtype=bool)
-    index = np.full(mask.shape, -1, dtype=np.int64)
-    index[mask] = np.arange(int(mask.sum()))
-    padded = np.pad(index, 1, constant_values=-1)
-    coords = np.nonzero(mask)
-    out = np.empty((coords[0].size, len(NEIGHBOURS)), dtype=np.int64)
+    padded = np.full(tuple(n + 2 for n in mask.shape), -1, dtype=np.int64)
+    inner = padded[1:-1, 1:-1, 1:-1]
+    inner[mask] = np.arange(int(mask.sum()))
+    strides = np.array(padded.strides) // padded.itemsize
+    flat = np.ravel_multi_index(tuple(c + 1 for c in np.nonzero(mask)), padded.shape)
+    table = padded.ravel()
+    out = np.empty((flat.size, len(NEIGHBOURS)), dtype=np.int64)
     for k, (d0, d1) in enumerate(NEIGHBOURS):
-        shift = [1, 1, 1]
-        shift[axes[0]] += d0
-        shift[axes[1]] += d1
-        out[:, k] = padded[tuple(c + s for c, s in zip(coords, shift))]
+        out[:, k] = table[flat + d0 * strides[axes[0]] + d1 * strides[axes[1]]]
     return out
+
+
+@serial
+def _gather_row(signals, usable, neighbours, i, row):
+    """Patch input of voxel ``i`` into ``row`` (see the module docstring for the layout)."""
+    n_vol = signals.shape[1]
+    n_nb = neighbours.shape[1]
+    for v in range(n_vol):
+        row[v] = signals[i, v]
+    for k in range(n_nb):
+        j = neighbours[i, k]
+        present = j >= 0 and usable[j]
+        src = j if present else i
+        base = (1 + k) * n_vol
+        for v in range(n_vol):
+            row[base + v] = signals[src, v]
+        row[(1 + n_nb) * n_vol + k] = 1.0 if present else 0.0
 
 
 @parallel
 def _gather(signals, usable, neighbours, rows, out):
-    """Patch inputs of voxels ``rows`` into ``out`` (see the module docstring for the layout)."""
-    n_vol = signals.shape[1]
-    n_nb = neighbours.shape[1]
-    flags = (1 + n_nb) * n_vol
+    """Patch inputs of voxels ``rows`` into ``out``, rows spread over the threads."""
     for r in prange(rows.shape[0]):
-        i = rows[r]
-        for v in range(n_vol):
-            out[r, v] = signals[i, v]
-        for k in range(n_nb):
-            j = neighbours[i, k]
-            present = j >= 0 and usable[j]
-            src = j if present else i
-            base = (1 + k) * n_vol
-            for v in range(n_vol):
-                out[r, base + v] = signals[src, v]
-            out[r, flags + k] = 1.0 if present else 0.0
+        _gather_row(signals, usable, neighbours, rows[r], out[r])
+
+
+@serial
+def _gather_serial(signals, usable, neighbours, rows, out):
+    """:func:`_gather` in the calling thread (for callers that spread blocks of rows over threads themselves)."""
+    for r in range(rows.shape[0]):
+        _gather_row(signals, usable, neighbours, rows[r], out[r])
 
 
 def usable_rows(signals: np.ndarray) -> np.ndarray:
@@ -131,11 +141,11 @@ def usable_rows(signals: np.ndarray) -> np.ndarray:
 
 def gather_patches(signals: np.ndarray, neighbours: np.ndarray, rows: np.ndarray | None = None, *,
                    slice_offsets: np.ndarray | None = None, usable: np.ndarray | None = None,
-                   dtype: type = np.float32) -> np.ndarray:
+                   dtype: type = np.float32, one_thread: bool = False) -> np.ndarray:
     """Patch input rows (len(rows), :func:`n_patch_inputs` [+1]) of the voxels ``rows`` (default all)
     from ``signals`` (n, n_vol) ΔM/M0t and ``neighbours`` (n, 8) from :func:`neighbour_rows`; with
     ``slice_offsets`` (n,) s, each row's offset as a last column. ``usable``: :func:`usable_rows`
-    of ``signals`` when the caller has it."""
+    of ``signals`` when the caller has it; ``one_thread``: gather in the calling thread (no parallel region)."""
     signals = np.ascontiguousarray(signals, dtype=np.float64)
     neighbours = np.ascontiguousarray(neighbours, dtype=np.int64)
     if neighbours.shape != (signals.shape[0], len(NEIGHBOURS)):
@@ -143,7 +153,8 @@ def gather_patches(signals: np.ndarray, neighbours: np.ndarray, rows: np.ndarray
     rows = np.arange(signals.shape[0]) if rows is None else np.ascontiguousarray(rows, dtype=np.int64)
     width = n_patch_inputs(signals.shape[1])
     out = np.empty((rows.shape[0], width + (slice_offsets is not None)), dtype=dtype)
-    _gather(signals, usable_rows(signals) if usable is None else usable, neighbours, rows, out)
+    (_gather_serial if one_thread else _gather)(signals, usable_rows(signals) if usable is None else usable, neighbours,
+                                            rows, out)
     if slice_offsets is not None:
         out[:, width] = np.asarray(slice_offsets)[rows]
     return out

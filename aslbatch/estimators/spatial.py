@@ -25,13 +25,16 @@ the ``supervised`` network's, so use ``predict_image`` for images.
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Sequence
 
+import numba
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..models import KineticModel
 from .base import Estimate, Status, check_signals, check_slice_offsets, flag_undetermined
-from .network import Network
+from .network import INFERENCE_CHUNK, Network
 from .neural import TrainingSet, constrain, model_signal, validation_metrics
 from .patches import NEIGHBOURS, gather_patches, n_patch_inputs, neighbour_rows, plane_axes, simulate_patches, usable_rows
 from .supervised import SupervisedEstimator
@@ -126,6 +129,29 @@ class SpatialEstimator(SupervisedEstimator):
         flag_undetermined(self.model, estimate.params, estimate.status, offsets)
         return estimate
 
+    def _forward(self, y: np.ndarray, neighbours: np.ndarray, rows: np.ndarray, offsets: np.ndarray | None,
+                 valid: np.ndarray, out: np.ndarray) -> None:
+        """Parameters of the voxels ``rows`` into ``out``: blocks of INFERENCE_CHUNK rows spread over numba's
+        thread count, each gathered (numba, without the GIL) and passed through the network while in cache."""
+        if self.network_ is None:
+            raise ValueError(f"this {self.name} estimator has no network yet: fit() it or load a trained one")
+        network = self.network_
+        n_blocks = -(-rows.size // INFERENCE_CHUNK)
+
+        def block(b: int) -> None:
+            part = rows[b * INFERENCE_CHUNK:(b + 1) * INFERENCE_CHUNK]
+            inputs = gather_patches(y, neighbours, part, slice_offsets=offsets, usable=valid, one_thread=True)
+            network._forward_chunk(inputs, out[b * INFERENCE_CHUNK:b * INFERENCE_CHUNK + part.size], 0)
+
+        workers = min(numba.get_num_threads(), n_blocks)
+        if workers <= 1:
+            for b in range(n_blocks):
+                block(b)
+        else:
+            with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+                list(pool.map(block, range(n_blocks)))
+        network.output_to_params(out)
+
     def _estimate(self, y: np.ndarray, neighbours: np.ndarray, slice_offsets: np.ndarray | None, progress: bool,
                   label: str) -> Estimate:
         """Parameters of every row of ``y`` (n, n_volumes) ΔM/M0t from its patch; rows with NaN/Inf or
@@ -141,8 +167,7 @@ class SpatialEstimator(SupervisedEstimator):
                   disable=not progress) as bar:
             for start in range(0, rows.size, CHUNK):
                 part = rows[start:start + CHUNK]
-                inputs = gather_patches(y, neighbours, part, slice_offsets=offsets, usable=valid)
-                raw[start:start + part.size] = self._raw_predict(inputs)
+                self._forward(y, neighbours, part, offsets, valid, raw[start:start + part.size])
                 bar.update(part.size)
         clipped = constrain(self.model, raw)
         row_offsets = None if offsets is None else offsets[rows]
