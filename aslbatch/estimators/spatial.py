@@ -57,7 +57,8 @@ class SpatialEstimator(SupervisedEstimator):
 
     @staticmethod
     def default_hidden_layers(model: KineticModel) -> tuple[int, ...]:
-        """(64, 64) for 1C, (128, 128) for models of more parameters: see ``benchmarks/study_spatial.py``."""
+        """(64, 64) for 1C, (128, 128) for models of more parameters: the first sizes tried, which met the
+        accuracy targets of ``benchmarks/study_spatial.py`` (not tuned further)."""
         return (64, 64) if model.n_params <= 2 else (128, 128)
 
     def __init__(self, model: KineticModel, hidden_layers: Sequence[int] | None = None, n_samples: int = 1_000_000,
@@ -90,7 +91,7 @@ class SpatialEstimator(SupervisedEstimator):
         n_val = max(opts["n_samples"] // 10, 1000)
         sets = [TrainingSet(*simulate_patches(self.model, n, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng))
                 for n in (opts["n_samples"], n_val)]
-        # the variance head of issue 16 would be trained here too, on sets[0] and sets[1] like the supervised one
+        # a variance head (issue 16) is trained here, on sets[0] / sets[1], as for the supervised network
         network, history = self._train(sets[0], sets[1], opts, rng, progress)
         self.network_ = network
         self.training_ = {**history, "validation": validation_metrics(self.model, self._raw_predict(sets[1].inputs),
