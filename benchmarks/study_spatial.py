@@ -85,11 +85,11 @@ def targets(result, model_name: str) -> None:
                   f"(target <= {target}) {'PASS' if sp / sup <= target else 'FAIL'}")
             edge = {m: v(m, param, snr, "edge", "nrmse") for m in ("spatial", "supervised", BASELINE)}
             bias = {m: v(m, param, snr, "edge", "bias") for m in ("spatial", "supervised", BASELINE)}
-            print(f"    edge NRMSE " + ", ".join(f"{m} {e:.3f} (bias {bias[m]:+.3f})" for m, e in edge.items()) +
+            print("    edge NRMSE " + ", ".join(f"{m} {e:.3f} (bias {bias[m]:+.3f})" for m, e in edge.items()) +
                   f": no worse than supervised {'PASS' if edge['spatial'] <= edge['supervised'] else 'FAIL'}, "
                   f"better than {BASELINE} {'PASS' if edge['spatial'] < edge[BASELINE] else 'FAIL'}")
         kept = {m: v(m, "cbf", snr, "lesion", "lesion_contrast") for m in ("spatial", "supervised", "lm", BASELINE)}
-        print(f"    lesion contrast kept: " + ", ".join(f"{m} {k:.2f}" for m, k in kept.items()) +
+        print("    lesion contrast kept: " + ", ".join(f"{m} {k:.2f}" for m, k in kept.items()) +
               f" (target spatial >= {LESION_TARGET}) {'PASS' if kept['spatial'] >= LESION_TARGET else 'FAIL'}")
     for extra in ("physics-voxel", "physics-patch"):
         if np.isfinite(v(extra, "cbf", SNRS[0], "interior_gm", "nrmse")):

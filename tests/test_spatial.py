@@ -256,3 +256,21 @@ def test_evaluate_spatial_on_the_command_line(tmp_path):
     assert "smooth-lm" in (out / "report.md").read_text()
     bad = CliRunner().invoke(app, ["evaluate", "--spatial", "--out", str(out), "--method", "nope"])
     assert bad.exit_code == 2 and "smooth-lm" in bad.output
+
+
+def test_a_2d_readout_uses_the_slice_offset_and_the_plane_of_one_slice_time(model):
+    """Trained over slice offsets: the offset is the last input, and neighbours are taken in the plane
+    across which the offsets do not vary (here axes 1 and 2, slices along axis 0)."""
+    from aslbatch.estimators.neural import constrain
+
+    net = get_estimator("spatial", model, slice_offsets=(0.0, 0.05, 0.1), **TINY).fit()
+    assert net.network_.n_inputs == n_patch_inputs(model.n_volumes) + 1
+    mask = np.ones((3, 4, 5), bool)
+    offsets = np.broadcast_to(np.array([0.0, 0.05, 0.1])[:, None, None], mask.shape)[mask]
+    signals = model.signal(np.tile([60.0, 1.2], (mask.sum(), 1))) * np.linspace(0.8, 1.2, mask.sum())[:, None]
+    est = net.predict_image(signals, mask, slice_offsets=offsets)
+    expected = net.network_.predict(gather_patches(signals, neighbour_rows(mask, (1, 2)), slice_offsets=offsets))
+    constrain(model, expected)
+    np.testing.assert_allclose(est.params, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        net.predict_image(signals, mask, slice_offsets=offsets + 0.5)
