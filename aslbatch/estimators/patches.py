@@ -89,17 +89,43 @@ def plane_axes(mask_shape: Sequence[int], slice_offsets: np.ndarray | None, mask
 def neighbour_rows(mask: np.ndarray, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
     """(n_voxels, 8) int64: the row (in ``mask.nonzero()`` C order) of each in-plane neighbour of
     every mask voxel, in :data:`NEIGHBOURS` order along ``axes``; -1 outside the mask or the grid."""
-    mask = np.asarray(mask, dtype=bool)
-    padded = np.full(tuple(n + 2 for n in mask.shape), -1, dtype=np.int64)
-    inner = padded[1:-1, 1:-1, 1:-1]
-    inner[mask] = np.arange(int(mask.sum()))
-    strides = np.array(padded.strides) // padded.itemsize
-    flat = np.ravel_multi_index(tuple(c + 1 for c in np.nonzero(mask)), padded.shape)
-    table = padded.ravel()
-    out = np.empty((flat.size, len(NEIGHBOURS)), dtype=np.int64)
+    mask = np.ascontiguousarray(mask, dtype=np.bool_)
+    if mask.ndim != 3 or sorted(axes) not in ([0, 1], [0, 2], [1, 2]):
+        raise ValueError(f"mask must be 3-D and axes two distinct axes of it, got shape {mask.shape}, axes {axes}")
+    steps = np.zeros((len(NEIGHBOURS), 3), dtype=np.int64)
     for k, (d0, d1) in enumerate(NEIGHBOURS):
-        out[:, k] = table[flat + d0 * strides[axes[0]] + d1 * strides[axes[1]]]
+        steps[k, axes[0]] = d0
+        steps[k, axes[1]] = d1
+    out = np.empty((int(mask.sum()), len(NEIGHBOURS)), dtype=np.int64)
+    _neighbour_table(mask, steps, out)
     return out
+
+
+@serial
+def _neighbour_table(mask, steps, out):
+    """Fill ``out`` (n_voxels, n_steps) with the row of the voxel at each step (3 ints) from every mask voxel."""
+    nx, ny, nz = mask.shape
+    index = np.full((nx, ny, nz), -1, dtype=np.int64)
+    count = 0
+    for x in range(nx):
+        for y in range(ny):
+            for z in range(nz):
+                if mask[x, y, z]:
+                    index[x, y, z] = count
+                    count += 1
+    row = 0
+    for x in range(nx):
+        for y in range(ny):
+            for z in range(nz):
+                if not mask[x, y, z]:
+                    continue
+                for k in range(steps.shape[0]):
+                    a = x + steps[k, 0]
+                    b = y + steps[k, 1]
+                    c = z + steps[k, 2]
+                    inside = 0 <= a < nx and 0 <= b < ny and 0 <= c < nz
+                    out[row, k] = index[a, b, c] if inside else -1
+                row += 1
 
 
 @serial

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numba
 import numpy as np
@@ -40,10 +40,6 @@ from .patches import NEIGHBOURS, gather_patches, n_patch_inputs, neighbour_rows,
 from .supervised import SupervisedEstimator
 
 __all__ = ["SpatialEstimator"]
-
-#: voxels gathered and predicted together (bounds the float32 patch buffer to ~25 MB for 2C)
-CHUNK = 65_536
-
 
 class SpatialEstimator(SupervisedEstimator):
     """Spatial supervised network (``"spatial"``): the options of
@@ -131,9 +127,10 @@ class SpatialEstimator(SupervisedEstimator):
         return estimate
 
     def _forward(self, y: np.ndarray, neighbours: np.ndarray, rows: np.ndarray, offsets: np.ndarray | None,
-                 valid: np.ndarray, out: np.ndarray) -> None:
+                 valid: np.ndarray, out: np.ndarray, done: Callable[[int], Any]) -> None:
         """Parameters of the voxels ``rows`` into ``out``: blocks of INFERENCE_CHUNK rows spread over numba's
-        thread count, each gathered (numba, without the GIL) and passed through the network while in cache."""
+        thread count, each gathered (numba, without the GIL) and passed through the network while in
+        cache; ``done(n)`` is called after each block of n rows."""
         if self.network_ is None:
             raise ValueError(f"this {self.name} estimator has no network yet: fit() it or load a trained one")
         network = self.network_
@@ -143,6 +140,7 @@ class SpatialEstimator(SupervisedEstimator):
             part = rows[b * INFERENCE_CHUNK:(b + 1) * INFERENCE_CHUNK]
             inputs = gather_patches(y, neighbours, part, slice_offsets=offsets, usable=valid, one_thread=True)
             network._forward_chunk(inputs, out[b * INFERENCE_CHUNK:b * INFERENCE_CHUNK + part.size], 0)
+            done(part.size)
 
         workers = min(numba.get_num_threads(), n_blocks)
         if workers <= 1:
@@ -166,19 +164,20 @@ class SpatialEstimator(SupervisedEstimator):
         raw = np.empty((rows.size, self.model.n_params))
         with tqdm(total=rows.size, desc=f"{label} {self.name}".strip(), unit="voxel", leave=False, file=sys.stderr,
                   disable=not progress) as bar:
-            for start in range(0, rows.size, CHUNK):
-                part = rows[start:start + CHUNK]
-                self._forward(y, neighbours, part, offsets, valid, raw[start:start + part.size])
-                bar.update(part.size)
+            self._forward(y, neighbours, rows, offsets, valid, raw, bar.update)
         clipped = constrain(self.model, raw)
-        row_offsets = None if offsets is None else offsets[rows]
-        residual = model_signal(self.model, raw, row_offsets)
-        residual -= y[rows]
-        params = np.full((n, self.model.n_params), np.nan)
-        status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
-        rss = np.full(n, np.nan)
-        params[rows] = raw
-        status[rows] = np.where(clipped, Status.AT_BOUND, Status.CONVERGED)
-        rss[rows] = np.einsum("ij,ij->i", residual, residual)
+        every = rows.size == n  # the usual case: no copy of the signals, no scatter
+        row_offsets = None if offsets is None or every else offsets[rows]
+        residual = model_signal(self.model, raw, offsets if every else row_offsets)
+        residual -= y if every else y[rows]
+        row_status = (clipped * np.int8(Status.AT_BOUND)).astype(np.int8)  # CONVERGED is 0
+        if every:
+            params, status, rss = raw, row_status, np.einsum("ij,ij->i", residual, residual)
+        else:
+            params = np.full((n, self.model.n_params), np.nan)
+            status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
+            rss = np.full(n, np.nan)
+            params[rows], status[rows] = raw, row_status
+            rss[rows] = np.einsum("ij,ij->i", residual, residual)
         return Estimate(params, status, None, rss, self.model.param_names, self.name,
                         info={"network": self.network_.hidden_layers, "neighbourhood": "in-plane 3x3"})
