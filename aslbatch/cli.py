@@ -461,6 +461,7 @@ def evaluate(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Folder of cached networks (default $ASLBATCH_CACHE_DIR or the per-user cache).")] = None,
     quick: Annotated[bool, typer.Option(help="A small run: 3 SNRs, small networks, under 3 minutes on 2 cores from an empty cache.")] = False,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the data and the first network.")] = 0,
+    spatial: Annotated[bool, typer.Option("--spatial", help="Score on spatial phantoms instead (smooth fields, GM/WM edges, lesions, a delayed territory): interior, edge and lesion errors of lm, the networks, smoothing + LM and the spatial network (1c or 2c; default SNR 3 5; --repeats noise images, default 8).")] = False,
 ) -> None:
     """Compare methods on a Monte Carlo set: bias, NMAE, NRMSE, CoV over noise realisations,
     CV_Net, SD against the Cramér-Rao bound, time per voxel; and whether the research's
@@ -470,6 +471,9 @@ def evaluate(
     from .evaluate import run_evaluation
 
     kinetic, offsets = _training_model(model, protocol, T1PrimeName.blood, 0.0)
+    if spatial:
+        _evaluate_spatial(out, model.value, kinetic, method, snr, noise.value, repeats, seed, cache_dir, n_samples)
+        return
     try:
         result = run_evaluation(
             out, model_name=model.value, protocol=kinetic.protocol, constants=kinetic.constants,
@@ -482,6 +486,22 @@ def evaluate(
     for finding in result.findings:
         typer.echo(f"{finding.verdict}: {finding.claim} ({finding.evidence})")
     typer.echo(f"evaluate: {result.paths['report_html']}", err=True)
+
+
+def _evaluate_spatial(out: Path, model: str, kinetic, methods, snrs, noise: str, repeats: Optional[int], seed: int,
+                      cache_dir: Optional[Path], n_samples: Optional[int]) -> None:
+    """``evaluate --spatial``: :func:`aslbatch.evaluate_spatial.run_spatial_evaluation`."""
+    from .evaluate_spatial import run_spatial_evaluation
+
+    try:
+        result = run_spatial_evaluation(
+            out, model_name=model, protocol=kinetic.protocol, constants=kinetic.constants,
+            methods=tuple(methods) if methods else None, snrs=snrs or (3.0, 5.0), noise=noise,
+            repeats=repeats if repeats is not None else 8, seed=seed, cache_dir=cache_dir,
+            network_options={"n_samples": n_samples} if n_samples is not None else None, progress=True)
+    except ValueError as exc:
+        fail(str(exc))
+    typer.echo(f"evaluate --spatial: {result.paths['report_md']}", err=True)
 
 
 @app.command()

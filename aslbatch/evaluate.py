@@ -90,10 +90,12 @@ __all__ = [
     "run_evaluation",
 ]
 
-#: method label → (estimator name, the options the label fixes): every registered method's
-#: evaluation variants (e.g. ``supervised-mae``), from the registry
+#: method label → (estimator name, the options the label fixes): every registered voxelwise method's
+#: evaluation variants (e.g. ``supervised-mae``), from the registry (methods that use the neighbourhood
+#: are judged on spatial phantoms: :mod:`aslbatch.evaluate_spatial`)
 METHODS: dict[str, tuple[str, dict[str, str]]] = {
-    label: (name, fixed) for name in ESTIMATORS for label, fixed in ESTIMATORS[name].evaluation_variants().items()}
+    label: (name, fixed) for name in ESTIMATORS if not ESTIMATORS[name].uses_neighbourhood
+    for label, fixed in ESTIMATORS[name].evaluation_variants().items()}
 
 
 @dataclass(frozen=True)

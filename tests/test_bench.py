@@ -21,7 +21,7 @@ from aslbatch.bench import (ROUGH_TRAINING_SAMPLES_PER_S, _config, coarse_start,
                             scipy_loop, thread_limit)
 
 MODELS = ("1c", "2c", "pasl", "single")  # every registered model: the bench's default
-METHODS = ("lm", "lut", "supervised", "unsupervised", "whitepaper")
+METHODS = ("lm", "lut", "spatial", "supervised", "unsupervised", "whitepaper")
 #: the closed form serves the single-delay model only, every other method the time-resolved ones
 SERVED = [(m, e) for m in MODELS for e in METHODS if (m == "single") == (e == "whitepaper")]
 SIZES = (200, 1000)
@@ -84,7 +84,7 @@ def test_rates_and_ratios_are_the_quotients_of_the_reported_figures(bench):
 def test_training_rows(bench):
     _, _, data = bench
     rows = data["training"]
-    assert sorted((r["model"], r["method"]) for r in rows) == sorted(itertools.product(MODELS[:3], METHODS[2:4]))
+    assert sorted((r["model"], r["method"]) for r in rows) == sorted(itertools.product(MODELS[:3], METHODS[2:5]))
     for r in rows:
         assert r["samples"] == 2000 and r["epochs"] == 1 and r["threads"] == max(THREADS)
         assert r["options"]["max_epochs"] == 1 and r["options"]["hidden_layers"]

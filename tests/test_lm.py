@@ -548,7 +548,7 @@ def test_unknown_method_names_options(m1):
         get_estimator("nope", m1)
     msg = str(info.value)
     assert "nope" in msg
-    assert set(ESTIMATORS) == {"lm", "lut", "supervised", "unsupervised", "whitepaper"}
+    assert set(ESTIMATORS) == {"lm", "lut", "spatial", "supervised", "unsupervised", "whitepaper"}
     for name in ESTIMATORS:
         assert repr(name) in msg, msg
 

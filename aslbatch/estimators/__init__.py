@@ -18,6 +18,7 @@ from .base import Estimate, Estimator, Status
 ESTIMATORS: Registry[Estimator] = Registry("method", {
     "lm": "aslbatch.estimators.lm:LevenbergMarquardtEstimator",
     "lut": "aslbatch.estimators.lookup:LookupTableEstimator",
+    "spatial": "aslbatch.estimators.spatial:SpatialEstimator",
     "supervised": "aslbatch.estimators.supervised:SupervisedEstimator",
     "unsupervised": "aslbatch.estimators.unsupervised:UnsupervisedEstimator",
     "whitepaper": "aslbatch.estimators.white_paper:WhitePaperEstimator",

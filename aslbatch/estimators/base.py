@@ -221,6 +221,9 @@ class Estimator:
     trains: ClassVar[bool] = False
     #: ``_predict`` takes each voxel's slice offset as an input
     takes_slice_offsets: ClassVar[bool] = False
+    #: the estimate of a voxel uses its neighbours (``predict_image``); such methods are judged on
+    #: spatial phantoms (:mod:`aslbatch.evaluate_spatial`), not on the Monte Carlo sets of unrelated voxels
+    uses_neighbourhood: ClassVar[bool] = False
 
     def __init__(self, model: KineticModel) -> None:
         self.model = model

@@ -338,8 +338,8 @@ def _rough_duration(estimator: NeuralEstimator) -> str:
     """A rough training time from the multiply-adds per sample (measured ~8e9 per second
     for forward + backward on 2 cores), assuming early stopping ends at ~40 epochs."""
     opts = estimator.options()
-    widths = [estimator.model.n_volumes + (1 if opts["slice_offsets"] else 0), *opts["hidden_layers"],
-              estimator.model.n_params]
+    n_inputs = getattr(estimator, "n_inputs", estimator.model.n_volumes + (1 if opts["slice_offsets"] else 0))
+    widths = [n_inputs, *opts["hidden_layers"], estimator.model.n_params]
     macs = 3 * sum(a * b for a, b in zip(widths[:-1], widths[1:]))
     seconds = macs * opts["n_samples"] * min(opts["max_epochs"], 40) / 8e9
     return f"{max(1, round(seconds / 60))} min" if seconds >= 60 else f"{max(1, round(seconds))} s"

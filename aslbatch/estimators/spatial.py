@@ -1,0 +1,187 @@
+"""``spatial``: a supervised network that reads each voxel's in-plane 3×3 neighbourhood.
+
+Voxelwise, the supervised network is already near the lowest error any estimator of one
+voxel's signals can reach; neighbouring voxels share tissue and arrival, so at clinical SNR
+the neighbourhood is where a cleaner map comes from. This network takes the signals of the
+voxel and of its 8 in-plane neighbours, with a flag per neighbour saying whether it is
+present (inside the mask, usable), and returns the centre voxel's parameters
+(:mod:`~aslbatch.estimators.patches` gives the input layout and the training prior: piecewise
+smooth parameter fields with straight edges, small islands and partial volume).
+
+Training: as the supervised network (:class:`~aslbatch.estimators.supervised.SupervisedEstimator`:
+standardised inputs and targets, ReLU layers, Adam with early stopping by the numba trainer,
+MSE loss) on simulated patches with the acquisition's protocol, noise model and slice offsets;
+cached and stored like every network (:mod:`~aslbatch.estimators.store`: arrays + JSON card,
+and a network trained for one protocol refuses data of another).
+
+Prediction: :meth:`SpatialEstimator.predict_image` gathers each voxel's neighbours from the
+mask's grid (in the plane across which the slice offsets do not vary:
+:func:`~aslbatch.estimators.patches.plane_axes`). :meth:`~aslbatch.estimators.base.Estimator.predict`
+on rows without a grid treats every voxel as isolated (no neighbour present, a case the
+training includes): a voxelwise estimate, for the interface's sake; it is less accurate than
+the ``supervised`` network's, so use ``predict_image`` for images.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, ClassVar, Sequence
+
+import numba
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from ..models import KineticModel
+from .base import Estimate, Status, check_signals, check_slice_offsets, flag_undetermined
+from .network import INFERENCE_CHUNK, Network
+from .neural import TrainingSet, constrain, model_signal, validation_metrics
+from .patches import NEIGHBOURS, gather_patches, n_patch_inputs, neighbour_rows, plane_axes, simulate_patches, usable_rows
+from .supervised import SupervisedEstimator
+
+__all__ = ["SpatialEstimator"]
+
+class SpatialEstimator(SupervisedEstimator):
+    """Spatial supervised network (``"spatial"``): the options of
+    :class:`~aslbatch.estimators.supervised.SupervisedEstimator` (MSE loss only), 1 000 000
+    training patches by default."""
+
+    name = "spatial"
+    title = "a supervised neural network reading each voxel's in-plane 3x3 neighbourhood (spatial)"
+    losses: ClassVar[tuple[str, ...]] = ("mse",)
+    uses_neighbourhood: ClassVar[bool] = True
+
+    @staticmethod
+    def default_hidden_layers(model: KineticModel) -> tuple[int, ...]:
+        """(64, 64) for 1C, (128, 128) for models of more parameters: the first sizes tried, which met the
+        accuracy targets of ``benchmarks/study_spatial.py`` (not tuned further)."""
+        return (64, 64) if model.n_params <= 2 else (128, 128)
+
+    def __init__(self, model: KineticModel, hidden_layers: Sequence[int] | None = None, n_samples: int = 1_000_000,
+                 snr_range: Sequence[float] = (2.0, 50.0), noise: str = "rician", loss: str = "mse",
+                 batch_size: int = 1024, learning_rate: float = 1e-3, max_epochs: int = 100, patience: int = 8,
+                 seed: int = 0, slice_offsets: Sequence[float] = (), alpha: float = 1e-4) -> None:
+        super().__init__(model, hidden_layers, n_samples, snr_range, noise, loss, batch_size, learning_rate,
+                         max_epochs, patience, seed, slice_offsets, alpha)
+
+    @classmethod
+    def evaluation_variants(cls) -> dict[str, dict[str, Any]]:
+        """The MSE network alone."""
+        return {cls.name: {}}
+
+    @property
+    def n_inputs(self) -> int:
+        """Width of the network's input: the patch (:func:`~aslbatch.estimators.patches.n_patch_inputs`)
+        plus one for the slice offset when trained with slice timing."""
+        return n_patch_inputs(self.model.n_volumes) + (1 if self.offset_input else 0)
+
+    # --- training --------------------------------------------------------------------------
+    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
+        """Train on simulated patches (``progress``: a bar over epochs on stderr)."""
+        if signals is not None:
+            raise ValueError(f"{self.name} networks train on simulated patches; fit() takes no data")
+        opts = self.options()
+        if opts["loss"] not in self.losses:
+            raise ValueError(f"{self.name}: loss {opts['loss']!r} is not available; choose one of {self.losses}")
+        rng = np.random.default_rng(opts["seed"])
+        n_val = max(opts["n_samples"] // 10, 1000)
+        sets = [TrainingSet(*simulate_patches(self.model, n, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng))
+                for n in (opts["n_samples"], n_val)]
+        # a variance head (issue 16) is trained here, on sets[0] / sets[1], as for the supervised network
+        network, history = self._train(sets[0], sets[1], opts, rng, progress)
+        self.network_ = network
+        self.training_ = {**history, "validation": validation_metrics(self.model, self._raw_predict(sets[1].inputs),
+                                                                      sets[1].params)}
+
+    def set_network(self, network: Network, training: dict[str, Any], uncertainty: Any = None) -> None:
+        """Install a trained network (from :mod:`~aslbatch.estimators.store`), checking its shape; a
+        spatial network has no variance networks (``uncertainty`` must be None)."""
+        if uncertainty is not None:
+            raise ValueError(f"{self.name} networks have no variance networks")
+        if network.n_inputs != self.n_inputs or network.n_outputs != self.model.n_params:
+            raise ValueError(f"network has {network.n_inputs} inputs and {network.n_outputs} outputs; a {self.name} "
+                             f"network for this {self.model.name} protocol needs {self.n_inputs} and {self.model.n_params}")
+        if network.output_transform != self.output_transform:
+            raise ValueError(f"{self.name} networks use a {self.output_transform} output, got {network.output_transform}")
+        self.network_ = network
+        self.training_ = dict(training)
+        self.fitted_ = True
+
+    # --- prediction --------------------------------------------------------------------------
+    def _predict(self, y: np.ndarray, slice_offsets: np.ndarray | None, snr: np.ndarray | None = None) -> Estimate:
+        """Rows without a grid: every voxel isolated (see the module docstring). ``snr`` is not used:
+        the spatial network has no standard errors yet."""
+        return self._estimate(y, np.full((y.shape[0], len(NEIGHBOURS)), -1, dtype=np.int64), slice_offsets, False, "")
+
+    def predict_image(self, signals: np.ndarray, mask: np.ndarray, *, slice_offsets: np.ndarray | None = None,
+                      progress: bool = False, label: str = "", signal_se: np.ndarray | None = None) -> Estimate:
+        """A whole acquisition (arguments as :meth:`Estimator.predict_image`): each voxel with its
+        in-plane neighbours of ``mask``."""
+        if not self.is_fitted:
+            raise ValueError(f"this {self.name} estimator is not fitted yet: call fit() first")
+        mask = np.asarray(mask, dtype=bool)
+        if mask.ndim != 3 or int(mask.sum()) != np.shape(signals)[0]:
+            raise ValueError(f"mask must be 3-D with one True voxel per row of signals ({np.shape(signals)[0]}), "
+                             f"got shape {mask.shape} with {int(mask.sum())} voxels")
+        y = check_signals(signals, self.model)
+        offsets = check_slice_offsets(slice_offsets, y.shape[0])
+        neighbours = neighbour_rows(mask, plane_axes(mask.shape, offsets, mask))
+        estimate = self._estimate(y, neighbours, offsets, progress, label)
+        flag_undetermined(self.model, estimate.params, estimate.status, offsets)
+        return estimate
+
+    def _forward(self, y: np.ndarray, neighbours: np.ndarray, rows: np.ndarray, offsets: np.ndarray | None,
+                 valid: np.ndarray, out: np.ndarray, done: Callable[[int], Any]) -> None:
+        """Parameters of the voxels ``rows`` into ``out``: blocks of INFERENCE_CHUNK rows spread over numba's
+        thread count, each gathered (numba, without the GIL) and passed through the network while in
+        cache; ``done(n)`` is called after each block of n rows."""
+        if self.network_ is None:
+            raise ValueError(f"this {self.name} estimator has no network yet: fit() it or load a trained one")
+        network = self.network_
+        n_blocks = -(-rows.size // INFERENCE_CHUNK)
+
+        def block(b: int) -> None:
+            part = rows[b * INFERENCE_CHUNK:(b + 1) * INFERENCE_CHUNK]
+            inputs = gather_patches(y, neighbours, part, slice_offsets=offsets, usable=valid, one_thread=True)
+            network._forward_chunk(inputs, out[b * INFERENCE_CHUNK:b * INFERENCE_CHUNK + part.size], 0)
+            done(part.size)
+
+        workers = min(numba.get_num_threads(), n_blocks)
+        if workers <= 1:
+            for b in range(n_blocks):
+                block(b)
+        else:
+            with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+                list(pool.map(block, range(n_blocks)))
+        network.output_to_params(out)
+
+    def _estimate(self, y: np.ndarray, neighbours: np.ndarray, slice_offsets: np.ndarray | None, progress: bool,
+                  label: str) -> Estimate:
+        """Parameters of every row of ``y`` (n, n_volumes) ΔM/M0t from its patch; rows with NaN/Inf or
+        all-zero signals are INVALID_INPUT, predictions outside the bounds clipped and AT_BOUND."""
+        from tqdm import tqdm
+
+        n = y.shape[0]
+        offsets = self._check_offsets(slice_offsets, n)
+        valid = usable_rows(y)
+        rows = np.flatnonzero(valid)
+        raw = np.empty((rows.size, self.model.n_params))
+        with tqdm(total=rows.size, desc=f"{label} {self.name}".strip(), unit="voxel", leave=False, file=sys.stderr,
+                  disable=not progress) as bar:
+            self._forward(y, neighbours, rows, offsets, valid, raw, bar.update)
+        clipped = constrain(self.model, raw)
+        every = rows.size == n  # the usual case: no copy of the signals, no scatter
+        row_offsets = None if offsets is None or every else offsets[rows]
+        residual = model_signal(self.model, raw, offsets if every else row_offsets)
+        residual -= y if every else y[rows]
+        row_status = (clipped * np.int8(Status.AT_BOUND)).astype(np.int8)  # CONVERGED is 0
+        if every:
+            params, status, rss = raw, row_status, np.einsum("ij,ij->i", residual, residual)
+        else:
+            params = np.full((n, self.model.n_params), np.nan)
+            status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
+            rss = np.full(n, np.nan)
+            params[rows], status[rows] = raw, row_status
+            rss[rows] = np.einsum("ij,ij->i", residual, residual)
+        return Estimate(params, status, None, rss, self.model.param_names, self.name,
+                        info={"network": self.network_.hidden_layers, "neighbourhood": "in-plane 3x3"})

@@ -1,0 +1,276 @@
+"""The spatial network and its evaluation: patch gathering against a direct loop, out-of-mask handling,
+the training prior, the spatial phantom's designed truth, the edge and lesion metrics on hand-made
+cases, the file round trip and the protocol refusal."""
+
+import numpy as np
+import pytest
+
+from aslbatch.estimators import get_estimator
+from aslbatch.estimators.patches import (NEIGHBOURS, gather_patches, n_patch_inputs, neighbour_rows, plane_axes,
+                                         simulate_patches)
+from aslbatch.estimators.store import NetworkMismatch, load_network, save_network
+from aslbatch.evaluate import METHODS as VOXELWISE_METHODS
+from aslbatch.evaluate_spatial import edge_error, lesion_contrast, region_errors, smooth_signals
+from aslbatch.models import get_model
+from aslbatch.protocol import Protocol, default_protocol
+from aslbatch.spatial_phantom import LESION_CBF_RATIO, TERRITORY_LABEL, WM, make_spatial_phantom
+
+TINY = {"n_samples": 3000, "max_epochs": 2, "hidden_layers": (8,)}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return get_model("1c", default_protocol("1c"))
+
+
+@pytest.fixture(scope="module")
+def tiny(model):
+    return get_estimator("spatial", model, **TINY).fit()
+
+
+def _random_mask(shape, seed):
+    return np.random.default_rng(seed).uniform(size=shape) < 0.6
+
+
+# --- gathering ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axes", [(0, 1), (1, 2), (0, 2)])
+def test_neighbour_rows_match_a_direct_loop(axes):
+    mask = _random_mask((6, 5, 4), 1)
+    rows = neighbour_rows(mask, axes)
+    coords = np.argwhere(mask)
+    lookup = {tuple(c): i for i, c in enumerate(coords)}
+    for i, c in enumerate(coords):
+        for k, (d0, d1) in enumerate(NEIGHBOURS):
+            other = list(c)
+            other[axes[0]] += d0
+            other[axes[1]] += d1
+            assert rows[i, k] == lookup.get(tuple(other), -1)
+
+
+def test_gathered_patches_match_a_direct_loop_with_absent_neighbours():
+    """Absent neighbours (outside the mask, or NaN/all-zero signals) hold the centre's signals and a 0 flag."""
+    mask = _random_mask((5, 6, 3), 2)
+    n, n_vol = int(mask.sum()), 3
+    signals = np.random.default_rng(3).uniform(0.001, 0.01, (n, n_vol))
+    signals[4] = np.nan
+    signals[7] = 0.0
+    nb = neighbour_rows(mask)
+    offsets = np.linspace(0.0, 0.3, n)
+    got = gather_patches(signals, nb, slice_offsets=offsets, dtype=np.float64)
+    assert got.shape == (n, n_patch_inputs(n_vol) + 1)
+    for i in range(n):
+        expected = list(signals[i])
+        flags = []
+        for k in range(8):
+            j = nb[i, k]
+            present = j >= 0 and j not in (4, 7)
+            expected += list(signals[j] if present else signals[i])
+            flags.append(1.0 if present else 0.0)
+        np.testing.assert_array_equal(got[i], np.array(expected + flags + [offsets[i]]))
+
+
+def test_plane_axes_follow_the_slice_offsets():
+    mask = np.ones((4, 5, 6), bool)
+    along0 = np.broadcast_to(np.arange(4)[:, None, None] * 0.05, mask.shape)[mask]
+    along2 = np.broadcast_to(np.arange(6)[None, None, :] * 0.05, mask.shape)[mask]
+    assert plane_axes(mask.shape, along0, mask) == (1, 2)
+    assert plane_axes(mask.shape, along2, mask) == (0, 1)
+    assert plane_axes(mask.shape, None, mask) == (0, 1)
+    with pytest.raises(ValueError, match="more than one axis"):
+        plane_axes(mask.shape, np.random.default_rng(0).uniform(0, 1, mask.sum()), mask)
+
+
+def test_training_patches_follow_the_stated_prior(model):
+    inputs, params, snr = simulate_patches(model, 4000, (2.0, 50.0), "rician", (), np.random.default_rng(0))
+    n_vol = model.n_volumes
+    lo, hi = np.array([model.training_ranges[p] for p in model.param_names]).T
+    assert np.all(params >= lo) and np.all(params <= hi)
+    assert np.all((snr >= 2.0) & (snr <= 50.0))
+    flags = inputs[:, 9 * n_vol:]
+    assert set(np.unique(flags)) == {0.0, 1.0}
+    centre = inputs[:, :n_vol]
+    for k in range(8):  # an absent neighbour repeats the centre exactly
+        absent = flags[:, k] == 0.0
+        np.testing.assert_array_equal(inputs[absent, (1 + k) * n_vol:(2 + k) * n_vol], centre[absent])
+    isolated = np.mean(flags.sum(axis=1) == 0)
+    assert 0.03 < isolated < 0.08  # ISOLATED = 5 %
+    # neighbours resemble the centre more than a random voxel does (the fields are piecewise smooth)
+    near = np.mean(np.abs(inputs[:, n_vol:2 * n_vol] - centre))
+    far = np.mean(np.abs(np.roll(centre, 1, axis=0) - centre))
+    assert near < 0.8 * far
+
+
+# --- the phantom ----------------------------------------------------------------------------------
+
+
+def test_spatial_phantom_truth_is_as_designed():
+    p = make_spatial_phantom("1c", n=48, n_slices=2, seed=1)
+    assert not np.any(p.interior & p.edge) and not np.any(p.edge & p.border)
+    assert p.lesions.shape[0] == 4 and all(lesion.sum() == 4 for lesion in p.lesions)
+    for lesion, ring in zip(p.lesions, p.surround):
+        assert ring.sum() > 10
+        # a lesion is half its surround's CBF (the smooth field varies a little over the ring)
+        assert abs(p["cbf"][lesion].mean() / p["cbf"][ring].mean() - LESION_CBF_RATIO) < 0.03
+        assert np.all(p.edge[lesion])  # 2x2: every lesion voxel touches grey matter
+    # the territory is delayed by 0.8 s: compare the interior white matter inside and outside it
+    inside = p.interior & (p.label == WM + TERRITORY_LABEL)
+    outside = p.interior & (p.label == WM)
+    assert 0.6 < np.nanmean(p["att"][inside]) - np.nanmean(p["att"][outside]) < 1.0
+    # interior voxels have a single label in their 5x5 in-plane neighbourhood; edges a mix in their 3x3
+    for x, y, z in np.argwhere(p.interior)[::37]:
+        assert np.unique(p.label[x - 2:x + 3, y - 2:y + 3, z]).size == 1
+    for x, y, z in np.argwhere(p.edge & ~np.isin(p.label, [0]))[::41]:
+        window = p.label[x - 1:x + 2, y - 1:y + 2, z]
+        assert np.unique(window[window > 0]).size > 1 or np.ptp(p["cbf"][x - 1:x + 2, y - 1:y + 2, z][window > 0]) > 5
+    assert np.all(np.isnan(p.params[~p.mask])) and np.all(np.isfinite(p.params[p.mask]))
+
+
+def test_2c_phantom_keeps_the_arrival_order():
+    p = make_spatial_phantom("2c", n=40, n_slices=1)
+    assert p.param_names == ("cbf", "abv", "abat", "att")
+    assert np.all(p["abat"][p.mask] <= p["att"][p.mask])
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+
+def test_edge_error_and_lesion_contrast_on_hand_made_maps():
+    truth = np.full((6, 6, 1), 50.0)
+    truth[2:4, 2:4] = 25.0
+    edge = np.zeros(truth.shape, bool)
+    edge[1:5, 1:5] = True
+    estimate = truth.copy()
+    estimate[edge] += 5.0  # +5 on 16 edge voxels
+    nrmse, bias = edge_error(estimate, truth, edge)
+    mean = truth[edge].mean()
+    assert bias == pytest.approx(5.0 / mean) and nrmse == pytest.approx(5.0 / mean)
+    assert np.all(np.isnan(region_errors([], [])))  # an empty region has no error
+    lesion = truth == 25.0
+    ring = ~edge
+    assert lesion_contrast(truth, truth, lesion[None], ring[None]) == pytest.approx(1.0)
+    blurred = truth.copy()
+    blurred[lesion] = 37.5  # half the contrast smoothed away
+    assert lesion_contrast(np.stack([blurred, truth]), truth, lesion[None], ring[None]) == pytest.approx(0.75)
+
+
+def test_smoothing_within_the_mask_matches_scipy_away_from_its_edge():
+    from scipy import ndimage
+
+    mask = np.zeros((20, 20, 2), bool)
+    mask[3:17, 3:17] = True
+    rng = np.random.default_rng(0)
+    signals = rng.uniform(0.0, 1.0, (int(mask.sum()), 2))
+    smoothed = smooth_signals(signals, mask, 1.5)
+    constant = smooth_signals(np.ones_like(signals), mask, 1.5)
+    np.testing.assert_allclose(constant, 1.0, rtol=1e-12)  # normalised: no darkening at the mask's edge
+    volume = np.zeros(mask.shape)
+    volume[mask] = signals[:, 0]
+    sigma = 1.5 / (2 * np.sqrt(2 * np.log(2)))
+    reference = ndimage.gaussian_filter(volume, (sigma, sigma, 0))
+    deep = np.zeros_like(mask)
+    deep[7:13, 7:13] = True
+    np.testing.assert_allclose(smoothed[deep[mask], 0], reference[deep], rtol=1e-6)
+
+
+# --- the estimator ----------------------------------------------------------------------------------
+
+
+def test_spatial_is_not_among_the_voxelwise_evaluation_methods():
+    assert "spatial" not in VOXELWISE_METHODS and "supervised" in VOXELWISE_METHODS
+
+
+def test_rows_without_a_grid_are_isolated_voxels(tiny, model):
+    """predict() on rows equals predict_image() on a mask where no two voxels are in-plane neighbours."""
+    mask = np.zeros((8, 8, 2), bool)
+    mask[::2, ::2, :] = True
+    rng = np.random.default_rng(1)
+    truth = np.column_stack([rng.uniform(20, 90, mask.sum()), rng.uniform(0.8, 2.5, mask.sum())])
+    signals = model.signal(truth)
+    np.testing.assert_array_equal(tiny.predict(signals).params, tiny.predict_image(signals, mask).params)
+    # with neighbours present, the estimate changes
+    full = np.ones((4, 4, 2), bool)
+    signals = model.signal(np.tile([60.0, 1.2], (32, 1)))
+    assert not np.allclose(tiny.predict_image(signals, full).params, tiny.predict(signals).params)
+
+
+def test_invalid_voxels_are_flagged_and_their_neighbours_go_on(tiny, model):
+    mask = np.ones((4, 4, 1), bool)
+    signals = model.signal(np.tile([60.0, 1.2], (16, 1)))
+    signals[5] = np.nan
+    est = tiny.predict_image(signals, mask)
+    assert est.status[5] == 3 and np.all(np.isnan(est.params[5]))
+    assert np.all(np.isfinite(np.delete(est.params, 5, axis=0)))
+
+
+def test_file_round_trip_and_protocol_refusal(tiny, model, tmp_path):
+    path = tmp_path / "spatial.npz"
+    save_network(tiny, path)
+    loaded = load_network(path, model)
+    mask = np.ones((5, 4, 2), bool)
+    signals = model.signal(np.column_stack([np.linspace(20, 90, 40), np.linspace(0.8, 2.5, 40)]))
+    np.testing.assert_array_equal(loaded.predict_image(signals, mask).params, tiny.predict_image(signals, mask).params)
+    other = get_model("1c", Protocol(1.8, [1.0, 1.5, 2.0, 2.5, 3.5]))
+    with pytest.raises(NetworkMismatch, match="pld"):
+        load_network(path, other)
+    with pytest.raises(ValueError, match="inputs"):  # a voxelwise network's arrays do not fit
+        get_estimator("spatial", model).set_network(
+            get_estimator("supervised", model, **TINY).fit().network_, {})
+
+
+def test_image_estimate_is_the_network_of_the_gathered_patches(tiny, model):
+    """predict_image (blocks gathered and passed through the network in threads) equals the parallel gather
+    followed by the network's own predict, and its rss is the residual of the model signal."""
+    from aslbatch.estimators.neural import constrain
+
+    mask = _random_mask((9, 7, 3), 5)
+    rng = np.random.default_rng(2)
+    n = int(mask.sum())
+    signals = model.signal(np.column_stack([rng.uniform(20, 90, n), rng.uniform(0.8, 2.5, n)]))
+    est = tiny.predict_image(signals, mask)
+    expected = tiny.network_.predict(gather_patches(signals, neighbour_rows(mask)))
+    constrain(model, expected)
+    np.testing.assert_allclose(est.params, expected, rtol=1e-6)
+    residual = model.signal(est.params) - signals
+    np.testing.assert_allclose(est.rss, (residual**2).sum(axis=1), rtol=1e-6, atol=1e-14)
+
+
+def test_evaluate_spatial_on_the_command_line(tmp_path):
+    """`evaluate --spatial` writes the metrics, report and figures; smoothing lowers LM's interior error
+    (the baseline does what it says), and an unknown method is a usage error naming the choices."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from aslbatch.cli import app
+
+    out = tmp_path / "ev"
+    result = CliRunner().invoke(app, ["evaluate", "--spatial", "--out", str(out), "--method", "lm", "--method",
+                                      "smooth-lm", "--snr", "5", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(open(out / "metrics.tsv"), delimiter="\t"))
+    value = {(r["method"], r["parameter"], r["region"], r["metric"]): float(r["value"]) for r in rows}
+    assert value[("smooth-lm", "cbf", "interior_gm", "nrmse")] < value[("lm", "cbf", "interior_gm", "nrmse")]
+    assert {"maps_cbf.png", "maps_att.png", "profiles.png"} <= {p.name for p in (out / "figures").iterdir()}
+    assert "smooth-lm" in (out / "report.md").read_text()
+    bad = CliRunner().invoke(app, ["evaluate", "--spatial", "--out", str(out), "--method", "nope"])
+    assert bad.exit_code == 2 and "smooth-lm" in bad.output
+
+
+def test_a_2d_readout_uses_the_slice_offset_and_the_plane_of_one_slice_time(model):
+    """Trained over slice offsets: the offset is the last input, and neighbours are taken in the plane
+    across which the offsets do not vary (here axes 1 and 2, slices along axis 0)."""
+    from aslbatch.estimators.neural import constrain
+
+    net = get_estimator("spatial", model, slice_offsets=(0.0, 0.05, 0.1), **TINY).fit()
+    assert net.network_.n_inputs == n_patch_inputs(model.n_volumes) + 1
+    mask = np.ones((3, 4, 5), bool)
+    offsets = np.broadcast_to(np.array([0.0, 0.05, 0.1])[:, None, None], mask.shape)[mask]
+    signals = model.signal(np.tile([60.0, 1.2], (mask.sum(), 1))) * np.linspace(0.8, 1.2, mask.sum())[:, None]
+    est = net.predict_image(signals, mask, slice_offsets=offsets)
+    expected = net.network_.predict(gather_patches(signals, neighbour_rows(mask, (1, 2)), slice_offsets=offsets))
+    constrain(model, expected)
+    np.testing.assert_allclose(est.params, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        net.predict_image(signals, mask, slice_offsets=offsets + 0.5)
