@@ -131,6 +131,15 @@ def test_lesion_patches_are_small_rectangles_of_scaled_cbf(monkeypatch):
     assert np.all((ratio >= lo) & (ratio <= hi)) and ratio.min() < 0.5 and ratio.max() > 2.0
 
 
+def test_a_network_of_another_training_prior_is_refused(model):
+    from aslbatch.estimators.patches import PRIOR_VERSION
+
+    # the prior's version is an option, so it is in the card and the cache key (store.NetworkCache.key)
+    assert get_estimator("spatial", model).options()["prior"] == PRIOR_VERSION
+    with pytest.raises(ValueError, match="training prior"):
+        get_estimator("spatial", model, prior=PRIOR_VERSION - 1).options()
+
+
 def test_shared_timing_copies_only_the_arrival_times(monkeypatch):
     from aslbatch.estimators import patches
 

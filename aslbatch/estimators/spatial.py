@@ -48,7 +48,7 @@ class SpatialEstimator(SupervisedEstimator):
 
     name = "spatial"
     title = "a supervised neural network reading each voxel's in-plane 3x3 neighbourhood (spatial)"
-    losses: ClassVar[tuple[str, ...]] = ("mse", "mae")
+    losses: ClassVar[tuple[str, ...]] = ("mse",)
     uses_neighbourhood: ClassVar[bool] = True
 
     @staticmethod
