@@ -14,8 +14,9 @@ Metrics, per method, SNR and parameter, pooled over the repeats (fractions, not 
 - ``nrmse`` / ``bias`` in each region: interior grey matter (``interior_gm``) and white matter
   (``interior_wm``), ``edge`` (within one voxel of a label boundary) and ``border`` (within one
   voxel of the mask's edge): RMSE / mean truth and mean error / mean truth over the region;
-- ``lesion_contrast`` (cbf): the estimated contrast (mean of the surround − mean of the lesion)
-  over the true contrast, summed over the lesions (1: kept; 0: smoothed away).
+- ``lesion_contrast`` (cbf): the share of a lesion's contrast kept: the estimate's contrast
+  1 − mean(lesion) / mean(surround) over the truth's, averaged over the lesions of a noise image,
+  median over the images (1: kept; 0: smoothed away).
 
 Outputs in ``out``: ``metrics.tsv`` (method, parameter, snr, region, metric, value), ``report.md``
 (tables, ratios to the voxelwise ``supervised`` network) and ``figures/`` (maps and error maps side
@@ -107,14 +108,19 @@ def edge_error(estimate: np.ndarray, truth: np.ndarray, edge: np.ndarray) -> tup
 
 
 def lesion_contrast(estimate: np.ndarray, truth: np.ndarray, lesions: np.ndarray, surround: np.ndarray) -> float:
-    """Estimated over true lesion contrast: Σ over lesions and repeats of (mean surround − mean lesion)
-    of ``estimate`` ((repeats,) + shape or shape) over the same sum for ``truth`` (shape)."""
-    est = np.asarray(estimate).reshape((-1,) + truth.shape)
-    kept = true = 0.0
+    """Share of the lesions' CBF contrast an estimate keeps: per noise image (``estimate``
+    (repeats,) + shape, or shape for one image) the mean over lesions of the estimate's contrast
+    1 − mean(lesion) / mean(surround) over the truth's (``truth``, shape), then the median over
+    the images (1: kept; 0: smoothed away; robust to an image whose surround the noise pulls
+    towards zero)."""
+    est = np.asarray(estimate, dtype=np.float64).reshape((-1,) + truth.shape)
+    if not lesions.shape[0]:
+        return math.nan
+    kept = np.zeros(est.shape[0])
     for lesion, ring in zip(lesions, surround):
-        kept += float(np.sum(est[:, ring].mean(axis=1) - est[:, lesion].mean(axis=1)))
-        true += est.shape[0] * float(truth[ring].mean() - truth[lesion].mean())
-    return kept / true if true else math.nan
+        true = 1.0 - truth[lesion].mean() / truth[ring].mean()
+        kept += (1.0 - est[:, lesion].mean(axis=1) / est[:, ring].mean(axis=1)) / true
+    return float(np.median(kept / lesions.shape[0]))
 
 
 def _estimator(name: str, model: KineticModel, cache_dir: str | Path | None, network_options: dict[str, Any],

@@ -12,7 +12,7 @@ Then the issue's targets are printed (ratios to the voxelwise supervised network
 networks' training time (from their cards), image inference in voxels/s for spatial and supervised
 on a 1.1·10⁶-voxel image (1 and 2 threads, same run), and the refusal of another protocol.
 
-Run: ``python benchmarks/study_spatial.py [--out DIR] [--repeats R] [--models 1c,2c]``; reports
+Run: ``python benchmarks/study_spatial.py [--out DIR] [--repeats R] [--models 1c,2c] [--skip-physics]``; reports
 (``report.md``, figures) go to ``DIR/<model>/``.
 """
 
@@ -140,12 +140,15 @@ def speed(model_name: str, shape=(128, 128, 80)) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="study-spatial")
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--models", default="1c,2c")
+    parser.add_argument("--skip-physics", action="store_true",
+                        help="leave out the physics-informed 1C networks (trained on every noisy image: slow)")
     args = parser.parse_args()
     for name in args.models.split(","):
         print(f"load before {name}: {os.getloadavg()}")
-        extra = {"physics-voxel": physics_informed(False), "physics-patch": physics_informed(True)} if name == "1c" else None
+        physics = name == "1c" and not args.skip_physics
+        extra = {"physics-voxel": physics_informed(False), "physics-patch": physics_informed(True)} if physics else None
         methods = ["lm", "supervised", BASELINE, "spatial"] + (["unsupervised"] if name == "1c" else [])
         result = run_spatial_evaluation(Path(args.out) / name, model_name=name, methods=methods, snrs=SNRS,
                                         repeats=args.repeats, extra=extra, progress=True)

@@ -102,6 +102,58 @@ def test_training_patches_follow_the_stated_prior(model):
     assert near < 0.8 * far
 
 
+def test_lesion_patches_are_small_rectangles_of_scaled_cbf(monkeypatch):
+    from aslbatch.estimators import patches
+
+    monkeypatch.setattr(patches, "SHARES", {"smooth": 0.0, "edge": 0.0, "island": 0.0, "lesion": 1.0})
+    rng = np.random.default_rng(1)
+    share, lesion = patches._b_share(3000, rng)
+    assert lesion.all() and set(np.unique(share)) <= {0.0, 1.0}  # on the grid: no partial volume
+    pos = np.array([(0, 0), *NEIGHBOURS])
+    seen = set()
+    for row in share.astype(bool):
+        inside = pos[row]
+        assert inside.size  # never outside the patch
+        span = tuple(inside.max(axis=0) - inside.min(axis=0) + 1)
+        assert span in {(1, 1), (1, 2), (2, 1), (2, 2)} and len(inside) == span[0] * span[1]  # a full rectangle
+        # the centre inside it, or next to it (chessboard distance 1)
+        assert np.abs(inside).max(axis=1).min() <= 1
+        seen.add((span, bool(row[0])))
+    assert {((1, 1), True), ((2, 2), True), ((1, 1), False), ((1, 2), False), ((1, 2), True)} <= seen
+    # B is A with only the CBF scaled, by a factor within LESION_CBF (both below and above 1)
+    two_c = get_model("2c", default_protocol("2c"))
+    a = np.tile([[60.0, 0.01, 0.8, 1.3]], (2000, 1))
+    b = np.tile([[20.0, 0.02, 0.5, 2.0]], (2000, 1))
+    patches._tie_regions(two_c, a, b, np.ones(2000, bool), rng)
+    ratio = b[:, 0] / a[:, 0]
+    np.testing.assert_array_equal(b[:, 1:], a[:, 1:])
+    lo, hi = patches.LESION_CBF
+    assert np.all((ratio >= lo) & (ratio <= hi)) and ratio.min() < 0.5 and ratio.max() > 2.0
+
+
+def test_a_network_of_another_training_prior_is_refused(model):
+    from aslbatch.estimators.patches import PRIOR_VERSION
+
+    # the prior's version is an option, so it is in the card and the cache key (store.NetworkCache.key)
+    assert get_estimator("spatial", model).options()["prior"] == PRIOR_VERSION
+    with pytest.raises(ValueError, match="training prior"):
+        get_estimator("spatial", model, prior=PRIOR_VERSION - 1).options()
+
+
+def test_shared_timing_copies_only_the_arrival_times(monkeypatch):
+    from aslbatch.estimators import patches
+
+    two_c = get_model("2c", default_protocol("2c"))
+    a = np.tile([[60.0, 0.01, 0.8, 1.3]], (4000, 1))
+    b = np.tile([[20.0, 0.02, 0.5, 2.0]], (4000, 1))
+    patches._tie_regions(two_c, a, b, np.zeros(4000, bool), np.random.default_rng(2))
+    shared = b[:, 3] == 1.3
+    np.testing.assert_array_equal(b[shared, 2], 0.8)  # abat and att together
+    np.testing.assert_array_equal(b[~shared, 2:], np.tile([[0.5, 2.0]], ((~shared).sum(), 1)))
+    np.testing.assert_array_equal(b[:, :2], np.tile([[20.0, 0.02]], (4000, 1)))  # cbf and abv never
+    assert abs(shared.mean() - patches.SHARED_TIMING) < 0.03
+
+
 # --- the phantom ----------------------------------------------------------------------------------
 
 
@@ -153,6 +205,21 @@ def test_edge_error_and_lesion_contrast_on_hand_made_maps():
     blurred = truth.copy()
     blurred[lesion] = 37.5  # half the contrast smoothed away
     assert lesion_contrast(np.stack([blurred, truth]), truth, lesion[None], ring[None]) == pytest.approx(0.75)
+    # the contrast is relative (1 - lesion / surround), as the issue defines it: a global scale keeps it all
+    assert lesion_contrast(2.0 * truth, truth, lesion[None], ring[None]) == pytest.approx(1.0)
+    # the median over noise images: one wild image (its lesion estimated at 10x) does not move it
+    wild = truth.copy()
+    wild[lesion] = 250.0
+    assert lesion_contrast(np.stack([blurred, truth, wild]), truth, lesion[None], ring[None]) == pytest.approx(0.5)
+    # two lesions of one image are averaged: one kept (1), one half (0.5)
+    other = np.zeros_like(lesion)
+    other[0, 0] = True
+    two = truth.copy()
+    two[0, 0] = 25.0
+    est = two.copy()
+    est[lesion] = 37.5
+    both = np.stack([lesion, other])
+    assert lesion_contrast(est, two, both, np.stack([ring & ~other, ring & ~other])) == pytest.approx(0.75)
 
 
 def test_smoothing_within_the_mask_matches_scipy_away_from_its_edge():

@@ -17,14 +17,19 @@ The prior of the training patches (:func:`simulate_patches`)
 ------------------------------------------------------------
 Each patch is two regions, A (holding the centre, unless the boundary runs through it) and B,
 each with parameters drawn uniformly over the model's training ranges (the voxelwise networks'
-prior, so the centre's marginal prior is theirs), independently of each other. Per sample one
-geometry:
+prior, so the centre's marginal prior is theirs), independently of each other, except that in a
+share :data:`SHARED_TIMING` of patches B takes A's arrival times (:data:`TIMING`: a tissue boundary
+within one vascular territory, where CBF jumps and arrival does not; the rest are a territory's
+edge). Per sample one geometry (shares :data:`SHARES`):
 
-- **smooth** (:data:`SHARES` ``smooth``): region A alone;
+- **smooth**: region A alone;
 - **edge**: a straight boundary at a uniform angle, at a distance U(−1.5, 1.5) voxels from
   the centre; B beyond it;
 - **island**: a disc of radius U(0.5, 1.5) voxels centred U(−1, 1)² voxels from the centre
-  holds B (a small lesion, a vessel, a sulcus seen in section).
+  holds B (a vessel, a sulcus seen in section);
+- **lesion**: a grid-aligned rectangle of 1 or 2 voxels along each axis that holds the centre or
+  lies just beside it is B, which is A with its CBF times a factor log-uniform over
+  :data:`LESION_CBF` (a small focal lesion: arrival and the rest unchanged).
 
 Partial volume: the share of B in a voxel is clip(0.5 + signed distance into B, 0, 1) (exact
 for a straight boundary along a grid axis), and the voxel's parameters are the shares' blend
@@ -50,13 +55,22 @@ from .._numba import parallel, serial
 from ..models import KineticModel
 from ..simulate import add_noise, noise_sigma, sample_parameters
 
-__all__ = ["NEIGHBOURS", "gather_patches", "n_patch_inputs", "neighbour_rows", "plane_axes", "simulate_patches",
+__all__ = ["NEIGHBOURS", "PRIOR_VERSION", "gather_patches", "n_patch_inputs", "neighbour_rows", "plane_axes", "simulate_patches",
            "usable_rows"]
 
+#: version of the training prior below (a spatial network's option: networks of another prior are retrained)
+PRIOR_VERSION = 2
 #: in-plane offsets (row, column) of the 8 neighbours, in input order
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
-#: share of training patches per geometry (smooth, straight edge, island)
-SHARES = {"smooth": 0.3, "edge": 0.45, "island": 0.25}
+#: share of training patches per geometry (smooth, straight edge, island, lesion)
+SHARES = {"smooth": 0.25, "edge": 0.3, "island": 0.15, "lesion": 0.3}
+#: a lesion's CBF relative to its surround: log-uniform over this range (below and above 1)
+LESION_CBF = (0.3, 1.0 / 0.3)
+#: share of patches whose two regions share their arrival times (a tissue boundary
+#: within one vascular territory), the rest drawn independently (a territory's edge)
+SHARED_TIMING = 0.9
+#: the arrival-time parameters (s) that a shared timing copies
+TIMING = ("att", "abat")
 #: largest smooth gradient (fraction of the training range per voxel) and texture (its SD, same unit)
 GRADIENT, TEXTURE = 0.04, 0.015
 #: share of training patches cut by the mask's edge, and of isolated voxels (no neighbour)
@@ -206,9 +220,11 @@ def _region_fields(model: KineticModel, base: np.ndarray, rng: np.random.Generat
     return field
 
 
-def _b_share(n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 9) share of region B in each voxel of each patch (see the module docstring)."""
-    kind = rng.choice(3, n, p=[SHARES["smooth"], SHARES["edge"], SHARES["island"]])
+def _b_share(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 9) share of region B in each voxel of each patch, and (n,) bool: the patches whose B is a
+    lesion of A (see the module docstring)."""
+    names = ("smooth", "edge", "island", "lesion")
+    kind = rng.choice(4, n, p=[SHARES[k] for k in names])
     share = np.zeros((n, 9))
     edge = kind == 1
     angle = rng.uniform(0.0, 2.0 * np.pi, n)
@@ -220,7 +236,27 @@ def _b_share(n: int, rng: np.random.Generator) -> np.ndarray:
     radius = rng.uniform(0.5, 1.5, n)
     from_centre = np.hypot(_POSITIONS[:, 0] - centre[:, :1], _POSITIONS[:, 1] - centre[:, 1:])
     share[island] = np.clip(0.5 + radius[:, None] - from_centre, 0.0, 1.0)[island]
-    return share
+    lesion = kind == 3
+    size = rng.integers(1, 3, (n, 2))  # 1 or 2 voxels along each axis
+    first = -rng.integers(0, size + 1)  # the centre inside (or, for size + 1, just beside) the rectangle
+    inside = np.all((_POSITIONS[None] >= first[:, None, :]) & (_POSITIONS[None] < (first + size)[:, None, :]), axis=2)
+    share[lesion] = inside[lesion]
+    return share, lesion
+
+
+def _tie_regions(model: KineticModel, base_a: np.ndarray, base_b: np.ndarray, lesion: np.ndarray,
+                 rng: np.random.Generator) -> None:
+    """Make region B's parameters ``base_b`` (n, n_params, API units, changed in place) share A's
+    (``base_a``) as the module docstring says: arrival times in a share :data:`SHARED_TIMING` of
+    patches, and all but a scaled CBF in the lesion patches (``lesion`` (n,) bool)."""
+    n = lesion.shape[0]
+    timing = [model.param_names.index(p) for p in TIMING if p in model.param_names]
+    shared = (rng.uniform(size=n) < SHARED_TIMING)[:, None] & np.isin(np.arange(model.n_params), timing)[None, :]
+    base_b[shared] = base_a[shared]
+    base_b[lesion] = base_a[lesion]
+    lo_ratio, hi_ratio = LESION_CBF
+    base_b[lesion, model.param_names.index("cbf")] *= np.exp(rng.uniform(np.log(lo_ratio), np.log(hi_ratio),
+                                                                           int(lesion.sum())))
 
 
 def _present(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -243,9 +279,12 @@ def simulate_patches(model: KineticModel, n: int, snr_range: tuple[float, float]
     from .neural import model_signal
 
     n_vol, n_par = model.n_volumes, model.n_params
-    a = _region_fields(model, sample_parameters(model, n, rng), rng)
-    b = _region_fields(model, sample_parameters(model, n, rng), rng)
-    share = _b_share(n, rng)[:, :, None]
+    base_a, base_b = sample_parameters(model, n, rng), sample_parameters(model, n, rng)
+    share, lesion = _b_share(n, rng)
+    _tie_regions(model, base_a, base_b, lesion, rng)
+    a = _region_fields(model, base_a, rng)
+    b = _region_fields(model, base_b, rng)
+    share = share[:, :, None]
     params = (1.0 - share) * a + share * b
     ranges = np.array([model.training_ranges[p] for p in model.param_names])
     np.clip(params, ranges[:, 0], ranges[:, 1], out=params)

@@ -36,7 +36,7 @@ from ..models import KineticModel
 from .base import Estimate, Status, check_signals, check_slice_offsets, flag_undetermined
 from .network import INFERENCE_CHUNK, Network
 from .neural import TrainingSet, constrain, model_signal, validation_metrics
-from .patches import NEIGHBOURS, gather_patches, n_patch_inputs, neighbour_rows, plane_axes, simulate_patches, usable_rows
+from .patches import NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_rows, plane_axes, simulate_patches, usable_rows
 from .supervised import SupervisedEstimator
 
 __all__ = ["SpatialEstimator"]
@@ -60,9 +60,20 @@ class SpatialEstimator(SupervisedEstimator):
     def __init__(self, model: KineticModel, hidden_layers: Sequence[int] | None = None, n_samples: int = 1_000_000,
                  snr_range: Sequence[float] = (2.0, 50.0), noise: str = "rician", loss: str = "mse",
                  batch_size: int = 1024, learning_rate: float = 1e-3, max_epochs: int = 100, patience: int = 8,
-                 seed: int = 0, slice_offsets: Sequence[float] = (), alpha: float = 1e-4) -> None:
+                 seed: int = 0, slice_offsets: Sequence[float] = (), alpha: float = 1e-4,
+                 prior: int = PRIOR_VERSION) -> None:
         super().__init__(model, hidden_layers, n_samples, snr_range, noise, loss, batch_size, learning_rate,
                          max_epochs, patience, seed, slice_offsets, alpha)
+        self.prior = prior
+
+    def options(self) -> dict[str, Any]:
+        """Validated options, JSON-ready, with the version of the training prior
+        (:data:`~aslbatch.estimators.patches.PRIOR_VERSION`): a network trained on another prior is
+        refused, and the cache trains a new one."""
+        if self.prior != PRIOR_VERSION:
+            raise ValueError(f"{self.name}: this network was trained on training prior {self.prior!r}; this "
+                             f"aslbatch simulates prior {PRIOR_VERSION}: train it again")
+        return {**super().options(), "prior": PRIOR_VERSION}
 
     @classmethod
     def evaluation_variants(cls) -> dict[str, dict[str, Any]]:
