@@ -35,6 +35,7 @@ import numpy as np
 
 from .atomic import atomic_open
 from .estimators import ESTIMATORS, Estimator, get_estimator
+from .evaluate import _check_snrs
 from .models import KineticModel, get_model
 from .protocol import Constants, Protocol, default_protocol
 from .simulate import NOISE_MODELS, add_noise, noise_sigma
@@ -140,12 +141,7 @@ def _check(methods: Sequence[str], snrs: Sequence[float], repeats: int, noise: s
     unknown = [m for m in labels if m not in known]
     if unknown or not labels or len(set(labels)) != len(labels):
         raise ValueError(f"methods must be distinct names among {known}, got {labels}")
-    try:
-        values = sorted(float(s) for s in snrs)
-    except (TypeError, ValueError):
-        raise ValueError(f"snrs must be numbers, got {snrs!r}") from None
-    if not values or not all(math.isfinite(s) and s > 0 for s in values):
-        raise ValueError(f"snrs must be finite SNRs > 0, got {snrs!r}")
+    values = _check_snrs(snrs)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     if noise not in NOISE_MODELS:

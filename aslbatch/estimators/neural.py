@@ -207,15 +207,19 @@ class NeuralEstimator(Estimator):
         """The MSE network under the method's name and one per other loss (``<name>-mae``)."""
         return {(cls.name if loss == "mse" else f"{cls.name}-{loss}"): {"loss": loss} for loss in cls.losses}
 
-    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
-        """Train on simulated signals (``progress``: a bar over epochs on stderr)."""
+    def _training_start(self, signals: np.ndarray | None, what: str) -> tuple[dict[str, Any], np.random.Generator, int]:
+        """The options, random generator and validation-set size of a training run on simulated
+        ``what`` ("signals", "patches"); data given to ``fit()`` or an unknown loss are refused."""
         if signals is not None:
-            raise ValueError(f"{self.name} networks train on simulated signals; fit() takes no data")
+            raise ValueError(f"{self.name} networks train on simulated {what}; fit() takes no data")
         opts = self.options()
         if opts["loss"] not in self.losses:
             raise ValueError(f"{self.name}: loss {opts['loss']!r} is not available; choose one of {self.losses}")
-        rng = np.random.default_rng(opts["seed"])
-        n_val = max(opts["n_samples"] // 10, 1000)
+        return opts, np.random.default_rng(opts["seed"]), max(opts["n_samples"] // 10, 1000)
+
+    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
+        """Train on simulated signals (``progress``: a bar over epochs on stderr)."""
+        opts, rng, n_val = self._training_start(signals, "signals")
         train = training_set(self.model, opts["n_samples"], opts["snr_range"], opts["noise"],
                              opts["slice_offsets"], rng)
         val = training_set(self.model, n_val, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng)

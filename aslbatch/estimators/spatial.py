@@ -89,13 +89,7 @@ class SpatialEstimator(SupervisedEstimator):
     # --- training --------------------------------------------------------------------------
     def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
         """Train on simulated patches (``progress``: a bar over epochs on stderr)."""
-        if signals is not None:
-            raise ValueError(f"{self.name} networks train on simulated patches; fit() takes no data")
-        opts = self.options()
-        if opts["loss"] not in self.losses:
-            raise ValueError(f"{self.name}: loss {opts['loss']!r} is not available; choose one of {self.losses}")
-        rng = np.random.default_rng(opts["seed"])
-        n_val = max(opts["n_samples"] // 10, 1000)
+        opts, rng, n_val = self._training_start(signals, "patches")
         sets = [TrainingSet(*simulate_patches(self.model, n, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng))
                 for n in (opts["n_samples"], n_val)]
         # a variance head (issue 16) is trained here, on sets[0] / sets[1], as for the supervised network
