@@ -34,8 +34,9 @@ Units: API units (cbf mL/100 g/min, att and abat s, abv mL/mL), fractions (not %
 - networks, parameter and SNR empty: ``training_s``, training time per network as
   recorded when it was trained, mean over the K (s);
 - every method that reports standard errors, per parameter and SNR (:mod:`aslbatch.calibration`):
-  ``coverage_68`` and ``coverage_95`` (share of rows whose interval estimate ± 1 and ± 1.96 se
-  covers the truth), ``z_sd`` and ``z_robust_sd`` (spread of (estimate − truth) / se),
+  ``coverage_68`` and ``coverage_95`` (share of rows whose interval covers the truth: the interval
+  half-widths the method writes (the networks' ``<param>ci68``/``ci95`` maps), else estimate ± 1 and
+  ± 1.96 se; with half-widths, the ± se coverage is ``coverage_68_se``/``coverage_95_se``), ``z_sd`` and ``z_robust_sd`` (spread of (estimate − truth) / se),
   ``se_undefined`` (share of finite estimates without a finite se), ``calibration_rows`` and
   ``prior_dominated`` (share of rows flagged, :mod:`aslbatch.estimators.prior`). The networks
   are given the test SNR's noise SD (as a run with repeats gives each voxel's), so their se is
@@ -360,7 +361,8 @@ def _method_rows(label: str, estimators: Sequence[Estimator], data: SimulatedSet
     params = estimate.params
     rows = metric_rows(params, data.params, names, group=data.group, bound=set_bounds[data.group])
     if estimate.stderr is not None:
-        rows += calibration_rows(params, estimate.stderr, data.params, names)
+        rows += calibration_rows(params, estimate.stderr, data.params, names, estimate.intervals,
+                                 estimate.interval_levels)
         flagged = prior_dominated(data.model, params, estimate.stderr)
         rows += [{"parameter": name, "metric": "prior_dominated", "value": float(flagged[:, j].mean())}
                  for j, name in enumerate(names)]
