@@ -362,8 +362,9 @@ class NeuralEstimator(Estimator):
             else self.uncertainty_.network_for(row_snr)
         if serving is not None:  # both networks in one pass over the rows
             variance, extra = serving
-            raw, variance_output = predict_together([(self.network_, None), (variance.network, extra)], inputs)
-            row_se, row_half = variance.split_output(variance_output)
+            raw, variance_output = predict_together([(self.network_, None), (variance.inference_network, extra)],
+                                                      inputs)
+            row_se, row_half = variance.split_inference_output(variance_output)
         else:
             raw = self._raw_predict(inputs) if rows.shape[0] else np.empty((0, self.model.n_params))
             if self.uncertainty_ is not None and rows.shape[0]:

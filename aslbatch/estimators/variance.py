@@ -67,6 +67,26 @@ class VarianceNetwork:
                              f"{1 + len(self.levels)} outputs, got {self.network.n_outputs}")
         if not all(0.0 < level < 1.0 for level in self.levels):
             raise ValueError(f"interval levels must be nominal coverages in (0, 1), got {self.levels}")
+        # log variance -> SD (exp of half), log half-width -> half-width (exp), inside the forward pass
+        halves = np.concatenate([np.full(self.n_params, 0.5), np.ones(self.network.n_outputs - self.n_params)])
+        object.__setattr__(self, "_inference", self.network.folded(exp_of=halves))
+
+    @property
+    def inference_network(self) -> Network:
+        """The network with its scalings folded into its layers and the exponentials taken in its forward pass
+        (:meth:`~.network.Network.folded`): its outputs are the standard deviations, then the half-widths (API
+        units; split them with :meth:`split_inference_output`), equal to :meth:`split_output` of
+        ``network``'s up to float32 rounding and cheaper to compute. What :meth:`predict_se` and the
+        estimators use."""
+        return self._inference
+
+    def split_inference_output(self, output: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(standard deviation (n, n_params), half-widths (n, n_params, len(levels)) or None): views into the
+        output (n, n_outputs) of :attr:`inference_network`, API units."""
+        p = self.n_params
+        if not self.levels:
+            return output, None
+        return output[:, :p], output[:, p:].reshape(output.shape[0], len(self.levels), p).transpose(0, 2, 1)
 
     @property
     def hidden_layers(self) -> tuple[int, ...]:
@@ -80,12 +100,12 @@ class VarianceNetwork:
 
     def predict_se(self, inputs: np.ndarray) -> np.ndarray:
         """Standard deviation (n, n_params) in API units for finite ``inputs`` (n, n_inputs)."""
-        return self.split_output(self.network.predict(inputs))[0]
+        return self.split_inference_output(self._inference.predict(inputs))[0]
 
     def predict_intervals(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(standard deviation (n, n_params), half-widths (n, n_params, len(levels)) or None without
         levels), API units, for finite ``inputs`` (n, n_inputs)."""
-        return self.split_output(self.network.predict(inputs))
+        return self.split_inference_output(self._inference.predict(inputs))
 
     @staticmethod
     def se_from_output(log_variance: np.ndarray) -> np.ndarray:
@@ -95,13 +115,14 @@ class VarianceNetwork:
 
     def split_output(self, output: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(standard deviation (n, n_params), half-widths (n, n_params, len(levels)) or None) from the
-        network's whole output (n, n_outputs), e.g. from :func:`~.network.predict_together`, API units."""
+        network's whole output (n, n_outputs) float64, e.g. from :func:`~.network.predict_together`, API
+        units. Computed in place: both are views into ``output`` (no copies at 10^6 voxels)."""
         p = self.n_params
-        se = self.se_from_output(np.ascontiguousarray(output[:, :p]))
         if not self.levels:
-            return se, None
-        half = np.exp(output[:, p:]).reshape(output.shape[0], len(self.levels), p)
-        return se, np.ascontiguousarray(half.transpose(0, 2, 1))
+            return self.se_from_output(output), None
+        output[:, :p] *= 0.5
+        np.exp(output, out=output)
+        return output[:, :p], output[:, p:].reshape(output.shape[0], len(self.levels), p).transpose(0, 2, 1)
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         """The arrays of :meth:`Network.to_arrays` with ``prefix`` before each name, and ``<prefix>levels``
