@@ -36,12 +36,13 @@ Units: API units (cbf mL/100 g/min, att and abat s, abv mL/mL), fractions (not %
 - every method that reports standard errors, per parameter and SNR (:mod:`aslbatch.calibration`):
   ``coverage_68`` and ``coverage_95`` (share of rows whose interval covers the truth: the interval
   half-widths the method writes (the networks' ``<param>ci68``/``ci95`` maps), else estimate ± 1 and
-  ± 1.96 se; with half-widths, the ± se coverage is ``coverage_68_se``/``coverage_95_se``), ``z_sd`` and ``z_robust_sd`` (spread of (estimate − truth) / se),
+  ± 1.96 se; with half-widths, the ± se coverage is ``coverage_68_se``/``coverage_95_se``), ``z_sd``
+  and ``z_robust_sd`` (spread of (estimate − truth) / se),
   ``se_undefined`` (share of finite estimates without a finite se), ``calibration_rows`` and
   ``prior_dominated`` (share of rows flagged, :mod:`aslbatch.estimators.prior`). The networks
-  are given the test SNR's noise SD (as a run with repeats gives each voxel's), so their se is
-  the posterior SD at that SNR under the training prior of the parameters, from which the
-  parameter sets are drawn too;
+  and lm are given the test SNR's noise SD (as a run with repeats gives each voxel's), so the
+  networks' se is the posterior SD at that SNR under the training prior of the parameters, from
+  which the parameter sets are drawn too, and lm's the linearised SD at the known σ;
 - ``crlb``, per parameter and SNR: ``sd`` (median over the sets with a finite bound, API
   units), ``cov`` (mean over the sets of bound / true value, with the set exclusions of
   ``cov``, the floor of a method's CoV) and ``finite_sets``. It is the Gaussian-noise bound
@@ -336,8 +337,9 @@ def _networks(model: KineticModel, label: str, network_options: dict[str, Any], 
 
 
 def _predict(estimator: Estimator, signals: np.ndarray, snr: float) -> Estimate:
-    """The estimate of ``signals``; a network is given the noise SD of ``snr`` (its se at that SNR)."""
-    if estimator.trains:
+    """The estimate of ``signals``; a method that takes it (the networks, lm) is given the noise SD of ``snr``
+    (its se at that noise level, as a run gives each voxel the repeats' spread)."""
+    if estimator.takes_noise_sd:
         return estimator.predict(signals, noise_sd=noise_sigma(estimator.model, snr))
     return estimator.predict(signals)
 

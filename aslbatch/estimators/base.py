@@ -207,6 +207,19 @@ def merge_estimates(parts: list[tuple[np.ndarray, Estimate]], n: int, names: tup
                     interval_levels=levels if has_intervals else ())
 
 
+def noise_sd_from_signal_se(signal_se: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Each voxel's noise SD (n,), ΔM/M0t: the root mean square over its volumes of ``signal_se``
+    (n, n_volumes), the standard error of each averaged signal from its repeats; NaN where no
+    volume has one."""
+    se = np.asarray(signal_se, dtype=np.float64)
+    if se.shape != tuple(shape):
+        raise ValueError(f"signal_se must have the shape of signals {tuple(shape)}, got {se.shape}")
+    squares = np.where(np.isfinite(se), se * se, 0.0)
+    count = np.isfinite(se).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.sqrt(squares.sum(axis=1) / np.maximum(count, 1)), np.nan)
+
+
 #: voxels per call of ``predict`` when :meth:`Estimator.predict_image` shows a progress bar
 PROGRESS_CHUNK = 50_000
 
@@ -227,6 +240,9 @@ class Estimator:
     title: ClassVar[str]
     #: how standard errors are computed (sidecar ``StandardErrorMethod``); None: no uncertainty
     stderr_method: ClassVar[str | None] = None
+    #: ``predict`` takes ``noise_sd`` (each voxel's noise SD, ΔM/M0t) for standard errors at that noise level;
+    #: evaluate passes the test SNR's, a run the repeats' spread (``predict_image(signal_se=...)``)
+    takes_noise_sd: ClassVar[bool] = False
     #: how interval half-widths (Estimate.intervals) are computed (sidecar ``IntervalMethod``); None: none
     interval_method: ClassVar[str | None] = None
     #: its outputs include the prior-dominated bit mask (:mod:`.prior`): methods with standard errors

@@ -36,7 +36,7 @@ import numpy as np
 from ..models import KineticModel
 from ..simulate import NOISE_MODELS, add_noise, noise_sigma, reference_signal_level, sample_parameters
 from .base import (PROGRESS_CHUNK, Estimate, Estimator, Status, check_signals, check_slice_offsets, flag_undetermined,
-                   merge_estimates)
+                   merge_estimates, noise_sd_from_signal_se)
 from .network import Network, predict_together
 from .variance import Uncertainty, VarianceNetwork, fit_uncertainty
 
@@ -122,6 +122,7 @@ class NeuralEstimator(Estimator):
     #: output transform of the networks this estimator builds
     output_transform: ClassVar[str] = "affine"
     flags_prior_dominated: ClassVar[bool] = True
+    takes_noise_sd: ClassVar[bool] = True
     stderr_method: ClassVar[str | None] = (
         "posterior standard deviation under the training prior: a variance network trained on the squared errors "
         "of this network's estimates on simulated signals (aslbatch.estimators.variance), at the voxel's SNR where "
@@ -402,19 +403,6 @@ def variance_layers(hidden_layers: Sequence[int]) -> tuple[int, ...]:
     """Hidden widths of the variance networks: half the network's (at least 8), so that inference with
     standard errors costs little more than without."""
     return tuple(max(8, int(h) // 2) for h in hidden_layers)
-
-
-def noise_sd_from_signal_se(signal_se: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Each voxel's noise SD (n,), ΔM/M0t: the root mean square over its volumes of ``signal_se``
-    (n, n_volumes), the standard error of each averaged signal from its repeats; NaN where no
-    volume has one."""
-    se = np.asarray(signal_se, dtype=np.float64)
-    if se.shape != tuple(shape):
-        raise ValueError(f"signal_se must have the shape of signals {tuple(shape)}, got {se.shape}")
-    squares = np.where(np.isfinite(se), se * se, 0.0)
-    count = np.isfinite(se).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, np.sqrt(squares.sum(axis=1) / np.maximum(count, 1)), np.nan)
 
 
 def constrain(model: KineticModel, params: np.ndarray) -> np.ndarray:
