@@ -975,8 +975,9 @@ def _calibration_section(table: dict, model: KineticModel, labels: list[str], sn
         return []
     doc: list[tuple] = [
         ("h2", "Calibration of the standard errors"),
-        ("p", "Share of rows whose interval estimate ± 1 se (nominal 68.3 %) and ± 1.96 se (nominal 95 %) covers "
-              "the truth; z = (estimate − truth) / se, its SD and its IQR / 1.349 (both 1 when calibrated, above 1: "
+        ("p", "Share of rows whose 68.3 % and 95 % intervals cover the truth: for the networks the half-widths "
+              "they write (ci68, ci95: quantiles of |error|), the ± 1 se and ± 1.96 se coverage in the next columns; "
+              "for the other methods estimate ± 1 se and ± 1.96 se; z = (estimate − truth) / se, its SD and its IQR / 1.349 (both 1 when calibrated, above 1: "
               "se too small); se undefined: finite estimates without a finite se; prior-dominated: share of rows "
               f"flagged (se undefined or above {PRIOR_SHARE:g} × the SD of the training prior). The networks' se is "
               "the posterior SD under their training prior, given the noise SD of the test SNR: the parameter sets "
@@ -988,11 +989,12 @@ def _calibration_section(table: dict, model: KineticModel, labels: list[str], sn
         for m in with_se:
             for p in model.param_names:
                 get = lambda metric: table.get((m, p, snr, metric), math.nan)  # noqa: E731
-                body.append([m, p, _pct(get("coverage_68")), _pct(get("coverage_95")), _num(get("z_sd")),
-                             _num(get("z_robust_sd")), _pct(get("se_undefined")), _pct(get("prior_dominated"))])
+                body.append([m, p, _pct(get("coverage_68")), _pct(get("coverage_95")), _pct(get("coverage_68_se")),
+                             _pct(get("coverage_95_se")), _num(get("z_sd")), _num(get("z_robust_sd")),
+                             _pct(get("se_undefined")), _pct(get("prior_dominated"))])
         doc += [("h3", f"Calibration at SNR {snr:g}"),
-                ("table", ["method", "parameter", "68 % interval covers", "95 % interval covers", "z SD",
-                           "z IQR/1.349", "se undefined", "prior-dominated"], body)]
+                ("table", ["method", "parameter", "68 % interval covers", "95 % interval covers", "± se covers",
+                           "± 1.96 se covers", "z SD", "z IQR/1.349", "se undefined", "prior-dominated"], body)]
     return doc
 
 
