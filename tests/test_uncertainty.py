@@ -214,3 +214,17 @@ def test_intervals_are_nan_for_invalid_input_and_come_from_either_network(superv
     # the 95 % half-width exceeds the 68 % one everywhere
     assert np.all(mixed.intervals[:, :, 1][np.isfinite(mixed.intervals[:, :, 1])]
                   > mixed.intervals[:, :, 0][np.isfinite(mixed.intervals[:, :, 0])])
+
+
+def test_folded_variance_network_matches_the_stored_one_in_float64(supervised_1c, model_1c):
+    """The folded inference network (scalings in the layers, exponentials in float32) gives the SDs and
+    half-widths of the stored network's float64 pass through split_output, to float32 rounding."""
+    data = simulate(model_1c, 500, 10.0, seed=9)
+    for variance, inputs in ((supervised_1c.uncertainty_.marginal, data.signals),
+                             (supervised_1c.uncertainty_.at_snr, np.column_stack([data.signals, np.full(500, 2.3)]))):
+        se64, half64 = variance.split_output(variance.network.predict_float64(inputs))
+        se, half = variance.predict_intervals(inputs)
+        np.testing.assert_allclose(se, se64, rtol=2e-4)
+        np.testing.assert_allclose(half, half64, rtol=2e-4)
+        assert variance.inference_network.output_transform == "exp"
+        assert np.all(variance.inference_network.in_scale == 1.0) and np.all(variance.inference_network.in_shift == 0.0)

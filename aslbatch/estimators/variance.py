@@ -19,12 +19,24 @@ networks trained on the same rows: one on the inputs alone (``marginal``, calibr
 training SNR range) and one with log(SNR) as an extra input (``at_snr``, calibrated at each
 SNR), and uses the second for every voxel whose noise level is known.
 
+Interval half-widths (``intervals=True``): the SD does not give the 68 % and 95 % intervals
+where the posterior is not Gaussian (2C abat, flat between two readout times: ± 1 SD covers
+58 %, ± 1.96 SD all). The same network then has, per parameter, two more outputs trained with
+the pinball loss on |residual| (:data:`._mlp.HEAD_LOG_VARIANCE_INTERVALS`): the 68.27 % and 95 %
+quantiles of |error| given the input, the half-widths of intervals about the estimate with that
+coverage (measured on 2C abat at SNR 10: ± se 62.5 % / 97.4 %, half-widths 67.9 % / 94.4 %).
+:meth:`Uncertainty.predict_intervals` gives them with the SDs.
+
+Inference runs :attr:`VarianceNetwork.inference_network`, the network folded (scalings in its
+layers, exponentials in float32 inside the forward pass), whose outputs are the SDs and
+half-widths themselves (:meth:`VarianceNetwork.split_inference_output`).
+
 Any network estimator can use it (supervised, unsupervised, a spatial one): call
 :func:`fit_uncertainty` with its inputs, the SNR of each simulated row, its estimates and the
 true parameters of simulated data it did not train on, keep the :class:`Uncertainty`, and ask
 :meth:`Uncertainty.predict_se` for the standard errors of new inputs (with their SNR where
 known). It is stored with the estimator's network (:meth:`Uncertainty.to_arrays`, prefixes
-``se_`` and ``sesnr_``).
+``se_`` and ``sesnr_``; ``<prefix>levels``: the intervals' nominal coverages).
 """
 
 from __future__ import annotations
