@@ -210,7 +210,8 @@ class OutputKind:
 
     Attributes
     ----------
-    kind : ``"map"``, ``"stderr"``, ``"status"``, ``"flags"``, ``"mask"`` or ``"provenance"``.
+    kind : ``"map"``, ``"stderr"``, ``"ci68"``, ``"ci95"`` (interval half-widths), ``"status"``,
+        ``"flags"``, ``"mask"`` or ``"provenance"``.
     name : the file name after ``<src>_`` without extension; may use ``{method}``
         and ``{param}``. It is also the key of :func:`output_paths`.
     extension : ``".nii.gz"`` or ``".json"``.
@@ -260,6 +261,18 @@ OUTPUTS: tuple[OutputKind, ...] = (
         math.nan, "*_{param}se.*",
     ),
     OutputKind(
+        "ci68", "desc-{method}_{param}ci68", ".nii.gz", "float32", "{units}",
+        "Half-width of the 68 % interval of the {name}, in {units}, as estimated by {method_text} with "
+        "{model_text}: the map ± this value covers the truth with probability 0.683 (IntervalMethod).",
+        math.nan, "*_{param}ci68.*",
+    ),
+    OutputKind(
+        "ci95", "desc-{method}_{param}ci95", ".nii.gz", "float32", "{units}",
+        "Half-width of the 95 % interval of the {name}, in {units}, as estimated by {method_text} with "
+        "{model_text}: the map ± this value covers the truth with probability 0.95 (IntervalMethod).",
+        math.nan, "*_{param}ci95.*",
+    ),
+    OutputKind(
         "status", "desc-{method}_status", ".nii.gz", "uint8", "n/a",
         "Fit status code of each voxel for {method_text} with {model_text} (meanings in Levels; "
         f"{OUTSIDE_STATUS} outside the brain mask).",
@@ -279,6 +292,8 @@ OUTPUTS: tuple[OutputKind, ...] = (
     ),
 )
 _KINDS = {item.kind: item for item in OUTPUTS}
+#: the output kind of each interval level (Estimate.interval_levels) written as a map
+INTERVAL_KINDS = {0.6826894921370859: "ci68", 0.95: "ci95"}
 #: each acquisition's QC page (aslbatch.qc), beside its maps: ``<src>_qc.html``
 QC_PAGE_SUFFIX = "_qc.html"
 #: the run's QC index page in the output folder
@@ -375,13 +390,15 @@ def output_paths(
     *,
     stderr_methods: Collection[str] = (),
     flag_methods: Collection[str] | None = None,
+    interval_methods: Collection[str] = (),
 ) -> dict[str, Path]:
     """Every output path of one acquisition, keyed by the name after ``<src>_``.
 
     ``source``: the source name (or a PreparedData, whose ``source_name`` is used);
     ``model_name``: ``"1c"`` or ``"2c"`` (its parameters name the maps); ``methods``:
     estimator names; ``stderr_methods``: those that give standard errors; ``flag_methods``: those
-    of them that write a prior-dominated bit mask (None: those whose estimator class says so). Keys, e.g.
+    of them that write a prior-dominated bit mask (None: those whose estimator class says so);
+    ``interval_methods``: those of them that write interval half-widths (``ci68``, ``ci95``). Keys, e.g.
     for 1C and ``lm``: ``desc-brain_mask``, ``desc-lm_cbf``, ``desc-lm_att``,
     ``desc-lm_cbfse``, ``desc-lm_attse``, ``desc-lm_status``, ``provenance``. NIfTI
     sidecars are at :func:`sidecar_path`.
@@ -398,12 +415,17 @@ def output_paths(
         if flag_methods is None else list(flag_methods)
     if set(flags) - set(stderr_methods):
         raise ValueError(f"flag_methods {sorted(set(flags) - set(stderr_methods))} give no standard errors")
+    if set(interval_methods) - set(stderr_methods):
+        raise ValueError(f"interval_methods {sorted(set(interval_methods) - set(stderr_methods))} give no "
+                         f"standard errors")
     paths: dict[str, Path] = {}
     for item in OUTPUTS:
         for method in methods if item.per_method else [None]:
             if item.kind == "stderr" and method not in stderr_methods:
                 continue
             if item.kind == "flags" and method not in flags:
+                continue
+            if item.kind in INTERVAL_KINDS.values() and method not in interval_methods:
                 continue
             for param in params if item.per_param else [None]:
                 key = item.name.format(method=method, param=param)
@@ -584,6 +606,13 @@ def _check_inputs(
             raise ValueError(f"{where}: status has shape {np.shape(estimate.status)}, expected {(n,)}")
         if estimate.stderr is not None and np.shape(estimate.stderr) != (n, n_params):
             raise ValueError(f"{where}: stderr has shape {np.shape(estimate.stderr)}, expected {(n, n_params)}")
+        if estimate.intervals is not None:
+            levels = tuple(estimate.interval_levels)
+            if estimate.stderr is None or np.shape(estimate.intervals) != (n, n_params, len(levels)):
+                raise ValueError(f"{where}: intervals have shape {np.shape(estimate.intervals)}, expected "
+                                 f"{(n, n_params, len(levels))} with standard errors")
+            if set(levels) != set(INTERVAL_KINDS):
+                raise ValueError(f"{where}: interval levels {levels}; maps exist for {sorted(INTERVAL_KINDS)}")
         codes = set(np.unique(np.asarray(estimate.status)).tolist())
         if not codes <= valid_codes:
             raise ValueError(f"{where}: unknown status code(s) {sorted(codes - valid_codes)}")
@@ -674,8 +703,9 @@ def write_session_outputs(
     methods = list(estimates)
     stderr_methods = [m for m in methods if estimates[m].stderr is not None]
     flag_methods = [m for m in stderr_methods if m in ESTIMATORS and ESTIMATORS[m].flags_prior_dominated]
+    interval_methods = [m for m in stderr_methods if estimates[m].intervals is not None]
     paths = output_paths(out_dir, prepared, model.name, methods, stderr_methods=stderr_methods,
-                         flag_methods=flag_methods)
+                         flag_methods=flag_methods, interval_methods=interval_methods)
     out = Path(out_dir)
     digests = _input_digests(prepared, input_digests, bids_dir)
     sources = [_uri(name) for name in prepared.source_files]
@@ -743,6 +773,8 @@ def write_session_outputs(
                 if kind == "stderr":
                     sidecar["StandardErrorMethod"] = _stderr_text(method)
                 emit(item, item.name.format(method=method, param=param), grid, sidecar, method, param)
+        if method in interval_methods:
+            _emit_intervals(emit, model, estimate, prepared, common, method)
         if method in flag_methods:
             _emit_flags(emit, model, estimate, prepared, common, method)
         item = _KINDS["status"]
@@ -805,6 +837,29 @@ def write_session_outputs(
     _write_json(provenance_path, provenance)
     written.append(provenance_path)
     return written
+
+
+def _interval_text(method: str) -> str:
+    text = ESTIMATORS[method].interval_method if method in ESTIMATORS else None
+    return text or "as reported by the estimator (Estimate.intervals); NaN where not available"
+
+
+def _emit_intervals(emit: Any, model: KineticModel, estimate: Estimate, prepared: PreparedData,
+                    common: dict[str, Any], method: str) -> None:
+    """Write the interval half-width maps of one method (:data:`OUTPUTS` kinds ``ci68``, ``ci95``)."""
+    for k, level in enumerate(estimate.interval_levels):
+        item = _KINDS[INTERVAL_KINDS[level]]
+        for j, param in enumerate(model.param_names):
+            column = np.asarray(estimate.intervals[:, j, k], dtype=np.float64)
+            emit(item, item.name.format(method=method, param=param),
+                 prepared.unmask(column, fill=item.outside).astype(np.float32), {
+                     "Units": _units(item, param),
+                     "Description": _description(item, model.name, method, param),
+                     **common,
+                     "NominalCoverage": level,
+                     "IntervalMethod": _interval_text(method),
+                     "OutsideMask": "NaN",
+                 }, method, param)
 
 
 def _emit_flags(emit: Any, model: KineticModel, estimate: Estimate, prepared: PreparedData, common: dict[str, Any],

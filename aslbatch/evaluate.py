@@ -34,13 +34,15 @@ Units: API units (cbf mL/100 g/min, att and abat s, abv mL/mL), fractions (not %
 - networks, parameter and SNR empty: ``training_s``, training time per network as
   recorded when it was trained, mean over the K (s);
 - every method that reports standard errors, per parameter and SNR (:mod:`aslbatch.calibration`):
-  ``coverage_68`` and ``coverage_95`` (share of rows whose interval estimate ± 1 and ± 1.96 se
-  covers the truth), ``z_sd`` and ``z_robust_sd`` (spread of (estimate − truth) / se),
+  ``coverage_68`` and ``coverage_95`` (share of rows whose interval covers the truth: the interval
+  half-widths the method writes (the networks' ``<param>ci68``/``ci95`` maps), else estimate ± 1 and
+  ± 1.96 se; with half-widths, the ± se coverage is ``coverage_68_se``/``coverage_95_se``), ``z_sd``
+  and ``z_robust_sd`` (spread of (estimate − truth) / se),
   ``se_undefined`` (share of finite estimates without a finite se), ``calibration_rows`` and
   ``prior_dominated`` (share of rows flagged, :mod:`aslbatch.estimators.prior`). The networks
-  are given the test SNR's noise SD (as a run with repeats gives each voxel's), so their se is
-  the posterior SD at that SNR under the training prior of the parameters, from which the
-  parameter sets are drawn too;
+  and lm are given the test SNR's noise SD (as a run with repeats gives each voxel's), so the
+  networks' se is the posterior SD at that SNR under the training prior of the parameters, from
+  which the parameter sets are drawn too, and lm's the linearised SD at the known σ;
 - ``crlb``, per parameter and SNR: ``sd`` (median over the sets with a finite bound, API
   units), ``cov`` (mean over the sets of bound / true value, with the set exclusions of
   ``cov``, the floor of a method's CoV) and ``finite_sets``. It is the Gaussian-noise bound
@@ -335,8 +337,9 @@ def _networks(model: KineticModel, label: str, network_options: dict[str, Any], 
 
 
 def _predict(estimator: Estimator, signals: np.ndarray, snr: float) -> Estimate:
-    """The estimate of ``signals``; a network is given the noise SD of ``snr`` (its se at that SNR)."""
-    if estimator.trains:
+    """The estimate of ``signals``; a method that takes it (the networks, lm) is given the noise SD of ``snr``
+    (its se at that noise level, as a run gives each voxel the repeats' spread)."""
+    if estimator.takes_noise_sd:
         return estimator.predict(signals, noise_sd=noise_sigma(estimator.model, snr))
     return estimator.predict(signals)
 
@@ -360,7 +363,8 @@ def _method_rows(label: str, estimators: Sequence[Estimator], data: SimulatedSet
     params = estimate.params
     rows = metric_rows(params, data.params, names, group=data.group, bound=set_bounds[data.group])
     if estimate.stderr is not None:
-        rows += calibration_rows(params, estimate.stderr, data.params, names)
+        rows += calibration_rows(params, estimate.stderr, data.params, names, estimate.intervals,
+                                 estimate.interval_levels)
         flagged = prior_dominated(data.model, params, estimate.stderr)
         rows += [{"parameter": name, "metric": "prior_dominated", "value": float(flagged[:, j].mean())}
                  for j, name in enumerate(names)]
@@ -971,8 +975,9 @@ def _calibration_section(table: dict, model: KineticModel, labels: list[str], sn
         return []
     doc: list[tuple] = [
         ("h2", "Calibration of the standard errors"),
-        ("p", "Share of rows whose interval estimate ± 1 se (nominal 68.3 %) and ± 1.96 se (nominal 95 %) covers "
-              "the truth; z = (estimate − truth) / se, its SD and its IQR / 1.349 (both 1 when calibrated, above 1: "
+        ("p", "Share of rows whose 68.3 % and 95 % intervals cover the truth: for the networks the half-widths "
+              "they write (ci68, ci95: quantiles of |error|), the ± 1 se and ± 1.96 se coverage in the next columns; "
+              "for the other methods estimate ± 1 se and ± 1.96 se; z = (estimate − truth) / se, its SD and its IQR / 1.349 (both 1 when calibrated, above 1: "
               "se too small); se undefined: finite estimates without a finite se; prior-dominated: share of rows "
               f"flagged (se undefined or above {PRIOR_SHARE:g} × the SD of the training prior). The networks' se is "
               "the posterior SD under their training prior, given the noise SD of the test SNR: the parameter sets "
@@ -984,11 +989,12 @@ def _calibration_section(table: dict, model: KineticModel, labels: list[str], sn
         for m in with_se:
             for p in model.param_names:
                 get = lambda metric: table.get((m, p, snr, metric), math.nan)  # noqa: E731
-                body.append([m, p, _pct(get("coverage_68")), _pct(get("coverage_95")), _num(get("z_sd")),
-                             _num(get("z_robust_sd")), _pct(get("se_undefined")), _pct(get("prior_dominated"))])
+                body.append([m, p, _pct(get("coverage_68")), _pct(get("coverage_95")), _pct(get("coverage_68_se")),
+                             _pct(get("coverage_95_se")), _num(get("z_sd")), _num(get("z_robust_sd")),
+                             _pct(get("se_undefined")), _pct(get("prior_dominated"))])
         doc += [("h3", f"Calibration at SNR {snr:g}"),
-                ("table", ["method", "parameter", "68 % interval covers", "95 % interval covers", "z SD",
-                           "z IQR/1.349", "se undefined", "prior-dominated"], body)]
+                ("table", ["method", "parameter", "68 % interval covers", "95 % interval covers", "± se covers",
+                           "± 1.96 se covers", "z SD", "z IQR/1.349", "se undefined", "prior-dominated"], body)]
     return doc
 
 

@@ -439,3 +439,29 @@ def test_inconsistent_estimates_raise_before_anything_is_written(data_1c, tmp_pa
         der.write_session_outputs(tmp_path, prepared, {"lm": good}, get_model("2c", prepared.protocol),
                                   {"lm": {}})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interval_maps_are_written_with_their_levels(data_1c, tmp_path):
+    """An estimate with interval half-widths gets <param>ci68/ci95 maps holding them, with sidecars naming the
+    nominal coverage; inconsistent intervals are refused before anything is written."""
+    raw, prepared, model = data_1c
+    good = fake_estimate(prepared, model, "lm")
+    levels = tuple(sorted(der.INTERVAL_KINDS))
+    half = np.stack([good.stderr * 1.1, good.stderr * 2.3], axis=2)
+    with_intervals = replace(good, intervals=half, interval_levels=levels)
+    der.write_session_outputs(tmp_path, prepared, {"lm": with_intervals}, model, {"lm": LM_OPTIONS}, bids_dir=raw)
+    paths = der.output_paths(tmp_path, prepared, "1c", ["lm"], stderr_methods=["lm"], interval_methods=["lm"])
+    for k, suffix in enumerate(("ci68", "ci95")):
+        for j, param in enumerate(model.param_names):
+            data, _ = load(paths[f"desc-lm_{param}{suffix}"])
+            assert data.dtype == np.float32 and np.isnan(data[~prepared.mask]).all()
+            np.testing.assert_array_equal(data[prepared.mask], half[:, j, k].astype(np.float32))
+            meta = sidecar(paths[f"desc-lm_{param}{suffix}"])
+            assert meta["NominalCoverage"] == levels[k] and meta["Units"] == sidecar(paths[f"desc-lm_{param}"])["Units"]
+            assert ("68 %" if k == 0 else "95 %") in meta["Description"] and meta["IntervalMethod"]
+    assert "*_cbfci95.*" in der.bidsignore_patterns()
+    for message, bad in {"intervals have shape": replace(with_intervals, intervals=half[:, :1]),
+                         "interval levels": replace(with_intervals, interval_levels=(0.5, 0.9))}.items():
+        with pytest.raises(ValueError, match=message):
+            der.write_session_outputs(tmp_path / "bad", prepared, {"lm": bad}, model, {"lm": {}})
+    assert not (tmp_path / "bad").exists()

@@ -622,3 +622,43 @@ def test_model_lm_functions_match_signal_and_jacobian(name, edge, t1_prime):
         np.testing.assert_allclose(module.lm_params(tuple(q[i])), data.params[i], rtol=1e-15)
         j_att = model.param_names.index("att")
         assert q[i, j_att] + module.lm_att_offset(tuple(q[i])) == pytest.approx(data.params[i, j_att], rel=1e-15)
+
+
+def test_known_noise_stderr_is_the_jacobian_bound_at_that_noise():
+    """With the noise SD given, LM's se is sqrt(diag((JᵀJ)⁻¹)) σ: against the finite-difference-free
+    closed form from the model's Jacobian at the fitted parameters (independent of the residuals)."""
+    from aslbatch.estimators.lm import known_noise_stderr
+    from aslbatch.models import get_model
+    from aslbatch.protocol import default_protocol
+    from aslbatch.simulate import noise_sigma, simulate
+
+    model = get_model("1c", default_protocol("1c"))
+    data = simulate(model, 200, 10.0, noise="gaussian", seed=3, ranges={"cbf": (40.0, 80.0), "att": (1.0, 1.6)})
+    lm = get_estimator("lm", model).fit()
+    sigma = noise_sigma(model, 10.0)
+    plain, known = lm.predict(data.signals), lm.predict(data.signals, noise_sd=sigma)
+    np.testing.assert_array_equal(known.params, plain.params)
+    ok = np.isfinite(plain.stderr).all(axis=1) & (plain.status == 0)
+    assert ok.mean() > 0.8
+    jac = model.jacobian(plain.params[ok])
+    expected = np.sqrt(np.diagonal(np.linalg.inv(np.einsum("nvi,nvj->nij", jac, jac)), axis1=1, axis2=2)) * sigma
+    np.testing.assert_allclose(known.stderr[ok], expected, rtol=1e-6)
+    # NaN noise SD (not known) keeps the RSS-based se; a wrong shape is refused
+    sd = np.full(200, sigma)
+    sd[:50] = np.nan
+    mixed = lm.predict(data.signals, noise_sd=sd)
+    np.testing.assert_array_equal(mixed.stderr[:50], plain.stderr[:50])
+    np.testing.assert_array_equal(mixed.stderr[50:], known.stderr[50:])
+    with pytest.raises(ValueError, match="noise_sd"):
+        lm.predict(data.signals, noise_sd=np.ones(3))
+    # a run's path: the repeats' signal_se gives each voxel its noise SD (RMS over the volumes)
+    mask = np.zeros((10, 5, 4), dtype=bool)
+    mask.flat[:200] = True
+    signal_se = np.full(data.signals.shape, sigma)
+    signal_se[:50] = np.nan
+    for progress in (False, True):
+        image = lm.predict_image(data.signals, mask, signal_se=signal_se, progress=progress)
+        np.testing.assert_array_equal(image.stderr, mixed.stderr)
+    # by hand: se 2 with RSS 12 over 5 - 2 = 3 dof (s = 2) and σ 1 -> 1; the NaN column stays NaN
+    got = known_noise_stderr(np.array([[2.0, np.nan, 4.0]]), np.array([12.0]), 5, np.array([1.0]))
+    np.testing.assert_allclose(got, [[1.0, np.nan, 2.0]])

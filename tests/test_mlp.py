@@ -30,6 +30,7 @@ HEADS = {
     "signal-mse": _mlp.HEAD_SIGNAL_MSE,
     "signal-mae": _mlp.HEAD_SIGNAL_MAE,
     "log-variance": _mlp.HEAD_LOG_VARIANCE,
+    "log-variance-intervals": _mlp.HEAD_LOG_VARIANCE_INTERVALS,
 }
 #: typical ΔM/M0t of the test signals: the physics-informed losses are O(1)
 SCALE = 0.005
@@ -69,6 +70,13 @@ def reference_loss(theta, sizes, X, T, head, lower, upper, model, alpha):
         per_row = (r**2).mean(axis=1) if head == _mlp.HEAD_PARAM_MSE else np.abs(r).mean(axis=1)
     elif head == _mlp.HEAD_LOG_VARIANCE:  # Gaussian NLL of squared residuals T with variance exp(o)
         per_row = (o + T * np.exp(-o)).mean(axis=1)
+    elif head == _mlp.HEAD_LOG_VARIANCE_INTERVALS:  # NLL, then pinball losses of |residual| at each level
+        p = T.shape[1]
+        total = (o[:, :p] + T * np.exp(-o[:, :p])).sum(axis=1)
+        for k, tau in enumerate(_mlp.INTERVAL_LEVELS):
+            u = np.sqrt(T) - np.exp(o[:, (k + 1) * p:(k + 2) * p])
+            total += np.where(u >= 0, tau * u, (tau - 1.0) * u).sum(axis=1)
+        per_row = total / o.shape[1]
     else:
         r = reference_signals(model, sigmoid_params(o, lower, upper)) - T
         per_row = (r**2).mean(axis=1) / SCALE**2 if head == _mlp.HEAD_SIGNAL_MSE else np.abs(r).mean(axis=1) / SCALE
@@ -109,14 +117,15 @@ BOUNDS = {
 def gradient_problem(model, head, seed):
     """Network, inputs and targets of a gradient check (21 rows: two chunks, a part tile)."""
     rng = np.random.default_rng(seed)
-    sizes = np.array([model.n_volumes, *HIDDEN, model.n_params], dtype=np.int64)
+    n_out = model.n_params * (1 + len(_mlp.INTERVAL_LEVELS) if head == _mlp.HEAD_LOG_VARIANCE_INTERVALS else 1)
+    sizes = np.array([model.n_volumes, *HIDDEN, n_out], dtype=np.int64)
     theta = _mlp.init_weights(sizes, rng)
     n = 21
     X = rng.standard_normal((n, model.n_volumes))
     lower, upper = (np.array(b, dtype=np.float64) for b in BOUNDS[model.name])
     if head in (_mlp.HEAD_PARAM_MSE, _mlp.HEAD_PARAM_MAE):
         T = rng.standard_normal((n, model.n_params))
-    elif head == _mlp.HEAD_LOG_VARIANCE:
+    elif head in (_mlp.HEAD_LOG_VARIANCE, _mlp.HEAD_LOG_VARIANCE_INTERVALS):
         T = rng.standard_normal((n, model.n_params)) ** 2
     else:
         true = sigmoid_params(rng.standard_normal((n, model.n_params)), lower, upper)
@@ -147,6 +156,9 @@ def test_gradient_matches_central_differences(model_name, head_name, alpha):
             assert np.abs(reference_signals(model, params) - T).min() > 1e-6
     elif head == _mlp.HEAD_PARAM_MAE:
         assert np.abs(o - T).min() > 1e-4
+    elif head == _mlp.HEAD_LOG_VARIANCE_INTERVALS:  # away from the pinball losses' kinks
+        p = T.shape[1]
+        assert np.abs(np.sqrt(np.tile(T, len(_mlp.INTERVAL_LEVELS))) - np.exp(o[:, p:])).min() > 1e-4
 
     grad = np.full_like(theta, np.nan)
     loss = _mlp.loss_and_gradient(theta, sizes, X, T, head, lower, upper, SCALE, model.kernel_id, model.vol,
@@ -368,3 +380,28 @@ def test_supervised_mse_as_accurate_as_sklearn():
     ours_mse = np.mean((out - Y_val) ** 2)
     assert sk_mse < 0.05  # the problem is learnable in this budget
     assert ours_mse < 1.5 * sk_mse
+
+
+def test_interval_head_learns_the_quantiles_of_a_known_error_distribution():
+    """Trained on |error| from a uniform distribution (a box-shaped posterior) whose width depends on the
+    input, the half-widths are its quantiles (τ·w for U(-w, w)) and the variance w²/3: the closed forms."""
+    from aslbatch.estimators.trainer import Head, train_network
+
+    rng = np.random.default_rng(5)
+    n = 40_000
+    x = rng.uniform(-1.0, 1.0, (n, 1))
+    width = 1.0 + 0.5 * x[:, 0]
+    err = rng.uniform(-1.0, 1.0, n) * width
+    t = (err**2)[:, None]
+    sizes = [1, 16, 16, 3]
+    theta, _ = train_network(sizes, x[:30_000], t[:30_000], x[30_000:], t[30_000:],
+                             Head(_mlp.HEAD_LOG_VARIANCE_INTERVALS), alpha=0.0, batch_size=256,
+                             learning_rate=3e-3, max_epochs=40, patience=8, seed=0)
+    grid = np.linspace(-0.8, 0.8, 9)[:, None]
+    out, _ = numpy_forward(theta, np.asarray(sizes), grid)
+    w = 1.0 + 0.5 * grid[:, 0]
+    np.testing.assert_allclose(np.exp(0.5 * out[:, 0]), w / np.sqrt(3.0), rtol=0.06)
+    for k, tau in enumerate(_mlp.INTERVAL_LEVELS):
+        np.testing.assert_allclose(np.exp(out[:, k + 1]), tau * w, rtol=0.06)
+    # the point: 1 SD of a box covers 57.7 %, not 68.3 %, so the 68 % half-width is longer than the SD
+    assert np.all(np.exp(out[:, 1]) > 1.1 * np.exp(0.5 * out[:, 0]))

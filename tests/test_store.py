@@ -35,6 +35,11 @@ def test_round_trip_bit_identical(saved, supervised_1c, model_1c):
     np.testing.assert_array_equal(before.stderr, after.stderr)
     np.testing.assert_array_equal(supervised_1c.predict(signals, noise_sd=0.001).stderr,
                                   loaded.predict(signals, noise_sd=0.001).stderr)
+    # and the interval half-widths with their levels
+    assert loaded.uncertainty_.levels == supervised_1c.uncertainty_.levels and len(loaded.uncertainty_.levels) == 2
+    np.testing.assert_array_equal(before.intervals, after.intervals)
+    np.testing.assert_array_equal(supervised_1c.predict(signals, noise_sd=0.001).intervals,
+                                  loaded.predict(signals, noise_sd=0.001).intervals)
     assert loaded.options() == supervised_1c.options()
     # without a model, the card rebuilds it
     np.testing.assert_array_equal(load_network(saved).predict(signals).params, before.params)
@@ -65,7 +70,7 @@ def _member_data_offset(path, name):
 
 
 @pytest.mark.parametrize("member", ["weight_1.npy", "bias_0.npy", "in_scale.npy", "card.npy", "se_weight_1.npy",
-                                    "sesnr_bias_0.npy", "sesnr_out_shift.npy"])
+                                    "sesnr_bias_0.npy", "sesnr_out_shift.npy", "se_levels.npy", "sesnr_levels.npy"])
 @pytest.mark.parametrize("where", [0.5, 0.95])
 def test_one_changed_byte_is_refused(saved, tmp_path, member, where):
     start, size = _member_data_offset(saved, member)
@@ -176,10 +181,43 @@ def test_card_describes_the_uncertainty_arrays(saved):
     card = read_card(saved)
     assert card["format"] == "aslbatch.network/2"
     assert card["uncertainty"]["array_prefixes"] == ["se_", "sesnr_"]
+    assert card["uncertainty"]["interval_levels"] == [0.6826894921370859, 0.95]
     with np.load(saved, allow_pickle=False) as data:
         names = set(data.files)
     main = {n for n in names if n.startswith(("weight_", "bias_"))}
     assert {"se_" + n for n in main} <= names and {"sesnr_" + n for n in main} <= names
+    assert {"se_levels", "sesnr_levels"} <= names
+
+
+def test_file_without_interval_levels_gives_standard_errors_only(saved, tmp_path, model_1c):
+    """A training-version-3 file (variance networks without half-widths) still loads: the same standard
+    errors from the log-variance outputs, no intervals; levels that do not divide the outputs are refused."""
+    from aslbatch.estimators import store
+
+    with np.load(saved, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    card = json.loads(str(arrays.pop("card")))
+    arrays.pop("checksum")
+    n_params = model_1c.n_params
+    for prefix in ("se_", "sesnr_"):  # keep the log-variance outputs only, as version 3 wrote them
+        del arrays[prefix + "levels"]
+        last = max(int(k[len(prefix) + 7:]) for k in arrays if k.startswith(prefix + "weight_"))
+        for name in (f"weight_{last}", f"bias_{last}", "out_shift", "out_scale"):
+            arrays[prefix + name] = arrays[prefix + name][..., :n_params].copy()
+    del card["uncertainty"]["interval_levels"]
+
+    def written(arrays, name):
+        text = json.dumps(card)
+        np.savez(tmp_path / name, card=np.array(text), checksum=np.array(store._checksum(arrays, text)), **arrays)
+        return tmp_path / name
+
+    signals = simulate(model_1c, 200, 5.0, seed=3).signals
+    old = load_network(written(arrays, "v3.npz"), model_1c).predict(signals)
+    new = load_network(saved, model_1c).predict(signals)
+    assert old.intervals is None and old.interval_levels == ()
+    np.testing.assert_array_equal(old.stderr, new.stderr)
+    with pytest.raises(NetworkFileError, match="multiple"):
+        load_network(written({**arrays, "se_levels": np.array([0.5, 0.9])}, "odd.npz"), model_1c)
 
 
 def test_cache_key_changes_with_the_training_version(monkeypatch, tmp_path, model_1c):

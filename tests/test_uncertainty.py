@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from aslbatch.calibration import Z_95, binned_error, calibration, calibration_rows, coverage_curve
+from aslbatch.calibration import (Z_95, binned_error, calibration, calibration_rows, coverage_curve,
+                                  interval_coverage)
 from aslbatch.estimators import Status, get_estimator
 from aslbatch.estimators.neural import noise_sd_from_signal_se
 from aslbatch.estimators.prior import PRIOR_SHARE, bits_to_flags, flag_bits, prior_dominated, prior_sd
@@ -36,6 +37,27 @@ def test_calibration_of_a_hand_made_case():
     curve = coverage_curve(estimates, se, truth, [norm.cdf(1) - norm.cdf(-1), 0.95])
     np.testing.assert_allclose(curve, [3 / 6, 5 / 6])
     assert Z_95 == pytest.approx(norm.ppf(0.975))
+
+
+def test_interval_coverage_of_a_hand_made_case():
+    """Half-widths given directly: the share of |error| <= half-width over the rows where all are finite,
+    and calibration_rows reporting them as coverage_68/95 with the ± se ones beside."""
+    truth = np.zeros(6)
+    estimates = np.array([0.5, -1.0, 2.0, 0.3, np.nan, 1.0])
+    half = np.array([1.0, 1.0, 1.5, np.nan, 1.0, 1.0])  # covered: 0.5, -1.0 (|e| = h counts), 1.0; not 2.0
+    assert interval_coverage(estimates, half, truth) == pytest.approx(3 / 4)
+    assert np.isnan(interval_coverage(estimates[3:5], half[3:5], truth[3:5]))
+    with pytest.raises(ValueError, match="one value per row"):
+        interval_coverage(estimates, half[:3], truth)
+    se = np.array([0.25, 1.0, 1.0, 1.0, 1.0, 2.0])  # z = 2, -1, 2, 0.3, -, 0.5
+    intervals = np.stack([half, 2.0 * half], axis=1)[:, None, :]  # (n, 1 parameter, 2 levels)
+    rows = calibration_rows(estimates[:, None], se[:, None], truth[:, None], ("a",), intervals, (0.6826894921370859, 0.95))
+    got = {r["metric"]: r["value"] for r in rows}
+    assert got["coverage_68"] == pytest.approx(3 / 4) and got["coverage_95"] == pytest.approx(4 / 4)
+    assert got["coverage_68_se"] == pytest.approx(3 / 5)  # |z| <= 1: -1, 0.3, 0.5
+    assert got["coverage_95_se"] == pytest.approx(3 / 5)  # |z| <= 1.96: the same three
+    plain = {r["metric"] for r in calibration_rows(estimates[:, None], se[:, None], truth[:, None], ("a",))}
+    assert "coverage_68_se" not in plain and "coverage_68" in plain
 
 
 def test_calibrated_gaussian_errors_cover_their_nominal_share():
@@ -87,14 +109,19 @@ def test_noise_sd_from_signal_se_is_the_rms_over_volumes():
 
 
 def test_network_se_is_calibrated_at_a_given_snr(supervised_1c, model_1c):
-    """The small test network, at its training SNRs and the noise SD given: 95 % intervals cover ~95 %."""
+    """The small test network, at its training SNRs and the noise SD given: 95 % intervals cover ~95 %,
+    from ± 1.96 se and from the half-widths it gives (68 % ones too)."""
     lo, hi = supervised_1c.options()["snr_range"]
     snr = float(np.sqrt(lo * hi))
     data = simulate(model_1c, 4000, snr, seed=11)
     estimate = supervised_1c.predict(data.signals, noise_sd=noise_sigma(model_1c, snr))
+    assert estimate.interval_levels == (0.6826894921370859, 0.95)
     for j in range(model_1c.n_params):
         c = calibration(estimate.params[:, j], estimate.stderr[:, j], data.params[:, j])
         assert 0.90 <= c.coverage_95 <= 0.98, (model_1c.param_names[j], c)
+        for k, (low, high) in enumerate(((0.62, 0.74), (0.90, 0.98))):
+            covered = interval_coverage(estimate.params[:, j], estimate.intervals[:, j, k], data.params[:, j])
+            assert low <= covered <= high, (model_1c.param_names[j], k, covered)
 
 
 # --- prior-dominated flag ---------------------------------------------------------------------------
@@ -159,6 +186,45 @@ def test_predict_image_takes_each_voxels_noise_from_signal_se(supervised_1c, mod
         at_snr = supervised_1c.predict(data.signals[4:], noise_sd=noise_sigma(model_1c, 10.0))
         np.testing.assert_allclose(image.stderr[4:], at_snr.stderr, rtol=1e-6)
         np.testing.assert_allclose(image.stderr[:4], supervised_1c.predict(data.signals[:4]).stderr, rtol=1e-6)
+        # the interval half-widths follow the same rows (merged across the progress bar's chunks)
+        np.testing.assert_allclose(image.intervals[4:], at_snr.intervals, rtol=1e-6)
+        np.testing.assert_allclose(image.intervals[:4], supervised_1c.predict(data.signals[:4]).intervals, rtol=1e-6)
     assert not np.allclose(image.stderr[4:], supervised_1c.predict(data.signals[4:]).stderr)
     with pytest.raises(ValueError, match="mask"):
         supervised_1c.predict_image(data.signals, mask[:2], progress=True)
+
+
+def test_intervals_are_nan_for_invalid_input_and_come_from_either_network(supervised_1c, model_1c):
+    """Invalid rows get NaN half-widths; a mix of known and unknown noise SDs gives each row the
+    half-widths of the network that serves it (the one-pass and the split paths agree)."""
+    data = simulate(model_1c, 40, 10.0, seed=4)
+    signals = data.signals.copy()
+    signals[5] = np.nan
+    sd = np.full(40, noise_sigma(model_1c, 10.0))
+    sd[20:] = np.nan
+    mixed = supervised_1c.predict(signals, noise_sd=sd)
+    assert np.isnan(mixed.intervals[5]).all() and np.isfinite(np.delete(mixed.intervals, 5, axis=0)).all()
+    known = supervised_1c.predict(signals[:20], noise_sd=sd[:20])
+    unknown = supervised_1c.predict(signals[20:])
+    np.testing.assert_allclose(mixed.intervals[:20], known.intervals, rtol=1e-6)
+    np.testing.assert_allclose(mixed.intervals[20:], unknown.intervals, rtol=1e-6)
+    se, half = supervised_1c.uncertainty_.predict_intervals(signals[20:])
+    np.testing.assert_allclose(half, unknown.intervals, rtol=1e-6)
+    np.testing.assert_allclose(se, unknown.stderr, rtol=1e-6)
+    # the 95 % half-width exceeds the 68 % one everywhere
+    assert np.all(mixed.intervals[:, :, 1][np.isfinite(mixed.intervals[:, :, 1])]
+                  > mixed.intervals[:, :, 0][np.isfinite(mixed.intervals[:, :, 0])])
+
+
+def test_folded_variance_network_matches_the_stored_one_in_float64(supervised_1c, model_1c):
+    """The folded inference network (scalings in the layers, exponentials in float32) gives the SDs and
+    half-widths of the stored network's float64 pass through split_output, to float32 rounding."""
+    data = simulate(model_1c, 500, 10.0, seed=9)
+    for variance, inputs in ((supervised_1c.uncertainty_.marginal, data.signals),
+                             (supervised_1c.uncertainty_.at_snr, np.column_stack([data.signals, np.full(500, 2.3)]))):
+        se64, half64 = variance.split_output(variance.network.predict_float64(inputs))
+        se, half = variance.predict_intervals(inputs)
+        np.testing.assert_allclose(se, se64, rtol=2e-4)
+        np.testing.assert_allclose(half, half64, rtol=2e-4)
+        assert variance.inference_network.output_transform == "exp"
+        assert np.all(variance.inference_network.in_scale == 1.0) and np.all(variance.inference_network.in_shift == 0.0)

@@ -21,6 +21,14 @@ Heads (per-sample loss of the network output o, n_out values, against a target r
   and t_j a squared residual, both in the caller's scaled units; the loss is the Gaussian
   negative log-likelihood up to constants, mean_j (o_j + t_j exp(-o_j)), minimised by
   exp(o_j) = E[t_j | input] (exp(-o_j) is taken with o_j at least -LOG_VARIANCE_FLOOR).
+- ``HEAD_LOG_VARIANCE_INTERVALS`` (a variance network with interval half-widths): t has p values
+  (squared residuals, as for HEAD_LOG_VARIANCE) and o has p (1 + K) values: o_0..o_{p-1} log
+  variances as above, then for each level τ_k of :data:`INTERVAL_LEVELS` p values o = log q, q a
+  half-width of the error, trained with the pinball (quantile) loss of a = sqrt(t_j) = |error|,
+  τ_k (a - q) if a >= q else (1 - τ_k)(q - a), minimised by the τ_k quantile of |error| given the
+  input: the half-width of an interval symmetric about the estimate covering τ_k of the truths,
+  whatever the shape of the error's distribution (q = exp(o) with o at most LOG_VARIANCE_FLOOR).
+  The loss is the sum of those p (1 + K) terms over p (1 + K).
 The batch loss is the mean over rows plus scikit-learn's L2 term alpha / (2 n) * sum(W²)
 (weights, not biases).
 
@@ -52,6 +60,9 @@ HEAD_PARAM_MAE = 1
 HEAD_SIGNAL_MSE = 2
 HEAD_SIGNAL_MAE = 3
 HEAD_LOG_VARIANCE = 4
+HEAD_LOG_VARIANCE_INTERVALS = 5
+#: nominal coverages of the half-widths of HEAD_LOG_VARIANCE_INTERVALS: 68.27 % (±1 SD of a Gaussian) and 95 %
+INTERVAL_LEVELS = (0.6826894921370859, 0.95)
 #: the log-variance head evaluates exp(-o) at o >= -LOG_VARIANCE_FLOOR (no overflow early in training)
 LOG_VARIANCE_FLOOR = 30.0
 
@@ -338,6 +349,24 @@ def _head(head, o, t, d, lower, upper, scale, kernel_id, vol, const, prm, dprm, 
             ratio = t[j] * math.exp(-max(o[j], -LOG_VARIANCE_FLOOR))
             loss += o[j] + ratio
             d[j] = (1.0 - ratio) / n_out
+        return loss / n_out
+    if head == HEAD_LOG_VARIANCE_INTERVALS:
+        p = t.shape[0]
+        for j in range(p):
+            ratio = t[j] * math.exp(-max(o[j], -LOG_VARIANCE_FLOOR))
+            loss += o[j] + ratio
+            d[j] = (1.0 - ratio) / n_out
+            a = math.sqrt(max(t[j], 0.0))
+            for k in range(len(INTERVAL_LEVELS)):
+                tau = INTERVAL_LEVELS[k]
+                i = (k + 1) * p + j
+                q = math.exp(min(o[i], LOG_VARIANCE_FLOOR))
+                if a >= q:
+                    loss += tau * (a - q)
+                    d[i] = -tau * q / n_out
+                else:
+                    loss += (1.0 - tau) * (q - a)
+                    d[i] = (1.0 - tau) * q / n_out
         return loss / n_out
     for j in range(n_out):
         s, s1 = _sigmoid(o[j])

@@ -116,6 +116,11 @@ class Estimate:
     rss : (n,) residual sum of squares of the fitted signal, (ΔM/M0t)².
     param_names : names of the columns of ``params``.
     method : the estimator's registry name.
+    intervals : (n, n_params, len(interval_levels)) half-widths in API units of the intervals
+        params ± half-width that cover the truth with probability ``interval_levels[k]`` (NaN where
+        not available), for methods whose errors need not be Gaussian (the networks); None when the
+        intervals are params ± 1 and ± 1.96 stderr.
+    interval_levels : nominal coverages (fractions) of the ``intervals``.
     """
 
     params: np.ndarray
@@ -125,6 +130,8 @@ class Estimate:
     param_names: tuple[str, ...]
     method: str
     info: dict[str, Any] = field(default_factory=dict)
+    intervals: np.ndarray | None = None
+    interval_levels: tuple[float, ...] = ()
 
     def __getitem__(self, name: str) -> np.ndarray:
         """The column of ``params`` for parameter ``name`` (a read-only view)."""
@@ -185,13 +192,32 @@ def merge_estimates(parts: list[tuple[np.ndarray, Estimate]], n: int, names: tup
     rss = np.empty(n)
     has_stderr = all(est.stderr is not None for _, est in parts)
     stderr = np.full((n, len(names)), np.nan) if has_stderr else None
+    levels = parts[0][1].interval_levels
+    has_intervals = all(est.intervals is not None and est.interval_levels == levels for _, est in parts)
+    intervals = np.full((n, len(names), len(levels)), np.nan) if has_intervals else None
     for rows, est in parts:
         params[rows] = est.params
         status[rows] = est.status
         rss[rows] = est.rss
         if stderr is not None:
             stderr[rows] = est.stderr
-    return Estimate(params, status, stderr, rss, names, method)
+        if intervals is not None:
+            intervals[rows] = est.intervals
+    return Estimate(params, status, stderr, rss, names, method, intervals=intervals,
+                    interval_levels=levels if has_intervals else ())
+
+
+def noise_sd_from_signal_se(signal_se: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Each voxel's noise SD (n,), ΔM/M0t: the root mean square over its volumes of ``signal_se``
+    (n, n_volumes), the standard error of each averaged signal from its repeats; NaN where no
+    volume has one."""
+    se = np.asarray(signal_se, dtype=np.float64)
+    if se.shape != tuple(shape):
+        raise ValueError(f"signal_se must have the shape of signals {tuple(shape)}, got {se.shape}")
+    squares = np.where(np.isfinite(se), se * se, 0.0)
+    count = np.isfinite(se).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.sqrt(squares.sum(axis=1) / np.maximum(count, 1)), np.nan)
 
 
 #: voxels per call of ``predict`` when :meth:`Estimator.predict_image` shows a progress bar
@@ -214,6 +240,11 @@ class Estimator:
     title: ClassVar[str]
     #: how standard errors are computed (sidecar ``StandardErrorMethod``); None: no uncertainty
     stderr_method: ClassVar[str | None] = None
+    #: ``predict`` takes ``noise_sd`` (each voxel's noise SD, ΔM/M0t) for standard errors at that noise level;
+    #: evaluate passes the test SNR's, a run the repeats' spread (``predict_image(signal_se=...)``)
+    takes_noise_sd: ClassVar[bool] = False
+    #: how interval half-widths (Estimate.intervals) are computed (sidecar ``IntervalMethod``); None: none
+    interval_method: ClassVar[str | None] = None
     #: its outputs include the prior-dominated bit mask (:mod:`.prior`): methods with standard errors
     #: whose values can come from a prior or a bound rather than the data (lm, the networks)
     flags_prior_dominated: ClassVar[bool] = False

@@ -7,7 +7,9 @@ from the last layer's output to parameters in API units:
 - ``"affine"``: params = output · ``out_scale`` + ``out_shift`` (targets scaled per
   parameter for training);
 - ``"sigmoid"``: params = ``out_shift`` + ``out_scale`` · sigmoid(output), i.e. lower +
-  (upper − lower) · sigmoid (outputs squashed into bounds).
+  (upper − lower) · sigmoid (outputs squashed into bounds);
+- ``"exp"``: params = exp(output · ``out_scale`` + ``out_shift``), applied in float32 inside the
+  forward pass (a folded variance network's standard deviations and half-widths, never stored).
 
 Inference runs in float32 in row chunks through BLAS matrix products, the chunks spread
 over numba's thread count
@@ -30,7 +32,9 @@ from threadpoolctl import ThreadpoolController
 
 __all__ = ["OUTPUT_TRANSFORMS", "Network", "predict_together"]
 
-OUTPUT_TRANSFORMS = ("affine", "sigmoid")
+OUTPUT_TRANSFORMS = ("affine", "sigmoid", "exp")
+#: largest exponent of an "exp" output (float32 exp overflows above 88.7)
+EXP_LIMIT = 80.0
 #: rows per matrix product at inference: keeps the activations in cache
 INFERENCE_CHUNK = 4096
 
@@ -84,6 +88,12 @@ class Network:
         object.__setattr__(self, "_biases32", tuple(np.ascontiguousarray(b, dtype=np.float32) for b in self.biases))
         object.__setattr__(self, "_shift32", self.in_shift.astype(np.float32))
         object.__setattr__(self, "_inv_scale32", (1.0 / self.in_scale).astype(np.float32))
+        # identity scalings (a folded network) cost no pass over the rows
+        object.__setattr__(self, "_standardises", bool(np.any(self.in_shift != 0.0) or np.any(self.in_scale != 1.0)))
+        object.__setattr__(self, "_scales_output", self.output_transform == "sigmoid" or bool(
+            np.any(self.out_shift != 0.0) or np.any(self.out_scale != 1.0)))
+        if self.output_transform == "exp" and self._scales_output:
+            raise ValueError("an exp output takes identity output scalings (fold them into the last layer)")
 
     @property
     def n_inputs(self) -> int:
@@ -102,6 +112,10 @@ class Network:
 
     def output_to_params(self, out: np.ndarray) -> np.ndarray:
         """Map last-layer outputs (n, n_outputs) to parameters in API units, in place."""
+        if not self._scales_output:
+            return out
+        if self.output_transform == "exp":  # the exponential was taken in the forward pass
+            return out
         if self.output_transform == "sigmoid":
             out = 0.5 * (1.0 + np.tanh(0.5 * out))  # sigmoid without overflow
         out *= self.out_scale.astype(out.dtype)
@@ -125,15 +139,36 @@ class Network:
             h = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.float32)
             h[:, :-1] = rows
             h[:, -1] = extra[start:start + INFERENCE_CHUNK]
-        h -= self._shift32
-        h *= self._inv_scale32
+        if self._standardises:
+            h -= self._shift32
+            h *= self._inv_scale32
         last = len(self._weights32) - 1
         for k, (w, b) in enumerate(zip(self._weights32, self._biases32)):
             h = h @ w
             h += b
             if k < last:
                 np.maximum(h, 0.0, out=h)
+        if self.output_transform == "exp":  # float32: exp overflows above 88.7
+            np.minimum(h, EXP_LIMIT, out=h)
+            np.exp(h, out=h)
         out[start:start + INFERENCE_CHUNK] = h
+
+    def folded(self, exp_of: np.ndarray | None = None) -> "Network":
+        """The same function of the inputs with the input standardisation folded into the first layer and the
+        affine output map into the last (identity scalings): two passes over the rows fewer at inference,
+        outputs equal up to float32 rounding. Only for an affine output. ``exp_of`` (n_outputs,): factors c;
+        the folded network's outputs are then exp(c · output) ("exp" transform, taken inside the forward pass)."""
+        if self.output_transform != "affine":
+            raise ValueError("only a network with an affine output can be folded")
+        weights, biases = list(self.weights), list(self.biases)
+        weights[0] = self.weights[0] / self.in_scale[:, None]
+        biases[0] = self.biases[0] - (self.in_shift / self.in_scale) @ self.weights[0]
+        factor = np.ones(self.n_outputs) if exp_of is None else np.asarray(exp_of, dtype=np.float64)
+        weights[-1] = weights[-1] * (self.out_scale * factor)[None, :]
+        biases[-1] = (biases[-1] * self.out_scale + self.out_shift) * factor
+        width = self.n_inputs
+        return Network(tuple(weights), tuple(biases), np.zeros(width), np.ones(width), np.zeros(self.n_outputs),
+                       np.ones(self.n_outputs), output_transform="affine" if exp_of is None else "exp")
 
     def predict_float64(self, inputs: np.ndarray) -> np.ndarray:
         """The same as :meth:`predict` in float64 throughout (reference for the float32 pass)."""
@@ -142,7 +177,7 @@ class Network:
             h = h @ w + b
             if k < len(self.weights) - 1:
                 h = np.maximum(h, 0.0)
-        return self.output_to_params(h)
+        return np.exp(np.minimum(h, EXP_LIMIT)) if self.output_transform == "exp" else self.output_to_params(h)
 
     # --- plain arrays (for storage) ------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -18,7 +18,9 @@ slice's time offset in s) to parameters in API units. Subclasses (``supervised``
   is the posterior standard deviation under the training prior (NaN where the input is
   invalid): at each voxel's SNR where its noise SD is given (``predict(noise_sd=...)``;
   ``predict_image`` takes it from ``signal_se``, the repeats' spread), otherwise averaged
-  over the training SNR range.
+  over the training SNR range. The same variance networks give the half-widths of the 68 %
+  and 95 % intervals (``Estimate.intervals``: quantiles of |error|, pinball loss), which hold
+  their coverage where the posterior is not Gaussian (2C abat, flat between readout times).
 
 The trained network is a :class:`~aslbatch.estimators.network.Network` (plain arrays);
 :mod:`aslbatch.estimators.store` saves and loads it with its card.
@@ -34,7 +36,7 @@ import numpy as np
 from ..models import KineticModel
 from ..simulate import NOISE_MODELS, add_noise, noise_sigma, reference_signal_level, sample_parameters
 from .base import (PROGRESS_CHUNK, Estimate, Estimator, Status, check_signals, check_slice_offsets, flag_undetermined,
-                   merge_estimates)
+                   merge_estimates, noise_sd_from_signal_se)
 from .network import Network, predict_together
 from .variance import Uncertainty, VarianceNetwork, fit_uncertainty
 
@@ -120,10 +122,17 @@ class NeuralEstimator(Estimator):
     #: output transform of the networks this estimator builds
     output_transform: ClassVar[str] = "affine"
     flags_prior_dominated: ClassVar[bool] = True
+    takes_noise_sd: ClassVar[bool] = True
     stderr_method: ClassVar[str | None] = (
         "posterior standard deviation under the training prior: a variance network trained on the squared errors "
         "of this network's estimates on simulated signals (aslbatch.estimators.variance), at the voxel's SNR where "
         "its noise is known from the repeats, else averaged over the training SNR range; NaN for invalid input")
+    interval_method: ClassVar[str | None] = (
+        "quantile of |error| under the training prior: outputs of the same variance network trained with the "
+        "pinball loss on the absolute errors of this network's estimates on simulated signals "
+        "(aslbatch.estimators.variance), so the interval holds its nominal coverage whatever the shape of the "
+        "posterior (e.g. flat between two readout times, where estimate ± 1.96 se is not a 95 % interval); at "
+        "the voxel's SNR where its noise is known from the repeats, else averaged over the training SNR range")
     @staticmethod
     def default_hidden_layers(model: KineticModel) -> tuple[int, ...]:
         """(32, 32) for a model of two parameters (1C), (64, 64) for more (2C): the smallest that
@@ -236,7 +245,7 @@ class NeuralEstimator(Estimator):
             held_out.inputs, held_out.snr, estimates, held_out.params, val.inputs, val.snr, predicted, val.params,
             hidden_layers=variance_layers(opts["hidden_layers"]), batch_size=opts["batch_size"],
             learning_rate=opts["learning_rate"], max_epochs=min(opts["max_epochs"], VARIANCE_MAX_EPOCHS),
-            patience=opts["patience"], seed=opts["seed"], progress=progress,
+            patience=opts["patience"], seed=opts["seed"], progress=progress, intervals=True,
             description=f"training {self.name} {self.model.name} variance network")
         self.training_["variance"] = {**variance_history, "samples": held_out.inputs.shape[0]}
 
@@ -349,55 +358,51 @@ class NeuralEstimator(Estimator):
         row_offsets = None if offsets is None else (offsets if every else offsets[valid])
         inputs = rows if row_offsets is None else np.column_stack([rows, row_offsets])
         row_snr = None if snr is None else (snr if every else snr[valid])
-        row_se = None
+        row_se = row_half = None
         serving = None if self.uncertainty_ is None or self.network_ is None or not rows.shape[0] \
             else self.uncertainty_.network_for(row_snr)
         if serving is not None:  # both networks in one pass over the rows
             variance, extra = serving
-            raw, log_variance = predict_together([(self.network_, None), (variance.network, extra)], inputs)
-            row_se = VarianceNetwork.se_from_output(log_variance)
+            raw, variance_output = predict_together([(self.network_, None), (variance.inference_network, extra)],
+                                                      inputs)
+            row_se, row_half = variance.split_inference_output(variance_output)
         else:
             raw = self._raw_predict(inputs) if rows.shape[0] else np.empty((0, self.model.n_params))
-            if self.uncertainty_ is not None:
-                row_se = (self.uncertainty_.predict_se(inputs, row_snr) if rows.shape[0]
-                          else np.empty((0, self.model.n_params)))
+            if self.uncertainty_ is not None and rows.shape[0]:
+                row_se, row_half = self.uncertainty_.predict_intervals(inputs, row_snr)
+            elif self.uncertainty_ is not None:
+                row_se = np.empty((0, self.model.n_params))
+                row_half = np.empty((0, self.model.n_params, len(self.uncertainty_.levels))) \
+                    if self.uncertainty_.levels else None
         clipped = constrain(self.model, raw)
         residual = model_signal(self.model, raw, row_offsets)
         residual -= rows
         row_status = np.where(clipped, Status.AT_BOUND, Status.CONVERGED).astype(np.int8)
         if every:
-            params, status, rss, stderr = raw, row_status, np.einsum("ij,ij->i", residual, residual), row_se
+            params, status, rss, stderr, half = raw, row_status, np.einsum("ij,ij->i", residual, residual), row_se, \
+                row_half
         else:
             params = np.full((n, self.model.n_params), np.nan)
             status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
             rss = np.full(n, np.nan)
             params[valid], status[valid] = raw, row_status
             rss[valid] = np.einsum("ij,ij->i", residual, residual)
-            stderr = None
+            stderr = half = None
             if row_se is not None:
                 stderr = np.full((n, self.model.n_params), np.nan)
                 stderr[valid] = row_se
+            if row_half is not None:
+                half = np.full((n, *row_half.shape[1:]), np.nan)
+                half[valid] = row_half
         return Estimate(params, status, stderr, rss, self.model.param_names, self.name,
-                        info={"network": self.network_.hidden_layers})
+                        info={"network": self.network_.hidden_layers}, intervals=half,
+                        interval_levels=() if half is None else self.uncertainty_.levels)
 
 
 def variance_layers(hidden_layers: Sequence[int]) -> tuple[int, ...]:
     """Hidden widths of the variance networks: half the network's (at least 8), so that inference with
     standard errors costs little more than without."""
     return tuple(max(8, int(h) // 2) for h in hidden_layers)
-
-
-def noise_sd_from_signal_se(signal_se: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Each voxel's noise SD (n,), ΔM/M0t: the root mean square over its volumes of ``signal_se``
-    (n, n_volumes), the standard error of each averaged signal from its repeats; NaN where no
-    volume has one."""
-    se = np.asarray(signal_se, dtype=np.float64)
-    if se.shape != tuple(shape):
-        raise ValueError(f"signal_se must have the shape of signals {tuple(shape)}, got {se.shape}")
-    squares = np.where(np.isfinite(se), se * se, 0.0)
-    count = np.isfinite(se).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, np.sqrt(squares.sum(axis=1) / np.maximum(count, 1)), np.nan)
 
 
 def constrain(model: KineticModel, params: np.ndarray) -> np.ndarray:

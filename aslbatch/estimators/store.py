@@ -19,7 +19,9 @@ estimator class named in the card from its JSON options and the arrays (no pickl
 code from the file is executed) and, given the model of the data, refuses a network
 trained for another model, protocol or constants.
 
-Format ``aslbatch.network/2`` (training version 3) added the variance networks. Files of
+Format ``aslbatch.network/2`` (training version 3) added the variance networks; training version 4
+added their interval half-widths (``se_levels`` and ``sesnr_levels``: the nominal coverages; files
+without them give standard errors only). Files of
 format ``aslbatch.network/1`` are still read: their estimates have no standard errors
 (a warning says so; retrain for them). The cache key holds the training version, so a
 cached network of older code is trained again.
@@ -66,7 +68,7 @@ READABLE_FORMATS = ("aslbatch.network/1", FORMAT)
 #: environment variable overriding the cache folder
 CACHE_ENV = "ASLBATCH_CACHE_DIR"
 #: bump when training changes so that cached networks of older code are not reused
-TRAINING_VERSION = 3
+TRAINING_VERSION = 4
 #: the first bytes of a zip archive (an .npz file)
 ZIP_MAGIC = b"PK\x03\x04"
 #: protocol times (s) and constants closer than this are the same
@@ -120,7 +122,8 @@ def save_network(estimator: NeuralEstimator, path: str | os.PathLike) -> str:
         "output_transform": estimator.network_.output_transform,
         "uncertainty": None if uncertainty is None else {
             "method": "variance networks", "description": estimator.stderr_method,
-            "hidden_layers": list(uncertainty.marginal.hidden_layers), "array_prefixes": list(ARRAY_PREFIXES)},
+            "hidden_layers": list(uncertainty.marginal.hidden_layers), "array_prefixes": list(ARRAY_PREFIXES),
+            "interval_levels": list(uncertainty.levels)},
         "training_version": TRAINING_VERSION,
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

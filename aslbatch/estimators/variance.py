@@ -19,12 +19,24 @@ networks trained on the same rows: one on the inputs alone (``marginal``, calibr
 training SNR range) and one with log(SNR) as an extra input (``at_snr``, calibrated at each
 SNR), and uses the second for every voxel whose noise level is known.
 
+Interval half-widths (``intervals=True``): the SD does not give the 68 % and 95 % intervals
+where the posterior is not Gaussian (2C abat, flat between two readout times: ± 1 SD covers
+58 %, ± 1.96 SD all). The same network then has, per parameter, two more outputs trained with
+the pinball loss on |residual| (:data:`._mlp.HEAD_LOG_VARIANCE_INTERVALS`): the 68.27 % and 95 %
+quantiles of |error| given the input, the half-widths of intervals about the estimate with that
+coverage (measured on 2C abat at SNR 10: ± se 62.5 % / 97.4 %, half-widths 67.9 % / 94.4 %).
+:meth:`Uncertainty.predict_intervals` gives them with the SDs.
+
+Inference runs :attr:`VarianceNetwork.inference_network`, the network folded (scalings in its
+layers, exponentials in float32 inside the forward pass), whose outputs are the SDs and
+half-widths themselves (:meth:`VarianceNetwork.split_inference_output`).
+
 Any network estimator can use it (supervised, unsupervised, a spatial one): call
 :func:`fit_uncertainty` with its inputs, the SNR of each simulated row, its estimates and the
 true parameters of simulated data it did not train on, keep the :class:`Uncertainty`, and ask
 :meth:`Uncertainty.predict_se` for the standard errors of new inputs (with their SNR where
 known). It is stored with the estimator's network (:meth:`Uncertainty.to_arrays`, prefixes
-``se_`` and ``sesnr_``).
+``se_`` and ``sesnr_``; ``<prefix>levels``: the intervals' nominal coverages).
 """
 
 from __future__ import annotations
@@ -43,35 +55,94 @@ __all__ = ["ARRAY_PREFIXES", "Uncertainty", "VarianceNetwork", "fit_uncertainty"
 #: prefixes of the arrays of the marginal and the SNR-conditional variance network in a network file
 MARGINAL_PREFIX, AT_SNR_PREFIX = "se_", "sesnr_"
 ARRAY_PREFIXES = (MARGINAL_PREFIX, AT_SNR_PREFIX)
+#: name (after the prefix) of the array holding a variance network's interval levels
+LEVELS_ARRAY = "levels"
 
 
 @dataclass(frozen=True)
 class VarianceNetwork:
-    """A network whose outputs are log variances (API units², one per parameter).
+    """A network whose outputs are log variances (API units², one per parameter), optionally followed
+    by the logs of interval half-widths (API units).
 
-    ``network``: an affine-output :class:`~.network.Network` mapping the inputs to log variance.
+    ``network``: an affine-output :class:`~.network.Network` mapping the inputs to its outputs: the
+    n_params log variances, then, for each level of ``levels`` (nominal coverages, fractions), n_params
+    logs of the half-width of the interval about the estimate that covers the truth with that
+    probability (the level's quantile of |error|, trained with the pinball loss, :data:`._mlp.HEAD_LOG_VARIANCE_INTERVALS`).
     """
 
     network: Network
+    levels: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.network.n_outputs % (1 + len(self.levels)):
+            raise ValueError(f"a variance network with {len(self.levels)} interval levels needs a multiple of "
+                             f"{1 + len(self.levels)} outputs, got {self.network.n_outputs}")
+        if not all(0.0 < level < 1.0 for level in self.levels):
+            raise ValueError(f"interval levels must be nominal coverages in (0, 1), got {self.levels}")
+        # log variance -> SD (exp of half), log half-width -> half-width (exp), inside the forward pass
+        halves = np.concatenate([np.full(self.n_params, 0.5), np.ones(self.network.n_outputs - self.n_params)])
+        object.__setattr__(self, "_inference", self.network.folded(exp_of=halves))
+
+    @property
+    def inference_network(self) -> Network:
+        """The network with its scalings folded into its layers and the exponentials taken in its forward pass
+        (:meth:`~.network.Network.folded`): its outputs are the standard deviations, then the half-widths (API
+        units; split them with :meth:`split_inference_output`), equal to :meth:`split_output` of
+        ``network``'s up to float32 rounding and cheaper to compute. What :meth:`predict_se` and the
+        estimators use."""
+        return self._inference
+
+    def split_inference_output(self, output: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(standard deviation (n, n_params), half-widths (n, n_params, len(levels)) or None): views into the
+        output (n, n_outputs) of :attr:`inference_network`, API units."""
+        p = self.n_params
+        if not self.levels:
+            return output, None
+        return output[:, :p], output[:, p:].reshape(output.shape[0], len(self.levels), p).transpose(0, 2, 1)
 
     @property
     def hidden_layers(self) -> tuple[int, ...]:
         """Widths of the hidden layers."""
         return self.network.hidden_layers
 
+    @property
+    def n_params(self) -> int:
+        """Parameters (outputs per level)."""
+        return self.network.n_outputs // (1 + len(self.levels))
+
     def predict_se(self, inputs: np.ndarray) -> np.ndarray:
         """Standard deviation (n, n_params) in API units for finite ``inputs`` (n, n_inputs)."""
-        return self.se_from_output(self.network.predict(inputs))
+        return self.split_inference_output(self._inference.predict(inputs))[0]
+
+    def predict_intervals(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(standard deviation (n, n_params), half-widths (n, n_params, len(levels)) or None without
+        levels), API units, for finite ``inputs`` (n, n_inputs)."""
+        return self.split_inference_output(self._inference.predict(inputs))
 
     @staticmethod
     def se_from_output(log_variance: np.ndarray) -> np.ndarray:
-        """Standard deviation from the network's output (log variance, API units²), in place."""
+        """Standard deviation from the network's log-variance outputs (API units²), in place."""
         log_variance *= 0.5
         return np.exp(log_variance, out=log_variance)
 
+    def split_output(self, output: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(standard deviation (n, n_params), half-widths (n, n_params, len(levels)) or None) from the
+        network's whole output (n, n_outputs) float64, e.g. from :func:`~.network.predict_together`, API
+        units. Computed in place: both are views into ``output`` (no copies at 10^6 voxels)."""
+        p = self.n_params
+        if not self.levels:
+            return self.se_from_output(output), None
+        output[:, :p] *= 0.5
+        np.exp(output, out=output)
+        return output[:, :p], output[:, p:].reshape(output.shape[0], len(self.levels), p).transpose(0, 2, 1)
+
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
-        """The arrays of :meth:`Network.to_arrays` with ``prefix`` before each name."""
-        return {prefix + name: arr for name, arr in self.network.to_arrays().items()}
+        """The arrays of :meth:`Network.to_arrays` with ``prefix`` before each name, and ``<prefix>levels``
+        when the network has interval levels."""
+        arrays = {prefix + name: arr for name, arr in self.network.to_arrays().items()}
+        if self.levels:
+            arrays[prefix + LEVELS_ARRAY] = np.asarray(self.levels, dtype=np.float64)
+        return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> "VarianceNetwork":
@@ -79,7 +150,10 @@ class VarianceNetwork:
         own = {name[len(prefix):]: arr for name, arr in arrays.items() if name.startswith(prefix)}
         if not own:
             raise KeyError(f"no {prefix}* arrays of a variance network")
-        return cls(Network.from_arrays(own, "affine"))
+        levels = own.pop(LEVELS_ARRAY, np.zeros(0))
+        if levels.ndim != 1:
+            raise ValueError(f"{prefix}{LEVELS_ARRAY} must be a vector of nominal coverages")
+        return cls(Network.from_arrays(own, "affine"), tuple(float(v) for v in levels))
 
 
 def _with_log_snr(inputs: np.ndarray, snr: np.ndarray) -> np.ndarray:
@@ -100,9 +174,10 @@ class Uncertainty:
 
     def __post_init__(self) -> None:
         if (self.at_snr.network.n_inputs != self.marginal.network.n_inputs + 1
-                or self.at_snr.network.n_outputs != self.marginal.network.n_outputs):
+                or self.at_snr.network.n_outputs != self.marginal.network.n_outputs
+                or self.at_snr.levels != self.marginal.levels):
             raise ValueError("the SNR-conditional variance network must take one input more than the marginal one "
-                             "and give as many outputs")
+                             "and give as many outputs, at the same interval levels")
 
     @property
     def n_inputs(self) -> int:
@@ -112,7 +187,12 @@ class Uncertainty:
     @property
     def n_outputs(self) -> int:
         """Parameters."""
-        return self.marginal.network.n_outputs
+        return self.marginal.n_params
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        """Nominal coverages of the interval half-widths the networks give (empty: standard deviations only)."""
+        return self.marginal.levels
 
     def predict_se(self, inputs: np.ndarray, snr: np.ndarray | None = None) -> np.ndarray:
         """Standard deviation (n, n_params), API units, for finite ``inputs`` (n, n_inputs); rows with a
@@ -126,6 +206,25 @@ class Uncertainty:
         se[known] = self.at_snr.predict_se(_with_log_snr(inputs[known], snr[known]))
         se[~known] = self.marginal.predict_se(inputs[~known])
         return se
+
+    def predict_intervals(self, inputs: np.ndarray, snr: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
+        """As :meth:`predict_se`, with the interval half-widths: (standard deviation (n, n_params), half-widths
+        (n, n_params, len(:attr:`levels`)) or None when the networks have no levels), API units."""
+        known = np.zeros(inputs.shape[0], dtype=bool) if snr is None else np.isfinite(snr) & (snr > 0)
+        if not known.any():
+            return self.marginal.predict_intervals(inputs)
+        if known.all():
+            return self.at_snr.predict_intervals(_with_log_snr(inputs, snr))
+        se = np.empty((inputs.shape[0], self.n_outputs))
+        half = None if not self.levels else np.empty((inputs.shape[0], self.n_outputs, len(self.levels)))
+        for rows, (part_se, part_half) in (
+                (known, self.at_snr.predict_intervals(_with_log_snr(inputs[known], snr[known]))),
+                (~known, self.marginal.predict_intervals(inputs[~known]))):
+            se[rows] = part_se
+            if half is not None:
+                half[rows] = part_half
+        return se, half
 
     def network_for(self, snr: np.ndarray | None) -> tuple[VarianceNetwork, np.ndarray | None] | None:
         """The variance network that serves every row of ``snr`` (n,) or None (no SNR known) and its extra
@@ -161,7 +260,8 @@ def fit_variance_network(inputs: np.ndarray, estimates: np.ndarray, truth: np.nd
                          estimates_val: np.ndarray, truth_val: np.ndarray, *, hidden_layers: Sequence[int],
                          batch_size: int = 1024, learning_rate: float = 1e-3, max_epochs: int = 100,
                          patience: int = 8, seed: int = 0, progress: bool = False,
-                         description: str = "training variance network") -> tuple[VarianceNetwork, dict[str, Any]]:
+                         description: str = "training variance network", intervals: bool = False
+                         ) -> tuple[VarianceNetwork, dict[str, Any]]:
     """Train a :class:`VarianceNetwork` on simulated data the estimator did not train on.
 
     ``inputs`` (n, n_inputs): the estimator's network inputs (ΔM/M0t [+ slice offset s]);
@@ -169,22 +269,30 @@ def fit_variance_network(inputs: np.ndarray, estimates: np.ndarray, truth: np.nd
     bounds), API units; ``truth`` (n, n_params): the simulated parameters. ``*_val``: the same
     for held-out rows (early stopping). The squared residuals are divided by their mean per
     parameter for training, and the network's output shifted back, so the output is
-    log variance in API units². Returns the network and its training history.
+    log variance in API units². With ``intervals``, it also learns the half-widths of the intervals
+    of :data:`._mlp.INTERVAL_LEVELS` (quantiles of |error|, pinball loss; :class:`VarianceNetwork`),
+    for errors whose distribution is not Gaussian (e.g. flat between two readout times). Returns the
+    network and its training history.
     """
     from sklearn.preprocessing import StandardScaler  # scikit-learn only when training
 
     r2, r2_val = squared_residuals(estimates, truth), squared_residuals(estimates_val, truth_val)
     level = np.maximum(r2.mean(axis=0), np.finfo(np.float64).tiny)
     scaler = StandardScaler().fit(inputs)
-    sizes = [inputs.shape[1], *[int(h) for h in hidden_layers], r2.shape[1]]
+    levels = _mlp.INTERVAL_LEVELS if intervals else ()
+    n_params = r2.shape[1]
+    sizes = [inputs.shape[1], *[int(h) for h in hidden_layers], n_params * (1 + len(levels))]
+    head = _mlp.HEAD_LOG_VARIANCE_INTERVALS if intervals else _mlp.HEAD_LOG_VARIANCE
     theta, history = train_network(
         sizes, scaler.transform(inputs), r2 / level, scaler.transform(inputs_val), r2_val / level,
-        Head(_mlp.HEAD_LOG_VARIANCE), alpha=0.0, batch_size=batch_size, learning_rate=learning_rate,
+        Head(head), alpha=0.0, batch_size=batch_size, learning_rate=learning_rate,
         max_epochs=max_epochs, patience=patience, seed=seed, progress=progress, description=description)
     layers = _mlp.unpack(theta, sizes)
+    # outputs in scaled units: log variance shifted by log(level), log half-width by log(sqrt(level))
+    shift = np.concatenate([np.log(level), *[0.5 * np.log(level)] * len(levels)])
     network = Network(tuple(w.copy() for w, _ in layers), tuple(b.copy() for _, b in layers), scaler.mean_,
-                      scaler.scale_, np.log(level), np.ones(r2.shape[1]), output_transform="affine")
-    return VarianceNetwork(network), history
+                      scaler.scale_, shift, np.ones(sizes[-1]), output_transform="affine")
+    return VarianceNetwork(network, tuple(levels)), history
 
 
 def fit_uncertainty(inputs: np.ndarray, snr: np.ndarray, estimates: np.ndarray, truth: np.ndarray,
