@@ -321,6 +321,9 @@ def test_evaluate_spatial_on_the_command_line(tmp_path):
     assert value[("smooth-lm", "cbf", "interior_gm", "nrmse")] < value[("lm", "cbf", "interior_gm", "nrmse")]
     assert {"maps_cbf.png", "maps_att.png", "profiles.png"} <= {p.name for p in (out / "figures").iterdir()}
     assert "smooth-lm" in (out / "report.md").read_text()
+    # LM gives standard errors: their coverage per region is in the metrics and the report
+    assert 0.0 < value[("lm", "cbf", "interior_gm", "coverage_95")] <= 1.0
+    assert "coverage of the 68 % / 95 % intervals" in (out / "report.md").read_text()
     bad = CliRunner().invoke(app, ["evaluate", "--spatial", "--out", str(out), "--method", "nope"])
     assert bad.exit_code == 2 and "smooth-lm" in bad.output
 
@@ -471,3 +474,26 @@ def test_a_batch_run_writes_spatial_se_maps_and_the_prior_dominated_mask(tmp_pat
     assert "spatial cbfse" in page and "spatial attse" in page
     shares = page.split("Prior-dominated values")[1].split("</table>")[0]
     assert "<td>spatial</td>" in shares.replace(" ", "")
+
+
+def test_evaluate_spatial_calibration_rows_on_known_gaussian_errors(model):
+    """Maps = truth + Gaussian errors of a known SD, reported with that SD as se: every region covers
+    about 68 % / 95 % (the Gaussian's shares), z SD about 1; an se above 0.8 x the prior's SD is flagged
+    in every voxel, a small one in none."""
+    from aslbatch.evaluate_spatial import REGIONS, _calibration_rows
+
+    phantom = make_spatial_phantom("1c")
+    rng = np.random.default_rng(5)
+    sd = np.array([5.0, 0.1])
+    stack = phantom.params[None] + rng.standard_normal((20,) + phantom.params.shape) * sd
+    se = np.broadcast_to(sd, stack.shape).copy()
+    se[..., 1] = 10.0  # att: wider than the prior
+    stack[..., 1] = phantom.params[..., 1]  # exact, so inside any interval
+    rows = _calibration_rows(phantom, {("m", 3.0): stack}, {("m", 3.0): se}, model)
+    value = {(r["parameter"], r["region"], r["metric"]): r["value"] for r in rows}
+    for region in REGIONS:
+        assert abs(value[("cbf", region, "coverage_68")] - 0.6827) < 0.04, region
+        assert abs(value[("cbf", region, "coverage_95")] - 0.95) < 0.025, region
+        assert abs(value[("cbf", region, "z_sd")] - 1.0) < 0.06, region
+        assert value[("cbf", region, "prior_dominated")] == 0.0
+        assert value[("att", region, "coverage_68")] == 1.0 and value[("att", region, "prior_dominated")] == 1.0
