@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from aslbatch.estimators import get_estimator
-from aslbatch.estimators.patches import (NEIGHBOURS, gather_patches, n_patch_inputs, neighbour_rows, plane_axes,
-                                         simulate_patches)
+from aslbatch.estimators.patches import (NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_rows,
+                                         plane_axes, simulate_patches)
 from aslbatch.estimators.store import NetworkMismatch, load_network, save_network
 from aslbatch.evaluate import METHODS as VOXELWISE_METHODS
 from aslbatch.evaluate_spatial import edge_error, lesion_contrast, region_errors, smooth_signals
@@ -26,6 +26,12 @@ def model():
 @pytest.fixture(scope="module")
 def tiny(model):
     return get_estimator("spatial", model, **TINY).fit()
+
+
+def log_cbf_back(params):
+    """The network's output has log(cbf + 5) in place of cbf (column 0): cbf = exp(output) - 5."""
+    params[:, 0] = np.exp(params[:, 0]) - 5.0
+    return params
 
 
 def _random_mask(shape, seed):
@@ -132,8 +138,6 @@ def test_lesion_patches_are_small_rectangles_of_scaled_cbf(monkeypatch):
 
 
 def test_a_network_of_another_training_prior_is_refused(model):
-    from aslbatch.estimators.patches import PRIOR_VERSION
-
     # the prior's version is an option, so it is in the card and the cache key (store.NetworkCache.key)
     assert get_estimator("spatial", model).options()["prior"] == PRIOR_VERSION
     with pytest.raises(ValueError, match="training prior"):
@@ -296,7 +300,7 @@ def test_image_estimate_is_the_network_of_the_gathered_patches(tiny, model):
     n = int(mask.sum())
     signals = model.signal(np.column_stack([rng.uniform(20, 90, n), rng.uniform(0.8, 2.5, n)]))
     est = tiny.predict_image(signals, mask)
-    expected = tiny.network_.predict(gather_patches(signals, neighbour_rows(mask)))
+    expected = log_cbf_back(tiny.network_.predict(gather_patches(signals, neighbour_rows(mask))))
     constrain(model, expected)
     np.testing.assert_allclose(est.params, expected, rtol=1e-6)
     residual = model.signal(est.params) - signals
@@ -339,7 +343,8 @@ def test_a_2d_readout_uses_the_slice_offset_and_the_plane_of_one_slice_time(mode
     offsets = np.broadcast_to(np.array([0.0, 0.05, 0.1])[:, None, None], mask.shape)[mask]
     signals = model.signal(np.tile([60.0, 1.2], (mask.sum(), 1))) * np.linspace(0.8, 1.2, mask.sum())[:, None]
     est = net.predict_image(signals, mask, slice_offsets=offsets)
-    expected = net.network_.predict(gather_patches(signals, neighbour_rows(mask, (1, 2)), slice_offsets=offsets))
+    expected = log_cbf_back(net.network_.predict(gather_patches(signals, neighbour_rows(mask, (1, 2)),
+                                                                slice_offsets=offsets)))
     constrain(model, expected)
     np.testing.assert_allclose(est.params, expected, rtol=1e-6)
     with pytest.raises(ValueError, match="outside"):
@@ -395,7 +400,7 @@ def test_standard_errors_are_calibrated_on_patches_of_the_prior(calibrated, mode
 
     snr = 35.0
     inputs, truth, _ = simulate_patches(model, 20_000, (snr, snr), "rician", (), np.random.default_rng(9))
-    raw = calibrated.network_.predict(inputs)
+    raw = log_cbf_back(calibrated.network_.predict(inputs))
     from aslbatch.estimators.neural import constrain
 
     constrain(model, raw)
@@ -421,7 +426,7 @@ def test_file_round_trip_keeps_the_standard_errors_and_refuses_damaged_variance_
     np.testing.assert_array_equal(before.stderr, after.stderr)
     np.testing.assert_array_equal(tiny.predict_image(signals, mask).stderr, loaded.predict_image(signals, mask).stderr)
     card = read_card(path)
-    assert card["uncertainty"]["array_prefixes"] == ["se_", "sesnr_"] and card["options"]["prior"] == 3
+    assert card["uncertainty"]["array_prefixes"] == ["se_", "sesnr_"] and card["options"]["prior"] == PRIOR_VERSION
     raw = path.read_bytes()
     for member in ("se_weight_0.npy", "sesnr_bias_1.npy"):
         with zipfile.ZipFile(path) as zf:

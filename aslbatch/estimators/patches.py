@@ -59,8 +59,9 @@ __all__ = ["NEIGHBOURS", "PRIOR_VERSION", "gather_patches", "n_patch_inputs", "n
            "usable_rows"]
 
 #: version of the training prior below and of what a spatial training makes (a spatial network's option:
-#: networks of another version are retrained); 3: the prior of 2, with variance networks (standard errors)
-PRIOR_VERSION = 3
+#: networks of another version are retrained); 3: the prior of 2, with variance networks (standard errors);
+#: 4: CBF learnt as log(cbf + 5) (:mod:`aslbatch.estimators.spatial`)
+PRIOR_VERSION = 4
 #: in-plane offsets (row, column) of the 8 neighbours, in input order
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 #: share of training patches per geometry (smooth, straight edge, island, lesion)

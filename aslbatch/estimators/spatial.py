@@ -10,7 +10,10 @@ smooth parameter fields with straight edges, small islands and partial volume).
 
 Training: as the supervised network (:class:`~aslbatch.estimators.supervised.SupervisedEstimator`:
 standardised inputs and targets, ReLU layers, Adam with early stopping by the numba trainer,
-MSE loss) on simulated patches with the acquisition's protocol, noise model and slice offsets;
+MSE loss) on simulated patches with the acquisition's protocol, noise model and slice offsets,
+except that the CBF target is log(cbf + :data:`CBF_LOG_OFFSET`) and the estimate its exponential
+(minus the offset): the posterior mean of log CBF, which pulls a low-CBF voxel (a small lesion)
+less towards the prior's middle than the mean of CBF does (``benchmarks/study_spatial_prior.py``);
 cached and stored like every network (:mod:`~aslbatch.estimators.store`: arrays + JSON card,
 and a network trained for one protocol refuses data of another).
 
@@ -47,6 +50,12 @@ from .supervised import SupervisedEstimator
 from .variance import Uncertainty, VarianceNetwork, fit_uncertainty
 
 __all__ = ["SpatialEstimator"]
+
+#: offset (mL/100 g/min) of the log-CBF training target: CBF 0 is in the training range
+CBF_LOG_OFFSET = 5.0
+#: largest log-CBF output turned back into CBF (far above the training range; keeps exp finite)
+_LOG_CBF_MAX = 20.0
+
 
 class SpatialEstimator(SupervisedEstimator):
     """Spatial supervised network (``"spatial"``): the options of
@@ -118,6 +127,32 @@ class SpatialEstimator(SupervisedEstimator):
             patience=opts["patience"], seed=opts["seed"], progress=progress,
             description=f"training {self.name} {self.model.name} variance network")
         self.training_["variance"] = {**variance_history, "samples": held_out.inputs.shape[0]}
+
+    def _train(self, train: TrainingSet, val: TrainingSet, opts: dict[str, Any], rng: np.random.Generator,
+               progress: bool) -> tuple[Network, dict[str, Any]]:
+        """The supervised network's training on log(cbf + CBF_LOG_OFFSET) in place of cbf (module docstring)."""
+        j = self.model.param_names.index("cbf")
+
+        def logged(data: TrainingSet) -> TrainingSet:
+            params = data.params.copy()
+            params[:, j] = np.log(params[:, j] + CBF_LOG_OFFSET)
+            return TrainingSet(data.inputs, params, data.snr)
+
+        return super()._train(logged(train), logged(val), opts, rng, progress)
+
+    def _cbf_from_output(self, params: np.ndarray) -> np.ndarray:
+        """The network's parameters (n, n_params), cbf as log(cbf + CBF_LOG_OFFSET), to API units, in place."""
+        j = self.model.param_names.index("cbf")
+        np.minimum(params[:, j], _LOG_CBF_MAX, out=params[:, j])
+        np.exp(params[:, j], out=params[:, j])
+        params[:, j] -= CBF_LOG_OFFSET
+        return params
+
+    def _raw_predict(self, inputs: np.ndarray) -> np.ndarray:
+        """Parameters (n, n_params), API units, of patch input rows (n, n_inputs), before clipping."""
+        if self.network_ is None:
+            raise ValueError(f"this {self.name} estimator has no network yet: fit() it or load a trained one")
+        return self._cbf_from_output(self.network_.predict(inputs))
 
     def set_network(self, network: Network, training: dict[str, Any], uncertainty: Uncertainty | None = None) -> None:
         """Install a trained network and its variance networks, if any (from
@@ -194,7 +229,7 @@ class SpatialEstimator(SupervisedEstimator):
         else:
             with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
                 list(pool.map(block, range(n_blocks)))
-        network.output_to_params(out)
+        self._cbf_from_output(network.output_to_params(out))
         if serving is not None:
             serving[0].network.output_to_params(se)
             VarianceNetwork.se_from_output(se)
