@@ -1,19 +1,22 @@
-"""Reduced-size study of the spatial network's training prior (issue 17: lesion contrast at SNR 3, 1C edge att).
+"""Reduced-size study of the spatial network's training (issue 17: lesion contrast at SNR 3, 1C edge att).
 
 Trains the ``spatial`` network (network only, no variance networks) at ``--samples`` patches for each variant
-of the training prior (:mod:`aslbatch.estimators.patches` constants changed for the run) and scores every variant
+of its training (:mod:`aslbatch.estimators.patches` constants changed for the run) and scores every variant
 on the spatial phantom (:func:`aslbatch.evaluate_spatial.run_spatial_evaluation`) beside the voxelwise
-supervised network and the smoothing baseline: interior GM NRMSE ratios, edge NRMSE and bias, the edge att on
-the white-matter side, lesion contrast. Variants (the default is the current prior):
+supervised network and the smoothing baseline: interior GM NRMSE ratios, interior WM att, edge NRMSE and
+att bias, lesion contrast. Variants (``current`` is the training of this aslbatch: prior version 2, CBF
+learnt as log(cbf + 5)):
 
+- ``linear``: CBF learnt as itself (the training before version 4);
 - ``lesion50``: half the patches lesions (SHARES smooth .2, edge .2, island .1, lesion .5);
 - ``tissue-step``: where two regions share their arrival (a tissue boundary in one territory), the region of
   lower CBF arrives U(0, 0.6) s later (white matter behind grey matter: the phantom's 0.4 s);
-- ``both``: the two together;
-- ``logcbf``: the current prior, the network trained on log(cbf + 5 mL/100 g/min) instead of cbf (its
-  estimate the exponential, a posterior geometric mean: less pulled up in low-CBF voxels).
+- ``both``: the two together.
 
-Run: ``python benchmarks/study_spatial_prior.py [--samples N] [--snr 3] [--repeats R] [--variants a,b]``.
+The README's figures: ``linear`` was the reference of the prior variants (they were measured with CBF
+learnt as itself), and ``current`` against ``linear`` is the log target's effect.
+
+Run: ``python benchmarks/study_spatial_prior.py [--samples N] [--snr 3,5] [--repeats R] [--variants a,b]``.
 """
 
 from __future__ import annotations
@@ -34,14 +37,11 @@ from aslbatch.protocol import default_protocol
 
 VARIANTS = {
     "current": {},
+    "linear": {"target": "linear"},
     "lesion50": {"SHARES": {"smooth": 0.2, "edge": 0.2, "island": 0.1, "lesion": 0.5}},
     "tissue-step": {"_tie_regions": "tissue_step"},
     "both": {"SHARES": {"smooth": 0.2, "edge": 0.2, "island": 0.1, "lesion": 0.5}, "_tie_regions": "tissue_step"},
-    "logcbf": {"target": "log"},
-    "logcbf1": {"target": "log", "offset": 1.0},
 }
-#: offset (mL/100 g/min) of the log-CBF target
-LOG_OFFSET = 5.0
 #: largest delay (s) of the lower-CBF region behind the other across a shared-arrival boundary (tissue-step)
 TISSUE_STEP_S = 0.6
 _TIE = patches._tie_regions
@@ -81,33 +81,23 @@ def prior(changes: dict):
 
 def train(model, changes: dict, n: int, seed: int = 0):
     """The spatial network trained on ``n`` patches of the changed prior (no variance networks)."""
+    from aslbatch.estimators.supervised import SupervisedEstimator
+
     est = get_estimator("spatial", model, n_samples=n, seed=seed)
     changes = dict(changes)
-    log_target = changes.pop("target", None) == "log"
-    offset = changes.pop("offset", LOG_OFFSET)
+    linear = changes.pop("target", None) == "linear"
     with prior(changes):
         opts, rng, n_val = est._training_start(None, "patches")
         sets = [TrainingSet(*patches.simulate_patches(model, k, opts["snr_range"], opts["noise"], opts["slice_offsets"],
                                                       rng)) for k in (n, n_val)]
-        if log_target:
-            for t in sets:
-                t.params[:, 0] = np.log(t.params[:, 0] + offset)
         t0 = time.perf_counter()
-        est.network_, history = est._train(sets[0], sets[1], opts, rng, False)
+        if linear:  # the supervised network's training: CBF itself as the target
+            est.network_, history = SupervisedEstimator._train(est, sets[0], sets[1], opts, rng, False)
+        else:
+            est.network_, history = est._train(sets[0], sets[1], opts, rng, False)
+    if linear:
+        est._cbf_from_output = lambda params: params  # the network's output is CBF already
     est.training_, est.fitted_ = history, True
-    if log_target:
-        network = est.network_
-
-        class _Exp:  # the network's output with cbf back from log
-            def __getattr__(self, name):
-                return getattr(network, name)
-
-            def output_to_params(self, out):
-                network.output_to_params(out)
-                out[:, 0] = np.exp(out[:, 0]) - offset
-                return out
-
-        est.network_ = _Exp()
     return est, time.perf_counter() - t0
 
 
