@@ -16,7 +16,11 @@ Metrics, per method, SNR and parameter, pooled over the repeats (fractions, not 
   voxel of the mask's edge): RMSE / mean truth and mean error / mean truth over the region;
 - ``lesion_contrast`` (cbf): the share of a lesion's contrast kept: the estimate's contrast
   1 − mean(lesion) / mean(surround) over the truth's, averaged over the lesions of a noise image,
-  median over the images (1: kept; 0: smoothed away).
+  median over the images (1: kept; 0: smoothed away);
+- for methods that give standard errors, in each region: ``coverage_68`` / ``coverage_95`` (share of
+  voxels whose truth lies within 1 / 1.96 se of the estimate, :mod:`aslbatch.calibration`),
+  ``z_sd`` and ``prior_dominated`` (share flagged, :mod:`aslbatch.estimators.prior`). Every method
+  is given the noise SD of the SNR (``signal_se``), so the networks' se are those at that SNR.
 
 Outputs in ``out``: ``metrics.tsv`` (method, parameter, snr, region, metric, value), ``report.md``
 (tables, ratios to the voxelwise ``supervised`` network) and ``figures/`` (maps and error maps side
@@ -34,7 +38,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .atomic import atomic_open
+from .calibration import calibration
 from .estimators import ESTIMATORS, Estimator, get_estimator
+from .estimators.prior import prior_dominated
 from .evaluate import _check_snrs
 from .models import KineticModel, get_model
 from .protocol import Constants, Protocol, default_protocol
@@ -173,21 +179,29 @@ def run_spatial_evaluation(out: str | Path, *, model_name: str = "1c", protocol:
     estimators = {m: _estimator(m, model, cache_dir, dict(network_options or {}), progress) for m in labels}
     labels = labels + list(extra or {})
     maps: dict[tuple[str, float], np.ndarray] = {}
+    errors: dict[tuple[str, float], np.ndarray] = {}
     rng = np.random.default_rng([seed, 17])
     for snr in snr_values:
         sigma = noise_sigma(model, snr)
         noisy = [add_noise(clean, sigma, noise, rng) for _ in range(repeats)]
+        noise_sd = np.full(clean.shape, float(sigma))
         for label in labels:
             stack = np.full((repeats,) + phantom.params.shape, np.nan)
+            se_stack = np.full_like(stack, np.nan)
             for r, signals in enumerate(noisy):
                 if label in (extra or {}):
                     params = extra[label](model, signals, mask)
                 else:
                     data = smooth_signals(signals, mask) if label == BASELINE else signals
-                    params = estimators[label].predict_image(data, mask).params
+                    estimate = estimators[label].predict_image(data, mask, signal_se=noise_sd)
+                    params = estimate.params
+                    if estimate.stderr is not None:
+                        se_stack[r][mask] = estimate.stderr
                 stack[r][mask] = params
             maps[(label, snr)] = stack
-    rows = _rows(phantom, maps, labels, snr_values)
+            if np.isfinite(se_stack).any():
+                errors[(label, snr)] = se_stack
+    rows = _rows(phantom, maps, labels, snr_values) + _calibration_rows(phantom, maps, errors, model)
     figures = _figures(phantom, maps, labels, snr_values[0])
     return SpatialEvaluation(rows, _write(Path(out), rows, figures, _report(rows, labels, snr_values, model,
                                                                             repeats, noise, figures)))
@@ -195,8 +209,7 @@ def run_spatial_evaluation(out: str | Path, *, model_name: str = "1c", protocol:
 
 def _rows(phantom: SpatialPhantom, maps: dict[tuple[str, float], np.ndarray], labels: list[str],
           snrs: list[float]) -> list[dict[str, Any]]:
-    regions = {"interior_gm": phantom.interior & phantom.tissue(GM), "interior_wm": phantom.interior & phantom.tissue(WM),
-               "edge": phantom.edge, "border": phantom.border}
+    regions = _regions(phantom)
     rows = []
     for label in labels:
         for snr in snrs:
@@ -210,6 +223,30 @@ def _rows(phantom: SpatialPhantom, maps: dict[tuple[str, float], np.ndarray], la
                 value = lesion_contrast(stack[..., 0], phantom["cbf"], phantom.lesions, phantom.surround)
                 rows.append(dict(method=label, parameter="cbf", snr=snr, region="lesion", metric="lesion_contrast",
                                  value=value))
+    return rows
+
+
+def _regions(phantom: SpatialPhantom) -> dict[str, np.ndarray]:
+    """The regions of the metrics (:data:`REGIONS`) as boolean maps."""
+    return {"interior_gm": phantom.interior & phantom.tissue(GM), "interior_wm": phantom.interior & phantom.tissue(WM),
+            "edge": phantom.edge, "border": phantom.border}
+
+
+def _calibration_rows(phantom: SpatialPhantom, maps: dict[tuple[str, float], np.ndarray],
+                      errors: dict[tuple[str, float], np.ndarray], model: KineticModel) -> list[dict[str, Any]]:
+    """Coverage, z SD and prior-dominated share per region of every (method, SNR) with standard errors."""
+    rows = []
+    for (label, snr), se in errors.items():
+        stack = maps[(label, snr)]
+        truth = np.broadcast_to(phantom.params, stack.shape)
+        for region, where in _regions(phantom).items():
+            est, err, tru = stack[:, where], se[:, where], truth[:, where]  # (repeats, voxels, n_params)
+            flagged = prior_dominated(model, est.reshape(-1, model.n_params), err.reshape(-1, model.n_params))
+            for j, name in enumerate(phantom.param_names):
+                c = calibration(est[..., j], err[..., j], tru[..., j])
+                rows += [dict(method=label, parameter=name, snr=snr, region=region, metric=metric, value=value)
+                         for metric, value in (("coverage_68", c.coverage_68), ("coverage_95", c.coverage_95),
+                                               ("z_sd", c.z_sd), ("prior_dominated", float(flagged[:, j].mean())))]
     return rows
 
 
@@ -311,6 +348,16 @@ def _report(rows: list[dict[str, Any]], labels: list[str], snrs: list[float], mo
             row.append(f"{table.get((label, 'cbf', snr, 'lesion', 'lesion_contrast'), math.nan):.2f}")
             body.append(row)
         lines += [markdown_table(header, body), ""]
+        calibrated = [label for label in labels if (label, "cbf", snr, "edge", "coverage_95") in table]
+        if calibrated:
+            lines += [f"Standard errors at SNR {snr:g}: coverage of the 68 % / 95 % intervals per region (nominal "
+                      f"0.68 / 0.95) and the share flagged prior-dominated.", ""]
+            header = ["method", "parameter"] + [f"{reg} 68/95" for reg in REGIONS] + ["prior-dominated"]
+            body = [[label, p] + [f"{table[(label, p, snr, reg, 'coverage_68')]:.2f} / "
+                                  f"{table[(label, p, snr, reg, 'coverage_95')]:.2f}" for reg in REGIONS]
+                    + [f"{table[(label, p, snr, 'interior_gm', 'prior_dominated')]:.2f} (GM)"]
+                    for label in calibrated for p in model.param_names]
+            lines += [markdown_table(header, body), ""]
     for name, (_, caption) in figures.items():
         lines += [f"![{name}](figures/{name}.png)", "", caption, ""]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ Run: ``python benchmarks/study_spatial.py [--out DIR] [--repeats R] [--models 1c
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import time
 from pathlib import Path
@@ -30,10 +31,10 @@ from threadpoolctl import threadpool_limits
 from aslbatch.estimators import get_estimator
 from aslbatch.estimators.patches import gather_patches, neighbour_rows
 from aslbatch.estimators.store import NetworkCache, NetworkMismatch, load_network
-from aslbatch.evaluate_spatial import BASELINE, run_spatial_evaluation
+from aslbatch.evaluate_spatial import BASELINE, REGIONS, run_spatial_evaluation
 from aslbatch.models import get_model
 from aslbatch.protocol import Protocol, default_protocol
-from aslbatch.simulate import simulate
+from aslbatch.simulate import noise_sigma, simulate
 
 SNRS = (3.0, 5.0)
 #: the issue's targets: spatial / supervised NRMSE in interior grey matter, per model and parameter
@@ -91,6 +92,15 @@ def targets(result, model_name: str) -> None:
         kept = {m: v(m, "cbf", snr, "lesion", "lesion_contrast") for m in ("spatial", "supervised", "lm", BASELINE)}
         print("    lesion contrast kept: " + ", ".join(f"{m} {k:.2f}" for m, k in kept.items()) +
               f" (target spatial >= {LESION_TARGET}) {'PASS' if kept['spatial'] >= LESION_TARGET else 'FAIL'}")
+    print("spatial standard errors at the noise SD of the SNR: coverage 68 % / 95 % (z SD) per region; "
+          "share flagged prior-dominated")
+    for snr in SNRS:
+        for param in result_params(result):
+            print(f"SNR {snr:g} {param}: " + "; ".join(
+                f"{region} {v('spatial', param, snr, region, 'coverage_68'):.3f}/{v('spatial', param, snr, region, 'coverage_95'):.3f}"
+                f" ({v('spatial', param, snr, region, 'z_sd'):.2f})" for region in REGIONS)
+                  + f"; flagged {v('spatial', param, snr, 'interior_gm', 'prior_dominated'):.3f} (GM) "
+                  f"{v('spatial', param, snr, 'interior_wm', 'prior_dominated'):.3f} (WM)")
     for extra in ("physics-voxel", "physics-patch"):
         if np.isfinite(v(extra, "cbf", SNRS[0], "interior_gm", "nrmse")):
             print(f"{extra}: " + "; ".join(
@@ -100,11 +110,18 @@ def targets(result, model_name: str) -> None:
                 for snr in SNRS))
 
 
+def result_params(result) -> list[str]:
+    """The parameters of an evaluation's rows, in order."""
+    return list(dict.fromkeys(r["parameter"] for r in result.rows if r["metric"] == "coverage_95"))
+
+
 def training_time(model_name: str) -> None:
     model = get_model(model_name, default_protocol(model_name))
     estimator = NetworkCache().get(get_estimator("spatial", model))
     t = estimator.training_
+    variance = sum(h.get("training_seconds", 0.0) for h in t.get("variance", {}).values() if isinstance(h, dict))
     print(f"{model_name} spatial training (from its card): {t['training_seconds']:.0f} s, {t['epochs']} epochs, "
+          f"and its variance networks {variance:.0f} s, "
           f"{estimator.options()['n_samples']} patches; validation NRMSE "
           + ", ".join(f"{k} {m['nrmse']:.3f}" for k, m in t["validation"].items()))
     other = get_model(model_name, Protocol(model.protocol.label_duration, model.protocol.pld + 0.25,
@@ -122,6 +139,9 @@ def speed(model_name: str, shape=(128, 128, 80)) -> None:
     mask = (((index - centre[:, None, None, None]) / (0.62 * np.array(shape))[:, None, None, None]) ** 2).sum(0) <= 1
     signals = simulate(model, int(mask.sum()), 5.0, seed=0).signals
     nets = {n: get_estimator(n, model, n_samples=5000, max_epochs=1).fit() for n in ("spatial", "supervised")}
+    nets["spatial-no-se"] = copy.copy(nets["spatial"])
+    nets["spatial-no-se"].uncertainty_ = None
+    signal_se = np.full(signals.shape, noise_sigma(model, 5.0))  # se at each voxel's SNR, as the batch asks
     for threads in (1, 2):
         numba.set_num_threads(threads)
         best = {}
@@ -129,11 +149,12 @@ def speed(model_name: str, shape=(128, 128, 80)) -> None:
             for _ in range(3):  # interleaved, best of three
                 for name, net in nets.items():
                     t0 = time.perf_counter()
-                    net.predict_image(signals, mask)
+                    net.predict_image(signals, mask, signal_se=signal_se)
                     best[name] = min(best.get(name, np.inf), time.perf_counter() - t0)
         print(f"{model_name} inference, {threads} thread(s), {signals.shape[0]} voxels: "
               + ", ".join(f"{n} {signals.shape[0] / s / 1e6:.2f} M voxels/s" for n, s in best.items())
-              + f"; spatial takes {best['spatial'] / best['supervised']:.1f}x the supervised time "
+              + f"; spatial takes {best['spatial'] / best['supervised']:.1f}x the supervised time and "
+              f"{best['spatial'] / best['spatial-no-se']:.2f}x its own without standard errors "
               f"(load {os.getloadavg()[0]:.1f})")
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from aslbatch.estimators import get_estimator
-from aslbatch.estimators.patches import (NEIGHBOURS, gather_patches, n_patch_inputs, neighbour_rows, plane_axes,
-                                         simulate_patches)
+from aslbatch.estimators.patches import (NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_rows,
+                                         plane_axes, simulate_patches)
 from aslbatch.estimators.store import NetworkMismatch, load_network, save_network
 from aslbatch.evaluate import METHODS as VOXELWISE_METHODS
 from aslbatch.evaluate_spatial import edge_error, lesion_contrast, region_errors, smooth_signals
@@ -26,6 +26,12 @@ def model():
 @pytest.fixture(scope="module")
 def tiny(model):
     return get_estimator("spatial", model, **TINY).fit()
+
+
+def log_cbf_back(params):
+    """The network's output has log(cbf + 5) in place of cbf (column 0): cbf = exp(output) - 5."""
+    params[:, 0] = np.exp(params[:, 0]) - 5.0
+    return params
 
 
 def _random_mask(shape, seed):
@@ -132,8 +138,6 @@ def test_lesion_patches_are_small_rectangles_of_scaled_cbf(monkeypatch):
 
 
 def test_a_network_of_another_training_prior_is_refused(model):
-    from aslbatch.estimators.patches import PRIOR_VERSION
-
     # the prior's version is an option, so it is in the card and the cache key (store.NetworkCache.key)
     assert get_estimator("spatial", model).options()["prior"] == PRIOR_VERSION
     with pytest.raises(ValueError, match="training prior"):
@@ -296,7 +300,7 @@ def test_image_estimate_is_the_network_of_the_gathered_patches(tiny, model):
     n = int(mask.sum())
     signals = model.signal(np.column_stack([rng.uniform(20, 90, n), rng.uniform(0.8, 2.5, n)]))
     est = tiny.predict_image(signals, mask)
-    expected = tiny.network_.predict(gather_patches(signals, neighbour_rows(mask)))
+    expected = log_cbf_back(tiny.network_.predict(gather_patches(signals, neighbour_rows(mask))))
     constrain(model, expected)
     np.testing.assert_allclose(est.params, expected, rtol=1e-6)
     residual = model.signal(est.params) - signals
@@ -321,6 +325,9 @@ def test_evaluate_spatial_on_the_command_line(tmp_path):
     assert value[("smooth-lm", "cbf", "interior_gm", "nrmse")] < value[("lm", "cbf", "interior_gm", "nrmse")]
     assert {"maps_cbf.png", "maps_att.png", "profiles.png"} <= {p.name for p in (out / "figures").iterdir()}
     assert "smooth-lm" in (out / "report.md").read_text()
+    # LM gives standard errors: their coverage per region is in the metrics and the report
+    assert 0.0 < value[("lm", "cbf", "interior_gm", "coverage_95")] <= 1.0
+    assert "coverage of the 68 % / 95 % intervals" in (out / "report.md").read_text()
     bad = CliRunner().invoke(app, ["evaluate", "--spatial", "--out", str(out), "--method", "nope"])
     assert bad.exit_code == 2 and "smooth-lm" in bad.output
 
@@ -336,8 +343,162 @@ def test_a_2d_readout_uses_the_slice_offset_and_the_plane_of_one_slice_time(mode
     offsets = np.broadcast_to(np.array([0.0, 0.05, 0.1])[:, None, None], mask.shape)[mask]
     signals = model.signal(np.tile([60.0, 1.2], (mask.sum(), 1))) * np.linspace(0.8, 1.2, mask.sum())[:, None]
     est = net.predict_image(signals, mask, slice_offsets=offsets)
-    expected = net.network_.predict(gather_patches(signals, neighbour_rows(mask, (1, 2)), slice_offsets=offsets))
+    expected = log_cbf_back(net.network_.predict(gather_patches(signals, neighbour_rows(mask, (1, 2)),
+                                                                slice_offsets=offsets)))
     constrain(model, expected)
     np.testing.assert_allclose(est.params, expected, rtol=1e-6)
     with pytest.raises(ValueError, match="outside"):
         net.predict_image(signals, mask, slice_offsets=offsets + 0.5)
+
+
+# --- standard errors ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(model):
+    """A small network trained at high SNR (its variance networks learn within a few epochs there)."""
+    return get_estimator("spatial", model, n_samples=20_000, hidden_layers=(32, 32), snr_range=(20.0, 60.0),
+                         max_epochs=30, seed=3).fit()
+
+
+def test_standard_errors_are_the_variance_network_of_the_gathered_patches(tiny, model):
+    """predict_image's se (the variance network run block by block beside the network) equals
+    Uncertainty.predict_se of the parallel gather: marginal without a noise SD, at each voxel's SNR with
+    one, each row from its own network when only some voxels have one; invalid voxels get NaN."""
+    from aslbatch.simulate import noise_sigma
+
+    mask = _random_mask((9, 7, 3), 6)
+    rng = np.random.default_rng(4)
+    n = int(mask.sum())
+    signals = model.signal(np.column_stack([rng.uniform(20, 90, n), rng.uniform(0.8, 2.5, n)]))
+    patches = gather_patches(signals, neighbour_rows(mask))
+    marginal = tiny.predict_image(signals, mask).stderr
+    np.testing.assert_allclose(marginal, tiny.uncertainty_.predict_se(patches), rtol=1e-6)
+    sd = rng.uniform(0.5, 2.0, n) * noise_sigma(model, 5.0)
+    signal_se = np.repeat(sd[:, None], model.n_volumes, axis=1)
+    signal_se[::4] = np.nan  # noise unknown in every fourth voxel
+    snr = tiny._snr(np.where(np.isnan(signal_se[:, 0]), np.nan, sd), n)
+    at_snr = tiny.predict_image(signals, mask, signal_se=signal_se).stderr
+    np.testing.assert_allclose(at_snr, tiny.uncertainty_.predict_se(patches, snr), rtol=1e-6)
+    np.testing.assert_allclose(at_snr[::4], marginal[::4], rtol=1e-6)
+    assert not np.allclose(at_snr[1::4], marginal[1::4])
+    signals[3] = np.nan
+    est = tiny.predict_image(signals, mask)
+    assert np.all(np.isnan(est.stderr[3])) and np.all(np.isfinite(np.delete(est.stderr, 3, axis=0)))
+    # rows without a grid: the isolated-voxel patch, at the given noise SD
+    isolated = gather_patches(signals[:5], np.full((5, len(NEIGHBOURS)), -1))
+    np.testing.assert_allclose(tiny.predict(signals[:5], noise_sd=sd[:5]).stderr,
+                               tiny.uncertainty_.predict_se(isolated, tiny._snr(sd[:5], 5)), rtol=1e-6)
+
+
+def test_standard_errors_are_calibrated_on_patches_of_the_prior(calibrated, model):
+    """At an SNR inside the training range, the noise SD given, 95 % intervals cover about that share of
+    fresh patches of the training prior and the errors over se have an SD near 1 (the calibration the
+    variance networks promise; the 68 % interval is not checked: att's errors are heavier-tailed than a
+    Gaussian, so its 68 % interval over-covers, as for the voxelwise networks)."""
+    from aslbatch.calibration import calibration
+
+    snr = 35.0
+    inputs, truth, _ = simulate_patches(model, 20_000, (snr, snr), "rician", (), np.random.default_rng(9))
+    raw = log_cbf_back(calibrated.network_.predict(inputs))
+    from aslbatch.estimators.neural import constrain
+
+    constrain(model, raw)
+    se = calibrated.uncertainty_.predict_se(inputs, np.full(inputs.shape[0], snr))
+    for j, name in enumerate(model.param_names):
+        c = calibration(raw[:, j], se[:, j], truth[:, j])
+        assert 0.91 <= c.coverage_95 <= 0.98 and 0.85 <= c.z_sd <= 1.15, (name, c)
+
+
+def test_file_round_trip_keeps_the_standard_errors_and_refuses_damaged_variance_arrays(tiny, model, tmp_path):
+    import zipfile
+
+    from aslbatch.estimators.store import NetworkFileError, read_card
+
+    path = tmp_path / "spatial.npz"
+    save_network(tiny, path)
+    loaded = load_network(path, model)
+    mask = np.ones((5, 4, 2), bool)
+    signals = model.signal(np.column_stack([np.linspace(20, 90, 40), np.linspace(0.8, 2.5, 40)]))
+    se = np.full(signals.shape, 0.002)
+    before, after = tiny.predict_image(signals, mask, signal_se=se), loaded.predict_image(signals, mask, signal_se=se)
+    assert before.stderr is not None and np.isfinite(before.stderr).all()
+    np.testing.assert_array_equal(before.stderr, after.stderr)
+    np.testing.assert_array_equal(tiny.predict_image(signals, mask).stderr, loaded.predict_image(signals, mask).stderr)
+    card = read_card(path)
+    assert card["uncertainty"]["array_prefixes"] == ["se_", "sesnr_"] and card["options"]["prior"] == PRIOR_VERSION
+    raw = path.read_bytes()
+    for member in ("se_weight_0.npy", "sesnr_bias_1.npy"):
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(member)
+        name_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], "little")
+        extra_len = int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+        damaged = bytearray(raw)
+        damaged[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x01
+        bad = tmp_path / "bad.npz"
+        bad.write_bytes(bytes(damaged))
+        with pytest.raises(NetworkFileError, match="bad.npz"):  # the zip's CRC or the checksum
+            load_network(bad, model)
+    # a voxelwise network's variance networks do not fit the patch input
+    voxelwise = get_estimator("supervised", model, **TINY).fit()
+    with pytest.raises(ValueError, match="variance network has 5 inputs"):
+        get_estimator("spatial", model).set_network(tiny.network_, {}, voxelwise.uncertainty_)
+
+
+def test_a_batch_run_writes_spatial_se_maps_and_the_prior_dominated_mask(tmp_path, model):
+    """Through the batch, like the voxelwise networks: <param>se maps, the bit mask, and both on the QC page."""
+    import nibabel as nib
+
+    from aslbatch.batch import run_batch
+    from aslbatch.estimators.prior import PRIOR_SHARE
+    from aslbatch.exitcodes import EXIT_OK
+    from aslbatch.phantom import write_bids_dataset
+    from aslbatch.pipeline import Settings
+
+    raw = write_bids_dataset(tmp_path / "raw", subjects=1, model="1c", snr=20, seed=3, shape=(10, 12, 4))
+    out = tmp_path / "out"
+    settings = Settings(methods=("spatial",), method_options={"spatial": TINY}, cache_dir=str(tmp_path / "cache"))
+    report = run_batch(raw, out, settings)
+    assert report.exit_code == EXIT_OK, report.outcomes
+    perf = out / "sub-01" / "perf"
+    cbf = np.asarray(nib.load(perf / "sub-01_desc-spatial_cbf.nii.gz").dataobj)
+    cbfse = np.asarray(nib.load(perf / "sub-01_desc-spatial_cbfse.nii.gz").dataobj)
+    att, attse = (np.asarray(nib.load(perf / f"sub-01_desc-spatial_{q}.nii.gz").dataobj) for q in ("att", "attse"))
+    flags = np.asarray(nib.load(perf / "sub-01_desc-spatial_priordominated.nii.gz").dataobj)
+    inside = np.isfinite(cbf)
+    assert inside.any() and np.all(np.isfinite(cbfse[inside]) & (cbfse[inside] > 0))
+    # the bit mask is the rule of estimators.prior applied to the written maps: se above 0.8 x the SD of the
+    # 1C training prior, uniform over the training ranges (width / sqrt(12)); voxels near the threshold left out
+    width = np.array([np.ptp(model.training_ranges[p]) for p in model.param_names])
+    se_share = np.column_stack([cbfse[inside], attse[inside]]) / (width / np.sqrt(12.0))
+    wide = se_share > PRIOR_SHARE
+    clear = np.abs(se_share - PRIOR_SHARE).min(axis=1) > 0.01
+    assert flags.dtype == np.uint8
+    np.testing.assert_array_equal(flags[inside][clear], (wide[:, 0] + 2 * wide[:, 1])[clear])
+    page = (perf / "sub-01_qc.html").read_text()
+    assert "spatial cbfse" in page and "spatial attse" in page
+    shares = page.split("Prior-dominated values")[1].split("</table>")[0]
+    assert "<td>spatial</td>" in shares.replace(" ", "")
+
+
+def test_evaluate_spatial_calibration_rows_on_known_gaussian_errors(model):
+    """Maps = truth + Gaussian errors of a known SD, reported with that SD as se: every region covers
+    about 68 % / 95 % (the Gaussian's shares), z SD about 1; an se above 0.8 x the prior's SD is flagged
+    in every voxel, a small one in none."""
+    from aslbatch.evaluate_spatial import REGIONS, _calibration_rows
+
+    phantom = make_spatial_phantom("1c")
+    rng = np.random.default_rng(5)
+    sd = np.array([5.0, 0.1])
+    stack = phantom.params[None] + rng.standard_normal((20,) + phantom.params.shape) * sd
+    se = np.broadcast_to(sd, stack.shape).copy()
+    se[..., 1] = 10.0  # att: wider than the prior
+    stack[..., 1] = phantom.params[..., 1]  # exact, so inside any interval
+    rows = _calibration_rows(phantom, {("m", 3.0): stack}, {("m", 3.0): se}, model)
+    value = {(r["parameter"], r["region"], r["metric"]): r["value"] for r in rows}
+    for region in REGIONS:
+        assert abs(value[("cbf", region, "coverage_68")] - 0.6827) < 0.04, region
+        assert abs(value[("cbf", region, "coverage_95")] - 0.95) < 0.025, region
+        assert abs(value[("cbf", region, "z_sd")] - 1.0) < 0.06, region
+        assert value[("cbf", region, "prior_dominated")] == 0.0
+        assert value[("att", region, "coverage_68")] == 1.0 and value[("att", region, "prior_dominated")] == 1.0

@@ -58,8 +58,10 @@ from ..simulate import add_noise, noise_sigma, sample_parameters
 __all__ = ["NEIGHBOURS", "PRIOR_VERSION", "gather_patches", "n_patch_inputs", "neighbour_rows", "plane_axes", "simulate_patches",
            "usable_rows"]
 
-#: version of the training prior below (a spatial network's option: networks of another prior are retrained)
-PRIOR_VERSION = 2
+#: version of the training prior below and of what a spatial training makes (a spatial network's option:
+#: networks of another version are retrained); 3: the prior of 2, with variance networks (standard errors);
+#: 4: CBF learnt as log(cbf + 5) (:mod:`aslbatch.estimators.spatial`)
+PRIOR_VERSION = 4
 #: in-plane offsets (row, column) of the 8 neighbours, in input order
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 #: share of training patches per geometry (smooth, straight edge, island, lesion)

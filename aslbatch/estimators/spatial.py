@@ -10,9 +10,17 @@ smooth parameter fields with straight edges, small islands and partial volume).
 
 Training: as the supervised network (:class:`~aslbatch.estimators.supervised.SupervisedEstimator`:
 standardised inputs and targets, ReLU layers, Adam with early stopping by the numba trainer,
-MSE loss) on simulated patches with the acquisition's protocol, noise model and slice offsets;
+MSE loss) on simulated patches with the acquisition's protocol, noise model and slice offsets,
+except that the CBF target is log(cbf + :data:`CBF_LOG_OFFSET`) and the estimate its exponential
+(minus the offset): the posterior mean of log CBF, which pulls a low-CBF voxel (a small lesion)
+less towards the prior's middle than the mean of CBF does (``benchmarks/study_spatial_prior.py``);
 cached and stored like every network (:mod:`~aslbatch.estimators.store`: arrays + JSON card,
 and a network trained for one protocol refuses data of another).
+
+Uncertainty: as the voxelwise networks (:mod:`~aslbatch.estimators.variance`), two variance
+networks read the same patch input and give the posterior standard deviation of the centre's
+parameters under the training prior (one at the voxel's SNR where its noise SD is known from
+the repeats, one averaged over the training SNRs); ``stderr`` holds it, NaN for invalid input.
 
 Prediction: :meth:`SpatialEstimator.predict_image` gathers each voxel's neighbours from the
 mask's grid (in the plane across which the slice offsets do not vary:
@@ -35,11 +43,19 @@ from threadpoolctl import threadpool_limits
 from ..models import KineticModel
 from .base import Estimate, Status, check_signals, check_slice_offsets, flag_undetermined
 from .network import INFERENCE_CHUNK, Network
-from .neural import TrainingSet, constrain, model_signal, validation_metrics
+from .neural import (VARIANCE_MAX_EPOCHS, VARIANCE_SHARE, TrainingSet, constrain, model_signal, noise_sd_from_signal_se,
+                     validation_metrics, variance_layers)
 from .patches import NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_rows, plane_axes, simulate_patches, usable_rows
 from .supervised import SupervisedEstimator
+from .variance import Uncertainty, VarianceNetwork, fit_uncertainty
 
 __all__ = ["SpatialEstimator"]
+
+#: offset (mL/100 g/min) of the log-CBF training target: CBF 0 is in the training range
+CBF_LOG_OFFSET = 5.0
+#: largest log-CBF output turned back into CBF (far above the training range; keeps exp finite)
+_LOG_CBF_MAX = 20.0
+
 
 class SpatialEstimator(SupervisedEstimator):
     """Spatial supervised network (``"spatial"``): the options of
@@ -88,40 +104,83 @@ class SpatialEstimator(SupervisedEstimator):
 
     # --- training --------------------------------------------------------------------------
     def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
-        """Train on simulated patches (``progress``: a bar over epochs on stderr)."""
+        """Train on simulated patches (``progress``: a bar over epochs on stderr), then the variance
+        networks (:mod:`.variance`) on the squared errors of the network's clipped estimates on
+        :data:`~.neural.VARIANCE_SHARE` × ``n_samples`` further patches, their inputs the patch inputs."""
         opts, rng, n_val = self._training_start(signals, "patches")
         sets = [TrainingSet(*simulate_patches(self.model, n, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng))
                 for n in (opts["n_samples"], n_val)]
-        # a variance head (issue 16) is trained here, on sets[0] / sets[1], as for the supervised network
         network, history = self._train(sets[0], sets[1], opts, rng, progress)
         self.network_ = network
-        self.training_ = {**history, "validation": validation_metrics(self.model, self._raw_predict(sets[1].inputs),
-                                                                      sets[1].params)}
+        val = sets[1]
+        predicted = self._raw_predict(val.inputs)
+        self.training_ = {**history, "validation": validation_metrics(self.model, predicted, val.params)}
+        held_out = TrainingSet(*simulate_patches(self.model, max(int(VARIANCE_SHARE * opts["n_samples"]), 1000),
+                                                 opts["snr_range"], opts["noise"], opts["slice_offsets"], rng))
+        estimates = self._raw_predict(held_out.inputs)
+        constrain(self.model, estimates)
+        constrain(self.model, predicted)
+        self.uncertainty_, variance_history = fit_uncertainty(
+            held_out.inputs, held_out.snr, estimates, held_out.params, val.inputs, val.snr, predicted, val.params,
+            hidden_layers=variance_layers(opts["hidden_layers"]), batch_size=opts["batch_size"],
+            learning_rate=opts["learning_rate"], max_epochs=min(opts["max_epochs"], VARIANCE_MAX_EPOCHS),
+            patience=opts["patience"], seed=opts["seed"], progress=progress,
+            description=f"training {self.name} {self.model.name} variance network")
+        self.training_["variance"] = {**variance_history, "samples": held_out.inputs.shape[0]}
 
-    def set_network(self, network: Network, training: dict[str, Any], uncertainty: Any = None) -> None:
-        """Install a trained network (from :mod:`~aslbatch.estimators.store`), checking its shape; a
-        spatial network has no variance networks (``uncertainty`` must be None)."""
-        if uncertainty is not None:
-            raise ValueError(f"{self.name} networks have no variance networks")
-        if network.n_inputs != self.n_inputs or network.n_outputs != self.model.n_params:
-            raise ValueError(f"network has {network.n_inputs} inputs and {network.n_outputs} outputs; a {self.name} "
-                             f"network for this {self.model.name} protocol needs {self.n_inputs} and {self.model.n_params}")
+    def _train(self, train: TrainingSet, val: TrainingSet, opts: dict[str, Any], rng: np.random.Generator,
+               progress: bool) -> tuple[Network, dict[str, Any]]:
+        """The supervised network's training on log(cbf + CBF_LOG_OFFSET) in place of cbf (module docstring)."""
+        j = self.model.param_names.index("cbf")
+
+        def logged(data: TrainingSet) -> TrainingSet:
+            params = data.params.copy()
+            params[:, j] = np.log(params[:, j] + CBF_LOG_OFFSET)
+            return TrainingSet(data.inputs, params, data.snr)
+
+        return super()._train(logged(train), logged(val), opts, rng, progress)
+
+    def _cbf_from_output(self, params: np.ndarray) -> np.ndarray:
+        """The network's parameters (n, n_params), cbf as log(cbf + CBF_LOG_OFFSET), to API units, in place."""
+        j = self.model.param_names.index("cbf")
+        np.minimum(params[:, j], _LOG_CBF_MAX, out=params[:, j])
+        np.exp(params[:, j], out=params[:, j])
+        params[:, j] -= CBF_LOG_OFFSET
+        return params
+
+    def _raw_predict(self, inputs: np.ndarray) -> np.ndarray:
+        """Parameters (n, n_params), API units, of patch input rows (n, n_inputs), before clipping."""
+        if self.network_ is None:
+            raise ValueError(f"this {self.name} estimator has no network yet: fit() it or load a trained one")
+        return self._cbf_from_output(self.network_.predict(inputs))
+
+    def set_network(self, network: Network, training: dict[str, Any], uncertainty: Uncertainty | None = None) -> None:
+        """Install a trained network and its variance networks, if any (from
+        :mod:`~aslbatch.estimators.store`), checking their shapes against the patch input."""
+        for what, net in (("network", network), ("variance network", uncertainty)):
+            if net is not None and (net.n_inputs != self.n_inputs or net.n_outputs != self.model.n_params):
+                raise ValueError(f"{what} has {net.n_inputs} inputs and {net.n_outputs} outputs; a {self.name} "
+                                 f"network for this {self.model.name} protocol needs {self.n_inputs} and "
+                                 f"{self.model.n_params}")
         if network.output_transform != self.output_transform:
             raise ValueError(f"{self.name} networks use a {self.output_transform} output, got {network.output_transform}")
         self.network_ = network
+        self.uncertainty_ = uncertainty
         self.training_ = dict(training)
         self.fitted_ = True
 
     # --- prediction --------------------------------------------------------------------------
     def _predict(self, y: np.ndarray, slice_offsets: np.ndarray | None, snr: np.ndarray | None = None) -> Estimate:
-        """Rows without a grid: every voxel isolated (see the module docstring). ``snr`` is not used:
-        the spatial network has no standard errors yet."""
-        return self._estimate(y, np.full((y.shape[0], len(NEIGHBOURS)), -1, dtype=np.int64), slice_offsets, False, "")
+        """Rows without a grid: every voxel isolated (see the module docstring); ``snr`` (n,) of each
+        voxel (NaN: unknown) for its standard errors."""
+        return self._estimate(y, np.full((y.shape[0], len(NEIGHBOURS)), -1, dtype=np.int64), slice_offsets, False, "",
+                              snr)
 
     def predict_image(self, signals: np.ndarray, mask: np.ndarray, *, slice_offsets: np.ndarray | None = None,
                       progress: bool = False, label: str = "", signal_se: np.ndarray | None = None) -> Estimate:
         """A whole acquisition (arguments as :meth:`Estimator.predict_image`): each voxel with its
-        in-plane neighbours of ``mask``."""
+        in-plane neighbours of ``mask``; ``signal_se`` (n, n_volumes) gives each voxel's noise SD
+        (:func:`~.neural.noise_sd_from_signal_se`) and with it standard errors at its SNR."""
         if not self.is_fitted:
             raise ValueError(f"this {self.name} estimator is not fitted yet: call fit() first")
         mask = np.asarray(mask, dtype=bool)
@@ -131,24 +190,36 @@ class SpatialEstimator(SupervisedEstimator):
         y = check_signals(signals, self.model)
         offsets = check_slice_offsets(slice_offsets, y.shape[0])
         neighbours = neighbour_rows(mask, plane_axes(mask.shape, offsets, mask))
-        estimate = self._estimate(y, neighbours, offsets, progress, label)
+        snr = None if signal_se is None else self._snr(noise_sd_from_signal_se(signal_se, y.shape), y.shape[0])
+        estimate = self._estimate(y, neighbours, offsets, progress, label, snr)
         flag_undetermined(self.model, estimate.params, estimate.status, offsets)
         return estimate
 
     def _forward(self, y: np.ndarray, neighbours: np.ndarray, rows: np.ndarray, offsets: np.ndarray | None,
-                 valid: np.ndarray, out: np.ndarray, done: Callable[[int], Any]) -> None:
-        """Parameters of the voxels ``rows`` into ``out``: blocks of INFERENCE_CHUNK rows spread over numba's
-        thread count, each gathered (numba, without the GIL) and passed through the network while in
-        cache; ``done(n)`` is called after each block of n rows."""
+                 valid: np.ndarray, out: np.ndarray, se: np.ndarray | None, snr: np.ndarray | None,
+                 done: Callable[[int], Any]) -> None:
+        """Parameters of the voxels ``rows`` into ``out`` and, given ``se`` (same shape), their standard errors
+        (at ``snr`` (len(rows),) where finite): blocks of INFERENCE_CHUNK rows spread over numba's thread
+        count, each gathered (numba, without the GIL) and passed through the network and its variance
+        network while in cache; ``done(n)`` is called after each block of n rows."""
         if self.network_ is None:
             raise ValueError(f"this {self.name} estimator has no network yet: fit() it or load a trained one")
         network = self.network_
+        uncertainty = self.uncertainty_ if se is not None else None
+        serving = None if uncertainty is None else uncertainty.network_for(snr)
         n_blocks = -(-rows.size // INFERENCE_CHUNK)
 
         def block(b: int) -> None:
-            part = rows[b * INFERENCE_CHUNK:(b + 1) * INFERENCE_CHUNK]
+            start = b * INFERENCE_CHUNK
+            part = rows[start:start + INFERENCE_CHUNK]
             inputs = gather_patches(y, neighbours, part, slice_offsets=offsets, usable=valid, one_thread=True)
-            network._forward_chunk(inputs, out[b * INFERENCE_CHUNK:b * INFERENCE_CHUNK + part.size], 0)
+            network._forward_chunk(inputs, out[start:start + part.size], 0)
+            if serving is not None:  # the variance network of every row, on the same gathered inputs
+                variance, extra = serving
+                variance.network._forward_chunk(inputs, se[start:start + part.size], 0,
+                                                None if extra is None else extra[start:start + part.size])
+            elif uncertainty is not None:  # rows of known and unknown SNR mixed
+                se[start:start + part.size] = uncertainty.predict_se(inputs, snr[start:start + part.size])
             done(part.size)
 
         workers = min(numba.get_num_threads(), n_blocks)
@@ -158,12 +229,17 @@ class SpatialEstimator(SupervisedEstimator):
         else:
             with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
                 list(pool.map(block, range(n_blocks)))
-        network.output_to_params(out)
+        self._cbf_from_output(network.output_to_params(out))
+        if serving is not None:
+            serving[0].network.output_to_params(se)
+            VarianceNetwork.se_from_output(se)
 
     def _estimate(self, y: np.ndarray, neighbours: np.ndarray, slice_offsets: np.ndarray | None, progress: bool,
-                  label: str) -> Estimate:
-        """Parameters of every row of ``y`` (n, n_volumes) ΔM/M0t from its patch; rows with NaN/Inf or
-        all-zero signals are INVALID_INPUT, predictions outside the bounds clipped and AT_BOUND."""
+                  label: str, snr: np.ndarray | None = None) -> Estimate:
+        """Parameters of every row of ``y`` (n, n_volumes) ΔM/M0t from its patch, and their standard
+        errors when the network has variance networks (at ``snr`` (n,) where finite, else marginal);
+        rows with NaN/Inf or all-zero signals are INVALID_INPUT (NaN parameters and se), predictions
+        outside the bounds clipped and AT_BOUND."""
         from tqdm import tqdm
 
         n = y.shape[0]
@@ -171,9 +247,11 @@ class SpatialEstimator(SupervisedEstimator):
         valid = usable_rows(y)
         rows = np.flatnonzero(valid)
         raw = np.empty((rows.size, self.model.n_params))
+        row_se = None if self.uncertainty_ is None else np.empty((rows.size, self.model.n_params))
+        row_snr = None if snr is None else snr[rows]
         with tqdm(total=rows.size, desc=f"{label} {self.name}".strip(), unit="voxel", leave=False, file=sys.stderr,
                   disable=not progress) as bar:
-            self._forward(y, neighbours, rows, offsets, valid, raw, bar.update)
+            self._forward(y, neighbours, rows, offsets, valid, raw, row_se, row_snr, bar.update)
         clipped = constrain(self.model, raw)
         every = rows.size == n  # the usual case: no copy of the signals, no scatter
         row_offsets = None if offsets is None or every else offsets[rows]
@@ -182,11 +260,16 @@ class SpatialEstimator(SupervisedEstimator):
         row_status = (clipped * np.int8(Status.AT_BOUND)).astype(np.int8)  # CONVERGED is 0
         if every:
             params, status, rss = raw, row_status, np.einsum("ij,ij->i", residual, residual)
+            stderr = row_se
         else:
             params = np.full((n, self.model.n_params), np.nan)
             status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
             rss = np.full(n, np.nan)
             params[rows], status[rows] = raw, row_status
             rss[rows] = np.einsum("ij,ij->i", residual, residual)
-        return Estimate(params, status, None, rss, self.model.param_names, self.name,
+            stderr = None
+            if row_se is not None:
+                stderr = np.full((n, self.model.n_params), np.nan)
+                stderr[rows] = row_se
+        return Estimate(params, status, stderr, rss, self.model.param_names, self.name,
                         info={"network": self.network_.hidden_layers, "neighbourhood": "in-plane 3x3"})

@@ -1,0 +1,136 @@
+"""Reduced-size study of the spatial network's training (issue 17: lesion contrast at SNR 3, 1C edge att).
+
+Trains the ``spatial`` network (network only, no variance networks) at ``--samples`` patches for each variant
+of its training (:mod:`aslbatch.estimators.patches` constants changed for the run) and scores every variant
+on the spatial phantom (:func:`aslbatch.evaluate_spatial.run_spatial_evaluation`) beside the voxelwise
+supervised network and the smoothing baseline: interior GM NRMSE ratios, interior WM att, edge NRMSE and
+att bias, lesion contrast. Variants (``current`` is the training of this aslbatch: prior version 2, CBF
+learnt as log(cbf + 5)):
+
+- ``linear``: CBF learnt as itself (the training before version 4);
+- ``lesion50``: half the patches lesions (SHARES smooth .2, edge .2, island .1, lesion .5);
+- ``tissue-step``: where two regions share their arrival (a tissue boundary in one territory), the region of
+  lower CBF arrives U(0, 0.6) s later (white matter behind grey matter: the phantom's 0.4 s);
+- ``both``: the two together.
+
+The README's figures: ``linear`` was the reference of the prior variants (they were measured with CBF
+learnt as itself), and ``current`` against ``linear`` is the log target's effect.
+
+Run: ``python benchmarks/study_spatial_prior.py [--samples N] [--snr 3,5] [--repeats R] [--variants a,b]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from aslbatch.estimators import get_estimator, patches
+from aslbatch.estimators.neural import TrainingSet
+from aslbatch.evaluate_spatial import BASELINE, run_spatial_evaluation
+from aslbatch.models import get_model
+from aslbatch.protocol import default_protocol
+
+VARIANTS = {
+    "current": {},
+    "linear": {"target": "linear"},
+    "lesion50": {"SHARES": {"smooth": 0.2, "edge": 0.2, "island": 0.1, "lesion": 0.5}},
+    "tissue-step": {"_tie_regions": "tissue_step"},
+    "both": {"SHARES": {"smooth": 0.2, "edge": 0.2, "island": 0.1, "lesion": 0.5}, "_tie_regions": "tissue_step"},
+}
+#: largest delay (s) of the lower-CBF region behind the other across a shared-arrival boundary (tissue-step)
+TISSUE_STEP_S = 0.6
+_TIE = patches._tie_regions
+
+
+def _tie_with_tissue_step(model, base_a, base_b, lesion, rng):
+    """patches._tie_regions, then across shared-arrival boundaries (not lesions) the lower-CBF region's att
+    (and abat) later by U(0, TISSUE_STEP_S) s, within the training ranges."""
+    before = base_b.copy()
+    _TIE(model, base_a, base_b, lesion, rng)
+    t = model.param_names.index("att")
+    shared = (base_b[:, t] == base_a[:, t]) & (before[:, t] != base_a[:, t]) & ~lesion
+    cbf = model.param_names.index("cbf")
+    step = rng.uniform(0.0, TISSUE_STEP_S, base_a.shape[0])
+    b_lower = base_b[:, cbf] < base_a[:, cbf]
+    for name in ("att", "abat"):
+        if name in model.param_names:
+            j = model.param_names.index(name)
+            lo, hi = model.training_ranges[name]
+            later_b = shared & b_lower
+            later_a = shared & ~b_lower
+            base_b[later_b, j] = np.minimum(base_b[later_b, j] + step[later_b], hi)
+            base_a[later_a, j] = np.minimum(base_a[later_a, j] + step[later_a], hi)
+
+
+@contextlib.contextmanager
+def prior(changes: dict):
+    old = {k: getattr(patches, k) for k in changes}
+    for k, v in changes.items():
+        setattr(patches, k, _tie_with_tissue_step if v == "tissue_step" else v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(patches, k, v)
+
+
+def train(model, changes: dict, n: int, seed: int = 0):
+    """The spatial network trained on ``n`` patches of the changed prior (no variance networks)."""
+    from aslbatch.estimators.supervised import SupervisedEstimator
+
+    est = get_estimator("spatial", model, n_samples=n, seed=seed)
+    changes = dict(changes)
+    linear = changes.pop("target", None) == "linear"
+    with prior(changes):
+        opts, rng, n_val = est._training_start(None, "patches")
+        sets = [TrainingSet(*patches.simulate_patches(model, k, opts["snr_range"], opts["noise"], opts["slice_offsets"],
+                                                      rng)) for k in (n, n_val)]
+        t0 = time.perf_counter()
+        if linear:  # the supervised network's training: CBF itself as the target
+            est.network_, history = SupervisedEstimator._train(est, sets[0], sets[1], opts, rng, False)
+        else:
+            est.network_, history = est._train(sets[0], sets[1], opts, rng, False)
+    if linear:
+        est._cbf_from_output = lambda params: params  # the network's output is CBF already
+    est.training_, est.fitted_ = history, True
+    return est, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="1c")
+    parser.add_argument("--samples", type=int, default=200_000)
+    parser.add_argument("--snr", default="3", help="SNRs, comma-separated")
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", default="study-spatial-prior")
+    args = parser.parse_args()
+    model = get_model(args.model, default_protocol(args.model))
+    snrs = [float(v) for v in args.snr.split(",")]
+    extra = {}
+    for name in args.variants.split(","):
+        est, seconds = train(model, VARIANTS[name], args.samples)
+        print(f"{name}: trained in {seconds:.0f} s, {est.training_.get('epochs')} epochs (load {os.getloadavg()[0]:.1f})",
+              flush=True)
+        extra[name] = (lambda e: lambda m, signals, mask: e.predict_image(signals, mask).params)(est)
+    result = run_spatial_evaluation(Path(args.out), model_name=args.model, methods=["supervised", BASELINE],
+                                    snrs=snrs, repeats=args.repeats, extra=extra)
+    v = result.value
+    for snr in snrs:
+        print(f"\nSNR {snr:g}, {args.repeats} noise images, {args.samples} patches")
+        for label in ["supervised", BASELINE, *extra]:
+            ratio = {p: v(label, p, snr, "interior_gm", "nrmse") / v("supervised", p, snr, "interior_gm", "nrmse")
+                     for p in ("cbf", "att")}
+            print(f"{label:>10}: GM ratio cbf {ratio['cbf']:.2f} att {ratio['att']:.2f}; WM att "
+                  f"{v(label, 'att', snr, 'interior_wm', 'nrmse'):.3f}; edge cbf {v(label, 'cbf', snr, 'edge', 'nrmse'):.3f} "
+                  f"att {v(label, 'att', snr, 'edge', 'nrmse'):.3f} (bias {v(label, 'att', snr, 'edge', 'bias'):+.3f}); "
+                  f"lesion {v(label, 'cbf', snr, 'lesion', 'lesion_contrast'):.2f}")
+
+
+if __name__ == "__main__":
+    main()
