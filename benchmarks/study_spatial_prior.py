@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from aslbatch.estimators import get_estimator, patches
-from aslbatch.estimators.neural import TrainingSet
 from aslbatch.evaluate_spatial import BASELINE, run_spatial_evaluation
 from aslbatch.models import get_model
 from aslbatch.protocol import default_protocol
@@ -87,9 +86,8 @@ def train(model, changes: dict, n: int, seed: int = 0):
     changes = dict(changes)
     linear = changes.pop("target", None) == "linear"
     with prior(changes):
-        opts, rng, n_val = est._training_start(None, "patches")
-        sets = [TrainingSet(*patches.simulate_patches(model, k, opts["snr_range"], opts["noise"], opts["slice_offsets"],
-                                                      rng)) for k in (n, n_val)]
+        opts, rng, n_val = est._training_start(None)
+        sets = [est._simulated(k, opts, rng) for k in (n, n_val)]
         t0 = time.perf_counter()
         if linear:  # the supervised network's training: CBF itself as the target
             est.network_, history = SupervisedEstimator._train(est, sets[0], sets[1], opts, rng, False)

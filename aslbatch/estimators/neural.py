@@ -38,7 +38,7 @@ from ..simulate import NOISE_MODELS, add_noise, noise_sigma, reference_signal_le
 from .base import (PROGRESS_CHUNK, Estimate, Estimator, Status, check_signals, check_slice_offsets, flag_undetermined,
                    merge_estimates, noise_sd_from_signal_se)
 from .network import Network, predict_together
-from .variance import Uncertainty, VarianceNetwork, fit_uncertainty
+from .variance import Uncertainty, fit_uncertainty
 
 __all__ = ["NeuralEstimator", "TrainingSet", "shifted_model", "training_set"]
 
@@ -123,6 +123,8 @@ class NeuralEstimator(Estimator):
     output_transform: ClassVar[str] = "affine"
     flags_prior_dominated: ClassVar[bool] = True
     takes_noise_sd: ClassVar[bool] = True
+    #: what the networks train on, for messages
+    training_rows: ClassVar[str] = "signals"
     stderr_method: ClassVar[str | None] = (
         "posterior standard deviation under the training prior: a variance network trained on the squared errors "
         "of this network's estimates on simulated signals (aslbatch.estimators.variance), at the voxel's SNR where "
@@ -216,28 +218,33 @@ class NeuralEstimator(Estimator):
         """The MSE network under the method's name and one per other loss (``<name>-mae``)."""
         return {(cls.name if loss == "mse" else f"{cls.name}-{loss}"): {"loss": loss} for loss in cls.losses}
 
-    def _training_start(self, signals: np.ndarray | None, what: str) -> tuple[dict[str, Any], np.random.Generator, int]:
+    def _training_start(self, signals: np.ndarray | None) -> tuple[dict[str, Any], np.random.Generator, int]:
         """The options, random generator and validation-set size of a training run on simulated
-        ``what`` ("signals", "patches"); data given to ``fit()`` or an unknown loss are refused."""
+        :attr:`training_rows`; data given to ``fit()`` or an unknown loss are refused."""
         if signals is not None:
-            raise ValueError(f"{self.name} networks train on simulated {what}; fit() takes no data")
+            raise ValueError(f"{self.name} networks train on simulated {self.training_rows}; fit() takes no data")
         opts = self.options()
         if opts["loss"] not in self.losses:
             raise ValueError(f"{self.name}: loss {opts['loss']!r} is not available; choose one of {self.losses}")
         return opts, np.random.default_rng(opts["seed"]), max(opts["n_samples"] // 10, 1000)
 
+    def _simulated(self, n: int, opts: dict[str, Any], rng: np.random.Generator) -> TrainingSet:
+        """``n`` simulated training rows (:func:`training_set`) with the options ``opts``."""
+        return training_set(self.model, n, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng)
+
     def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
-        """Train on simulated signals (``progress``: a bar over epochs on stderr)."""
-        opts, rng, n_val = self._training_start(signals, "signals")
-        train = training_set(self.model, opts["n_samples"], opts["snr_range"], opts["noise"],
-                             opts["slice_offsets"], rng)
-        val = training_set(self.model, n_val, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng)
+        """Train on simulated rows (:meth:`_simulated`; ``progress``: a bar over epochs on stderr), then
+        the variance networks (:mod:`.variance`) on the errors of the network's clipped estimates on
+        :data:`VARIANCE_SHARE` × ``n_samples`` further rows, with interval outputs when the class
+        writes intervals (:attr:`interval_method`)."""
+        opts, rng, n_val = self._training_start(signals)
+        train = self._simulated(opts["n_samples"], opts, rng)
+        val = self._simulated(n_val, opts, rng)
         network, history = self._train(train, val, opts, rng, progress)
         self.network_ = network
         predicted = self._raw_predict(val.inputs)
         self.training_ = {**history, "validation": validation_metrics(self.model, predicted, val.params)}
-        held_out = training_set(self.model, max(int(VARIANCE_SHARE * opts["n_samples"]), 1000), opts["snr_range"],
-                                opts["noise"], opts["slice_offsets"], rng)
+        held_out = self._simulated(max(int(VARIANCE_SHARE * opts["n_samples"]), 1000), opts, rng)
         estimates = self._raw_predict(held_out.inputs)
         constrain(self.model, estimates)
         constrain(self.model, predicted)
@@ -245,7 +252,8 @@ class NeuralEstimator(Estimator):
             held_out.inputs, held_out.snr, estimates, held_out.params, val.inputs, val.snr, predicted, val.params,
             hidden_layers=variance_layers(opts["hidden_layers"]), batch_size=opts["batch_size"],
             learning_rate=opts["learning_rate"], max_epochs=min(opts["max_epochs"], VARIANCE_MAX_EPOCHS),
-            patience=opts["patience"], seed=opts["seed"], progress=progress, intervals=True,
+            patience=opts["patience"], seed=opts["seed"], progress=progress,
+            intervals=self.interval_method is not None,
             description=f"training {self.name} {self.model.name} variance network")
         self.training_["variance"] = {**variance_history, "samples": held_out.inputs.shape[0]}
 

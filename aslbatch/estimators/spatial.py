@@ -43,11 +43,10 @@ from threadpoolctl import threadpool_limits
 from ..models import KineticModel
 from .base import Estimate, Status, check_signals, check_slice_offsets, flag_undetermined
 from .network import INFERENCE_CHUNK, Network
-from .neural import (VARIANCE_MAX_EPOCHS, VARIANCE_SHARE, TrainingSet, constrain, model_signal, noise_sd_from_signal_se,
-                     validation_metrics, variance_layers)
+from .neural import TrainingSet, constrain, model_signal, noise_sd_from_signal_se
 from .patches import NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_rows, plane_axes, simulate_patches, usable_rows
 from .supervised import SupervisedEstimator
-from .variance import Uncertainty, VarianceNetwork, fit_uncertainty
+from .variance import Uncertainty, VarianceNetwork
 
 __all__ = ["SpatialEstimator"]
 
@@ -66,6 +65,9 @@ class SpatialEstimator(SupervisedEstimator):
     title = "a supervised neural network reading each voxel's in-plane 3x3 neighbourhood (spatial)"
     losses: ClassVar[tuple[str, ...]] = ("mse",)
     uses_neighbourhood: ClassVar[bool] = True
+    training_rows: ClassVar[str] = "patches"
+    #: the variance networks give standard errors only (no interval outputs yet)
+    interval_method: ClassVar[str | None] = None
 
     @staticmethod
     def default_hidden_layers(model: KineticModel) -> tuple[int, ...]:
@@ -103,30 +105,9 @@ class SpatialEstimator(SupervisedEstimator):
         return n_patch_inputs(self.model.n_volumes) + (1 if self.offset_input else 0)
 
     # --- training --------------------------------------------------------------------------
-    def _fit(self, signals: np.ndarray | None, progress: bool) -> None:
-        """Train on simulated patches (``progress``: a bar over epochs on stderr), then the variance
-        networks (:mod:`.variance`) on the squared errors of the network's clipped estimates on
-        :data:`~.neural.VARIANCE_SHARE` × ``n_samples`` further patches, their inputs the patch inputs."""
-        opts, rng, n_val = self._training_start(signals, "patches")
-        sets = [TrainingSet(*simulate_patches(self.model, n, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng))
-                for n in (opts["n_samples"], n_val)]
-        network, history = self._train(sets[0], sets[1], opts, rng, progress)
-        self.network_ = network
-        val = sets[1]
-        predicted = self._raw_predict(val.inputs)
-        self.training_ = {**history, "validation": validation_metrics(self.model, predicted, val.params)}
-        held_out = TrainingSet(*simulate_patches(self.model, max(int(VARIANCE_SHARE * opts["n_samples"]), 1000),
-                                                 opts["snr_range"], opts["noise"], opts["slice_offsets"], rng))
-        estimates = self._raw_predict(held_out.inputs)
-        constrain(self.model, estimates)
-        constrain(self.model, predicted)
-        self.uncertainty_, variance_history = fit_uncertainty(
-            held_out.inputs, held_out.snr, estimates, held_out.params, val.inputs, val.snr, predicted, val.params,
-            hidden_layers=variance_layers(opts["hidden_layers"]), batch_size=opts["batch_size"],
-            learning_rate=opts["learning_rate"], max_epochs=min(opts["max_epochs"], VARIANCE_MAX_EPOCHS),
-            patience=opts["patience"], seed=opts["seed"], progress=progress,
-            description=f"training {self.name} {self.model.name} variance network")
-        self.training_["variance"] = {**variance_history, "samples": held_out.inputs.shape[0]}
+    def _simulated(self, n: int, opts: dict[str, Any], rng: np.random.Generator) -> TrainingSet:
+        """``n`` simulated training patches (:func:`~.patches.simulate_patches`) with the options ``opts``."""
+        return TrainingSet(*simulate_patches(self.model, n, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng))
 
     def _train(self, train: TrainingSet, val: TrainingSet, opts: dict[str, Any], rng: np.random.Generator,
                progress: bool) -> tuple[Network, dict[str, Any]]:
