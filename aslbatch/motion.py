@@ -214,8 +214,8 @@ def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, 
 
     ``cost``: ``"mean_squares"`` (images of one contrast and scale: a volume and its group's mean),
     ``"correlation"`` (one contrast, any scale) or ``"mutual_information"`` (Mattes, 32 bins:
-    images of different contrast). SimpleITK's regular-step gradient descent, scales from
-    physical shifts, two resolution levels (shrink 2 then 1), :data:`_SAMPLES` voxels (at least
+    images of different contrast). SimpleITK's regular-step gradient descent, rotations scaled by
+    :data:`FD_RADIUS_MM` (a radian counts as that many mm), two resolution levels (shrink 2 then 1), :data:`_SAMPLES` voxels (at least
     5 %, at most all) sampled on a regular grid (fixed seed). ``initial``: params to start from (default: identity). The answer is kept
     only when its cost (every voxel, full resolution) is below that of the start and of no motion;
     else the better of those (images without structure to register leave the optimiser wandering)."""
@@ -244,7 +244,10 @@ def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, 
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=_LEARNING_RATE, minStep=_MIN_STEP,
                                                     numberOfIterations=_ITERATIONS, relaxationFactor=_RELAXATION,
                                                     gradientMagnitudeTolerance=1e-10)
-    method.SetOptimizerScalesFromPhysicalShift()
+    # rotations weighed by the head's radius (Power's 50 mm: a radian moves the cortex 50 mm), not by
+    # the grid's farthest corner (SimpleITK's scales from physical shift): with those the rotations
+    # moved ~8 times slower than the translations and stopped short (median 0.44° against 0.09°)
+    method.SetOptimizerScales([FD_RADIUS_MM**2] * 3 + [1.0] * 3)
     method.SetShrinkFactorsPerLevel(list(_SHRINK))
     method.SetSmoothingSigmasPerLevel(list(_SMOOTH))
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()

@@ -1,8 +1,10 @@
 """Motion correction and robust averaging on the phantom: the figures of issue 15's "done when".
 
-Run: ``python benchmarks/study_motion.py [--shape 64 64 20] [--repeats 8] [--seed 3]``. One 1C phantom
-(default protocol: 5 PLDs, ``repeats`` control/label pairs each: 80 volumes at 8), SNR 10, Rician noise,
-a separate M0, fitted with LM; GM = the phantom's grey-matter voxels inside the brain mask.
+Run: ``python benchmarks/study_motion.py [--shape 64 64 20] [--repeats 8] [--seed 3] [--psf-fwhm 2]``. One
+1C phantom (default protocol: 5 PLDs, ``repeats`` control/label pairs each: 80 volumes at 8), SNR 10,
+Rician noise, a separate M0, fitted with LM; GM = the phantom's grey-matter voxels inside the brain mask.
+Every dataset, still or moving, is imaged with the same point-spread function (``--psf-fwhm`` voxels,
+:func:`aslbatch.phantom.band_limit`; 0: the phantom's voxels, edges one voxel sharp).
 
 Cases (each a dataset written by :func:`aslbatch.phantom.write_bids_dataset`):
 
@@ -32,7 +34,7 @@ from aslbatch.estimators import get_estimator
 from aslbatch.metrics import accuracy
 from aslbatch.models import get_model
 from aslbatch.motion import rigid_matrix, rigid_params
-from aslbatch.phantom import apply_rigid_motion, make_phantom, write_bids_dataset
+from aslbatch.phantom import PSF_FWHM_VOXELS, apply_rigid_motion, make_phantom, write_bids_dataset
 from aslbatch.pipeline import estimate_maps
 from aslbatch.preprocess import prepare_acquisition
 
@@ -97,6 +99,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--motion", type=float, default=3.0)
+    parser.add_argument("--psf-fwhm", type=float, default=PSF_FWHM_VOXELS)
     args = parser.parse_args()
     shape = tuple(args.shape)
     phantom = make_phantom(shape, "1c", seed=(args.seed, 0))
@@ -106,7 +109,8 @@ def main() -> None:
     off = {"motion_correction": False, "robust_averaging": False}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        common = {"subjects": 1, "model": "1c", "snr": 10.0, "seed": args.seed, "shape": shape, "repeats": args.repeats}
+        common = {"subjects": 1, "model": "1c", "snr": 10.0, "seed": args.seed, "shape": shape, "repeats": args.repeats,
+                  "psf_fwhm": args.psf_fwhm}
         still = write_bids_dataset(Path(tmp) / "still", **common)
         moving = write_bids_dataset(Path(tmp) / "moving", motion=args.motion, **common)
         jerk = write_bids_dataset(Path(tmp) / "jerk", **common)
@@ -164,7 +168,7 @@ def main() -> None:
         ("2 pairs with a 4 mm jerk, not corrected, robust average", jerk_robust_only["nrmse"],
          100 * (jerk_robust_only["median"] / still_off["median"] - 1), jerk_robust_only["seconds"]),
     ]
-    print(f"phantom {shape}, {n_volumes} volumes, SNR 10, LM; GM voxels {int((gm & still_off['prepared'].mask).sum())}\n")
+    print(f"phantom {shape}, PSF FWHM {args.psf_fwhm:g} voxels, {n_volumes} volumes, SNR 10, LM; GM voxels {int((gm & still_off['prepared'].mask).sum())}\n")
     print("| case | GM CBF NRMSE | vs still, not corrected | median GM CBF change | prepare (s) |")
     print("|---|---|---|---|---|")
     for name, nrmse, change, seconds in rows:
