@@ -609,6 +609,7 @@ def simulate_dataset(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     noise: Annotated[NoiseName, typer.Option(help="Noise of the magnitude images.")] = NoiseName.rician,
     motion: Annotated[float, typer.Option(min=0, help="Head motion: every image moved rigidly along a random drift with a few jerks, up to this many mm and degrees (0: none); the applied parameters go to the ground truth.")] = 0.0,
+    psf_fwhm: Annotated[float, typer.Option(min=0, help="Image every volume through a Gaussian point-spread function of this FWHM (voxels; 2 is about a Hann-filtered readout's), after its motion and before the noise, as a scanner band-limits its images (0: the phantom's voxels, edges one voxel sharp). Compare a moving phantom with a still one written with the same value.")] = 0.0,
 ) -> None:
     """Write a BIDS ASL dataset of brain-like digital phantoms; the ground truth goes beside it."""
     from .phantom import default_groundtruth_dir, phantom_for, write_bids_dataset
@@ -618,7 +619,7 @@ def simulate_dataset(
     try:
         phantom, protocol = phantom_for(model.value)
         path = write_bids_dataset(out_dir, subjects=subjects, model=phantom, snr=snr, seed=seed, noise=noise.value,
-                                  protocol=protocol, motion=motion)
+                                  protocol=protocol, motion=motion, psf_fwhm=psf_fwhm)
     except (FileExistsError, ValueError) as exc:
         fail(str(exc))
     typer.echo(json.dumps({"dataset": str(path), "groundtruth": str(default_groundtruth_dir(path))}))

@@ -66,6 +66,7 @@ __all__ = [
     "default_groundtruth_dir",
     "make_phantom",
     "apply_rigid_motion",
+    "band_limit",
     "motion_trajectory",
     "phantom_affine",
     "write_bids_dataset",
@@ -403,6 +404,31 @@ def apply_rigid_motion(volumes: np.ndarray, params: np.ndarray, voxel_size_mm: f
     return out
 
 
+#: full width at half maximum (voxels) of the imaging point-spread function :func:`band_limit` applies
+#: when asked (``write_bids_dataset(psf_fwhm=...)``): about that of a Hann-filtered k-space readout
+PSF_FWHM_VOXELS = 2.0
+
+
+def band_limit(volumes: np.ndarray, fwhm_voxels: float) -> np.ndarray:
+    """``volumes`` (x, y, z[, n]) as a scanner would image them: each 3-D volume convolved with a
+    Gaussian point-spread function of ``fwhm_voxels`` (voxels, full width at half maximum, along
+    each of the three axes; scipy.ndimage.gaussian_filter, edges continued by the nearest voxel: a
+    slab). The phantom's tissue classes jump from one voxel to the next (M0 ~1000 to 10 at the
+    brain's edge); real images are band-limited by the k-space they were sampled from (a Hann
+    window's PSF is ~2 voxels wide), so their edges spread over a few voxels and resampling them
+    (motion, its correction) interpolates smooth data. 0 returns a copy."""
+    from scipy import ndimage
+
+    if not (math.isfinite(fwhm_voxels) and fwhm_voxels >= 0):
+        raise ValueError(f"fwhm_voxels must be a number of voxels >= 0, got {fwhm_voxels!r}")
+    volumes = np.asarray(volumes, dtype=np.float64)
+    if fwhm_voxels == 0:
+        return volumes.copy()
+    sigma = fwhm_voxels / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    sigmas = (sigma, sigma, sigma) + (0.0,) * (volumes.ndim - 3)
+    return ndimage.gaussian_filter(volumes, sigmas, mode="nearest")
+
+
 # --- writing ------------------------------------------------------------------------------
 
 
@@ -500,6 +526,7 @@ def write_bids_dataset(
     exist_ok: bool = False,
     slice_timing: Sequence[float] | None = None,
     motion: float = 0.0,
+    psf_fwhm: float = 0.0,
 ) -> Path:
     """Write a raw BIDS ASL dataset of digital phantoms; returns the dataset folder.
 
@@ -542,6 +569,14 @@ def write_bids_dataset(
         :func:`apply_rigid_motion`) before noise is added; the applied parameters go to the ground
         truth as ``<series>_motion.tsv`` (columns trans_x … rot_z, mm and rad, one row per
         volume; M0 rows first, marked in a ``volume`` column). 0: no motion.
+    psf_fwhm : the images are band-limited as a scanner's are: every image, after its motion and
+        before the noise (white, of the σ ``snr`` defines), is convolved with a Gaussian
+        point-spread function of this full width at half maximum (voxels; :func:`band_limit`,
+        :data:`PSF_FWHM_VOXELS` is a Hann-filtered readout's). The phantom's tissue classes jump
+        from one voxel to the next, so moving it and correcting the motion interpolates its edges
+        twice and leaves errors larger than ΔM on grey matter (README "Motion"); compare a moving
+        phantom with a still one written with the same ``psf_fwhm``. The ground-truth maps stay
+        the phantom's own (not blurred). 0: the images are the phantom's voxels.
 
     Ground truth layout: ``<groundtruth_dir>/groundtruth.json`` (model, protocol,
     constants, snr, σ, S_ref, noise model, seeds, per subject the phantom seed and
@@ -577,6 +612,9 @@ def write_bids_dataset(
     if not (isinstance(motion, (int, float)) and not isinstance(motion, bool) and math.isfinite(motion)
             and motion >= 0):
         raise ValueError(f"motion must be a number of mm >= 0, got {motion!r}")
+    if not (isinstance(psf_fwhm, (int, float)) and not isinstance(psf_fwhm, bool) and math.isfinite(psf_fwhm)
+            and psf_fwhm >= 0):
+        raise ValueError(f"psf_fwhm must be a number of voxels >= 0, got {psf_fwhm!r}")
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     session_labels: list[str | None] = [None] if sessions is None else [str(s) for s in sessions]
@@ -646,6 +684,7 @@ def write_bids_dataset(
                 sigma=sub_sigma, noise=noise, m0_type=m0_type, repeats=repeats, m0_volumes=m0_volumes,
                 dtype=np.dtype(dtype), seed_key=(seed, k, s_index), constants=sub_kinetic.constants,
                 slice_timing=slice_timing, pulsed=models[k] == "pasl", motion=float(motion),
+                psf_fwhm=float(psf_fwhm),
                 truth_dir=truth_root / f"sub-{label}",
             )
 
@@ -675,6 +714,7 @@ def write_bids_dataset(
         "voxel_size_mm": VOXEL_SIZE_MM,
         "dtype": dtype,
         "motion_mm": float(motion),
+        "psf_fwhm_voxels": float(psf_fwhm),
         "subjects": subject_info,
         "generator": f"aslbatch {__version__}",
     })
@@ -734,6 +774,7 @@ def _write_session(
     slice_timing: Sequence[float] | None = None,
     pulsed: bool = False,
     motion: float = 0.0,
+    psf_fwhm: float = 0.0,
     truth_dir: Path | None = None,
 ) -> None:
     """The ASL series (and m0scan) of one subject and session; ``pulsed``: PASL, whose protocol
@@ -778,6 +819,8 @@ def _write_session(
             rows = ["m0scan\t" if i < n_m0 else f"{types[i - n_m0]}\t" for i in range(len(trajectory))]
             _write_text(truth_dir / f"{name}_motion.tsv", "volume\ttrans_x\ttrans_y\ttrans_z\trot_x\trot_y\trot_z\n" + "".join(
                 row + "\t".join(f"{v:.8g}" for v in values) + "\n" for row, values in zip(rows, trajectory)))
+        if psf_fwhm > 0:  # imaged after moving: the scanner's point-spread function (band_limit)
+            clean, m0_clean = band_limit(clean, psf_fwhm), band_limit(m0_clean, psf_fwhm)
         # noise streams: [seed, subject, session, series, 1 (ASL) | 2 (M0)]; the last word is
         # nonzero because numpy's SeedSequence treats a trailing 0 as absent
         rng = np.random.default_rng([*seed_key, s_index, 1])

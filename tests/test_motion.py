@@ -21,7 +21,7 @@ from aslbatch.models import get_model
 from aslbatch.motion import (FD_RADIUS_MM, apply_motion, estimate_series_motion, framewise_displacement, grid_centre,
                              register_image, rigid_matrix, rigid_params)
 from aslbatch.pair_outliers import outlier_volumes
-from aslbatch.phantom import apply_rigid_motion, make_phantom, motion_trajectory, write_bids_dataset
+from aslbatch.phantom import apply_rigid_motion, band_limit, make_phantom, motion_trajectory, write_bids_dataset
 from aslbatch.preprocess import brain_mask, prepare_acquisition
 
 runner = CliRunner()
@@ -201,3 +201,34 @@ def test_simulated_motion_is_written_as_ground_truth(tmp_path):
     assert np.degrees(np.abs(table[:, 3:]).max()) == pytest.approx(2.5)
     still = np.random.default_rng(0).normal(size=(6, 6, 4, 2))
     np.testing.assert_allclose(apply_rigid_motion(still, np.zeros((2, 6))), still, atol=1e-12)
+
+
+def test_band_limit_is_a_gaussian_psf_of_the_given_width():
+    volume = np.zeros((21, 21, 21))
+    volume[10, 10, 10] = 1.0
+    fwhm = 2.0
+    blurred = band_limit(volume, fwhm)
+    # closed form: a Gaussian of that FWHM, separable, sampled at the voxel centres (unit sum)
+    x = np.arange(21) - 10.0
+    profile = np.exp(-4.0 * math.log(2.0) * x**2 / fwhm**2)
+    profile /= profile.sum()
+    expected = profile[:, None, None] * profile[None, :, None] * profile[None, None, :]
+    assert np.abs(blurred - expected).max() < 2e-3 * expected.max()  # scipy truncates the kernel at 4 σ
+    assert blurred.sum() == pytest.approx(1.0)
+    assert np.array_equal(band_limit(volume, 0.0), volume)
+    with pytest.raises(ValueError, match="fwhm_voxels"):
+        band_limit(volume, -1.0)
+
+
+def test_dataset_psf_blurs_every_image_after_its_motion(tmp_path):
+    common = {"subjects": 1, "snr": math.inf, "seed": 5, "shape": (20, 20, 6), "motion": 2.0}
+    sharp = write_bids_dataset(tmp_path / "sharp", **common)
+    smooth = write_bids_dataset(tmp_path / "smooth", psf_fwhm=2.0, **common)
+    for name in ("sub-01_asl.nii.gz", "sub-01_m0scan.nii.gz"):
+        a = np.asarray(nib.load(sharp / "sub-01" / "perf" / name).dataobj, dtype=np.float64)
+        b = np.asarray(nib.load(smooth / "sub-01" / "perf" / name).dataobj, dtype=np.float64)
+        # the same moved head, imaged through the PSF (float32 files)
+        assert np.allclose(b, band_limit(a, 2.0), rtol=1e-5, atol=1e-3)
+        assert not np.allclose(a, b)
+    truth = json.loads((tmp_path / "smooth_groundtruth" / "groundtruth.json").read_text())
+    assert truth["psf_fwhm_voxels"] == 2.0
