@@ -46,7 +46,7 @@ from .network import INFERENCE_CHUNK, Network
 from .neural import TrainingSet, constrain, model_signal, noise_sd_from_signal_se
 from .patches import NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_rows, plane_axes, simulate_patches, usable_rows
 from .supervised import SupervisedEstimator
-from .variance import Uncertainty, VarianceNetwork
+from .variance import Uncertainty
 
 __all__ = ["SpatialEstimator"]
 
@@ -181,11 +181,12 @@ class SpatialEstimator(SupervisedEstimator):
                  done: Callable[[int], Any]) -> None:
         """Parameters of the voxels ``rows`` into ``out`` and, given ``se`` (same shape), their standard errors
         (at ``snr`` (len(rows),) where finite): blocks of INFERENCE_CHUNK rows spread over numba's thread
-        count, each gathered (numba, without the GIL) and passed through the network and its variance
-        network while in cache; ``done(n)`` is called after each block of n rows."""
+        count, each gathered (numba, without the GIL) and passed through the network and its folded
+        variance network (standard deviations out, :attr:`.variance.VarianceNetwork.inference_network`)
+        while in cache; ``done(n)`` is called after each block of n rows."""
         if self.network_ is None:
             raise ValueError(f"this {self.name} estimator has no network yet: fit() it or load a trained one")
-        network = self.network_
+        network = self.network_.folded()  # the scalings in its layers: no passes over the rows for them
         uncertainty = self.uncertainty_ if se is not None else None
         serving = None if uncertainty is None else uncertainty.network_for(snr)
         n_blocks = -(-rows.size // INFERENCE_CHUNK)
@@ -197,8 +198,8 @@ class SpatialEstimator(SupervisedEstimator):
             network._forward_chunk(inputs, out[start:start + part.size], 0)
             if serving is not None:  # the variance network of every row, on the same gathered inputs
                 variance, extra = serving
-                variance.network._forward_chunk(inputs, se[start:start + part.size], 0,
-                                                None if extra is None else extra[start:start + part.size])
+                variance.inference_network._forward_chunk(inputs, se[start:start + part.size], 0,
+                                                          None if extra is None else extra[start:start + part.size])
             elif uncertainty is not None:  # rows of known and unknown SNR mixed
                 se[start:start + part.size] = uncertainty.predict_se(inputs, snr[start:start + part.size])
             done(part.size)
@@ -210,10 +211,7 @@ class SpatialEstimator(SupervisedEstimator):
         else:
             with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
                 list(pool.map(block, range(n_blocks)))
-        self._cbf_from_output(network.output_to_params(out))
-        if serving is not None:
-            serving[0].network.output_to_params(se)
-            VarianceNetwork.se_from_output(se)
+        self._cbf_from_output(out)
 
     def _estimate(self, y: np.ndarray, neighbours: np.ndarray, slice_offsets: np.ndarray | None, progress: bool,
                   label: str, snr: np.ndarray | None = None) -> Estimate:
