@@ -217,8 +217,8 @@ def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, 
     images of different contrast). SimpleITK's regular-step gradient descent, rotations scaled by
     :data:`FD_RADIUS_MM` (a radian counts as that many mm), two resolution levels (shrink 2 then 1), :data:`_SAMPLES` voxels (at least
     5 %, at most all) sampled on a regular grid (fixed seed). ``initial``: params to start from (default: identity). The answer is kept
-    only when its cost (every voxel, full resolution) is below that of the start and of no motion;
-    else the better of those (images without structure to register leave the optimiser wandering).
+    only when its cost (every voxel, full resolution) is below that of the start; else the start
+    (images without structure to register leave the optimiser wandering).
     ``threads``: SimpleITK threads of this registration (default: SimpleITK's global default)."""
     import SimpleITK as sitk
 
@@ -264,10 +264,10 @@ def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, 
         return start
     rx, ry, rz, tx, ty, tz = transform.GetParameters()
     found = np.array([tx, ty, tz, rx, ry, rz])
-    # keep the optimiser's answer only if it fits better than where it started and than no motion
-    # (images without structure to register, e.g. a constant phantom, leave it wandering)
-    starts = [np.zeros(6)] + ([np.asarray(initial, dtype=np.float64)] if initial is not None else [])
-    candidates = [found] + starts
+    # keep the optimiser's answer only if it fits better than where it started (images without
+    # structure to register, e.g. a constant phantom, leave it wandering); the first volume of a
+    # chain starts from no motion (one full-resolution cost fewer per volume than also checking it)
+    candidates = [found, start]
     costs = [_cost(fixed_image, moving_image, params, cost, zooms, fixed.shape, threads) for params in candidates]
     return candidates[int(np.argmin(costs))]
 
