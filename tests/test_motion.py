@@ -18,7 +18,7 @@ from aslbatch.cli import app
 from aslbatch.confounds import read_confounds
 from aslbatch.estimators import get_estimator
 from aslbatch.models import get_model
-from aslbatch.motion import (FD_RADIUS_MM, apply_motion, estimate_series_motion, framewise_displacement, grid_centre,
+from aslbatch.motion import (FD_RADIUS_MM, _median_volume, apply_motion, estimate_series_motion, framewise_displacement, grid_centre,
                              register_image, rigid_matrix, rigid_params)
 from aslbatch.pair_outliers import outlier_volumes
 from aslbatch.phantom import apply_rigid_motion, band_limit, make_phantom, motion_trajectory, write_bids_dataset
@@ -72,6 +72,18 @@ def test_registration_recovers_known_transforms(anatomy):
         ideal = apply_motion(moved[..., k:k + 1], applied[k:k + 1], ZOOMS)[..., 0]  # the truth, same interpolation
         assert rms(back) < 1.2 * rms(ideal) < 0.8 * rms(moved[..., k])  # undone as well as the truth undoes it
 
+
+
+def test_side_by_side_resampling_and_median_equal_the_serial_and_numpy_ones(anatomy):
+    rng = np.random.default_rng(5)
+    applied = motion_trajectory(7, 2.0, rng)
+    data = apply_rigid_motion(np.repeat(anatomy[..., None], 7, axis=3), applied) + rng.normal(size=anatomy.shape + (7,))
+    # volumes resampled on two threads land in their own places, as one after the other
+    assert np.array_equal(apply_motion(data, applied, ZOOMS, threads=2), apply_motion(data, applied, ZOOMS, threads=1))
+    for n in (1, 2, 5, 6):  # odd and even group sizes: numpy's median
+        assert np.array_equal(_median_volume(data[..., :n]), np.median(data[..., :n], axis=3))
+    data[3, 4, 5, 2] = np.nan
+    assert np.array_equal(_median_volume(data), np.median(data, axis=3), equal_nan=True)
 
 def test_series_realignment_is_not_biased_by_the_label_contrast(anatomy):
     rng = np.random.default_rng(2)
