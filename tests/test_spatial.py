@@ -275,12 +275,17 @@ def test_invalid_voxels_are_flagged_and_their_neighbours_go_on(tiny, model):
     assert np.all(np.isfinite(np.delete(est.params, 5, axis=0)))
 
 
-def test_file_round_trip_and_protocol_refusal(tiny, model, tmp_path):
-    path = tmp_path / "spatial.npz"
-    save_network(tiny, path)
-    loaded = load_network(path, model)
+def _saved_and_loaded(estimator, model, path):
+    """The estimator saved to ``path`` and loaded back, with a 5x4x2 image of known parameters to predict."""
+    save_network(estimator, path)
     mask = np.ones((5, 4, 2), bool)
     signals = model.signal(np.column_stack([np.linspace(20, 90, 40), np.linspace(0.8, 2.5, 40)]))
+    return load_network(path, model), mask, signals
+
+
+def test_file_round_trip_and_protocol_refusal(tiny, model, tmp_path):
+    path = tmp_path / "spatial.npz"
+    loaded, mask, signals = _saved_and_loaded(tiny, model, path)
     np.testing.assert_array_equal(loaded.predict_image(signals, mask).params, tiny.predict_image(signals, mask).params)
     other = get_model("1c", Protocol(1.8, [1.0, 1.5, 2.0, 2.5, 3.5]))
     with pytest.raises(NetworkMismatch, match="pld"):
@@ -416,10 +421,7 @@ def test_file_round_trip_keeps_the_standard_errors_and_refuses_damaged_variance_
     from aslbatch.estimators.store import NetworkFileError, read_card
 
     path = tmp_path / "spatial.npz"
-    save_network(tiny, path)
-    loaded = load_network(path, model)
-    mask = np.ones((5, 4, 2), bool)
-    signals = model.signal(np.column_stack([np.linspace(20, 90, 40), np.linspace(0.8, 2.5, 40)]))
+    loaded, mask, signals = _saved_and_loaded(tiny, model, path)
     se = np.full(signals.shape, 0.002)
     before, after = tiny.predict_image(signals, mask, signal_se=se), loaded.predict_image(signals, mask, signal_se=se)
     assert before.stderr is not None and np.isfinite(before.stderr).all()
