@@ -18,8 +18,9 @@ Metrics, per method, SNR and parameter, pooled over the repeats (fractions, not 
   1 − mean(lesion) / mean(surround) over the truth's, averaged over the lesions of a noise image,
   median over the images (1: kept; 0: smoothed away);
 - for methods that give standard errors, in each region: ``coverage_68`` / ``coverage_95`` (share of
-  voxels whose truth lies within 1 / 1.96 se of the estimate, :mod:`aslbatch.calibration`),
-  ``z_sd`` and ``prior_dominated`` (share flagged, :mod:`aslbatch.estimators.prior`). Every method
+  voxels whose truth lies within the method's 68 % / 95 % interval half-widths of the estimate, else
+  within 1 / 1.96 se; with half-widths the ± se coverage is ``coverage_68_se`` / ``coverage_95_se``:
+  :mod:`aslbatch.calibration`), ``z_sd``, ``z_robust_sd`` and ``prior_dominated`` (share flagged, :mod:`aslbatch.estimators.prior`). Every method
   is given the noise SD of the SNR (``signal_se``), so the networks' se are those at that SNR.
 
 Outputs in ``out``: ``metrics.tsv`` (method, parameter, snr, region, metric, value), ``report.md``
@@ -38,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .atomic import atomic_open
-from .calibration import calibration
+from .calibration import calibration_rows
 from .estimators import ESTIMATORS, Estimator, get_estimator
 from .estimators.prior import prior_dominated
 from .evaluate import _check_snrs
@@ -179,7 +180,7 @@ def run_spatial_evaluation(out: str | Path, *, model_name: str = "1c", protocol:
     estimators = {m: _estimator(m, model, cache_dir, dict(network_options or {}), progress) for m in labels}
     labels = labels + list(extra or {})
     maps: dict[tuple[str, float], np.ndarray] = {}
-    errors: dict[tuple[str, float], np.ndarray] = {}
+    errors: dict[tuple[str, float], tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]] = {}
     rng = np.random.default_rng([seed, 17])
     for snr in snr_values:
         sigma = noise_sigma(model, snr)
@@ -188,6 +189,7 @@ def run_spatial_evaluation(out: str | Path, *, model_name: str = "1c", protocol:
         for label in labels:
             stack = np.full((repeats,) + phantom.params.shape, np.nan)
             se_stack = np.full_like(stack, np.nan)
+            half_stack, levels = None, ()
             for r, signals in enumerate(noisy):
                 if label in (extra or {}):
                     params = extra[label](model, signals, mask)
@@ -197,10 +199,15 @@ def run_spatial_evaluation(out: str | Path, *, model_name: str = "1c", protocol:
                     params = estimate.params
                     if estimate.stderr is not None:
                         se_stack[r][mask] = estimate.stderr
+                    if estimate.intervals is not None:
+                        levels = estimate.interval_levels
+                        if half_stack is None:
+                            half_stack = np.full(stack.shape + (len(levels),), np.nan)
+                        half_stack[r][mask] = estimate.intervals
                 stack[r][mask] = params
             maps[(label, snr)] = stack
             if np.isfinite(se_stack).any():
-                errors[(label, snr)] = se_stack
+                errors[(label, snr)] = (se_stack, half_stack, levels)
     rows = _rows(phantom, maps, labels, snr_values) + _calibration_rows(phantom, maps, errors, model)
     figures = _figures(phantom, maps, labels, snr_values[0])
     return SpatialEvaluation(rows, _write(Path(out), rows, figures, _report(rows, labels, snr_values, model,
@@ -233,20 +240,26 @@ def _regions(phantom: SpatialPhantom) -> dict[str, np.ndarray]:
 
 
 def _calibration_rows(phantom: SpatialPhantom, maps: dict[tuple[str, float], np.ndarray],
-                      errors: dict[tuple[str, float], np.ndarray], model: KineticModel) -> list[dict[str, Any]]:
-    """Coverage, z SD and prior-dominated share per region of every (method, SNR) with standard errors."""
+                      errors: dict[tuple[str, float], tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]],
+                      model: KineticModel) -> list[dict[str, Any]]:
+    """Coverage, z SD and prior-dominated share per region of every (method, SNR) with standard errors:
+    ``errors`` holds (se like the maps, interval half-widths (..., n_params, len(levels)) or None, levels);
+    with intervals, ``coverage_68``/``coverage_95`` are theirs and the ± se ones ``coverage_68_se``/``_95_se``
+    (:func:`aslbatch.calibration.calibration_rows`, as ``aslbatch evaluate``)."""
     rows = []
-    for (label, snr), se in errors.items():
+    p = model.n_params
+    for (label, snr), (se, half, levels) in errors.items():
         stack = maps[(label, snr)]
         truth = np.broadcast_to(phantom.params, stack.shape)
         for region, where in _regions(phantom).items():
-            est, err, tru = stack[:, where], se[:, where], truth[:, where]  # (repeats, voxels, n_params)
-            flagged = prior_dominated(model, est.reshape(-1, model.n_params), err.reshape(-1, model.n_params))
-            for j, name in enumerate(phantom.param_names):
-                c = calibration(est[..., j], err[..., j], tru[..., j])
-                rows += [dict(method=label, parameter=name, snr=snr, region=region, metric=metric, value=value)
-                         for metric, value in (("coverage_68", c.coverage_68), ("coverage_95", c.coverage_95),
-                                               ("z_sd", c.z_sd), ("prior_dominated", float(flagged[:, j].mean())))]
+            est, err, tru = (a[:, where].reshape(-1, p) for a in (stack, se, truth))
+            intervals = None if half is None else half[:, where].reshape(-1, p, len(levels))
+            flagged = prior_dominated(model, est, err)
+            kept = [r for r in calibration_rows(est, err, tru, phantom.param_names, intervals, levels)
+                    if r["metric"] not in ("calibration_rows", "se_undefined")]
+            kept += [{"parameter": name, "metric": "prior_dominated", "value": float(flagged[:, j].mean())}
+                     for j, name in enumerate(phantom.param_names)]
+            rows += [dict(method=label, snr=snr, region=region, **r) for r in kept]
     return rows
 
 

@@ -2,6 +2,8 @@
 the training prior, the spatial phantom's designed truth, the edge and lesion metrics on hand-made
 cases, the file round trip and the protocol refusal."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -377,19 +379,25 @@ def test_standard_errors_are_the_variance_network_of_the_gathered_patches(tiny, 
     n = int(mask.sum())
     signals = model.signal(np.column_stack([rng.uniform(20, 90, n), rng.uniform(0.8, 2.5, n)]))
     patches = gather_patches(signals, neighbour_rows(mask))
-    marginal = tiny.predict_image(signals, mask).stderr
+    first = tiny.predict_image(signals, mask)
+    marginal = first.stderr
     np.testing.assert_allclose(marginal, tiny.uncertainty_.predict_se(patches), rtol=1e-6)
+    assert first.interval_levels == tiny.uncertainty_.levels and len(first.interval_levels) == 2
+    np.testing.assert_allclose(first.intervals, tiny.uncertainty_.predict_intervals(patches)[1], rtol=1e-6)
     sd = rng.uniform(0.5, 2.0, n) * noise_sigma(model, 5.0)
     signal_se = np.repeat(sd[:, None], model.n_volumes, axis=1)
     signal_se[::4] = np.nan  # noise unknown in every fourth voxel
     snr = tiny._snr(np.where(np.isnan(signal_se[:, 0]), np.nan, sd), n)
-    at_snr = tiny.predict_image(signals, mask, signal_se=signal_se).stderr
+    mixed = tiny.predict_image(signals, mask, signal_se=signal_se)
+    at_snr = mixed.stderr
     np.testing.assert_allclose(at_snr, tiny.uncertainty_.predict_se(patches, snr), rtol=1e-6)
+    np.testing.assert_allclose(mixed.intervals, tiny.uncertainty_.predict_intervals(patches, snr)[1], rtol=1e-6)
     np.testing.assert_allclose(at_snr[::4], marginal[::4], rtol=1e-6)
     assert not np.allclose(at_snr[1::4], marginal[1::4])
     signals[3] = np.nan
     est = tiny.predict_image(signals, mask)
     assert np.all(np.isnan(est.stderr[3])) and np.all(np.isfinite(np.delete(est.stderr, 3, axis=0)))
+    assert np.all(np.isnan(est.intervals[3])) and np.all(np.isfinite(np.delete(est.intervals, 3, axis=0)))
     # rows without a grid: the isolated-voxel patch, at the given noise SD
     isolated = gather_patches(signals[:5], np.full((5, len(NEIGHBOURS)), -1))
     np.testing.assert_allclose(tiny.predict(signals[:5], noise_sd=sd[:5]).stderr,
@@ -469,6 +477,10 @@ def test_a_batch_run_writes_spatial_se_maps_and_the_prior_dominated_mask(tmp_pat
     flags = np.asarray(nib.load(perf / "sub-01_desc-spatial_priordominated.nii.gz").dataobj)
     inside = np.isfinite(cbf)
     assert inside.any() and np.all(np.isfinite(cbfse[inside]) & (cbfse[inside] > 0))
+    ci68, ci95 = (np.asarray(nib.load(perf / f"sub-01_desc-spatial_cbf{k}.nii.gz").dataobj) for k in ("ci68", "ci95"))
+    assert np.all((ci68[inside] > 0) & np.isfinite(ci95[inside]))
+    sidecar = json.loads((perf / "sub-01_desc-spatial_cbfci95.json").read_text())
+    assert sidecar["NominalCoverage"] == 0.95 and "patches" in sidecar["IntervalMethod"]
     # the bit mask is the rule of estimators.prior applied to the written maps: se above 0.8 x the SD of the
     # 1C training prior, uniform over the training ranges (width / sqrt(12)); voxels near the threshold left out
     width = np.array([np.ptp(model.training_ranges[p]) for p in model.param_names])
@@ -487,6 +499,7 @@ def test_evaluate_spatial_calibration_rows_on_known_gaussian_errors(model):
     """Maps = truth + Gaussian errors of a known SD, reported with that SD as se: every region covers
     about 68 % / 95 % (the Gaussian's shares), z SD about 1; an se above 0.8 x the prior's SD is flagged
     in every voxel, a small one in none."""
+    from aslbatch.calibration import LEVEL_68, LEVEL_95
     from aslbatch.evaluate_spatial import REGIONS, _calibration_rows
 
     phantom = make_spatial_phantom("1c")
@@ -496,7 +509,7 @@ def test_evaluate_spatial_calibration_rows_on_known_gaussian_errors(model):
     se = np.broadcast_to(sd, stack.shape).copy()
     se[..., 1] = 10.0  # att: wider than the prior
     stack[..., 1] = phantom.params[..., 1]  # exact, so inside any interval
-    rows = _calibration_rows(phantom, {("m", 3.0): stack}, {("m", 3.0): se}, model)
+    rows = _calibration_rows(phantom, {("m", 3.0): stack}, {("m", 3.0): (se, None, ())}, model)
     value = {(r["parameter"], r["region"], r["metric"]): r["value"] for r in rows}
     for region in REGIONS:
         assert abs(value[("cbf", region, "coverage_68")] - 0.6827) < 0.04, region
@@ -504,3 +517,12 @@ def test_evaluate_spatial_calibration_rows_on_known_gaussian_errors(model):
         assert abs(value[("cbf", region, "z_sd")] - 1.0) < 0.06, region
         assert value[("cbf", region, "prior_dominated")] == 0.0
         assert value[("att", region, "coverage_68")] == 1.0 and value[("att", region, "prior_dominated")] == 1.0
+    # interval half-widths of 0.5 SD and 3 SD: their coverage is the Gaussian's (0.383, 0.997), the ± se one beside
+    half = np.stack([0.5 * se, 3.0 * se], axis=-1)
+    levels = (LEVEL_68, LEVEL_95)
+    rows = _calibration_rows(phantom, {("m", 3.0): stack}, {("m", 3.0): (se, half, levels)}, model)
+    value = {(r["parameter"], r["region"], r["metric"]): r["value"] for r in rows}
+    for region in REGIONS:
+        assert abs(value[("cbf", region, "coverage_68")] - 0.3829) < 0.04, region
+        assert abs(value[("cbf", region, "coverage_95")] - 0.9973) < 0.01, region
+        assert abs(value[("cbf", region, "coverage_68_se")] - 0.6827) < 0.04, region

@@ -20,7 +20,9 @@ and a network trained for one protocol refuses data of another).
 Uncertainty: as the voxelwise networks (:mod:`~aslbatch.estimators.variance`), two variance
 networks read the same patch input and give the posterior standard deviation of the centre's
 parameters under the training prior (one at the voxel's SNR where its noise SD is known from
-the repeats, one averaged over the training SNRs); ``stderr`` holds it, NaN for invalid input.
+the repeats, one averaged over the training SNRs); ``stderr`` holds it, and ``intervals`` the
+half-widths of the 68 % and 95 % intervals learnt as quantiles of |error| (as the voxelwise networks';
+NaN for invalid input).
 
 Prediction: :meth:`SpatialEstimator.predict_image` gathers each voxel's neighbours from the
 mask's grid (in the plane across which the slice offsets do not vary:
@@ -43,7 +45,7 @@ from threadpoolctl import threadpool_limits
 from ..models import KineticModel
 from .base import Estimate, Status, check_signals, check_slice_offsets, flag_undetermined
 from .network import INFERENCE_CHUNK, Network
-from .neural import TrainingSet, constrain, model_signal, noise_sd_from_signal_se
+from .neural import NeuralEstimator, TrainingSet, constrain, model_signal, noise_sd_from_signal_se
 from .patches import NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_rows, plane_axes, simulate_patches, usable_rows
 from .supervised import SupervisedEstimator
 from .variance import Uncertainty
@@ -66,8 +68,9 @@ class SpatialEstimator(SupervisedEstimator):
     losses: ClassVar[tuple[str, ...]] = ("mse",)
     uses_neighbourhood: ClassVar[bool] = True
     training_rows: ClassVar[str] = "patches"
-    #: the variance networks give standard errors only (no interval outputs yet)
-    interval_method: ClassVar[str | None] = None
+    stderr_method: ClassVar[str | None] = NeuralEstimator.stderr_method.replace("simulated signals", "simulated patches")
+    interval_method: ClassVar[str | None] = NeuralEstimator.interval_method.replace("simulated signals",
+                                                                                  "simulated patches")
 
     @staticmethod
     def default_hidden_layers(model: KineticModel) -> tuple[int, ...]:
@@ -177,17 +180,19 @@ class SpatialEstimator(SupervisedEstimator):
         return estimate
 
     def _forward(self, y: np.ndarray, neighbours: np.ndarray, rows: np.ndarray, offsets: np.ndarray | None,
-                 valid: np.ndarray, out: np.ndarray, se: np.ndarray | None, snr: np.ndarray | None,
+                 valid: np.ndarray, out: np.ndarray, uncertain: np.ndarray | None, snr: np.ndarray | None,
                  done: Callable[[int], Any]) -> None:
-        """Parameters of the voxels ``rows`` into ``out`` and, given ``se`` (same shape), their standard errors
-        (at ``snr`` (len(rows),) where finite): blocks of INFERENCE_CHUNK rows spread over numba's thread
+        """Parameters of the voxels ``rows`` into ``out`` and, given ``uncertain`` (len(rows), n_outputs of the
+        variance networks), their standard errors then interval half-widths as
+        :meth:`.variance.VarianceNetwork.split_inference_output` reads them (at ``snr`` (len(rows),) where
+        finite): blocks of INFERENCE_CHUNK rows spread over numba's thread
         count, each gathered (numba, without the GIL) and passed through the network and its folded
         variance network (standard deviations out, :attr:`.variance.VarianceNetwork.inference_network`)
         while in cache; ``done(n)`` is called after each block of n rows."""
         if self.network_ is None:
             raise ValueError(f"this {self.name} estimator has no network yet: fit() it or load a trained one")
         network = self.network_.folded()  # the scalings in its layers: no passes over the rows for them
-        uncertainty = self.uncertainty_ if se is not None else None
+        uncertainty = self.uncertainty_ if uncertain is not None else None
         serving = None if uncertainty is None else uncertainty.network_for(snr)
         n_blocks = -(-rows.size // INFERENCE_CHUNK)
 
@@ -198,10 +203,14 @@ class SpatialEstimator(SupervisedEstimator):
             network._forward_chunk(inputs, out[start:start + part.size], 0)
             if serving is not None:  # the variance network of every row, on the same gathered inputs
                 variance, extra = serving
-                variance.inference_network._forward_chunk(inputs, se[start:start + part.size], 0,
+                variance.inference_network._forward_chunk(inputs, uncertain[start:start + part.size], 0,
                                                           None if extra is None else extra[start:start + part.size])
             elif uncertainty is not None:  # rows of known and unknown SNR mixed
-                se[start:start + part.size] = uncertainty.predict_se(inputs, snr[start:start + part.size])
+                se, half = uncertainty.predict_intervals(inputs, snr[start:start + part.size])
+                se_view, half_view = uncertainty.marginal.split_inference_output(uncertain[start:start + part.size])
+                se_view[:] = se
+                if half is not None:
+                    half_view[:] = half
             done(part.size)
 
         workers = min(numba.get_num_threads(), n_blocks)
@@ -226,11 +235,13 @@ class SpatialEstimator(SupervisedEstimator):
         valid = usable_rows(y)
         rows = np.flatnonzero(valid)
         raw = np.empty((rows.size, self.model.n_params))
-        row_se = None if self.uncertainty_ is None else np.empty((rows.size, self.model.n_params))
+        variance = None if self.uncertainty_ is None else self.uncertainty_.marginal
+        uncertain = None if variance is None else np.empty((rows.size, variance.network.n_outputs))
         row_snr = None if snr is None else snr[rows]
         with tqdm(total=rows.size, desc=f"{label} {self.name}".strip(), unit="voxel", leave=False, file=sys.stderr,
                   disable=not progress) as bar:
-            self._forward(y, neighbours, rows, offsets, valid, raw, row_se, row_snr, bar.update)
+            self._forward(y, neighbours, rows, offsets, valid, raw, uncertain, row_snr, bar.update)
+        row_se, row_half = (None, None) if variance is None else variance.split_inference_output(uncertain)
         clipped = constrain(self.model, raw)
         every = rows.size == n  # the usual case: no copy of the signals, no scatter
         row_offsets = None if offsets is None or every else offsets[rows]
@@ -239,16 +250,21 @@ class SpatialEstimator(SupervisedEstimator):
         row_status = (clipped * np.int8(Status.AT_BOUND)).astype(np.int8)  # CONVERGED is 0
         if every:
             params, status, rss = raw, row_status, np.einsum("ij,ij->i", residual, residual)
-            stderr = row_se
+            stderr, half = row_se, row_half
         else:
             params = np.full((n, self.model.n_params), np.nan)
             status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
             rss = np.full(n, np.nan)
             params[rows], status[rows] = raw, row_status
             rss[rows] = np.einsum("ij,ij->i", residual, residual)
-            stderr = None
+            stderr = half = None
             if row_se is not None:
                 stderr = np.full((n, self.model.n_params), np.nan)
                 stderr[rows] = row_se
+            if row_half is not None:
+                half = np.full((n, *row_half.shape[1:]), np.nan)
+                half[rows] = row_half
+        levels = self.uncertainty_.levels if half is not None else ()
         return Estimate(params, status, stderr, rss, self.model.param_names, self.name,
-                        info={"network": self.network_.hidden_layers, "neighbourhood": "in-plane 3x3"})
+                        info={"network": self.network_.hidden_layers, "neighbourhood": "in-plane 3x3"},
+                        intervals=half, interval_levels=levels)
