@@ -262,14 +262,20 @@ class NeuralEstimator(Estimator):
         raise NotImplementedError
 
     # --- prediction --------------------------------------------------------------------
+    @property
+    def n_inputs(self) -> int:
+        """Width of the network's input: the signals plus one for the slice offset when trained with
+        slice timing."""
+        return self.model.n_volumes + (1 if self.offset_input else 0)
+
     def set_network(self, network: Network, training: dict[str, Any], uncertainty: Uncertainty | None = None) -> None:
         """Install a trained network and its variance networks, if any (from
-        :mod:`~aslbatch.estimators.store`), checking their shapes."""
-        n_in = self.model.n_volumes + (1 if self.offset_input else 0)
+        :mod:`~aslbatch.estimators.store`), checking their shapes against :attr:`n_inputs`."""
         for what, net in (("network", network), ("variance network", uncertainty)):
-            if net is not None and (net.n_inputs != n_in or net.n_outputs != self.model.n_params):
-                raise ValueError(f"{what} has {net.n_inputs} inputs and {net.n_outputs} outputs; this "
-                                 f"{self.model.name} protocol needs {n_in} and {self.model.n_params}")
+            if net is not None and (net.n_inputs != self.n_inputs or net.n_outputs != self.model.n_params):
+                raise ValueError(f"{what} has {net.n_inputs} inputs and {net.n_outputs} outputs; a {self.name} "
+                                 f"network for this {self.model.name} protocol needs {self.n_inputs} and "
+                                 f"{self.model.n_params}")
         if network.output_transform != self.output_transform:
             raise ValueError(f"{self.name} networks use a {self.output_transform} output, got {network.output_transform}")
         self.network_ = network
@@ -386,25 +392,34 @@ class NeuralEstimator(Estimator):
         residual = model_signal(self.model, raw, row_offsets)
         residual -= rows
         row_status = np.where(clipped, Status.AT_BOUND, Status.CONVERGED).astype(np.int8)
-        if every:
-            params, status, rss, stderr, half = raw, row_status, np.einsum("ij,ij->i", residual, residual), row_se, \
-                row_half
-        else:
-            params = np.full((n, self.model.n_params), np.nan)
-            status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
-            rss = np.full(n, np.nan)
-            params[valid], status[valid] = raw, row_status
-            rss[valid] = np.einsum("ij,ij->i", residual, residual)
-            stderr = half = None
-            if row_se is not None:
-                stderr = np.full((n, self.model.n_params), np.nan)
-                stderr[valid] = row_se
-            if row_half is not None:
-                half = np.full((n, *row_half.shape[1:]), np.nan)
-                half[valid] = row_half
-        return Estimate(params, status, stderr, rss, self.model.param_names, self.name,
-                        info={"network": self.network_.hidden_layers}, intervals=half,
-                        interval_levels=() if half is None else self.uncertainty_.levels)
+        return scattered_estimate(self, n, None if every else valid, raw, row_status, residual, row_se, row_half,
+                                  info={"network": self.network_.hidden_layers})
+
+
+def scattered_estimate(estimator: "NeuralEstimator", n: int, where: np.ndarray | None, raw: np.ndarray,
+                       row_status: np.ndarray, residual: np.ndarray, row_se: np.ndarray | None,
+                       row_half: np.ndarray | None, info: dict[str, Any]) -> Estimate:
+    """The :class:`~.base.Estimate` of ``n`` rows from the results of the rows ``where`` (a boolean mask or
+    indices; None: every row, no copies): parameters (API units), status, model-signal residuals, standard
+    errors and interval half-widths, if any (API units); the other rows INVALID_INPUT with NaN."""
+    model = estimator.model
+    rss_rows = np.einsum("ij,ij->i", residual, residual)
+    if where is None:
+        params, status, rss, stderr, half = raw, row_status, rss_rows, row_se, row_half
+    else:
+        params = np.full((n, model.n_params), np.nan)
+        status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
+        rss = np.full(n, np.nan)
+        params[where], status[where], rss[where] = raw, row_status, rss_rows
+        stderr = half = None
+        if row_se is not None:
+            stderr = np.full((n, model.n_params), np.nan)
+            stderr[where] = row_se
+        if row_half is not None:
+            half = np.full((n, *row_half.shape[1:]), np.nan)
+            half[where] = row_half
+    return Estimate(params, status, stderr, rss, model.param_names, estimator.name, info=info, intervals=half,
+                    interval_levels=() if half is None else estimator.uncertainty_.levels)
 
 
 def variance_layers(hidden_layers: Sequence[int]) -> tuple[int, ...]:

@@ -45,10 +45,9 @@ from threadpoolctl import threadpool_limits
 from ..models import KineticModel
 from .base import Estimate, Status, check_signals, check_slice_offsets, flag_undetermined
 from .network import INFERENCE_CHUNK, Network
-from .neural import NeuralEstimator, TrainingSet, constrain, model_signal, noise_sd_from_signal_se
+from .neural import NeuralEstimator, TrainingSet, constrain, scattered_estimate, model_signal, noise_sd_from_signal_se
 from .patches import NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_rows, plane_axes, simulate_patches, usable_rows
 from .supervised import SupervisedEstimator
-from .variance import Uncertainty
 
 __all__ = ["SpatialEstimator"]
 
@@ -137,21 +136,6 @@ class SpatialEstimator(SupervisedEstimator):
         if self.network_ is None:
             raise ValueError(f"this {self.name} estimator has no network yet: fit() it or load a trained one")
         return self._cbf_from_output(self.network_.predict(inputs))
-
-    def set_network(self, network: Network, training: dict[str, Any], uncertainty: Uncertainty | None = None) -> None:
-        """Install a trained network and its variance networks, if any (from
-        :mod:`~aslbatch.estimators.store`), checking their shapes against the patch input."""
-        for what, net in (("network", network), ("variance network", uncertainty)):
-            if net is not None and (net.n_inputs != self.n_inputs or net.n_outputs != self.model.n_params):
-                raise ValueError(f"{what} has {net.n_inputs} inputs and {net.n_outputs} outputs; a {self.name} "
-                                 f"network for this {self.model.name} protocol needs {self.n_inputs} and "
-                                 f"{self.model.n_params}")
-        if network.output_transform != self.output_transform:
-            raise ValueError(f"{self.name} networks use a {self.output_transform} output, got {network.output_transform}")
-        self.network_ = network
-        self.uncertainty_ = uncertainty
-        self.training_ = dict(training)
-        self.fitted_ = True
 
     # --- prediction --------------------------------------------------------------------------
     def _predict(self, y: np.ndarray, slice_offsets: np.ndarray | None, snr: np.ndarray | None = None) -> Estimate:
@@ -248,23 +232,5 @@ class SpatialEstimator(SupervisedEstimator):
         residual = model_signal(self.model, raw, offsets if every else row_offsets)
         residual -= y if every else y[rows]
         row_status = (clipped * np.int8(Status.AT_BOUND)).astype(np.int8)  # CONVERGED is 0
-        if every:
-            params, status, rss = raw, row_status, np.einsum("ij,ij->i", residual, residual)
-            stderr, half = row_se, row_half
-        else:
-            params = np.full((n, self.model.n_params), np.nan)
-            status = np.full(n, Status.INVALID_INPUT, dtype=np.int8)
-            rss = np.full(n, np.nan)
-            params[rows], status[rows] = raw, row_status
-            rss[rows] = np.einsum("ij,ij->i", residual, residual)
-            stderr = half = None
-            if row_se is not None:
-                stderr = np.full((n, self.model.n_params), np.nan)
-                stderr[rows] = row_se
-            if row_half is not None:
-                half = np.full((n, *row_half.shape[1:]), np.nan)
-                half[rows] = row_half
-        levels = self.uncertainty_.levels if half is not None else ()
-        return Estimate(params, status, stderr, rss, self.model.param_names, self.name,
-                        info={"network": self.network_.hidden_layers, "neighbourhood": "in-plane 3x3"},
-                        intervals=half, interval_levels=levels)
+        return scattered_estimate(self, n, None if every else rows, raw, row_status, residual, row_se, row_half,
+                                  info={"network": self.network_.hidden_layers, "neighbourhood": "in-plane 3x3"})
