@@ -162,12 +162,15 @@ def fit(
     """Estimate parameters from a simulated set and write them with the truth beside them.
 
     The .npz holds params (API units), status, stderr (NaN where not available), rss,
-    param_names, method, and truth (the set's true params). A summary with the median
+    param_names, method, intervals (n, n_params, levels: half-widths in API units of the intervals
+    params ± half-width, the networks' own where they learn them, else ± 1 and ± 1.96 stderr),
+    interval_levels (their nominal coverages, fractions) and truth (the set's true params). A summary with the median
     absolute error per parameter is printed as JSON.
     """
     import numpy as np
 
     from .atomic import atomic_path
+    from .calibration import LEVEL_68, LEVEL_95, Z_68, Z_95
     from .simulate import SimulatedSet
 
     try:
@@ -181,6 +184,9 @@ def fit(
     estimator = _network_or_fit(method.value, data.model, network, cache_dir)
     estimate = estimator.predict(data.signals)
     stderr = estimate.stderr if estimate.stderr is not None else np.full_like(estimate.params, np.nan)
+    intervals, levels = estimate.intervals, estimate.interval_levels
+    if intervals is None:  # the Gaussian intervals the standard errors state
+        intervals, levels = stderr[..., None] * np.array([Z_68, Z_95]), (LEVEL_68, LEVEL_95)
     try:
         with atomic_path(out, suffix=".npz") as tmp:
             np.savez(
@@ -189,6 +195,8 @@ def fit(
                 status=estimate.status,
                 stderr=stderr,
                 rss=estimate.rss,
+                intervals=intervals,
+                interval_levels=np.asarray(levels, dtype=np.float64),
                 param_names=np.array(estimate.param_names),
                 method=np.array(estimate.method),
                 truth=data.params,

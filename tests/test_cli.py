@@ -107,3 +107,34 @@ def test_evaluate_and_bench_commands(tmp_path):
                                  "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert "| 1c | lm | 1 |" in result.output and (tmp_path / "b" / "bench.png").is_file()
+
+
+def test_fit_writes_interval_half_widths(tmp_path):
+    from aslbatch.estimators import get_estimator
+    from aslbatch.estimators.store import load_network, save_network
+
+    sim = tmp_path / "sim.npz"
+    assert runner.invoke(app, ["simulate", "--n", "300", "--snr", "5", "--out", str(sim)]).exit_code == 0
+    # LM: the Gaussian intervals ± 1 and ± 1.96 of its standard errors
+    out = tmp_path / "lm.npz"
+    assert runner.invoke(app, ["fit", "--method", "lm", "--in", str(sim), "--out", str(out)]).exit_code == 0
+    with np.load(out, allow_pickle=False) as fitted:
+        stderr, intervals, levels = fitted["stderr"], fitted["intervals"], fitted["interval_levels"]
+    np.testing.assert_allclose(levels, [0.6826894921370859, 0.95])  # 2Φ(1) − 1
+    np.testing.assert_array_equal(intervals[..., 0], stderr)
+    np.testing.assert_allclose(intervals[..., 1], 1.959963984540054 * stderr)  # Φ⁻¹(0.975)
+    assert np.isfinite(stderr[:, 0]).mean() > 0.9
+    # a network that learns its own half-widths: those, as the network file predicts them
+    model = get_model("1c", default_protocol("1c"))
+    network = tmp_path / "net.npz"
+    save_network(get_estimator("supervised", model, n_samples=3000, hidden_layers=(8,), max_epochs=3).fit(), network)
+    out = tmp_path / "net_fit.npz"
+    result = runner.invoke(app, ["fit", "--method", "supervised", "--network", str(network), "--in", str(sim),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    expected = load_network(network).predict(SimulatedSet.load(sim).signals)
+    assert expected.intervals is not None
+    with np.load(out, allow_pickle=False) as fitted:
+        np.testing.assert_array_equal(fitted["intervals"], expected.intervals)
+        np.testing.assert_array_equal(fitted["interval_levels"], expected.interval_levels)
+        assert fitted["intervals"].shape == (300, 2, 2)
