@@ -22,6 +22,9 @@ to clean up when the methods change. Neither name is BIDS: ``.bidsignore`` needs
 
 Display conventions
 -------------------
+Per parameter and method: its map, its standard error (``<param>se``) and, for a method that
+learns them, its 95 % interval's half-width (``<param>ci95``: the truth lies within the map ±
+this with probability 0.95), each where the method writes it.
 Axial slices of the image reoriented to RAS, in radiological convention (the patient's
 right on the left, anterior at the top), at most :data:`MAX_SLICES` slices spread over
 those holding brain. Every quantity has a fixed colour scale (:data:`SCALES`, API units)
@@ -69,6 +72,7 @@ from matplotlib.transforms import Bbox, BboxTransformFrom
 
 from ._version import __version__
 from .atomic import atomic_open
+from .calibration import Z_95
 from .derivatives import (OUTPUTS, OUTSIDE_STATUS, QC_INDEX_NAME, QC_PAGE_SUFFIX, STATUS_LEVELS, parameter_table,
                           read_provenance, sha256_file)
 from .estimators.base import Status
@@ -129,12 +133,14 @@ class Scale:
 
 def _display_scales() -> dict[str, Scale]:
     """The display scale of every parameter of every registered model (from its
-    :class:`~aslbatch.models.Parameter`) and of its standard error (``<param>se``)."""
+    :class:`~aslbatch.models.Parameter`), of its standard error (``<param>se``) and of its 95 %
+    interval's half-width (``<param>ci95``: 1.96 times the standard error's)."""
     scales: dict[str, Scale] = {}
     for model_name in MODELS:
         for spec in MODELS[model_name].parameters:
             scales.setdefault(spec.name, Scale(*spec.display, spec.cmap))
             scales.setdefault(spec.name + "se", Scale(0.0, spec.se_display, SE_CMAP))
+            scales.setdefault(spec.name + "ci95", Scale(0.0, Z_95 * spec.se_display, SE_CMAP))
     return scales
 
 
@@ -529,13 +535,13 @@ def write_session_report(provenance_path: str | os.PathLike) -> Path:
         units = parameter_table()[param].units
         name = parameter_table()[param].names.get(model_name, param)
         parts = [f'<h3 id="{escape(param)}">{escape(param)}: {escape(name)} ({escape(units)})</h3>']
-        for quantity, kind in ((param, "map"), (param + "se", "stderr")):
+        for quantity, kind in ((param, "map"), (param + "se", "stderr"), (param + "ci95", "ci95")):
             samples: dict[str, np.ndarray] = {}
             scale = None
             for method in methods:
                 path = files.get((kind, method, param))
                 if path is None:
-                    continue  # the method gives no standard errors
+                    continue  # the method gives no standard errors or intervals
                 label = f"{method} {quantity}"
                 if not path.is_file():
                     missing.append(path.name)

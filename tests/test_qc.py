@@ -380,12 +380,15 @@ def test_display_is_radiological_whatever_the_stored_orientation(tmp_path):
 def test_every_parameter_and_its_standard_error_has_a_fixed_scale():
     """Fixed, except the quantities in the scanner's units (ΔM without M0): those are scaled to the
     data, 0 to the 99th percentile (checked against numpy's percentile)."""
-    assert set(SCALES) == set(parameter_table()) | {p + "se" for p in parameter_table()}
+    assert set(SCALES) == set(parameter_table()) | {p + k for p in parameter_table() for k in ("se", "ci95")}
+    for param in set(parameter_table()) - {"deltam"}:  # a 95 % half-width is 1.96 Gaussian standard errors
+        assert SCALES[param + "ci95"].hi == pytest.approx(1.959963984540054 * SCALES[param + "se"].hi, rel=1e-12)
     scanner_units = {name for name, spec in parameter_table().items() if spec.units == "scanner units"}
     assert scanner_units == {"deltam"}
-    assert all(s.lo < s.hi for q, s in SCALES.items() if q.removesuffix("se") not in scanner_units)
+    assert all(s.lo < s.hi for q, s in SCALES.items()
+               if q.removesuffix("se").removesuffix("ci95") not in scanner_units)
     values = np.random.default_rng(0).gamma(2.0, 30.0, 500)
-    for quantity in ("deltam", "deltamse"):
+    for quantity in ("deltam", "deltamse", "deltamci95"):
         assert _data_scale(quantity, values).hi == pytest.approx(np.percentile(values, 99), rel=1e-12)
     assert _data_scale("cbf", values) == SCALES["cbf"]
     assert SCALES["cbf"].lo == 0 and SCALES["cbf"].hi == 100 and SCALES["att"].hi == 3.5

@@ -491,6 +491,7 @@ def test_a_batch_run_writes_spatial_se_maps_and_the_prior_dominated_mask(tmp_pat
     np.testing.assert_array_equal(flags[inside][clear], (wide[:, 0] + 2 * wide[:, 1])[clear])
     page = (perf / "sub-01_qc.html").read_text()
     assert "spatial cbfse" in page and "spatial attse" in page
+    assert 'alt="spatial cbfci95"' in page and 'alt="spatial attci95"' in page
     shares = page.split("Prior-dominated values")[1].split("</table>")[0]
     assert "<td>spatial</td>" in shares.replace(" ", "")
 
