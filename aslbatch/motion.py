@@ -15,10 +15,17 @@ only inside the functions that register or resample.
 2. each group's median, corrected, is registered to the reference image (Mattes mutual
    information: the contrasts differ), the mean of the first group (control at the first PLD,
    else the first group in :data:`GROUP_ORDER`) unless a reference frame is given (the first
-   series of a 2C pair, so that both series end in one frame); a label group takes the
-   transform of the control group of its PLD instead: labels alternate with those controls, so
-   both means average the same head positions, and registering one mean to the other would fit
-   the ΔM pattern (measured on a real series: a label/control zigzag of 0.1° in every pair);
+   series of a 2C pair, so that both series end in one frame); a label group is not registered
+   (fitting the label mean to the control mean would fit the ΔM pattern: measured on a real
+   series, a label/control zigzag of 0.1° in every pair) but placed by its PLD's control group
+   and the step between the two templates that the head's path gives (3.);
+3. the templates' positions from the within-group transforms alone (:func:`template_positions`):
+   the head moves smoothly, so each volume's position is about the mean of its neighbours'
+   (which belong to other groups); one median per pattern of neighbouring groups, least squares.
+   A label template sits where the head was, on average, when the labels were acquired: on a
+   drifting head a step away from the control template (moving phantom: 0.02–0.15 mm, up to
+   0.12°), an offset of every label against its control that costs far more GM CBF accuracy than
+   the per-volume errors (README "Motion");
 
 a volume's transform is the composition of the two. The M0 image of a separate m0scan is
 registered to the same reference (mutual information) by :func:`register_image`.
@@ -51,6 +58,7 @@ __all__ = [
     "register_image",
     "rigid_matrix",
     "rigid_params",
+    "template_positions",
     "voxel_sizes",
 ]
 
