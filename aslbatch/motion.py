@@ -15,10 +15,17 @@ only inside the functions that register or resample.
 2. each group's median, corrected, is registered to the reference image (Mattes mutual
    information: the contrasts differ), the mean of the first group (control at the first PLD,
    else the first group in :data:`GROUP_ORDER`) unless a reference frame is given (the first
-   series of a 2C pair, so that both series end in one frame); a label group takes the
-   transform of the control group of its PLD instead: labels alternate with those controls, so
-   both means average the same head positions, and registering one mean to the other would fit
-   the ΔM pattern (measured on a real series: a label/control zigzag of 0.1° in every pair);
+   series of a 2C pair, so that both series end in one frame); a label group is not registered
+   (fitting the label mean to the control mean would fit the ΔM pattern: measured on a real
+   series, a label/control zigzag of 0.1° in every pair) but placed by its PLD's control group
+   and the step between the two templates that the head's path gives (3.);
+3. the templates' positions from the within-group transforms alone (:func:`template_positions`):
+   the head moves smoothly, so each volume's position is about the mean of its neighbours'
+   (which belong to other groups); one median per pattern of neighbouring groups, least squares.
+   A label template sits where the head was, on average, when the labels were acquired: on a
+   drifting head a step away from the control template (moving phantom: 0.02–0.15 mm, up to
+   0.12°), an offset of every label against its control that costs far more GM CBF accuracy than
+   the per-volume errors (README "Motion");
 
 a volume's transform is the composition of the two. The M0 image of a separate m0scan is
 registered to the same reference (mutual information) by :func:`register_image`.
@@ -51,6 +58,7 @@ __all__ = [
     "register_image",
     "rigid_matrix",
     "rigid_params",
+    "template_positions",
     "voxel_sizes",
 ]
 
@@ -76,6 +84,11 @@ _SAMPLES = 10000
 _SHRINK, _SMOOTH = (2, 1), (1.0, 0.0)
 #: fixed seed of the metric's voxel sampling: the same data give the same transforms
 _SEED = 12345
+#: equations of :func:`template_positions` with fewer volumes than this are dropped: their medians are
+#: outvoted by jerks (a 12-volume series with 3 jerks: 3 of the 5 values of one equation hit)
+_MIN_CLASS = 6
+#: a volume :func:`template_positions` fits worse than this many robust standard deviations is left out
+_OUTLIER = 4.0
 #: a grid smaller than this (voxels along each of the first two axes, and slices) is not registered:
 #: too few voxels at the coarse level for a six-parameter fit
 MIN_GRID = (16, 16, 4)
@@ -370,6 +383,83 @@ def _median_volume(volumes: np.ndarray) -> np.ndarray:
     return ordered[..., half] if ordered.shape[3] % 2 else (ordered[..., half - 1] + ordered[..., half]) / 2
 
 
+def template_positions(within: np.ndarray, group_of: np.ndarray, n_groups: int):
+    """Where each contrast group's template sits, from the within-group transforms alone: (templates,
+    standard_error). ``within`` (n, 6): each volume's transform to its group's template (mm, rad);
+    ``group_of`` (n,): its group's index (-1: not registered). ``templates`` (n_groups, 6): the
+    template positions G_g (mm, rad, up to one common offset), the head's position in volume v being
+    P_v = W_v G_g; ``standard_error(g, h)``: (6,) standard errors of G_g − G_h (mm, rad; inf where the
+    equations do not determine it).
+
+    The head moves smoothly from one volume to the next, so P_v ≈ (P_{v-1} + P_{v+1}) / 2 (to first
+    order in the small offsets: w_v + g_{G(v)} ≈ the mean of the neighbours' w + g). Each volume
+    between two registered ones gives s_v = w_v − (w_{v-1} + w_{v+1}) / 2 ≈ (g_{G(v-1)} +
+    g_{G(v+1)}) / 2 − g_{G(v)}; the volumes with the same three groups share one equation, its
+    right side the median of their s_v (at least :data:`_MIN_CLASS` of them); the equations are
+    solved by least squares (numpy), weighted by the square root of their counts. A second solve
+    leaves out the volumes the first fits worse than :data:`_OUTLIER` robust standard deviations
+    (1.4826 · MAD of all residuals; a jerk, a volume corrupted during its readout). Standard errors:
+    the median's 1.25 σ / √count, σ that robust standard deviation, propagated through the solve.
+    No image of one contrast is registered to another."""
+    n_params = within.shape[1]
+    keys, values = [], []
+    for v in range(1, within.shape[0] - 1):
+        key = (int(group_of[v - 1]), int(group_of[v]), int(group_of[v + 1]))
+        if min(key) >= 0 and not key[0] == key[1] == key[2]:  # three volumes of one group say nothing about G
+            keys.append(key)
+            values.append(within[v] - (within[v - 1] + within[v + 1]) / 2)
+    unknown = (np.zeros((n_groups, n_params)), lambda g, h: np.full(n_params, np.inf))
+    if not keys:
+        return unknown
+    values = np.array(values)
+
+    def solve(kept: np.ndarray):
+        """The equations of the kept volumes, their least-squares templates, and every volume's
+        residual (absolute, (n_equations, 6)); None when no equation has enough volumes."""
+        classes: dict[tuple[int, int, int], list[int]] = {}
+        for i in np.flatnonzero(kept):
+            classes.setdefault(keys[i], []).append(i)
+        classes = {key: members for key, members in classes.items() if len(members) >= _MIN_CLASS}
+        if not classes:
+            return None
+        rows, sides = np.zeros((len(classes), n_groups)), np.zeros((len(classes), n_params))
+        for row, ((a, b, c), members) in enumerate(classes.items()):
+            weight = math.sqrt(len(members))
+            rows[row, [a, c]] += weight / 2
+            rows[row, b] -= weight
+            sides[row] = weight * np.median(values[members], axis=0)
+        inverse = np.linalg.pinv(rows)
+        templates = inverse @ sides
+        model = np.array([(templates[a] + templates[c]) / 2 - templates[b] for a, b, c in keys])
+        return rows, inverse, templates, np.abs(values - model)
+
+    kept = np.ones(len(keys), dtype=bool)
+    first = solve(kept)
+    if first is None:
+        return unknown
+    scale = 1.4826 * np.median(first[3], axis=0)
+    # no spread (a still head whose registrations all kept their start): nothing to judge
+    kept = np.all((first[3] <= _OUTLIER * scale) | (scale == 0), axis=1)
+    second = solve(kept)
+    if second is None:
+        return unknown
+    rows, inverse, templates, residual = second
+    scale = 1.4826 * np.median(residual[kept], axis=0)
+    _, singular, basis = np.linalg.svd(rows)
+    null = basis[int(np.sum(singular > 1e-9 * singular[0])):]  # directions the equations do not fix
+
+    def standard_error(g: int, h: int) -> np.ndarray:
+        """(6,) standard errors of G_g − G_h (mm, rad); inf when the equations leave it open."""
+        difference = np.zeros(n_groups)
+        difference[[g, h]] = (1.0, -1.0)
+        if np.any(np.abs(null @ difference) > 1e-9):
+            return np.full(n_params, np.inf)
+        # each row's right side: √count · median, its standard error √count · 1.25 σ / √count
+        return 1.2533 * scale * np.sqrt(((difference @ inverse) ** 2).sum())
+
+    return templates, standard_error
+
+
 def estimate_series_motion(data: np.ndarray, zooms: np.ndarray, volume_types: Sequence[str], pld: np.ndarray, *,
                            frame: np.ndarray | None = None, frame_name: str = "") -> MotionEstimate:
     """Rigid transforms of every volume of one series (module doc: each volume to its contrast
@@ -413,13 +503,21 @@ def estimate_series_motion(data: np.ndarray, zooms: np.ndarray, volume_types: Se
     registered = [g for g, twin in enumerate(twins) if twin not in names_only and (g > 0 or frame is not None)]
     found = dict(zip(registered, _in_parallel(
         lambda g: register_image(means[g], reference, zooms, cost="mutual_information", threads=1), registered)))
+    group_of = np.full(n, -1)
+    for g, (_, index) in enumerate(groups):
+        group_of[index] = g
+    templates, standard_error = template_positions(within, group_of, len(groups))
     between: list[np.ndarray] = []
     for g, twin in enumerate(twins):
         if twin in names_only:
-            # labels alternate with the controls of their PLD: both means average the same head
-            # positions, so the label mean sits where the control mean does (registering one to the
-            # other would fit the ΔM pattern, the bias this grouping avoids)
-            between.append(between[names_only.index(twin)])
+            # a label group is placed by its control group, not registered to it (that would fit the
+            # ΔM pattern): its template sits where the head was, on average, when its volumes were
+            # acquired, a step along the head's path from the control template (a drifting head:
+            # every label is acquired after its control); the head's smooth path gives that step
+            # (:func:`template_positions`); where it does not determine it, no step
+            c = names_only.index(twin)
+            step = templates[g] - templates[c] if np.isfinite(standard_error(g, c)).all() else np.zeros(6)
+            between.append(rigid_params(rigid_matrix(step, centre) @ rigid_matrix(between[c], centre), centre))
         else:  # the reference group itself stays where it is
             between.append(found.get(g, np.zeros(6)))
     params = np.zeros((n, 6))
