@@ -151,10 +151,10 @@ def test_lesion_patches_are_small_rectangles_of_scaled_cbf(monkeypatch):
     two_c = get_model("2c", default_protocol("2c"))
     a = np.tile([[60.0, 0.01, 0.8, 1.3]], (2000, 1))
     b = np.tile([[20.0, 0.02, 0.5, 2.0]], (2000, 1))
-    patches._tie_regions(two_c, a, b, np.ones(2000, bool), np.ones(2000, bool), rng, 0.6)
+    patches._tie_regions(two_c, a, b, np.ones(2000, bool), np.ones(2000, bool), rng, 1)
     ratio = b[:, 0] / a[:, 0]
     np.testing.assert_array_equal(b[:, 1:], a[:, 1:])
-    lo, hi = patches.LESION_CBF
+    lo, hi = patches.LESION_CBF[1]
     assert np.all((ratio >= lo) & (ratio <= hi)) and ratio.min() < 0.5 and ratio.max() > 2.0
 
 
@@ -176,11 +176,11 @@ def test_across_a_shared_arrival_boundary_the_lower_cbf_region_arrives_later(mon
     present = np.ones(n, bool)
     present[100:200] = False
     a0 = a.copy()
-    patches._tie_regions(two_c, a, b, lesion, present, np.random.default_rng(2), 0.6)
+    patches._tie_regions(two_c, a, b, lesion, present, np.random.default_rng(2), 2)
     att, abat = 3, 2
     plain = np.arange(200, n // 2)  # B of lower CBF, stepped
     step = b[plain, att] - 1.3
-    assert np.all((step >= 0.0) & (step <= 0.6)) and step.max() > 0.5 and step.min() < 0.1
+    assert np.all((step >= 0.0) & (step <= patches.TISSUE_STEP_S[2])) and step.max() > 0.5 and step.min() < 0.1
     np.testing.assert_allclose(b[plain, abat] - 0.8, step)  # abat moved by the same step
     np.testing.assert_array_equal(a[:n // 2], a0[:n // 2])
     later_a = np.arange(n // 2, n - 1)
@@ -204,7 +204,7 @@ def test_shared_timing_copies_only_the_arrival_times(monkeypatch):
     two_c = get_model("2c", default_protocol("2c"))
     a = np.tile([[60.0, 0.01, 0.8, 1.3]], (4000, 1))
     b = np.tile([[20.0, 0.02, 0.5, 2.0]], (4000, 1))
-    patches._tie_regions(two_c, a, b, np.zeros(4000, bool), np.zeros(4000, bool), np.random.default_rng(2), 0.6)
+    patches._tie_regions(two_c, a, b, np.zeros(4000, bool), np.zeros(4000, bool), np.random.default_rng(2), 2)
     shared = b[:, 3] == 1.3
     np.testing.assert_array_equal(b[shared, 2], 0.8)  # abat and att together
     np.testing.assert_array_equal(b[~shared, 2:], np.tile([[0.5, 2.0]], ((~shared).sum(), 1)))

@@ -32,7 +32,7 @@ voxelwise one). Per sample one geometry (shares :data:`SHARES` of the patch's ra
   holds B (a vessel, a sulcus seen in section);
 - **lesion**: a grid-aligned rectangle of 1 or 2 voxels along each axis that holds the centre or
   lies just beside it is B, which is A with its CBF times a factor log-uniform over
-  :data:`LESION_CBF` (a small focal lesion: arrival and the rest unchanged).
+  :data:`LESION_CBF` of the patch's radius (a small focal lesion: arrival and the rest unchanged).
 
 Partial volume: the share of B in a voxel is clip(0.5 + signed distance into B, 0, 1) (exact
 for a straight boundary along a grid axis), and the voxel's parameters are the shares' blend
@@ -65,7 +65,7 @@ __all__ = ["NEIGHBOURS", "PRIOR_VERSION", "gather_patches", "n_patch_inputs", "n
 #: networks of another version are retrained); 3: the prior of 2, with variance networks (standard errors);
 #: 4: CBF learnt as log(cbf + 5) (:mod:`aslbatch.estimators.spatial`); 5: 1C reads the 5×5 patch (radius 2:
 #: :attr:`aslbatch.estimators.spatial.SpatialEstimator.radius`) with its own prior (half the patches lesions,
-#: the tissue step :data:`TISSUE_STEP_S`); the 3×3 patch (2C) and its prior as in version 4
+#: their CBF × 0.2-2, the tissue step :data:`TISSUE_STEP_S`); the 3×3 patch (2C) and its prior as in version 4
 PRIOR_VERSION = 5
 
 
@@ -84,8 +84,9 @@ NEIGHBOURS = neighbour_offsets(1)
 #: are half the 5×5 patches (it keeps a 2×2 lesion's contrast less than the 3×3 patch with 30 % did)
 SHARES = {1: {"smooth": 0.25, "edge": 0.3, "island": 0.15, "lesion": 0.3},
           2: {"smooth": 0.2, "edge": 0.2, "island": 0.1, "lesion": 0.5}}
-#: a lesion's CBF relative to its surround: log-uniform over this range (below and above 1)
-LESION_CBF = (0.3, 1.0 / 0.3)
+#: a lesion's CBF relative to its surround: log-uniform over this range (below and above 1), by patch
+#: radius: the 5×5 patch's lesions are mostly hypoperfused (the focal finding a perfusion map looks for)
+LESION_CBF = {1: (0.3, 1.0 / 0.3), 2: (0.2, 2.0)}
 #: share of patches whose two regions share their arrival times (a tissue boundary
 #: within one vascular territory), the rest drawn independently (a territory's edge)
 SHARED_TIMING = 0.9
@@ -286,21 +287,23 @@ def _b_share(n: int, rng: np.random.Generator, radius: int = 1) -> tuple[np.ndar
 
 
 def _tie_regions(model: KineticModel, base_a: np.ndarray, base_b: np.ndarray, lesion: np.ndarray,
-                 two_regions: np.ndarray, rng: np.random.Generator, step_s: float) -> None:
+                 two_regions: np.ndarray, rng: np.random.Generator, radius: int) -> None:
     """Tie the parameters of regions A and B (``base_a``, ``base_b``: (n, n_params), API units, changed in
     place) as the module docstring says: B takes A's arrival times in a share :data:`SHARED_TIMING` of
-    patches, and all but a scaled CBF in the lesion patches (``lesion`` (n,) bool); then in the patches
-    of shared arrival where B is present (``two_regions`` (n,) bool) and not a lesion, the region of
-    lower CBF arrives U(0, ``step_s``) s later (no step, and no draw, for 0)."""
+    patches, and all but a CBF scaled over :data:`LESION_CBF` in the lesion patches (``lesion`` (n,) bool);
+    then in the patches of shared arrival where B is present (``two_regions`` (n,) bool) and not a lesion,
+    the region of lower CBF arrives U(0, :data:`TISSUE_STEP_S`) s later (no step, and no draw, for 0);
+    both constants those of the patch's ``radius``."""
     n = lesion.shape[0]
     timing = [model.param_names.index(p) for p in TIMING if p in model.param_names]
     same_arrival = rng.uniform(size=n) < SHARED_TIMING
     shared = same_arrival[:, None] & np.isin(np.arange(model.n_params), timing)[None, :]
     base_b[shared] = base_a[shared]
     base_b[lesion] = base_a[lesion]
-    lo_ratio, hi_ratio = LESION_CBF
+    lo_ratio, hi_ratio = LESION_CBF[radius]
     cbf = model.param_names.index("cbf")
     base_b[lesion, cbf] *= np.exp(rng.uniform(np.log(lo_ratio), np.log(hi_ratio), int(lesion.sum())))
+    step_s = TISSUE_STEP_S[radius]
     if step_s <= 0.0:
         return
     step = rng.uniform(0.0, step_s, n)
@@ -340,7 +343,7 @@ def simulate_patches(model: KineticModel, n: int, snr_range: tuple[float, float]
     n_pos = positions.shape[0]
     base_a, base_b = sample_parameters(model, n, rng), sample_parameters(model, n, rng)
     share, lesion = _b_share(n, rng, radius)
-    _tie_regions(model, base_a, base_b, lesion, share.max(axis=1) > 0.0, rng, TISSUE_STEP_S[radius])
+    _tie_regions(model, base_a, base_b, lesion, share.max(axis=1) > 0.0, rng, radius)
     a = _region_fields(model, base_a, rng, positions)
     b = _region_fields(model, base_b, rng, positions)
     share = share[:, :, None]
