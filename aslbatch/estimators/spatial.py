@@ -105,9 +105,10 @@ class SpatialEstimator(SupervisedEstimator):
     @property
     def radius(self) -> int:
         """Radius of the in-plane patch read (voxels): 2 (5×5) for 1C (models of <= 2 parameters), 1 (3×3)
-        for the others. At SNR 3 the 5×5 patch lowers 1C's edge att error by a fifth (it pools more voxels
-        on the centre's side of a boundary; ``benchmarks/study_spatial.py``); 2C's 9 volumes would make its
-        input 2.8× wider and put inference below 1 M voxels/s on 2 cores (``benchmarks/bench_spatial.py``)."""
+        for the others. The 5×5 patch pools more voxels on the centre's side of a boundary: at SNR 3 1C's edge
+        att error fell from 0.242 to 0.200, below the smoothing baseline's 0.230 (``benchmarks/study_spatial.py``);
+        2C's 9 volumes would make its input 2.8× wider and put inference below 1 M voxels/s on 2 cores
+        (``benchmarks/bench_spatial.py``)."""
         return 2 if self.model.n_params <= 2 else 1
 
     @property
