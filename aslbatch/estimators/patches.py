@@ -275,9 +275,9 @@ def _b_share(n: int, rng: np.random.Generator, radius: int = 1) -> tuple[np.ndar
     share[edge] = np.clip(0.5 + distance[edge], 0.0, 1.0)
     island = kind == 2
     centre = rng.uniform(-1.0, 1.0, (n, 2))
-    radius = rng.uniform(0.5, 1.5, n)
+    disc = rng.uniform(0.5, 1.5, n)  # the island's radius (voxels)
     from_centre = np.hypot(positions[:, 0] - centre[:, :1], positions[:, 1] - centre[:, 1:])
-    share[island] = np.clip(0.5 + radius[:, None] - from_centre, 0.0, 1.0)[island]
+    share[island] = np.clip(0.5 + disc[:, None] - from_centre, 0.0, 1.0)[island]
     lesion = kind == 3
     size = rng.integers(1, 3, (n, 2))  # 1 or 2 voxels along each axis
     first = -rng.integers(0, size + 1)  # the centre inside (or, for size + 1, just beside) the rectangle
