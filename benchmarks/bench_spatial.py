@@ -2,8 +2,8 @@
 and LM's in one run (1 and 2 threads): the issue's target is >= 10^6 voxels/s on 2 cores.
 
 Both networks have their default architecture (the weights do not change the time); the spatial one
-gathers each voxel's in-plane 3x3 neighbourhood from the mask (``predict_image``). Each network runs with
-its standard errors as the batch asks for them (``signal_se``: the variance network at each voxel's SNR);
+gathers each voxel's in-plane neighbourhood (5x5 for 1C, 3x3 for 2C) from the mask (``predict_image``).
+Each network runs with its standard errors as the batch asks for them (``signal_se``: the variance network at each voxel's SNR);
 ``spatial-no-se`` is the spatial network without its variance networks (the cost of the standard errors).
 """
 

@@ -4,17 +4,13 @@ Trains the ``spatial`` network (network only, no variance networks) at ``--sampl
 of its training (:mod:`aslbatch.estimators.patches` constants changed for the run) and scores every variant
 on the spatial phantom (:func:`aslbatch.evaluate_spatial.run_spatial_evaluation`) beside the voxelwise
 supervised network and the smoothing baseline: interior GM NRMSE ratios, interior WM att, edge NRMSE and
-att bias, lesion contrast. Variants (``current`` is the training of this aslbatch: prior version 2, CBF
-learnt as log(cbf + 5)):
+att bias, lesion contrast. Variants (``current`` is the training of this aslbatch: prior version 5, CBF learnt as log(cbf + 5), the 5×5
+patch for 1C):
 
 - ``linear``: CBF learnt as itself (the training before version 4);
-- ``lesion50``: half the patches lesions (SHARES smooth .2, edge .2, island .1, lesion .5);
-- ``tissue-step``: where two regions share their arrival (a tissue boundary in one territory), the region of
-  lower CBF arrives U(0, 0.6) s later (white matter behind grey matter: the phantom's 0.4 s);
-- ``both``: the two together.
-
-The README's figures: ``linear`` was the reference of the prior variants (they were measured with CBF
-learnt as itself), and ``current`` against ``linear`` is the log target's effect.
+- ``v4``: the 3×3 patch and its prior (version 4's input and prior for 1C);
+- ``v4-shares``: the 5×5 patch with the 3×3 patch's shares of the geometries (lesions 30 %);
+- ``no-step``: the 5×5 patch without the tissue step (regions of shared arrival arrive together).
 
 Run: ``python benchmarks/study_spatial_prior.py [--samples N] [--snr 3,5] [--repeats R] [--variants a,b]``.
 """
@@ -27,8 +23,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from aslbatch.estimators import get_estimator, patches
 from aslbatch.evaluate_spatial import BASELINE, run_spatial_evaluation
 from aslbatch.models import get_model
@@ -37,40 +31,18 @@ from aslbatch.protocol import default_protocol
 VARIANTS = {
     "current": {},
     "linear": {"target": "linear"},
-    "lesion50": {"SHARES": {"smooth": 0.2, "edge": 0.2, "island": 0.1, "lesion": 0.5}},
-    "tissue-step": {"_tie_regions": "tissue_step"},
-    "both": {"SHARES": {"smooth": 0.2, "edge": 0.2, "island": 0.1, "lesion": 0.5}, "_tie_regions": "tissue_step"},
+    "v4-shares": {"SHARES": {**patches.SHARES, 2: patches.SHARES[1]}},
+    "no-step": {"TISSUE_STEP_S": {1: 0.0, 2: 0.0}},
+    "v4": {"radius": 1},
 }
-#: largest delay (s) of the lower-CBF region behind the other across a shared-arrival boundary (tissue-step)
-TISSUE_STEP_S = 0.6
-_TIE = patches._tie_regions
-
-
-def _tie_with_tissue_step(model, base_a, base_b, lesion, rng):
-    """patches._tie_regions, then across shared-arrival boundaries (not lesions) the lower-CBF region's att
-    (and abat) later by U(0, TISSUE_STEP_S) s, within the training ranges."""
-    before = base_b.copy()
-    _TIE(model, base_a, base_b, lesion, rng)
-    t = model.param_names.index("att")
-    shared = (base_b[:, t] == base_a[:, t]) & (before[:, t] != base_a[:, t]) & ~lesion
-    cbf = model.param_names.index("cbf")
-    step = rng.uniform(0.0, TISSUE_STEP_S, base_a.shape[0])
-    b_lower = base_b[:, cbf] < base_a[:, cbf]
-    for name in ("att", "abat"):
-        if name in model.param_names:
-            j = model.param_names.index(name)
-            lo, hi = model.training_ranges[name]
-            later_b = shared & b_lower
-            later_a = shared & ~b_lower
-            base_b[later_b, j] = np.minimum(base_b[later_b, j] + step[later_b], hi)
-            base_a[later_a, j] = np.minimum(base_a[later_a, j] + step[later_a], hi)
 
 
 @contextlib.contextmanager
 def prior(changes: dict):
+    """The constants of :mod:`aslbatch.estimators.patches` changed."""
     old = {k: getattr(patches, k) for k in changes}
     for k, v in changes.items():
-        setattr(patches, k, _tie_with_tissue_step if v == "tissue_step" else v)
+        setattr(patches, k, v)
     try:
         yield
     finally:
@@ -80,10 +52,15 @@ def prior(changes: dict):
 
 def train(model, changes: dict, n: int, seed: int = 0):
     """The spatial network trained on ``n`` patches of the changed prior (no variance networks)."""
+    from aslbatch.estimators.spatial import SpatialEstimator
     from aslbatch.estimators.supervised import SupervisedEstimator
 
-    est = get_estimator("spatial", model, n_samples=n, seed=seed)
     changes = dict(changes)
+    radius = changes.pop("radius", None)
+    if radius is None:
+        est = get_estimator("spatial", model, n_samples=n, seed=seed)
+    else:  # the network of another patch radius: a subclass fixing it
+        est = type(f"SpatialRadius{radius}", (SpatialEstimator,), {"radius": radius})(model, n_samples=n, seed=seed)
     linear = changes.pop("target", None) == "linear"
     with prior(changes):
         opts, rng, n_val = est._training_start(None)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from aslbatch.estimators import get_estimator
-from aslbatch.estimators.patches import (NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_rows,
-                                         plane_axes, simulate_patches)
+from aslbatch.estimators.patches import (NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_offsets,
+                                         neighbour_rows, plane_axes, simulate_patches)
 from aslbatch.estimators.store import NetworkMismatch, load_network, save_network
 from aslbatch.evaluate import METHODS as VOXELWISE_METHODS
 from aslbatch.evaluate_spatial import edge_error, lesion_contrast, region_errors, smooth_signals
@@ -43,35 +43,52 @@ def _random_mask(shape, seed):
 # --- gathering ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("axes", [(0, 1), (1, 2), (0, 2)])
-def test_neighbour_rows_match_a_direct_loop(axes):
+def test_neighbour_offsets_are_the_patch_row_major_without_its_centre():
+    """The input order stored networks rely on: the 3x3 layout as documented, and 5x5 the same rule."""
+    assert NEIGHBOURS == neighbour_offsets(1) == ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+    five = neighbour_offsets(2)
+    assert len(five) == 24 and five[:5] == ((-2, -2), (-2, -1), (-2, 0), (-2, 1), (-2, 2)) and five[12] == (0, 1)
+    assert n_patch_inputs(5, 1) == 9 * 5 + 8 and n_patch_inputs(5, 2) == 25 * 5 + 24
+    with pytest.raises(ValueError, match="radius"):
+        neighbour_offsets(0)
+
+
+def test_1c_reads_the_5x5_patch_and_2c_the_3x3_patch(model):
+    assert get_estimator("spatial", model).n_inputs == 25 * model.n_volumes + 24
+    two_c = get_model("2c", default_protocol("2c"))
+    assert get_estimator("spatial", two_c).n_inputs == 9 * two_c.n_volumes + 8
+
+
+@pytest.mark.parametrize("axes,radius", [((0, 1), 1), ((1, 2), 1), ((0, 2), 1), ((0, 1), 2), ((1, 2), 2)])
+def test_neighbour_rows_match_a_direct_loop(axes, radius):
     mask = _random_mask((6, 5, 4), 1)
-    rows = neighbour_rows(mask, axes)
+    rows = neighbour_rows(mask, axes, radius)
     coords = np.argwhere(mask)
     lookup = {tuple(c): i for i, c in enumerate(coords)}
     for i, c in enumerate(coords):
-        for k, (d0, d1) in enumerate(NEIGHBOURS):
+        for k, (d0, d1) in enumerate(neighbour_offsets(radius)):
             other = list(c)
             other[axes[0]] += d0
             other[axes[1]] += d1
             assert rows[i, k] == lookup.get(tuple(other), -1)
 
 
-def test_gathered_patches_match_a_direct_loop_with_absent_neighbours():
+@pytest.mark.parametrize("radius", [1, 2])
+def test_gathered_patches_match_a_direct_loop_with_absent_neighbours(radius):
     """Absent neighbours (outside the mask, or NaN/all-zero signals) hold the centre's signals and a 0 flag."""
     mask = _random_mask((5, 6, 3), 2)
     n, n_vol = int(mask.sum()), 3
     signals = np.random.default_rng(3).uniform(0.001, 0.01, (n, n_vol))
     signals[4] = np.nan
     signals[7] = 0.0
-    nb = neighbour_rows(mask)
+    nb = neighbour_rows(mask, radius=radius)
     offsets = np.linspace(0.0, 0.3, n)
     got = gather_patches(signals, nb, slice_offsets=offsets, dtype=np.float64)
-    assert got.shape == (n, n_patch_inputs(n_vol) + 1)
+    assert got.shape == (n, n_patch_inputs(n_vol, radius) + 1)
     for i in range(n):
         expected = list(signals[i])
         flags = []
-        for k in range(8):
+        for k in range(len(neighbour_offsets(radius))):
             j = nb[i, k]
             present = j >= 0 and j not in (4, 7)
             expected += list(signals[j] if present else signals[i])
@@ -90,16 +107,18 @@ def test_plane_axes_follow_the_slice_offsets():
         plane_axes(mask.shape, np.random.default_rng(0).uniform(0, 1, mask.sum()), mask)
 
 
-def test_training_patches_follow_the_stated_prior(model):
-    inputs, params, snr = simulate_patches(model, 4000, (2.0, 50.0), "rician", (), np.random.default_rng(0))
-    n_vol = model.n_volumes
+@pytest.mark.parametrize("radius", [1, 2])
+def test_training_patches_follow_the_stated_prior(model, radius):
+    inputs, params, snr = simulate_patches(model, 4000, (2.0, 50.0), "rician", (), np.random.default_rng(0), radius)
+    n_vol, n_nb = model.n_volumes, len(neighbour_offsets(radius))
+    assert inputs.shape == (4000, n_patch_inputs(n_vol, radius))
     lo, hi = np.array([model.training_ranges[p] for p in model.param_names]).T
     assert np.all(params >= lo) and np.all(params <= hi)
     assert np.all((snr >= 2.0) & (snr <= 50.0))
-    flags = inputs[:, 9 * n_vol:]
+    flags = inputs[:, (n_nb + 1) * n_vol:]
     assert set(np.unique(flags)) == {0.0, 1.0}
     centre = inputs[:, :n_vol]
-    for k in range(8):  # an absent neighbour repeats the centre exactly
+    for k in range(n_nb):  # an absent neighbour repeats the centre exactly
         absent = flags[:, k] == 0.0
         np.testing.assert_array_equal(inputs[absent, (1 + k) * n_vol:(2 + k) * n_vol], centre[absent])
     isolated = np.mean(flags.sum(axis=1) == 0)
@@ -113,7 +132,7 @@ def test_training_patches_follow_the_stated_prior(model):
 def test_lesion_patches_are_small_rectangles_of_scaled_cbf(monkeypatch):
     from aslbatch.estimators import patches
 
-    monkeypatch.setattr(patches, "SHARES", {"smooth": 0.0, "edge": 0.0, "island": 0.0, "lesion": 1.0})
+    monkeypatch.setattr(patches, "SHARES", {1: {"smooth": 0.0, "edge": 0.0, "island": 0.0, "lesion": 1.0}})
     rng = np.random.default_rng(1)
     share, lesion = patches._b_share(3000, rng)
     assert lesion.all() and set(np.unique(share)) <= {0.0, 1.0}  # on the grid: no partial volume
@@ -132,11 +151,44 @@ def test_lesion_patches_are_small_rectangles_of_scaled_cbf(monkeypatch):
     two_c = get_model("2c", default_protocol("2c"))
     a = np.tile([[60.0, 0.01, 0.8, 1.3]], (2000, 1))
     b = np.tile([[20.0, 0.02, 0.5, 2.0]], (2000, 1))
-    patches._tie_regions(two_c, a, b, np.ones(2000, bool), rng)
+    patches._tie_regions(two_c, a, b, np.ones(2000, bool), np.ones(2000, bool), rng, 1)
     ratio = b[:, 0] / a[:, 0]
     np.testing.assert_array_equal(b[:, 1:], a[:, 1:])
-    lo, hi = patches.LESION_CBF
+    lo, hi = patches.LESION_CBF[1]
     assert np.all((ratio >= lo) & (ratio <= hi)) and ratio.min() < 0.5 and ratio.max() > 2.0
+
+
+def test_across_a_shared_arrival_boundary_the_lower_cbf_region_arrives_later(monkeypatch):
+    """The tissue step: with every boundary of shared arrival, the region of lower CBF (either side) gets
+    the other's att plus U(0, step) s (abat moved with it, both within their ranges); no step
+    within a lesion or where B is not in the patch."""
+    from aslbatch.estimators import patches
+
+    monkeypatch.setattr(patches, "SHARED_TIMING", 1.0)
+    two_c = get_model("2c", default_protocol("2c"))
+    n = 4000
+    a = np.tile([[60.0, 0.01, 0.8, 1.3]], (n, 1))
+    b = np.tile([[20.0, 0.02, 0.5, 2.0]], (n, 1))
+    b[n // 2:, 0] = 90.0  # B of higher CBF: A arrives later
+    b[-1, 3] = a[-1, 3] = 2.9  # near the top of att's range (3.0 s): clipped there
+    lesion = np.zeros(n, bool)
+    lesion[:100] = True
+    present = np.ones(n, bool)
+    present[100:200] = False
+    a0 = a.copy()
+    patches._tie_regions(two_c, a, b, lesion, present, np.random.default_rng(2), 2)
+    att, abat = 3, 2
+    plain = np.arange(200, n // 2)  # B of lower CBF, stepped
+    step = b[plain, att] - 1.3
+    assert np.all((step >= 0.0) & (step <= patches.TISSUE_STEP_S[2])) and step.max() > 0.5 and step.min() < 0.1
+    np.testing.assert_allclose(b[plain, abat] - 0.8, step)  # abat moved by the same step
+    np.testing.assert_array_equal(a[:n // 2], a0[:n // 2])
+    later_a = np.arange(n // 2, n - 1)
+    assert np.all(a[later_a, att] >= 1.3) and a[later_a, att].max() > 1.8
+    np.testing.assert_array_equal(b[later_a, att], np.full(later_a.size, 1.3))
+    assert a[-1, att] <= 3.0 and b[-1, att] == 2.9
+    np.testing.assert_array_equal(b[100:200, att], np.full(100, 1.3))  # B not in the patch: no step
+    np.testing.assert_array_equal(b[:100, 1:], a[:100, 1:])  # a lesion: only CBF differs
 
 
 def test_a_network_of_another_training_prior_is_refused(model):
@@ -152,7 +204,7 @@ def test_shared_timing_copies_only_the_arrival_times(monkeypatch):
     two_c = get_model("2c", default_protocol("2c"))
     a = np.tile([[60.0, 0.01, 0.8, 1.3]], (4000, 1))
     b = np.tile([[20.0, 0.02, 0.5, 2.0]], (4000, 1))
-    patches._tie_regions(two_c, a, b, np.zeros(4000, bool), np.random.default_rng(2))
+    patches._tie_regions(two_c, a, b, np.zeros(4000, bool), np.zeros(4000, bool), np.random.default_rng(2), 2)
     shared = b[:, 3] == 1.3
     np.testing.assert_array_equal(b[shared, 2], 0.8)  # abat and att together
     np.testing.assert_array_equal(b[~shared, 2:], np.tile([[0.5, 2.0]], ((~shared).sum(), 1)))
@@ -256,8 +308,8 @@ def test_spatial_is_not_among_the_voxelwise_evaluation_methods():
 
 def test_rows_without_a_grid_are_isolated_voxels(tiny, model):
     """predict() on rows equals predict_image() on a mask where no two voxels are in-plane neighbours."""
-    mask = np.zeros((8, 8, 2), bool)
-    mask[::2, ::2, :] = True
+    mask = np.zeros((9, 9, 2), bool)
+    mask[::tiny.radius + 1, ::tiny.radius + 1, :] = True  # voxels radius + 1 apart: outside each other's patch
     rng = np.random.default_rng(1)
     truth = np.column_stack([rng.uniform(20, 90, mask.sum()), rng.uniform(0.8, 2.5, mask.sum())])
     signals = model.signal(truth)
@@ -307,9 +359,10 @@ def test_image_estimate_is_the_network_of_the_gathered_patches(tiny, model):
     n = int(mask.sum())
     signals = model.signal(np.column_stack([rng.uniform(20, 90, n), rng.uniform(0.8, 2.5, n)]))
     est = tiny.predict_image(signals, mask)
-    expected = log_cbf_back(tiny.network_.predict(gather_patches(signals, neighbour_rows(mask))))
+    expected = log_cbf_back(tiny.network_.predict(gather_patches(signals, neighbour_rows(mask, radius=tiny.radius))))
     constrain(model, expected)
-    np.testing.assert_allclose(est.params, expected, rtol=1e-6)
+    # float32 sums over the 5x5 patch's 149 inputs, folded or not, then exp(.) - 5: 1e-5 mL/100 g/min apart
+    np.testing.assert_allclose(est.params, expected, rtol=1e-6, atol=1e-4)
     residual = model.signal(est.params) - signals
     np.testing.assert_allclose(est.rss, (residual**2).sum(axis=1), rtol=1e-6, atol=1e-14)
 
@@ -345,12 +398,12 @@ def test_a_2d_readout_uses_the_slice_offset_and_the_plane_of_one_slice_time(mode
     from aslbatch.estimators.neural import constrain
 
     net = get_estimator("spatial", model, slice_offsets=(0.0, 0.05, 0.1), **TINY).fit()
-    assert net.network_.n_inputs == n_patch_inputs(model.n_volumes) + 1
+    assert net.network_.n_inputs == n_patch_inputs(model.n_volumes, net.radius) + 1
     mask = np.ones((3, 4, 5), bool)
     offsets = np.broadcast_to(np.array([0.0, 0.05, 0.1])[:, None, None], mask.shape)[mask]
     signals = model.signal(np.tile([60.0, 1.2], (mask.sum(), 1))) * np.linspace(0.8, 1.2, mask.sum())[:, None]
     est = net.predict_image(signals, mask, slice_offsets=offsets)
-    expected = log_cbf_back(net.network_.predict(gather_patches(signals, neighbour_rows(mask, (1, 2)),
+    expected = log_cbf_back(net.network_.predict(gather_patches(signals, neighbour_rows(mask, (1, 2), net.radius),
                                                                 slice_offsets=offsets)))
     constrain(model, expected)
     np.testing.assert_allclose(est.params, expected, rtol=1e-6)
@@ -378,7 +431,7 @@ def test_standard_errors_are_the_variance_network_of_the_gathered_patches(tiny, 
     rng = np.random.default_rng(4)
     n = int(mask.sum())
     signals = model.signal(np.column_stack([rng.uniform(20, 90, n), rng.uniform(0.8, 2.5, n)]))
-    patches = gather_patches(signals, neighbour_rows(mask))
+    patches = gather_patches(signals, neighbour_rows(mask, radius=tiny.radius))
     first = tiny.predict_image(signals, mask)
     marginal = first.stderr
     np.testing.assert_allclose(marginal, tiny.uncertainty_.predict_se(patches), rtol=1e-6)
@@ -399,7 +452,7 @@ def test_standard_errors_are_the_variance_network_of_the_gathered_patches(tiny, 
     assert np.all(np.isnan(est.stderr[3])) and np.all(np.isfinite(np.delete(est.stderr, 3, axis=0)))
     assert np.all(np.isnan(est.intervals[3])) and np.all(np.isfinite(np.delete(est.intervals, 3, axis=0)))
     # rows without a grid: the isolated-voxel patch, at the given noise SD
-    isolated = gather_patches(signals[:5], np.full((5, len(NEIGHBOURS)), -1))
+    isolated = gather_patches(signals[:5], np.full((5, len(neighbour_offsets(tiny.radius))), -1))
     np.testing.assert_allclose(tiny.predict(signals[:5], noise_sd=sd[:5]).stderr,
                                tiny.uncertainty_.predict_se(isolated, tiny._snr(sd[:5], 5)), rtol=1e-6)
 
@@ -412,7 +465,8 @@ def test_standard_errors_are_calibrated_on_patches_of_the_prior(calibrated, mode
     from aslbatch.calibration import calibration
 
     snr = 35.0
-    inputs, truth, _ = simulate_patches(model, 20_000, (snr, snr), "rician", (), np.random.default_rng(9))
+    inputs, truth, _ = simulate_patches(model, 20_000, (snr, snr), "rician", (), np.random.default_rng(9),
+                                        calibrated.radius)
     raw = log_cbf_back(calibrated.network_.predict(inputs))
     from aslbatch.estimators.neural import constrain
 

@@ -1,9 +1,10 @@
-"""``spatial``: a supervised network that reads each voxel's in-plane 3×3 neighbourhood.
+"""``spatial``: a supervised network that reads each voxel's in-plane neighbourhood.
 
 Voxelwise, the supervised network is already near the lowest error any estimator of one
 voxel's signals can reach; neighbouring voxels share tissue and arrival, so at clinical SNR
 the neighbourhood is where a cleaner map comes from. This network takes the signals of the
-voxel and of its 8 in-plane neighbours, with a flag per neighbour saying whether it is
+voxel and of its in-plane neighbours (the 5×5 patch for 1C, the 3×3 patch for models of more
+parameters: :attr:`SpatialEstimator.radius`), with a flag per neighbour saying whether it is
 present (inside the mask, usable), and returns the centre voxel's parameters
 (:mod:`~aslbatch.estimators.patches` gives the input layout and the training prior: piecewise
 smooth parameter fields with straight edges, small islands and partial volume).
@@ -46,7 +47,8 @@ from ..models import KineticModel
 from .base import Estimate, Status, check_signals, check_slice_offsets, flag_undetermined
 from .network import INFERENCE_CHUNK, Network
 from .neural import NeuralEstimator, TrainingSet, constrain, scattered_estimate, model_signal, noise_sd_from_signal_se
-from .patches import NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_rows, plane_axes, simulate_patches, usable_rows
+from .patches import (PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_offsets, neighbour_rows, plane_axes,
+                      simulate_patches, usable_rows)
 from .supervised import SupervisedEstimator
 
 __all__ = ["SpatialEstimator"]
@@ -63,7 +65,7 @@ class SpatialEstimator(SupervisedEstimator):
     training patches by default."""
 
     name = "spatial"
-    title = "a supervised neural network reading each voxel's in-plane 3x3 neighbourhood (spatial)"
+    title = "a supervised neural network reading each voxel's in-plane neighbourhood (spatial)"
     losses: ClassVar[tuple[str, ...]] = ("mse",)
     uses_neighbourhood: ClassVar[bool] = True
     training_rows: ClassVar[str] = "patches"
@@ -101,15 +103,25 @@ class SpatialEstimator(SupervisedEstimator):
         return {cls.name: {}}
 
     @property
+    def radius(self) -> int:
+        """Radius of the in-plane patch read (voxels): 2 (5×5) for 1C (models of <= 2 parameters), 1 (3×3)
+        for the others. The 5×5 patch pools more voxels on the centre's side of a boundary: at SNR 3 1C's edge
+        att error fell from 0.242 to 0.200, below the smoothing baseline's 0.230 (``benchmarks/study_spatial.py``);
+        2C's 9 volumes would make its input 2.8× wider and put inference below 1 M voxels/s on 2 cores
+        (``benchmarks/bench_spatial.py``)."""
+        return 2 if self.model.n_params <= 2 else 1
+
+    @property
     def n_inputs(self) -> int:
         """Width of the network's input: the patch (:func:`~aslbatch.estimators.patches.n_patch_inputs`)
         plus one for the slice offset when trained with slice timing."""
-        return n_patch_inputs(self.model.n_volumes) + (1 if self.offset_input else 0)
+        return n_patch_inputs(self.model.n_volumes, self.radius) + (1 if self.offset_input else 0)
 
     # --- training --------------------------------------------------------------------------
     def _simulated(self, n: int, opts: dict[str, Any], rng: np.random.Generator) -> TrainingSet:
         """``n`` simulated training patches (:func:`~.patches.simulate_patches`) with the options ``opts``."""
-        return TrainingSet(*simulate_patches(self.model, n, opts["snr_range"], opts["noise"], opts["slice_offsets"], rng))
+        return TrainingSet(*simulate_patches(self.model, n, opts["snr_range"], opts["noise"], opts["slice_offsets"],
+                                             rng, self.radius))
 
     def _train(self, train: TrainingSet, val: TrainingSet, opts: dict[str, Any], rng: np.random.Generator,
                progress: bool) -> tuple[Network, dict[str, Any]]:
@@ -141,8 +153,8 @@ class SpatialEstimator(SupervisedEstimator):
     def _predict(self, y: np.ndarray, slice_offsets: np.ndarray | None, snr: np.ndarray | None = None) -> Estimate:
         """Rows without a grid: every voxel isolated (see the module docstring); ``snr`` (n,) of each
         voxel (NaN: unknown) for its standard errors."""
-        return self._estimate(y, np.full((y.shape[0], len(NEIGHBOURS)), -1, dtype=np.int64), slice_offsets, False, "",
-                              snr)
+        return self._estimate(y, np.full((y.shape[0], len(neighbour_offsets(self.radius))), -1, dtype=np.int64),
+                              slice_offsets, False, "", snr)
 
     def predict_image(self, signals: np.ndarray, mask: np.ndarray, *, slice_offsets: np.ndarray | None = None,
                       progress: bool = False, label: str = "", signal_se: np.ndarray | None = None) -> Estimate:
@@ -157,7 +169,7 @@ class SpatialEstimator(SupervisedEstimator):
                              f"got shape {mask.shape} with {int(mask.sum())} voxels")
         y = check_signals(signals, self.model)
         offsets = check_slice_offsets(slice_offsets, y.shape[0])
-        neighbours = neighbour_rows(mask, plane_axes(mask.shape, offsets, mask))
+        neighbours = neighbour_rows(mask, plane_axes(mask.shape, offsets, mask), self.radius)
         snr = None if signal_se is None else self._snr(noise_sd_from_signal_se(signal_se, y.shape), y.shape[0])
         estimate = self._estimate(y, neighbours, offsets, progress, label, snr)
         flag_undetermined(self.model, estimate.params, estimate.status, offsets)
@@ -233,4 +245,5 @@ class SpatialEstimator(SupervisedEstimator):
         residual -= y if every else y[rows]
         row_status = (clipped * np.int8(Status.AT_BOUND)).astype(np.int8)  # CONVERGED is 0
         return scattered_estimate(self, n, None if every else rows, raw, row_status, residual, row_se, row_half,
-                                  info={"network": self.network_.hidden_layers, "neighbourhood": "in-plane 3x3"})
+                                  info={"network": self.network_.hidden_layers,
+                                        "neighbourhood": f"in-plane {2 * self.radius + 1}x{2 * self.radius + 1}"})
