@@ -60,8 +60,9 @@ __all__ = ["NEIGHBOURS", "PRIOR_VERSION", "gather_patches", "n_patch_inputs", "n
 
 #: version of the training prior below and of what a spatial training makes (a spatial network's option:
 #: networks of another version are retrained); 3: the prior of 2, with variance networks (standard errors);
-#: 4: CBF learnt as log(cbf + 5) (:mod:`aslbatch.estimators.spatial`)
-PRIOR_VERSION = 4
+#: 4: CBF learnt as log(cbf + 5) (:mod:`aslbatch.estimators.spatial`); 6: the CBF output still log(cbf + 5), its
+#: error taken on CBF (the estimate the posterior mean of CBF again)
+PRIOR_VERSION = 6
 #: in-plane offsets (row, column) of the 8 neighbours, in input order
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 #: share of training patches per geometry (smooth, straight edge, island, lesion)
