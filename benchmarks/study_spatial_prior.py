@@ -4,8 +4,8 @@ Trains the ``spatial`` network (network only, no variance networks) at ``--sampl
 of its training (:mod:`aslbatch.estimators.patches` constants changed for the run) and scores every variant
 on the spatial phantom (:func:`aslbatch.evaluate_spatial.run_spatial_evaluation`) beside the voxelwise
 supervised network and the smoothing baseline: interior GM NRMSE ratios, interior WM att, edge NRMSE and
-att bias, lesion contrast. Variants (``current`` is the training of this aslbatch: prior version 5, CBF learnt as log(cbf + 5), the 5×5
-patch for 1C):
+att bias, lesion contrast. Variants (``current`` is the training of this aslbatch: prior version 6, the
+CBF output log(cbf + 5) with its error taken on CBF, the 5×5 patch for 1C):
 
 - ``linear``: CBF learnt as itself (the training before version 4);
 - ``v4``: the 3×3 patch and its prior (version 4's input and prior for 1C);
@@ -66,7 +66,8 @@ def train(model, changes: dict, n: int, seed: int = 0):
         opts, rng, n_val = est._training_start(None)
         sets = [est._simulated(k, opts, rng) for k in (n, n_val)]
         t0 = time.perf_counter()
-        if linear:  # the supervised network's training: CBF itself as the target
+        if linear:  # the supervised network's training: CBF itself as the target, the plain MSE loss
+            est._loss_head = lambda o, t, y: SupervisedEstimator._loss_head(est, o, t, y)
             est.network_, history = SupervisedEstimator._train(est, sets[0], sets[1], opts, rng, False)
         else:
             est.network_, history = est._train(sets[0], sets[1], opts, rng, False)

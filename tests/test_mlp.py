@@ -31,6 +31,7 @@ HEADS = {
     "signal-mae": _mlp.HEAD_SIGNAL_MAE,
     "log-variance": _mlp.HEAD_LOG_VARIANCE,
     "log-variance-intervals": _mlp.HEAD_LOG_VARIANCE_INTERVALS,
+    "param-mse-log-output": _mlp.HEAD_PARAM_MSE_LOG_OUTPUT,
 }
 #: typical ΔM/M0t of the test signals: the physics-informed losses are O(1)
 SCALE = 0.005
@@ -77,6 +78,11 @@ def reference_loss(theta, sizes, X, T, head, lower, upper, model, alpha):
             u = np.sqrt(T) - np.exp(o[:, (k + 1) * p:(k + 2) * p])
             total += np.where(u >= 0, tau * u, (tau - 1.0) * u).sum(axis=1)
         per_row = total / o.shape[1]
+    elif head == _mlp.HEAD_PARAM_MSE_LOG_OUTPUT:  # the outputs with upper > 0: errors of exp(lower + upper o)
+        logged = upper > 0
+        q_o = np.exp(lower + upper * np.minimum(o, _mlp.LOG_OUTPUT_MAX))
+        r = np.where(logged, (q_o - np.exp(lower + upper * T)) / SCALE, o - T)
+        per_row = (r**2).mean(axis=1)
     else:
         r = reference_signals(model, sigmoid_params(o, lower, upper)) - T
         per_row = (r**2).mean(axis=1) / SCALE**2 if head == _mlp.HEAD_SIGNAL_MSE else np.abs(r).mean(axis=1) / SCALE
@@ -123,7 +129,10 @@ def gradient_problem(model, head, seed):
     n = 21
     X = rng.standard_normal((n, model.n_volumes))
     lower, upper = (np.array(b, dtype=np.float64) for b in BOUNDS[model.name])
-    if head in (_mlp.HEAD_PARAM_MSE, _mlp.HEAD_PARAM_MAE):
+    if head == _mlp.HEAD_PARAM_MSE_LOG_OUTPUT:  # the first output a log (mean -5, SD 0.5: q ~ 0.007), the rest not
+        lower, upper = np.zeros(model.n_params), np.zeros(model.n_params)
+        lower[0], upper[0] = -5.0, 0.5
+    if head in (_mlp.HEAD_PARAM_MSE, _mlp.HEAD_PARAM_MAE, _mlp.HEAD_PARAM_MSE_LOG_OUTPUT):
         T = rng.standard_normal((n, model.n_params))
     elif head in (_mlp.HEAD_LOG_VARIANCE, _mlp.HEAD_LOG_VARIANCE_INTERVALS):
         T = rng.standard_normal((n, model.n_params)) ** 2
@@ -405,3 +414,26 @@ def test_interval_head_learns_the_quantiles_of_a_known_error_distribution():
         np.testing.assert_allclose(np.exp(out[:, k + 1]), tau * w, rtol=0.06)
     # the point: 1 SD of a box covers 57.7 %, not 68.3 %, so the 68 % half-width is longer than the SD
     assert np.all(np.exp(out[:, 1]) > 1.1 * np.exp(0.5 * out[:, 0]))
+
+
+def test_log_output_head_is_minimised_by_the_mean_of_the_quantity_not_of_its_log():
+    """A network that is a bias alone (zero inputs): the loss of HEAD_PARAM_MSE_LOG_OUTPUT is stationary where
+    exp(lower + upper b) is the mean of the targets' quantities exp(lower + upper t) (closed form), and there the
+    mean of the logs (b = mean t, the estimate of a log target) still has a negative gradient: it is too low."""
+    rng = np.random.default_rng(5)
+    T = rng.normal(0.0, 1.0, (400, 1))
+    lower, upper = np.array([3.0]), np.array([0.6])
+    sizes = np.array([1, 1], dtype=np.int64)
+    X = np.zeros((T.shape[0], 1))
+    grad = np.empty(2)
+
+    def bias_gradient(b):
+        theta = np.array([0.0, b])  # W (1 x 1), then the bias
+        _mlp.loss_and_gradient(theta, sizes, X, T, _mlp.HEAD_PARAM_MSE_LOG_OUTPUT, lower, upper, 10.0, 0,
+                               np.zeros((0, 6)), np.zeros(6), 0.0, grad, 2)
+        return grad[1]
+
+    mean_of_quantity = (np.log(np.exp(lower + upper * T).mean()) - lower[0]) / upper[0]
+    assert abs(bias_gradient(mean_of_quantity)) < 1e-10
+    assert bias_gradient(T.mean()) < -0.01
+    assert mean_of_quantity > T.mean() + 0.1  # by the spread: exp(upper² var / 2) for a Gaussian t

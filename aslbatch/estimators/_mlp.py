@@ -13,6 +13,13 @@ Heads (per-sample loss of the network output o, n_out values, against a target r
 -------------------------------------------------------------------------------------
 - ``HEAD_PARAM_MSE`` / ``HEAD_PARAM_MAE``: mean_j (o_j - t_j)² / mean_j |o_j - t_j|, t the
   parameters already scaled by the caller.
+- ``HEAD_PARAM_MSE_LOG_OUTPUT``: as ``HEAD_PARAM_MSE``, except for the outputs j with
+  ``upper_j > 0``, which hold log(q_j + c) scaled by the caller (mean ``lower_j``, SD ``upper_j``)
+  for a quantity q_j: their error is taken on q itself, e_j = (exp(lower_j + upper_j o_j) −
+  exp(lower_j + upper_j t_j)) / scale (c cancels; ``scale`` the SD of q), so the loss is still
+  minimised by the posterior mean of q (a log output makes the network's function of the input
+  closer to linear where q spans decades; the mean of log q would be biased low by its spread).
+  o_j is taken at most :data:`LOG_OUTPUT_MAX`.
 - ``HEAD_SIGNAL_MSE`` / ``HEAD_SIGNAL_MAE`` (physics-informed): params_j = lower_j +
   (upper_j - lower_j) sigmoid(o_j) in API units, s = the kinetic model's ΔM/M0t, and the loss
   is mean_v (s_v - t_v)² / scale² / mean_v |s_v - t_v| / scale with t the observed signal
@@ -61,10 +68,13 @@ HEAD_SIGNAL_MSE = 2
 HEAD_SIGNAL_MAE = 3
 HEAD_LOG_VARIANCE = 4
 HEAD_LOG_VARIANCE_INTERVALS = 5
+HEAD_PARAM_MSE_LOG_OUTPUT = 6
 #: nominal coverages of the half-widths of HEAD_LOG_VARIANCE_INTERVALS: 68.27 % (±1 SD of a Gaussian) and 95 %
 INTERVAL_LEVELS = (0.6826894921370859, 0.95)
 #: the log-variance head evaluates exp(-o) at o >= -LOG_VARIANCE_FLOOR (no overflow early in training)
 LOG_VARIANCE_FLOOR = 30.0
+#: HEAD_PARAM_MSE_LOG_OUTPUT takes the exponential of a scaled output at most this many SDs above its mean
+LOG_OUTPUT_MAX = 10.0
 
 #: rows that go through a layer together inside a chunk
 TILE = 16
@@ -343,6 +353,18 @@ def _head(head, o, t, d, lower, upper, scale, kernel_id, vol, const, prm, dprm, 
             else:
                 loss += abs(e)
                 d[j] = _sign(e) / n_out
+        return loss / n_out
+    if head == HEAD_PARAM_MSE_LOG_OUTPUT:
+        for j in range(n_out):
+            if upper[j] > 0.0:
+                clipped = o[j] > LOG_OUTPUT_MAX
+                q = math.exp(lower[j] + upper[j] * min(o[j], LOG_OUTPUT_MAX))
+                e = (q - math.exp(lower[j] + upper[j] * t[j])) / scale
+                d[j] = 0.0 if clipped else 2.0 * e * q * upper[j] / (scale * n_out)
+            else:
+                e = o[j] - t[j]
+                d[j] = 2.0 * e / n_out
+            loss += e * e
         return loss / n_out
     if head == HEAD_LOG_VARIANCE:
         for j in range(n_out):

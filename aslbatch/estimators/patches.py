@@ -65,8 +65,10 @@ __all__ = ["NEIGHBOURS", "PRIOR_VERSION", "gather_patches", "n_patch_inputs", "n
 #: networks of another version are retrained); 3: the prior of 2, with variance networks (standard errors);
 #: 4: CBF learnt as log(cbf + 5) (:mod:`aslbatch.estimators.spatial`); 5: 1C reads the 5×5 patch (radius 2:
 #: :attr:`aslbatch.estimators.spatial.SpatialEstimator.radius`) with its own prior (half the patches lesions,
-#: their CBF × 0.2-2, the tissue step :data:`TISSUE_STEP_S`); the 3×3 patch (2C) and its prior as in version 4
-PRIOR_VERSION = 5
+#: their CBF × 0.2-2, the tissue step :data:`TISSUE_STEP_S`); the 3×3 patch (2C) and its prior as in version 4;
+#: 6: the CBF output still log(cbf + 5), its error taken on CBF (the estimate the posterior mean of CBF again,
+#: :mod:`aslbatch.estimators.spatial`)
+PRIOR_VERSION = 6
 
 
 def neighbour_offsets(radius: int) -> tuple[tuple[int, int], ...]:

@@ -58,6 +58,10 @@ class SupervisedEstimator(NeuralEstimator):
         opts["alpha"] = float(self.alpha)
         return opts
 
+    def _loss_head(self, opts: dict[str, Any], train: TrainingSet, y_scaler) -> Head:
+        """The loss on the standardised parameters: mean squared or absolute error (``opts["loss"]``)."""
+        return Head(_mlp.HEAD_PARAM_MSE if opts["loss"] == "mse" else _mlp.HEAD_PARAM_MAE)
+
     def _train(self, train: TrainingSet, val: TrainingSet, opts: dict[str, Any], rng: np.random.Generator,
                progress: bool) -> tuple[Network, dict[str, Any]]:
         from sklearn.preprocessing import StandardScaler  # scikit-learn only when training
@@ -67,12 +71,12 @@ class SupervisedEstimator(NeuralEstimator):
         x, y = x_scaler.transform(train.inputs), y_scaler.transform(train.params)
         x_val, y_val = x_scaler.transform(val.inputs), y_scaler.transform(val.params)
         sizes = [x.shape[1], *opts["hidden_layers"], y.shape[1]]
-        head = _mlp.HEAD_PARAM_MSE if opts["loss"] == "mse" else _mlp.HEAD_PARAM_MAE
-        # the MSE head is mean_j e² (scikit-learn's squared loss is half that): twice scikit-learn's alpha
+        head = self._loss_head(opts, train, y_scaler)
+        # the MSE heads are mean_j e² (scikit-learn's squared loss is half that): twice scikit-learn's alpha
         # keeps its balance of loss and L2 penalty, so that "alpha" means what MLPRegressor's does
-        alpha = 2.0 * opts["alpha"] if head == _mlp.HEAD_PARAM_MSE else opts["alpha"]
+        alpha = 2.0 * opts["alpha"] if head.code != _mlp.HEAD_PARAM_MAE else opts["alpha"]
         theta, history = train_network(
-            sizes, x, y, x_val, y_val, Head(head), alpha=alpha, batch_size=opts["batch_size"],
+            sizes, x, y, x_val, y_val, head, alpha=alpha, batch_size=opts["batch_size"],
             learning_rate=opts["learning_rate"], max_epochs=opts["max_epochs"], patience=opts["patience"],
             seed=opts["seed"], progress=progress,
             description=f"training {self.name} ({opts['loss'].upper()}) {self.model.name} network")
