@@ -133,18 +133,22 @@ class Network:
         """Last-layer outputs of rows start:start + INFERENCE_CHUNK, float32, into ``out``; ``extra``
         (n,): a last input column appended to ``x``."""
         rows = x[start:start + INFERENCE_CHUNK]
-        if extra is None:
+        if self._standardises:  # scaled in place: a copy of the rows
             h = rows.astype(np.float32)
-        else:
-            h = np.empty((rows.shape[0], rows.shape[1] + 1), dtype=np.float32)
-            h[:, :-1] = rows
-            h[:, -1] = extra[start:start + INFERENCE_CHUNK]
-        if self._standardises:
+            if extra is not None:
+                h = np.column_stack([h, extra[start:start + INFERENCE_CHUNK]]).astype(np.float32, copy=False)
             h -= self._shift32
             h *= self._inv_scale32
+            extra = None
+        else:  # a folded network reads the rows as they are (float32 input: no copy)
+            h = np.asarray(rows, dtype=np.float32)
         last = len(self._weights32) - 1
         for k, (w, b) in enumerate(zip(self._weights32, self._biases32)):
-            h = h @ w
+            if k == 0 and extra is not None:  # the extra column's weights as a rank-one update, not a copy of the rows
+                h = h @ w[:-1]
+                h += np.multiply.outer(extra[start:start + INFERENCE_CHUNK].astype(np.float32), w[-1])
+            else:
+                h = h @ w
             h += b
             if k < last:
                 np.maximum(h, 0.0, out=h)
