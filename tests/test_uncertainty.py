@@ -106,6 +106,15 @@ def test_noise_sd_from_signal_se_is_the_rms_over_volumes():
     assert np.isnan(got[1])
     with pytest.raises(ValueError, match="shape"):
         noise_sd_from_signal_se(se, (3, 4))
+    # random rows with NaN and Inf entries against numpy's masked root mean square
+    rng = np.random.default_rng(2)
+    se = rng.random((500, 9))
+    se[rng.random(se.shape) < 0.2] = np.nan
+    se[rng.random(se.shape) < 0.05] = np.inf
+    se[::50] = np.nan
+    finite = np.ma.masked_invalid(se)
+    expected = np.sqrt((finite**2).mean(axis=1)).filled(np.nan)
+    np.testing.assert_allclose(noise_sd_from_signal_se(se, se.shape), expected, rtol=1e-13, equal_nan=True)
 
 
 def test_network_se_is_calibrated_at_a_given_snr(supervised_1c, model_1c):

@@ -211,13 +211,14 @@ def noise_sd_from_signal_se(signal_se: np.ndarray, shape: tuple[int, ...]) -> np
     """Each voxel's noise SD (n,), ΔM/M0t: the root mean square over its volumes of ``signal_se``
     (n, n_volumes), the standard error of each averaged signal from its repeats; NaN where no
     volume has one."""
-    se = np.asarray(signal_se, dtype=np.float64)
+    se = np.ascontiguousarray(signal_se, dtype=np.float64)
     if se.shape != tuple(shape):
         raise ValueError(f"signal_se must have the shape of signals {tuple(shape)}, got {se.shape}")
-    squares = np.where(np.isfinite(se), se * se, 0.0)
-    count = np.isfinite(se).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, np.sqrt(squares.sum(axis=1) / np.maximum(count, 1)), np.nan)
+    from ._row_kernels import rms_of_finite  # numba: not on the path of --help
+
+    out = np.empty(se.shape[0])
+    rms_of_finite(se, out)
+    return out
 
 
 #: voxels per call of ``predict`` when :meth:`Estimator.predict_image` shows a progress bar
