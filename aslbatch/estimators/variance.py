@@ -196,16 +196,9 @@ class Uncertainty:
 
     def predict_se(self, inputs: np.ndarray, snr: np.ndarray | None = None) -> np.ndarray:
         """Standard deviation (n, n_params), API units, for finite ``inputs`` (n, n_inputs); rows with a
-        finite ``snr`` > 0 (n,) (S_ref / σ) from the SNR-conditional network, the others from the marginal."""
-        known = np.zeros(inputs.shape[0], dtype=bool) if snr is None else np.isfinite(snr) & (snr > 0)
-        if not known.any():
-            return self.marginal.predict_se(inputs)
-        if known.all():
-            return self.at_snr.predict_se(_with_log_snr(inputs, snr))
-        se = np.empty((inputs.shape[0], self.n_outputs))
-        se[known] = self.at_snr.predict_se(_with_log_snr(inputs[known], snr[known]))
-        se[~known] = self.marginal.predict_se(inputs[~known])
-        return se
+        finite ``snr`` > 0 (n,) (S_ref / σ) from the SNR-conditional network, the others from the marginal
+        (the standard deviations of :meth:`predict_intervals`: one forward pass gives both)."""
+        return self.predict_intervals(inputs, snr)[0]
 
     def predict_intervals(self, inputs: np.ndarray, snr: np.ndarray | None = None
                           ) -> tuple[np.ndarray, np.ndarray | None]:
