@@ -133,10 +133,11 @@ class Network:
         """Last-layer outputs of rows start:start + INFERENCE_CHUNK, float32, into ``out``; ``extra``
         (n,): a last input column appended to ``x``."""
         rows = x[start:start + INFERENCE_CHUNK]
-        if self._standardises:  # scaled in place: a copy of the rows
-            h = rows.astype(np.float32)
+        if self._standardises:  # scaled in place: one float32 copy of the rows (and the extra column)
+            h = np.empty((rows.shape[0], rows.shape[1] + (extra is not None)), dtype=np.float32)
+            h[:, :rows.shape[1]] = rows
             if extra is not None:
-                h = np.column_stack([h, extra[start:start + INFERENCE_CHUNK]]).astype(np.float32, copy=False)
+                h[:, -1] = extra[start:start + INFERENCE_CHUNK]
             h -= self._shift32
             h *= self._inv_scale32
             extra = None
