@@ -15,17 +15,21 @@ only inside the functions that register or resample.
 2. each group's median, corrected, is registered to the reference image (Mattes mutual
    information: the contrasts differ), the mean of the first group (control at the first PLD,
    else the first group in :data:`GROUP_ORDER`) unless a reference frame is given (the first
-   series of a 2C pair, so that both series end in one frame); a label group is not registered
-   (fitting the label mean to the control mean would fit the ΔM pattern: measured on a real
-   series, a label/control zigzag of 0.1° in every pair) but placed by its PLD's control group
-   and the step between the two templates that the head's path gives (3.);
-3. the templates' positions from the within-group transforms alone (:func:`template_positions`):
-   the head moves smoothly, so each volume's position is about the mean of its neighbours'
-   (which belong to other groups); one median per pattern of neighbouring groups, least squares.
-   A label template sits where the head was, on average, when the labels were acquired: on a
-   drifting head a step away from the control template (moving phantom: 0.02–0.15 mm, up to
-   0.12°), an offset of every label against its control that costs far more GM CBF accuracy than
-   the per-volume errors (README "Motion");
+   series of a 2C pair, so that both series end in one frame); a label group is placed by its
+   PLD's control group and the step between the two templates (3., 4.);
+3. the step the head's path gives, from the within-group transforms alone
+   (:func:`template_positions`): the head moves smoothly, so each volume's position is about the
+   mean of its neighbours' (which belong to other groups); one median per pattern of neighbouring
+   groups, least squares, with standard errors. A label template sits where the head was, on
+   average, when the labels were acquired: on a drifting head a step away from the control template
+   (moving phantom: 0.02–0.15 mm, up to 0.12°), an offset of every label against its control that
+   costs far more GM CBF accuracy than the per-volume errors; the path gives it to within its own
+   irregularity (0.01–0.02 mm on the phantom, README "Motion");
+4. the label template registered to its control template from that step
+   (:func:`register_label_template`), blind to the smooth part of ΔM (fitting the label mean to the
+   control mean by plain mean squares would fit the ΔM pattern: a 4:1 hemispheric perfusion
+   asymmetry moved the labels 0.04 mm towards hiding it, and on a real series a label/control zigzag
+   of 0.1° in every pair), kept within :data:`_PATH_TOLERANCE` standard errors of the path's step;
 
 a volume's transform is the composition of the two. The M0 image of a separate m0scan is
 registered to the same reference (mutual information) by :func:`register_image`.
@@ -55,7 +59,9 @@ __all__ = [
     "estimate_series_motion",
     "excessive_motion",
     "framewise_displacement",
+    "polynomial_field_basis",
     "register_image",
+    "register_label_template",
     "rigid_matrix",
     "rigid_params",
     "template_positions",
@@ -84,6 +90,21 @@ _SAMPLES = 10000
 _SHRINK, _SMOOTH = (2, 1), (1.0, 0.0)
 #: fixed seed of the metric's voxel sampling: the same data give the same transforms
 _SEED = 12345
+#: the label/control difference during a label template's registration (:func:`register_label_template`):
+#: a multiplicative field, a polynomial of this degree in the grid's coordinates (README "Motion": with a
+#: 4:1 hemispheric perfusion asymmetry degree 2 left the labels 0.017 mm off, 3 0.008 mm, 5 began to
+#: absorb the motion, 0.01 mm off without any asymmetry) ...
+_FIELD_DEGREE = 3
+#: ... then the registration starts with a step of this size (mm: it starts from the path's step, within
+#: ~0.1 mm; 1 mm took twice the time for the same answer) and goes down to this one (one registration per
+#: label group, where 0.01 mm matters; README "Motion": 1e-3 left rotations 0.2-0.3° off)
+_FIELD_FIRST_STEP, _FIELD_MIN_STEP = 0.2, 1e-4
+#: the field is fitted where the control template exceeds this fraction of its 99th percentile (the head)
+_FIELD_SUPPORT = 0.05
+#: the registration moves a label group's step at most this many standard errors of the step the head's
+#: path gives (:func:`template_positions`): on small sharp images the templates' registration is off by
+#: more than the path (README "Motion")
+_PATH_TOLERANCE = 2.0
 #: equations of :func:`template_positions` with fewer volumes than this are dropped: their medians are
 #: outvoted by jerks (a 12-volume series with 3 jerks: 3 of the 5 values of one equation hit)
 _MIN_CLASS = 6
@@ -221,7 +242,8 @@ def _array(image) -> np.ndarray:
 
 
 def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, cost: str = "mean_squares",
-                   initial: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+                   initial: np.ndarray | None = None, threads: int | None = None,
+                   min_step: float = _MIN_STEP, first_step: float = _LEARNING_RATE) -> np.ndarray:
     """The rigid transform (params (6,), mm and rad, about the grid centre) mapping points of
     ``fixed`` to the same anatomy in ``moving`` (both 3-D on one grid of voxel sizes ``zooms``, mm).
 
@@ -229,7 +251,8 @@ def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, 
     ``"correlation"`` (one contrast, any scale) or ``"mutual_information"`` (Mattes, 32 bins:
     images of different contrast). SimpleITK's regular-step gradient descent, rotations scaled by
     :data:`FD_RADIUS_MM` (a radian counts as that many mm), two resolution levels (shrink 2 then 1), :data:`_SAMPLES` voxels (at least
-    5 %, at most all) sampled on a regular grid (fixed seed). ``initial``: params to start from (default: identity). The answer is kept
+    5 %, at most all) sampled on a regular grid (fixed seed), steps from ``first_step`` down to ``min_step`` (mm;
+    a radian is :data:`FD_RADIUS_MM` of them). ``initial``: params to start from (default: identity). The answer is kept
     only when its cost (every voxel, full resolution) is below that of the start; else the start
     (images without structure to register leave the optimiser wandering).
     ``threads``: SimpleITK threads of this registration (default: SimpleITK's global default)."""
@@ -255,7 +278,7 @@ def register_image(moving: np.ndarray, fixed: np.ndarray, zooms: np.ndarray, *, 
     method.SetMetricSamplingPercentage(float(np.clip(_SAMPLES / fixed.size, 0.05, 1.0)), _SEED)
     _gradients_at_samples(method)
     method.SetInterpolator(sitk.sitkLinear)
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=_LEARNING_RATE, minStep=_MIN_STEP,
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=first_step, minStep=min_step,
                                                     numberOfIterations=_ITERATIONS, relaxationFactor=_RELAXATION,
                                                     gradientMagnitudeTolerance=1e-10)
     # rotations weighed by the head's radius (Power's 50 mm: a radian moves the cortex 50 mm), not by
@@ -315,6 +338,69 @@ def _cost(fixed_image, moving_image, params: np.ndarray, cost: str, zooms: np.nd
         return float(method.MetricEvaluate(fixed_image, moving_image))
     except RuntimeError:  # e.g. no sample left inside the moving image
         return math.inf
+
+
+def polynomial_field_basis(points: np.ndarray, degree: int) -> np.ndarray:
+    """(n, n_terms) the monomials of total degree <= ``degree`` of ``points`` (n, 3) (dimensionless
+    coordinates; n_terms = (d+1)(d+2)(d+3)/6, the constant first)."""
+    from itertools import combinations_with_replacement
+
+    points = np.asarray(points, dtype=np.float64)
+    columns = [np.ones(points.shape[0])]
+    for total in range(1, degree + 1):
+        for combo in combinations_with_replacement(range(3), total):
+            columns.append(np.prod(points[:, list(combo)], axis=1))
+    return np.stack(columns, axis=1)
+
+
+def register_label_template(label: np.ndarray, control: np.ndarray, zooms: np.ndarray, *,
+                            initial: np.ndarray | None = None, threads: int | None = 1) -> np.ndarray:
+    """The rigid transform (params (6,), mm and rad, :func:`register_image`'s convention) mapping points
+    of a control template to the same anatomy in the label template of the same condition (3-D, one grid
+    of voxel sizes ``zooms`` mm, image units), blind to the smooth part of the label/control difference.
+
+    The label is modelled as control · (1 − f): ΔM is a fraction f of the control signal (~1 % without
+    background suppression) that varies across the head (perfusion asymmetries; magnetisation transfer and
+    slab profiles that differ between label and control), f a polynomial of degree :data:`_FIELD_DEGREE`
+    in the grid's coordinates. Mean squares against the control itself would fit the gradient-like part
+    of ΔM by moving the label (a 4:1 hemispheric asymmetry: 0.04 mm towards hiding it); with f fitted,
+    only the part of ΔM that no smooth field explains (its tissue pattern) pulls (0.008 mm, README
+    "Motion"). f is fitted by linear least squares (numpy) on the head's voxels (the control above
+    :data:`_FIELD_SUPPORT` of its 99th percentile) to control − label (the label resampled at ``initial``,
+    linear interpolation), beside the six images a small further motion would add (the label's gradients
+    along the translations and rotations), so that f does not take up what is left of the misregistration
+    (a field fitted alone did: each round of fitting and registering moved only half-way from the start);
+    then :func:`register_image` registers the label to control · (1 − f) from ``initial``
+    (steps from :data:`_FIELD_FIRST_STEP` down to :data:`_FIELD_MIN_STEP`; its answer is kept only where it
+    lowers the cost). ``initial``: where to start (default no motion)."""
+    label = np.asarray(label, dtype=np.float64)
+    control = np.asarray(control, dtype=np.float64)
+    params = np.zeros(6) if initial is None else np.asarray(initial, dtype=np.float64)
+    support = control > _FIELD_SUPPORT * np.percentile(control, 99)
+    if not support.any():
+        return params
+    index = np.nonzero(support)
+    shape = np.array(control.shape, dtype=np.float64)
+    position = (np.stack(index, axis=1) - (shape - 1) / 2) * np.asarray(zooms)  # mm from the grid's centre
+    # f · control on the head's voxels, f = basis @ coefficients, the coordinates scaled to [-1, 1]
+    weighted = polynomial_field_basis(np.stack(index, axis=1) / np.maximum(shape - 1, 1) * 2 - 1,
+                                      _FIELD_DEGREE) * control[index][:, None]
+    moved = apply_motion(label[..., None], params[None], zooms, order=1, threads=threads)[..., 0]
+    # what a small further motion would change (the label's gradient along each translation and rotation)
+    # is fitted beside the field, so the field does not take up the misregistration (units apart: only
+    # the field's coefficients are kept; the registration does the moving)
+    gx, gy, gz = (g[index] for g in np.gradient(moved, *zooms))
+    x, y, z = position.T
+    design = np.concatenate([weighted, np.stack([gx, gy, gz, y * gz - z * gy, z * gx - x * gz, x * gy - y * gx],
+                                                axis=1)], axis=1)
+    scale = np.linalg.norm(design, axis=0)
+    scale[scale == 0] = 1.0
+    design /= scale  # unit columns: the normal equations (26 × 26 for degree 3) stay well conditioned
+    solution = np.linalg.lstsq(design.T @ design, design.T @ (control - moved)[index], rcond=None)[0]
+    expected = control.copy()
+    expected[index] -= weighted @ (solution / scale)[:weighted.shape[1]]
+    return register_image(label, expected, zooms, initial=params, threads=threads, min_step=_FIELD_MIN_STEP,
+                          first_step=_FIELD_FIRST_STEP)
 
 
 def apply_motion(data: np.ndarray, params: np.ndarray, zooms: np.ndarray, *, order: int = 3,
@@ -501,25 +587,45 @@ def estimate_series_motion(data: np.ndarray, zooms: np.ndarray, volume_types: Se
     names_only = [name for name, _ in groups]
     twins = ["control" + name[len("label"):] if name.startswith("label") else None for name in names_only]
     registered = [g for g, twin in enumerate(twins) if twin not in names_only and (g > 0 or frame is not None)]
-    found = dict(zip(registered, _in_parallel(
-        lambda g: register_image(means[g], reference, zooms, cost="mutual_information", threads=1), registered)))
     group_of = np.full(n, -1)
     for g, (_, index) in enumerate(groups):
         group_of[index] = g
     templates, standard_error = template_positions(within, group_of, len(groups))
-    between: list[np.ndarray] = []
+    # a label group's template against its control group's: it sits where the head was, on average, when
+    # the labels were acquired, a step along the head's path from the control template (every label is
+    # acquired after its control); the head's smooth path gives that step (:func:`template_positions`)
+    # to within the path's own irregularity (0.01-0.02 mm), and the label template's registration to the
+    # control template, blind to ΔM's smooth part, refines it within the path's standard errors (where the
+    # path does not determine the step, too few volumes: no step and no refinement; the templates'
+    # registration alone is off by more than the path on small images, README "Motion")
+    labels = {}  # label group: (its control group, the path's step, how far the images may move it)
     for g, twin in enumerate(twins):
         if twin in names_only:
-            # a label group is placed by its control group, not registered to it (that would fit the
-            # ΔM pattern): its template sits where the head was, on average, when its volumes were
-            # acquired, a step along the head's path from the control template (a drifting head:
-            # every label is acquired after its control); the head's smooth path gives that step
-            # (:func:`template_positions`); where it does not determine it, no step
             c = names_only.index(twin)
-            step = templates[g] - templates[c] if np.isfinite(standard_error(g, c)).all() else np.zeros(6)
-            between.append(rigid_params(rigid_matrix(step, centre) @ rigid_matrix(between[c], centre), centre))
+            bound = _PATH_TOLERANCE * standard_error(g, c)
+            labels[g] = (c, templates[g] - templates[c], bound) if np.isfinite(bound).all() else \
+                (c, np.zeros(6), np.zeros(6))
+
+    def place(job: tuple[str, int]) -> np.ndarray:
+        """A group template's transform: to the reference (mutual information), or a label group's step."""
+        kind, g = job
+        if kind == "reference":
+            return register_image(means[g], reference, zooms, cost="mutual_information", threads=1)
+        c, path, bound = labels[g]
+        if not bound.any():  # the path leaves no room (a still head) or says nothing: nothing to refine
+            return path
+        return path + np.clip(register_label_template(means[g], means[c], zooms, initial=path) - path, -bound, bound)
+
+    # the registrations side by side (:func:`_in_parallel`), each on one thread
+    jobs = [("reference", g) for g in registered] + [("label", g) for g in labels]
+    placed = dict(zip(jobs, _in_parallel(place, jobs)))
+    between: list[np.ndarray] = []
+    for g in range(len(groups)):
+        if g in labels:
+            step = placed["label", g]
+            between.append(rigid_params(rigid_matrix(step, centre) @ rigid_matrix(between[labels[g][0]], centre), centre))
         else:  # the reference group itself stays where it is
-            between.append(found.get(g, np.zeros(6)))
+            between.append(placed.get(("reference", g), np.zeros(6)))
     params = np.zeros((n, 6))
     for (name, index), group_params in zip(groups, between):
         # reference point x -> group-mean frame (between) -> the volume (within)
