@@ -380,11 +380,11 @@ def register_label_template(label: np.ndarray, control: np.ndarray, zooms: np.nd
     if not support.any():
         return params
     index = np.nonzero(support)
+    voxels = np.stack(index, axis=1).astype(np.float64)
     shape = np.array(control.shape, dtype=np.float64)
-    position = (np.stack(index, axis=1) - (shape - 1) / 2) * np.asarray(zooms)  # mm from the grid's centre
+    position = (voxels - (shape - 1) / 2) * np.asarray(zooms)  # mm from the grid's centre
     # f · control on the head's voxels, f = basis @ coefficients, the coordinates scaled to [-1, 1]
-    weighted = polynomial_field_basis(np.stack(index, axis=1) / np.maximum(shape - 1, 1) * 2 - 1,
-                                      _FIELD_DEGREE) * control[index][:, None]
+    weighted = polynomial_field_basis(voxels / np.maximum(shape - 1, 1) * 2 - 1, _FIELD_DEGREE) * control[index][:, None]
     moved = apply_motion(label[..., None], params[None], zooms, order=1, threads=threads)[..., 0]
     # what a small further motion would change (the label's gradient along each translation and rotation)
     # is fitted beside the field, so the field does not take up the misregistration (units apart: only
@@ -591,13 +591,10 @@ def estimate_series_motion(data: np.ndarray, zooms: np.ndarray, volume_types: Se
     for g, (_, index) in enumerate(groups):
         group_of[index] = g
     templates, standard_error = template_positions(within, group_of, len(groups))
-    # a label group's template against its control group's: it sits where the head was, on average, when
-    # the labels were acquired, a step along the head's path from the control template (every label is
-    # acquired after its control); the head's smooth path gives that step (:func:`template_positions`)
-    # to within the path's own irregularity (0.01-0.02 mm), and the label template's registration to the
-    # control template, blind to ΔM's smooth part, refines it within the path's standard errors (where the
-    # path does not determine the step, too few volumes: no step and no refinement; the templates'
-    # registration alone is off by more than the path on small images, README "Motion")
+    # a label group's step from its control group (module doc, 3. and 4.): the path's, refined by the
+    # templates' registration within the path's standard errors; where the path does not determine it (too
+    # few volumes) no step and no refinement (the templates' registration alone is off by more than the
+    # path on small images, README "Motion")
     labels = {}  # label group: (its control group, the path's step, how far the images may move it)
     for g, twin in enumerate(twins):
         if twin in names_only:
