@@ -147,6 +147,13 @@ def test_lesion_patches_are_small_rectangles_of_scaled_cbf(monkeypatch):
         assert np.abs(inside).max(axis=1).min() <= 1
         seen.add((span, bool(row[0])))
     assert {((1, 1), True), ((2, 2), True), ((1, 1), False), ((1, 2), False), ((1, 2), True)} <= seen
+    # the prior is mirror-symmetric: a lesion's centroid lies as often on either side of the centre along
+    # each axis (versions 2-6 put a lesion beside the centre only on the negative side)
+    centroid = share @ pos / share.sum(axis=1, keepdims=True)
+    for axis in (0, 1):
+        above, below = int(np.sum(centroid[:, axis] > 0)), int(np.sum(centroid[:, axis] < 0))
+        assert abs(above - below) < 4 * np.sqrt(above + below)
+        assert np.sum(centroid[:, axis] >= 1) > 0.05 * len(share)  # wholly on the positive side
     # B is A with only the CBF scaled, by a factor within LESION_CBF (both below and above 1)
     two_c = get_model("2c", default_protocol("2c"))
     a = np.tile([[60.0, 0.01, 0.8, 1.3]], (2000, 1))

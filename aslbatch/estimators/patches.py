@@ -31,7 +31,7 @@ voxelwise one). Per sample one geometry (shares :data:`SHARES` of the patch's ra
 - **island**: a disc of radius U(0.5, 1.5) voxels centred U(−1, 1)² voxels from the centre
   holds B (a vessel, a sulcus seen in section);
 - **lesion**: a grid-aligned rectangle of 1 or 2 voxels along each axis that holds the centre or
-  lies just beside it is B, which is A with its CBF times a factor log-uniform over
+  lies just beside it (on either side, along each axis) is B, which is A with its CBF times a factor log-uniform over
   :data:`LESION_CBF` of the patch's radius (a small focal lesion: arrival and the rest unchanged).
 
 Partial volume: the share of B in a voxel is clip(0.5 + signed distance into B, 0, 1) (exact
@@ -67,8 +67,9 @@ __all__ = ["NEIGHBOURS", "PRIOR_VERSION", "gather_patches", "n_patch_inputs", "n
 #: :attr:`aslbatch.estimators.spatial.SpatialEstimator.radius`) with its own prior (half the patches lesions,
 #: their CBF × 0.2-2, the tissue step :data:`TISSUE_STEP_S`); the 3×3 patch (2C) and its prior as in version 4;
 #: 6: the CBF output still log(cbf + 5), its error taken on CBF (the estimate the posterior mean of CBF again,
-#: :mod:`aslbatch.estimators.spatial`)
-PRIOR_VERSION = 6
+#: :mod:`aslbatch.estimators.spatial`); 7: a lesion beside the centre lies on either side of it along each axis
+#: (versions 2-6: only on the negative side)
+PRIOR_VERSION = 7
 
 
 def neighbour_offsets(radius: int) -> tuple[tuple[int, int], ...]:
@@ -283,6 +284,8 @@ def _b_share(n: int, rng: np.random.Generator, radius: int = 1) -> tuple[np.ndar
     lesion = kind == 3
     size = rng.integers(1, 3, (n, 2))  # 1 or 2 voxels along each axis
     first = -rng.integers(0, size + 1)  # the centre inside (or, for size + 1, just beside) the rectangle
+    beside = first == -size
+    first[beside & (rng.random((n, 2)) < 0.5)] = 1  # beside on either side of the centre
     inside = np.all((positions[None] >= first[:, None, :]) & (positions[None] < (first + size)[:, None, :]), axis=2)
     share[lesion] = inside[lesion]
     return share, lesion
