@@ -14,8 +14,9 @@ scored:
   estimate (15-25, 30-40, 55-65) at SNR 4-6 and 8-12 (0 for the posterior mean).
 
 Diagnostics of approximation error (``--diagnostics``): the first variant averaged over in-plane
-symmetries of its patch (2: identity and transpose, the symmetries of the training prior, whose lesions lie
-beside the centre only on the negative side of each axis; 8: the square's dihedral group), and the
+symmetries of its patch (2: identity and transpose, the only symmetries of the priors before version 7, whose
+lesions lay beside the centre only on the negative side of each axis; 8: the square's dihedral group, every
+symmetry of the prior since), and the
 ensemble mean of all variants' networks: both lower the prior-averaged error without a new prior.
 
 Run: ``python benchmarks/study_spatial_capacity.py [--repeats R] [--diagnostics] VARIANT ...`` with

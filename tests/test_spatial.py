@@ -48,15 +48,15 @@ def test_neighbour_offsets_are_the_patch_row_major_without_its_centre():
     assert NEIGHBOURS == neighbour_offsets(1) == ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
     five = neighbour_offsets(2)
     assert len(five) == 24 and five[:5] == ((-2, -2), (-2, -1), (-2, 0), (-2, 1), (-2, 2)) and five[12] == (0, 1)
-    assert n_patch_inputs(5, 1) == 9 * 5 + 8 and n_patch_inputs(5, 2) == 25 * 5 + 24
+    assert n_patch_inputs(5, 1) == 9 * 5 + 8 + 1 and n_patch_inputs(5, 2) == 25 * 5 + 24 + 1
     with pytest.raises(ValueError, match="radius"):
         neighbour_offsets(0)
 
 
 def test_1c_reads_the_5x5_patch_and_2c_the_3x3_patch(model):
-    assert get_estimator("spatial", model).n_inputs == 25 * model.n_volumes + 24
+    assert get_estimator("spatial", model).n_inputs == 25 * model.n_volumes + 24 + 1  # signals, flags, log amplitude
     two_c = get_model("2c", default_protocol("2c"))
-    assert get_estimator("spatial", two_c).n_inputs == 9 * two_c.n_volumes + 8
+    assert get_estimator("spatial", two_c).n_inputs == 9 * two_c.n_volumes + 8 + 1
 
 
 @pytest.mark.parametrize("axes,radius", [((0, 1), 1), ((1, 2), 1), ((0, 2), 1), ((0, 1), 2), ((1, 2), 2)])
@@ -87,13 +87,28 @@ def test_gathered_patches_match_a_direct_loop_with_absent_neighbours(radius):
     assert got.shape == (n, n_patch_inputs(n_vol, radius) + 1)
     for i in range(n):
         expected = list(signals[i])
-        flags = []
+        flags, used = [], [signals[i]]
         for k in range(len(neighbour_offsets(radius))):
             j = nb[i, k]
             present = j >= 0 and j not in (4, 7)
             expected += list(signals[j] if present else signals[i])
             flags.append(1.0 if present else 0.0)
-        np.testing.assert_array_equal(got[i], np.array(expected + flags + [offsets[i]]))
+            used += [signals[j]] if present else []
+        amplitude = np.mean(np.abs(used))  # over the centre's and the present neighbours' volumes
+        np.testing.assert_allclose(got[i], np.array(list(np.array(expected) / amplitude) + flags
+                                                    + [np.log(amplitude), offsets[i]]), rtol=1e-12, atol=0)
+
+
+def test_a_patch_is_read_apart_from_its_scale():
+    """Signals scaled by c give the same normalised signals and log amplitude + log c; the float32 rows of
+    inference agree with the float64 rows to float32 precision."""
+    mask = _random_mask((6, 6, 2), 4)
+    signals = np.random.default_rng(5).uniform(-0.002, 0.01, (int(mask.sum()), 4))
+    nb = neighbour_rows(mask, radius=2)
+    one, scaled = (gather_patches(signals * c, nb, dtype=np.float64) for c in (1.0, 37.0))
+    np.testing.assert_allclose(scaled[:, :-1], one[:, :-1], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(scaled[:, -1], one[:, -1] + np.log(37.0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(gather_patches(signals, nb), one, rtol=2e-6, atol=2e-6)
 
 
 def test_plane_axes_follow_the_slice_offsets():
@@ -115,12 +130,19 @@ def test_training_patches_follow_the_stated_prior(model, radius):
     lo, hi = np.array([model.training_ranges[p] for p in model.param_names]).T
     assert np.all(params >= lo) and np.all(params <= hi)
     assert np.all((snr >= 2.0) & (snr <= 50.0))
-    flags = inputs[:, (n_nb + 1) * n_vol:]
+    flags = inputs[:, (n_nb + 1) * n_vol:-1]
     assert set(np.unique(flags)) == {0.0, 1.0}
     centre = inputs[:, :n_vol]
     for k in range(n_nb):  # an absent neighbour repeats the centre exactly
         absent = flags[:, k] == 0.0
         np.testing.assert_array_equal(inputs[absent, (1 + k) * n_vol:(2 + k) * n_vol], centre[absent])
+    # the signals are over the patch's amplitude: their mean |value| over the present voxels is 1, and the
+    # amplitude (the last value) is that of the model's signals at the patches' SNR (Rician: at least it)
+    present = np.repeat(np.column_stack([np.ones(len(flags)), flags]), n_vol, axis=1)
+    signal = np.abs(inputs[:, :(n_nb + 1) * n_vol])
+    np.testing.assert_allclose((signal * present).sum(axis=1) / present.sum(axis=1), 1.0, rtol=1e-12)
+    clean = np.abs(model.signal(params)).mean(axis=1)
+    assert np.median(np.exp(inputs[:, -1]) / np.maximum(clean, 1e-9)) > 1.0
     isolated = np.mean(flags.sum(axis=1) == 0)
     assert 0.03 < isolated < 0.08  # ISOLATED = 5 %
     # neighbours resemble the centre more than a random voxel does (the fields are piecewise smooth)

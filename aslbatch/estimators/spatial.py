@@ -5,9 +5,10 @@ voxel's signals can reach; neighbouring voxels share tissue and arrival, so at c
 the neighbourhood is where a cleaner map comes from. This network takes the signals of the
 voxel and of its in-plane neighbours (the 5×5 patch for 1C, the 3×3 patch for models of more
 parameters: :attr:`SpatialEstimator.radius`), with a flag per neighbour saying whether it is
-present (inside the mask, usable), and returns the centre voxel's parameters
-(:mod:`~aslbatch.estimators.patches` gives the input layout and the training prior: piecewise
-smooth parameter fields with straight edges, small islands and partial volume).
+present (inside the mask, usable), divided by the patch's amplitude (whose log it also reads), and
+returns the centre voxel's parameters (:mod:`~aslbatch.estimators.patches` gives the input layout
+and the training prior: piecewise smooth parameter fields with straight edges, small islands,
+lesions and partial volume).
 
 Training: as the supervised network (:class:`~aslbatch.estimators.supervised.SupervisedEstimator`:
 standardised inputs and targets, ReLU layers, Adam with early stopping by the numba trainer,
