@@ -9,7 +9,7 @@ import pytest
 
 from aslbatch.estimators import get_estimator
 from aslbatch.estimators.patches import (NEIGHBOURS, PRIOR_VERSION, gather_patches, n_patch_inputs, neighbour_offsets,
-                                         neighbour_rows, plane_axes, simulate_patches)
+                                         neighbour_rows, normalise_patches, plane_axes, simulate_patches)
 from aslbatch.estimators.store import NetworkMismatch, load_network, save_network
 from aslbatch.evaluate import METHODS as VOXELWISE_METHODS
 from aslbatch.evaluate_spatial import edge_error, lesion_contrast, region_errors, smooth_signals
@@ -109,6 +109,13 @@ def test_a_patch_is_read_apart_from_its_scale():
     np.testing.assert_allclose(scaled[:, :-1], one[:, :-1], rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(scaled[:, -1], one[:, -1] + np.log(37.0), rtol=0, atol=1e-12)
     np.testing.assert_allclose(gather_patches(signals, nb), one, rtol=2e-6, atol=2e-6)
+    # raw rows normalised in place as the gathering normalises them
+    raw = np.column_stack([signals[0], *[signals[j] if j >= 0 else signals[0] for j in nb[0]]]).T.ravel()
+    row = np.concatenate([raw, (nb[0] >= 0).astype(float), [0.0]])[None].copy()
+    normalise_patches(row, 4, 24)
+    np.testing.assert_allclose(row[0], one[0], rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="shape"):
+        normalise_patches(row[:, :-1].copy(), 4, 24)
 
 
 def test_plane_axes_follow_the_slice_offsets():

@@ -64,7 +64,7 @@ from ..models import KineticModel
 from ..simulate import add_noise, noise_sigma, sample_parameters
 
 __all__ = ["NEIGHBOURS", "PRIOR_VERSION", "gather_patches", "n_patch_inputs", "neighbour_offsets", "neighbour_rows",
-           "plane_axes", "simulate_patches", "usable_rows"]
+           "normalise_patches", "plane_axes", "simulate_patches", "usable_rows"]
 
 #: version of the training prior below and of what a spatial training makes (a spatial network's option:
 #: networks of another version are retrained); 3: the prior of 2, with variance networks (standard errors);
@@ -225,6 +225,16 @@ def _normalise_rows(rows, n_vol, n_nb):
     """:func:`_normalise_row` of every row of ``rows``, spread over the threads."""
     for r in prange(rows.shape[0]):
         _normalise_row(rows[r], n_vol, n_nb)
+
+
+def normalise_patches(rows: np.ndarray, n_volumes: int, n_neighbours: int) -> None:
+    """Divide the signals of raw patch input rows (n, :func:`n_patch_inputs`) float64, the signals ΔM/M0t and
+    the flags set, by each patch's amplitude and write its log in the last column, in place (the module
+    docstring's layout; :func:`gather_patches` and :func:`simulate_patches` return normalised rows)."""
+    width = (n_neighbours + 1) * n_volumes + n_neighbours + 1
+    if rows.ndim != 2 or rows.shape[1] != width or rows.dtype != np.float64 or not rows.flags.c_contiguous:
+        raise ValueError(f"rows must be C-contiguous float64 of shape (n, {width}), got {rows.dtype} {rows.shape}")
+    _normalise_rows(rows, n_volumes, n_neighbours)
 
 
 @serial
@@ -425,7 +435,7 @@ def simulate_patches(model: KineticModel, n: int, snr_range: tuple[float, float]
     present = _present(n, rng, radius)
     patch = np.where(np.concatenate([np.ones((n, 1), bool), present], axis=1)[:, :, None], noisy, noisy[:, :1, :])
     inputs = np.concatenate([patch.reshape(n, n_pos * n_vol), present.astype(np.float64), np.zeros((n, 1))], axis=1)
-    _normalise_rows(inputs, n_vol, n_pos - 1)
+    normalise_patches(inputs, n_vol, n_pos - 1)
     if offsets is not None:
         inputs = np.column_stack([inputs, offsets])
     return inputs, params[:, 0, :].copy(), snr
