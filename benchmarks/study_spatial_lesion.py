@@ -178,13 +178,13 @@ def main() -> None:
     model = get_model("1c", default_protocol("1c"))
     if args.narrow:
         for name, wide in FAMILIES.items():  # at SNR 3: the families narrow in SNR are trained there alone
-            print(f"family {name}: contrast kept at SNR 3 {network_kept(family_network(model, wide), 3.0, args.samples):.3f}",
-                  flush=True)
+            kept = network_kept(family_network(model, wide), 3.0, args.samples)
+            print(f"family {name}: contrast kept at SNR 3 {kept:.3f}", flush=True)
     network = NetworkCache().get(get_estimator("spatial", model), progress=True)
     for snr in SNRS:
         bayes = f", by the Bayes posterior mean {bayes_kept(model, snr, args.trials):.3f}" if args.trials else ""
-        print(f"SNR {snr:g}: contrast kept by the spatial network {network_kept(network, snr, args.samples):.3f}{bayes}",
-              flush=True)
+        kept = network_kept(network, snr, args.samples)
+        print(f"SNR {snr:g}: contrast kept by the spatial network {kept:.3f}{bayes}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ are divided by the patch's *amplitude*, the mean |signal| over the volumes of th
 present neighbours (at least :data:`AMPLITUDE_FLOOR`), whose natural log is the last value: the
 network reads the patch's pattern apart from its scale, which spans CBF's decades (a small lesion
 is a relative dip; on raw signals the 1C network kept 0.70 of a 2×2 lesion's contrast at SNR 3
-where the posterior mean of its prior keeps 0.94, normalised 0.75: ``benchmarks/study_spatial_lesion.py``).
+where the posterior mean of its prior keeps 0.90-0.94, normalised 0.76:
+``benchmarks/study_spatial_lesion.py``).
 
 The prior of the training patches (:func:`simulate_patches`)
 ------------------------------------------------------------
@@ -36,8 +37,9 @@ voxelwise one). Per sample one geometry (shares :data:`SHARES` of the patch's ra
 - **island**: a disc of radius U(0.5, 1.5) voxels centred U(−1, 1)² voxels from the centre
   holds B (a vessel, a sulcus seen in section);
 - **lesion**: a grid-aligned rectangle of 1 or 2 voxels along each axis that holds the centre or
-  lies just beside it (on either side, along each axis) is B, which is A with its CBF times a factor log-uniform over
-  :data:`LESION_CBF` of the patch's radius (a small focal lesion: arrival and the rest unchanged).
+  lies just beside it (on either side, along each axis) is B, which is A with its CBF times a
+  factor log-uniform over :data:`LESION_CBF` of the patch's radius (a small focal lesion: arrival
+  and the rest unchanged).
 
 Partial volume: the share of B in a voxel is clip(0.5 + signed distance into B, 0, 1) (exact
 for a straight boundary along a grid axis), and the voxel's parameters are the shares' blend
