@@ -25,8 +25,17 @@ and those with the CBF U(0, 150) (``all``), scored at SNR 3; in each, half the p
 placed and scaled as the prior places and scales it. Their Bayes values differ little from the case's
 (the computation above with the surround known: 0.86–0.92).
 
-Run: ``python benchmarks/study_spatial_lesion.py [--trials N] [--samples N] [--narrow]`` (the Bayes part
-takes ~1.5 s per trial, each narrow family ~2 min).
+``--seeds K``: the full prior's network trained with training seeds 0..K-1 (the default recipe otherwise),
+the case's contrast kept by each: how much the training seed alone moves it.
+
+``--check N``: where the network falls short of the Bayes value. The network trained on the family wide in
+all three (``all``) against the posterior mean of that family's prior (:func:`posterior_mean_cbf`, the
+surround's CBF 10-150, its grid's support) on N draws of the family and on N/5 draws of the case with and
+without its lesion at SNR 3: root mean squared errors (mL/100 g/min) overall, where the centre is in a
+lesion, and on the case, with the contrast each keeps.
+
+Run: ``python benchmarks/study_spatial_lesion.py [--trials N] [--samples N] [--narrow] [--seeds K]
+[--check N]`` (the Bayes part takes ~1.5 s per patch on each of two processes, each network ~2 min).
 """
 
 from __future__ import annotations
@@ -93,8 +102,9 @@ def _lesion_hypotheses() -> list[tuple[list[int], float]]:
     return out
 
 
-def bayes_kept(model, snr: float, trials: int, step: float = 0.04) -> float:
-    """Contrast kept by the posterior mean (module docstring) on ``trials`` noise draws of the case."""
+def posterior_mean_cbf(model, patches: np.ndarray, step: float = 0.04) -> np.ndarray:
+    """Posterior mean of the centre's CBF (mL/100 g/min) for each patch of ``patches`` (n, 25, n_volumes) noisy
+    ΔM/M0t in input order, under the prior of the module docstring (the Bayes computation)."""
     from scipy.special import i0e
 
     cbf = np.exp(np.arange(np.log(1.5), np.log(320.0), step))  # log grid: surround × ratio stays on it
@@ -107,9 +117,8 @@ def bayes_kept(model, snr: float, trials: int, step: float = 0.04) -> float:
     s2 = sigma2[:, None, None, None]
     log_prior = np.log(cbf[surround])[None, :, None]  # uniform CBF on a log grid: density ∝ CBF
     hypotheses = _lesion_hypotheses()
-    rng = np.random.default_rng(1)
-    estimates = []
-    for patch in case_signals(model, PLACEMENTS[0], snr, trials, rng):
+    estimates = np.empty(patches.shape[0])
+    for i, patch in enumerate(patches):
         ll = np.stack([(np.log(m) - np.log(s2) - (m**2 + nu[None] ** 2) / (2 * s2) + np.log(i0e(m * nu[None] / s2))
                         + m * nu[None] / s2).sum(axis=3) for m in patch])  # (25, S, C, T)
         total = ll.sum(axis=0)
@@ -130,7 +139,25 @@ def bayes_kept(model, snr: float, trials: int, step: float = 0.04) -> float:
                      else np.broadcast_to(cbf[surround][:, None], (surround.size, shifts.size)))
             means.append((weight.sum(axis=(0, 3)) * value).sum() / weight.sum())
         post = np.exp(np.array(evidence) - max(evidence))
-        estimates.append(float((post * np.array(means)).sum() / post.sum()))
+        estimates[i] = float((post * np.array(means)).sum() / post.sum())
+    return estimates
+
+
+def _posterior_means_parallel(model, patches: np.ndarray, workers: int = 2) -> np.ndarray:
+    """:func:`posterior_mean_cbf` over ``workers`` processes (the computation is ~1.5 s per patch; spawned:
+    numba's OpenMP threads make fork unsafe)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    parts = np.array_split(patches, workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return np.concatenate(list(pool.map(posterior_mean_cbf, [model] * workers, parts)))
+
+
+def bayes_kept(model, snr: float, trials: int) -> float:
+    """Contrast kept by the posterior mean (module docstring) on ``trials`` noise draws of the case."""
+    estimates = _posterior_means_parallel(model, case_signals(model, PLACEMENTS[0], snr, trials,
+                                                              np.random.default_rng(1)))
     return (1.0 - float(np.mean(estimates)) / SURROUND_CBF) / (1.0 - LESION_RATIO)
 
 
@@ -138,11 +165,14 @@ def bayes_kept(model, snr: float, trials: int, step: float = 0.04) -> float:
 FAMILIES = {"narrow": (), "snr": ("snr",), "att": ("att",), "all": ("snr", "att", "cbf")}
 
 
-def family_patches(model, wide: tuple[str, ...], n: int, rng: np.random.Generator) -> TrainingSet:
-    """``n`` normalised training patches of the family that is wide in ``wide`` (see ``--narrow``)."""
+def family_draws(model, wide: tuple[str, ...], n: int, rng: np.random.Generator,
+                 surround_cbf: tuple[float, float] = (0.0, 150.0)) -> tuple[np.ndarray, ...]:
+    """``n`` patches of the family that is wide in ``wide`` (see ``--narrow``; with "cbf" the surround's
+    CBF U(``surround_cbf``)): noisy ΔM/M0t (n, 25, n_volumes) in input order, the centre's CBF and arrival,
+    the SNR and whether the centre is in the lesion."""
     hypotheses = _lesion_hypotheses()
     weights = np.array([w for _, w in hypotheses]) / sum(w for _, w in hypotheses)
-    surround = rng.uniform(*((0.0, 150.0) if "cbf" in wide else (40.0, 80.0)), n)
+    surround = rng.uniform(*(surround_cbf if "cbf" in wide else (40.0, 80.0)), n)
     att = rng.uniform(0.5, 3.5, n) if "att" in wide else np.full(n, ATT_S)
     snr = np.exp(rng.uniform(np.log(2.0), np.log(50.0), n)) if "snr" in wide else np.full(n, 3.0)
     cells = np.zeros((n, 25), dtype=bool)
@@ -153,10 +183,22 @@ def family_patches(model, wide: tuple[str, ...], n: int, rng: np.random.Generato
     cbf = surround[:, None] * np.where(cells, np.exp(rng.uniform(np.log(lo), np.log(hi), n))[:, None], 1.0)
     clean = model.signal(np.column_stack([cbf.ravel(), np.repeat(att, 25)]))
     sigma = np.repeat(np.asarray(noise_sigma(model, snr), dtype=np.float64), 25)
-    noisy = add_noise(clean, sigma, "rician", rng).reshape(n, 25 * model.n_volumes)
-    rows = np.ascontiguousarray(np.column_stack([noisy, np.ones((n, 24)), np.zeros(n)]))
+    noisy = add_noise(clean, sigma, "rician", rng).reshape(n, 25, model.n_volumes)
+    return noisy, cbf[:, 0], att, snr, cells[:, 0]
+
+
+def patch_rows(model, patches: np.ndarray) -> np.ndarray:
+    """Normalised network input rows of ``patches`` (n, 25, n_volumes), every neighbour present."""
+    n = patches.shape[0]
+    rows = np.ascontiguousarray(np.column_stack([patches.reshape(n, -1), np.ones((n, 24)), np.zeros(n)]))
     normalise_patches(rows, model.n_volumes, 24)
-    return TrainingSet(rows, np.column_stack([cbf[:, 0], att]), snr)
+    return rows
+
+
+def family_patches(model, wide: tuple[str, ...], n: int, rng: np.random.Generator) -> TrainingSet:
+    """``n`` normalised training patches of the family that is wide in ``wide`` (see ``--narrow``)."""
+    noisy, cbf, att, snr, _ = family_draws(model, wide, n, rng)
+    return TrainingSet(patch_rows(model, noisy), np.column_stack([cbf, att]), snr)
 
 
 def family_network(model, wide: tuple[str, ...]) -> SpatialEstimator:
@@ -169,13 +211,58 @@ def family_network(model, wide: tuple[str, ...]) -> SpatialEstimator:
     return estimator
 
 
+def seed_scatter(model, seeds: int, samples: int) -> None:
+    """The exact case's contrast kept by the full prior's network trained with ``seeds`` training seeds."""
+    for seed in range(seeds):
+        estimator = SpatialEstimator(model, seed=seed)
+        opts, rng, n_val = estimator._training_start(None)
+        train, val = (estimator._simulated(k, opts, rng) for k in (opts["n_samples"], n_val))
+        estimator.network_, estimator.training_ = estimator._train(train, val, opts, rng, False)
+        estimator.fitted_ = True
+        kept = [network_kept(estimator, snr, samples) for snr in SNRS]
+        print(f"training seed {seed}: validation loss {estimator.training_['validation_loss']:.5f}, contrast kept "
+              + ", ".join(f"SNR {snr:g} {k:.3f}" for snr, k in zip(SNRS, kept)), flush=True)
+
+
+def family_check(model, n: int) -> None:
+    """The network trained on the family wide in all three (``--narrow``'s "all") against the Bayes posterior
+    mean, which is its prior's (surround CBF 10-150: the grid's support), on ``n`` draws of the family and
+    ``n // 5`` draws of the case with and without its lesion at SNR 3: root mean squared errors (mL/100 g/min)."""
+    network = family_network(model, FAMILIES["all"])
+    noisy, truth, _, _, in_lesion = family_draws(model, FAMILIES["all"], n, np.random.default_rng(7), (10.0, 150.0))
+    bayes, net = _posterior_means_parallel(model, noisy), network._raw_predict(patch_rows(model, noisy))[:, 0]
+    rmse = lambda e, t: float(np.sqrt(np.mean((e - t) ** 2)))  # noqa: E731
+    paired = (net - truth) ** 2 - (bayes - truth) ** 2
+    print(f"family draws ({n}): RMSE Bayes {rmse(bayes, truth):.2f}, network {rmse(net, truth):.2f} (difference of "
+          f"the squared errors {paired.mean():.1f} ± {paired.std() / np.sqrt(n):.1f}); centre in a lesion "
+          f"({in_lesion.sum()}): Bayes {rmse(bayes[in_lesion], truth[in_lesion]):.2f}, network "
+          f"{rmse(net[in_lesion], truth[in_lesion]):.2f}", flush=True)
+    means = {}
+    for name, cells in (("lesion", PLACEMENTS[0]), ("none", set())):
+        patches = case_signals(model, cells, 3.0, n // 5, np.random.default_rng(8))
+        target = SURROUND_CBF * (LESION_RATIO if cells else 1.0)
+        bayes, net = _posterior_means_parallel(model, patches), network._raw_predict(patch_rows(model, patches))[:, 0]
+        means[name] = bayes.mean(), net.mean()
+        print(f"case at SNR 3, {name}: mean (RMSE) Bayes {bayes.mean():.1f} ({rmse(bayes, target):.1f}), network "
+              f"{net.mean():.1f} ({rmse(net, target):.1f})", flush=True)
+    kept = [(1.0 - les / none) / (1.0 - LESION_RATIO) for les, none in zip(means["lesion"], means["none"])]
+    print(f"contrast kept at SNR 3: Bayes {kept[0]:.3f}, network {kept[1]:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=300, help="noise draws of the Bayes computation (0: none)")
     parser.add_argument("--samples", type=int, default=20_000, help="noise draws of the network's mean")
     parser.add_argument("--narrow", action="store_true", help="also train on the narrow families")
+    parser.add_argument("--seeds", type=int, default=0, help="also train the full prior's network with N seeds")
+    parser.add_argument("--check", type=int, default=0, help="also compare the 'all' family's network with the "
+                        "Bayes computation on N draws")
     args = parser.parse_args()
     model = get_model("1c", default_protocol("1c"))
+    if args.seeds:
+        seed_scatter(model, args.seeds, args.samples)
+    if args.check:
+        family_check(model, args.check)
     if args.narrow:
         for name, wide in FAMILIES.items():  # at SNR 3: the families narrow in SNR are trained there alone
             kept = network_kept(family_network(model, wide), 3.0, args.samples)
