@@ -201,24 +201,25 @@ def family_patches(model, wide: tuple[str, ...], n: int, rng: np.random.Generato
     return TrainingSet(patch_rows(model, noisy), np.column_stack([cbf, att]), snr)
 
 
-def family_network(model, wide: tuple[str, ...]) -> SpatialEstimator:
-    """The spatial network (default options) trained on the family ``wide``."""
-    estimator = SpatialEstimator(model)
+def trained(estimator: SpatialEstimator, simulate) -> SpatialEstimator:
+    """``estimator`` trained (its options) on the training and validation patches ``simulate(n, opts, rng)``."""
     opts, rng, n_val = estimator._training_start(None)
-    train, val = (family_patches(model, wide, k, rng) for k in (opts["n_samples"], n_val))
+    train, val = (simulate(k, opts, rng) for k in (opts["n_samples"], n_val))
     estimator.network_, estimator.training_ = estimator._train(train, val, opts, rng, False)
     estimator.fitted_ = True
     return estimator
+
+
+def family_network(model, wide: tuple[str, ...]) -> SpatialEstimator:
+    """The spatial network (default options) trained on the family ``wide``."""
+    return trained(SpatialEstimator(model), lambda n, _opts, rng: family_patches(model, wide, n, rng))
 
 
 def seed_scatter(model, seeds: int, samples: int) -> None:
     """The exact case's contrast kept by the full prior's network trained with ``seeds`` training seeds."""
     for seed in range(seeds):
         estimator = SpatialEstimator(model, seed=seed)
-        opts, rng, n_val = estimator._training_start(None)
-        train, val = (estimator._simulated(k, opts, rng) for k in (opts["n_samples"], n_val))
-        estimator.network_, estimator.training_ = estimator._train(train, val, opts, rng, False)
-        estimator.fitted_ = True
+        trained(estimator, estimator._simulated)
         kept = [network_kept(estimator, snr, samples) for snr in SNRS]
         print(f"training seed {seed}: validation loss {estimator.training_['validation_loss']:.5f}, contrast kept "
               + ", ".join(f"SNR {snr:g} {k:.3f}" for snr, k in zip(SNRS, kept)), flush=True)
